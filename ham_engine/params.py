@@ -1,0 +1,165 @@
+"""Transfer parameters: one frozen, validated object, importable without torch.
+
+The HTTP API imports this module to validate requests before they are queued, so it
+must never import torch, diffusers or anything heavy.
+
+Defaults are the paper's (PAPER.md): 50 DDIM steps, 512 px, alpha=0.75 (GAR),
+beta=0.25 (LAT), gamma=0.5 (SINI), CFG 7.5 for a text-guided style teacher. Choices the
+paper leaves open are marked "our reading" and kept as named parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+MIN_STEPS = 1
+MAX_STEPS = 1000  # a DDIM schedule cannot have more steps than training timesteps
+MIN_SIZE = 64
+MAX_SIZE = 2048
+SIZE_MULTIPLE = 64
+MAX_SEED = 2**63 - 1
+MIN_GUIDANCE = 1.0
+MAX_GUIDANCE = 30.0
+MAX_PROMPT_CHARS = 1000
+MAX_LAYER_PATTERNS = 64
+
+# Our reading (PAPER.md §5): every transformer block of the UNet decoder.
+DEFAULT_LAYERS: tuple[str, ...] = ("up_blocks.*",)
+
+
+class ParamError(ValueError):
+    """A parameter is outside its allowed range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamError(name, f"must be a number in [{low}, {high}], got {value!r}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ParamError(name, f"must be in [{low}, {high}], got {value!r}")
+
+
+def _check_int(name: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamError(name, f"must be an integer in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ParamError(name, f"must be an integer in [{low}, {high}], got {value}")
+
+
+def _check_layers(name: str, patterns: tuple[str, ...]) -> None:
+    if not isinstance(patterns, tuple) or not patterns:
+        raise ParamError(name, "must be a non-empty list of layer name patterns")
+    if len(patterns) > MAX_LAYER_PATTERNS:
+        raise ParamError(name, f"at most {MAX_LAYER_PATTERNS} patterns")
+    for p in patterns:
+        if not isinstance(p, str) or not p.strip() or len(p) > 200:
+            raise ParamError(name, f"each pattern must be a non-empty string, got {p!r}")
+
+
+@dataclass(frozen=True)
+class TransferParams:
+    """Everything that shapes one HAM transfer besides the images and the prompt.
+
+    Attributes:
+        steps: DDIM steps for inversion and sampling (paper: 50), 1..1000.
+        seed: seed for every random draw (text-guided style noise), 0..2**63-1.
+        size: length in pixels of the output's longer side, a multiple of 64 in
+            64..2048; the shorter side follows the content's aspect ratio.
+        alpha: GAR blend, Q̂ = α·Q_student + (1−α)·AdaIN(Q_content, Q_style), in [0, 1].
+        beta: LAT query blend, Q̂ = β·Q_student + (1−β)·Q_content, in [0, 1].
+        gamma: SINI blend, z_T = γ·z_T^c + (1−γ)·AdaIN(z_T^c, z_T^s), in [0, 1].
+        guidance: classifier-free guidance scale used when a style prompt drives a
+            text-guided style teacher (no style image), in [1, 30]; ignored otherwise.
+        sini, gar, lat: switch each module on or off (the paper's ablation).
+        gar_layers: fnmatch patterns over self-attention (``attn1``) module names.
+        lat_layers: fnmatch patterns over cross-attention (``attn2``) module names.
+        step_start, step_end: GAR/LAT act at step i (0-based, of ``steps``) when
+            step_start <= i/steps < step_end; fractions in [0, 1]. Our reading.
+    """
+
+    steps: int = 50
+    seed: int = 0
+    size: int = 512
+    alpha: float = 0.75
+    beta: float = 0.25
+    gamma: float = 0.5
+    guidance: float = 7.5
+    sini: bool = True
+    gar: bool = True
+    lat: bool = True
+    gar_layers: tuple[str, ...] = field(default=DEFAULT_LAYERS)
+    lat_layers: tuple[str, ...] = field(default=DEFAULT_LAYERS)
+    step_start: float = 0.0
+    step_end: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Accept lists for the layer patterns (JSON has no tuples).
+        for name in ("gar_layers", "lat_layers"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        _check_int("steps", self.steps, MIN_STEPS, MAX_STEPS)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_int("size", self.size, MIN_SIZE, MAX_SIZE)
+        if self.size % SIZE_MULTIPLE:
+            raise ParamError("size", f"must be a multiple of {SIZE_MULTIPLE}, got {self.size}")
+        for name in ("alpha", "beta", "gamma", "step_start", "step_end"):
+            _check_range(name, getattr(self, name), 0.0, 1.0)
+        _check_range("guidance", self.guidance, MIN_GUIDANCE, MAX_GUIDANCE)
+        if self.step_start >= self.step_end:
+            raise ParamError(
+                "step_start",
+                f"must be smaller than step_end ({self.step_end}), got {self.step_start}",
+            )
+        for name in ("sini", "gar", "lat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamError(name, f"must be true or false, got {getattr(self, name)!r}")
+        _check_layers("gar_layers", self.gar_layers)
+        _check_layers("lat_layers", self.lat_layers)
+
+    def modulates_step(self, step: int) -> bool:
+        """Whether GAR/LAT act at 0-based sampling step ``step`` (the step window)."""
+        return self.step_start <= step / self.steps < self.step_end
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists); inverse of :meth:`from_dict`."""
+        d = asdict(self)
+        d["gar_layers"] = list(self.gar_layers)
+        d["lat_layers"] = list(self.lat_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TransferParams:
+        """Build from a mapping, refusing unknown keys with a :class:`ParamError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ParamError(unknown[0], f"unknown parameter; known: {', '.join(sorted(known))}")
+        return cls(**dict(data))
+
+
+def check_style_reference(has_style_image: bool, style_prompt: str | None) -> str | None:
+    """Validate the style reference of a request; return the normalised prompt.
+
+    A transfer needs a style image, a style prompt, or both. A prompt is stripped;
+    an empty prompt counts as none.
+    """
+    prompt = style_prompt.strip() if isinstance(style_prompt, str) else style_prompt
+    if prompt is not None and not isinstance(prompt, str):
+        raise ParamError("style_prompt", "must be text")
+    if prompt == "":
+        prompt = None
+    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+        raise ParamError("style_prompt", f"at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}")
+    if not has_style_image and prompt is None:
+        raise ParamError("style", "give a style image, a style_prompt, or both")
+    return prompt

@@ -1,0 +1,105 @@
+"""All runtime settings, read from ``HAM_*`` environment variables.
+
+One class for the API, the worker and ``ham up``; each field's default is the embedded
+single-machine default. ``docs/configuration.md`` lists them; a test keeps the two, the
+compose file and the Kubernetes manifests in agreement.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration. Every field maps to ``HAM_<FIELD_NAME_UPPERCASE>``."""
+
+    model_config = SettingsConfigDict(env_prefix="HAM_", extra="ignore", frozen=True)
+
+    # --- where things live -------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the queue and job records.")
+    storage_url: str = Field(
+        "file:///tmp/ham-storage",
+        description="Object storage: file:///abs/path or s3://bucket?endpoint=URL&region=R.",
+    )
+    public_url: str = Field(
+        "http://127.0.0.1:8000", description="Base URL clients use to reach the API (file:// result URLs)."
+    )
+    queue_name: str = Field("ham", description="RQ queue name; the Redis list is rq:queue:<name>.")
+
+    # --- engine --------------------------------------------------------------------
+    model: str = Field("tiny", description="Diffusers model id, local folder, or 'tiny' (offline demo).")
+    device: str | None = Field(None, description="Torch device for the worker (cuda, cuda:1, cpu); auto if unset.")
+
+    # --- auth ----------------------------------------------------------------------
+    api_keys: str = Field(
+        "",
+        description="Comma-separated tenant:key pairs. Empty: one local tenant, no auth (ham up only).",
+    )
+    public_health: bool = Field(True, description="/healthz and /readyz need no API key.")
+    public_metrics: bool = Field(True, description="/metrics needs no API key.")
+
+    # --- limits --------------------------------------------------------------------
+    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest accepted upload file (413 above).")
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="Largest accepted image width*height (413 above; bomb guard)."
+    )
+    max_queued_per_tenant: int = Field(20, gt=0, description="Queued jobs one tenant may have (429 above).")
+    max_queue_length: int = Field(500, gt=0, description="Queued jobs in total (429 above).")
+    rate_limit_per_minute: int = Field(120, gt=0, description="Requests per API key per minute (429 above).")
+    job_timeout: int = Field(900, gt=0, description="Seconds one job may run before it is failed.")
+    job_max_retries: int = Field(2, ge=0, description="Re-runs of a job whose worker died mid-job.")
+
+    # --- lifetimes -----------------------------------------------------------------
+    result_ttl: int = Field(86_400, gt=0, description="Seconds inputs, results and job records are kept.")
+    url_ttl: int = Field(3_600, gt=0, description="Seconds a result URL stays valid.")
+    url_signing_key: str = Field(
+        "", description="HMAC key for file:// result URLs; random per process if empty (set it for >1 API replica)."
+    )
+
+    # --- webhooks ------------------------------------------------------------------
+    webhook_secret: str = Field("", description="HMAC-SHA256 key for webhook signatures; empty disables webhooks.")
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook URLs resolving to private, loopback or link-local addresses."
+    )
+    webhook_timeout: float = Field(10.0, gt=0, description="Seconds per webhook delivery attempt.")
+    webhook_max_attempts: int = Field(6, gt=0, description="Delivery attempts before a webhook is dropped.")
+
+    # --- worker --------------------------------------------------------------------
+    worker_metrics_port: int = Field(9100, ge=0, le=65535, description="Worker Prometheus port (0: off).")
+    worker_heartbeat: int = Field(10, gt=0, description="Seconds between worker heartbeats.")
+
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: str) -> str:
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            tenant, sep, key = pair.partition(":")
+            if not sep or not tenant.strip() or not key.strip():
+                raise ValueError(f"HAM_API_KEYS entries must be tenant:key, got {pair!r}")
+        return value
+
+    @cached_property
+    def tenants_by_key(self) -> dict[str, str]:
+        """API key → tenant; empty when auth is off."""
+        out: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in self.api_keys.split(","))):
+            tenant, _, key = pair.partition(":")
+            out[key.strip()] = tenant.strip()
+        return out
+
+    @property
+    def auth_enabled(self) -> bool:
+        """False only when ``HAM_API_KEYS`` is empty (single local tenant)."""
+        return bool(self.tenants_by_key)
+
+
+LOCAL_TENANT = "local"
+
+
+def get_settings() -> Settings:
+    """Read the settings from the environment (a fresh object every call)."""
+    return Settings()
