@@ -1,0 +1,140 @@
+"""Validation of an uploaded image before anything is stored or enqueued.
+
+``read_image`` is the only door through which client bytes become an image. It answers every
+client mistake with an ``UploadError`` carrying the HTTP status the API returns:
+
+- 415 ``unsupported_media_type``: not PNG, JPEG or WebP by its magic bytes (the filename and
+  the declared content type are never trusted);
+- 413 ``upload_too_large``: more bytes than ``settings.max_upload_bytes``;
+- 413 ``image_too_large``: width*height above ``settings.max_image_pixels``, read from the
+  header *before* any pixel is decoded (decompression-bomb guard);
+- 422 ``invalid_image``: empty, truncated or corrupt — the image is fully decoded to find out.
+
+The result carries the image re-encoded as an RGB PNG, so workers never parse a hostile
+file format, only PNGs this module wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from service.config import Settings
+
+# Magic bytes → Pillow format name. WebP is a RIFF container whose form type sits at bytes 8..12.
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# Errors Pillow raises on malformed data; none of them may escape as a 500.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
+
+
+class UploadError(ValueError):
+    """A client's upload the service refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, code: str, field: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An accepted upload: what it was, and its pixels as an RGB PNG."""
+
+    format: str  # "png" | "jpeg" | "webp" — the sniffed format of the upload
+    width: int
+    height: int
+    normalized_png: bytes
+
+
+def sniff_format(data: bytes) -> str | None:
+    """``"png"``, ``"jpeg"`` or ``"webp"`` from the leading bytes; None for anything else."""
+    if data.startswith(_PNG_MAGIC):
+        return "png"
+    if data.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def read_image(field: str, data: bytes, settings: Settings) -> ImageInfo:
+    """Validate one uploaded image and return it normalised to an RGB PNG.
+
+    ``field`` is the form field name (``content`` or ``style``), used in error messages.
+    Raises ``UploadError`` (413, 415 or 422) for anything the service will not process.
+    """
+    if len(data) > settings.max_upload_bytes:
+        raise UploadError(
+            413,
+            "upload_too_large",
+            field,
+            f"{field}: {len(data)} bytes exceeds the limit of {settings.max_upload_bytes} bytes",
+        )
+    if not data:
+        raise UploadError(422, "invalid_image", field, f"{field}: the file is empty")
+    kind = sniff_format(data)
+    if kind is None:
+        raise UploadError(
+            415, "unsupported_media_type", field, f"{field}: not a PNG, JPEG or WebP image (judged by its content)"
+        )
+    try:
+        image = Image.open(io.BytesIO(data), formats=[kind.upper()])
+    except Image.DecompressionBombError as exc:
+        raise _too_large(field, settings, detail=str(exc)) from exc
+    except (UnidentifiedImageError, *_DECODE_ERRORS) as exc:
+        raise UploadError(422, "invalid_image", field, f"{field}: unreadable {kind.upper()} header") from exc
+    with image:
+        width, height = image.size  # from the header: nothing decoded yet
+        if width <= 0 or height <= 0:
+            raise UploadError(422, "invalid_image", field, f"{field}: image has no pixels ({width}x{height})")
+        if width * height > settings.max_image_pixels:
+            raise _too_large(field, settings, detail=f"{width}x{height} = {width * height} pixels")
+        try:
+            image.load()  # full decode: truncation and corrupt data surface here, not in the worker
+            rgb = _to_rgb(image)
+            out = io.BytesIO()
+            # Low compression: this runs on the request path and the PNG only lives until the job ends.
+            rgb.save(out, format="PNG", compress_level=1)
+        except Image.DecompressionBombError as exc:
+            raise _too_large(field, settings, detail=str(exc)) from exc
+        except _DECODE_ERRORS as exc:
+            raise UploadError(
+                422, "invalid_image", field, f"{field}: corrupt or truncated {kind.upper()} data ({exc})"
+            ) from exc
+    return ImageInfo(format=kind, width=rgb.width, height=rgb.height, normalized_png=out.getvalue())
+
+
+def _too_large(field: str, settings: Settings, detail: str) -> UploadError:
+    return UploadError(
+        413,
+        "image_too_large",
+        field,
+        f"{field}: image too large ({detail}); the limit is {settings.max_image_pixels} pixels",
+    )
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with any transparency composited on white; EXIF rotation applied (phone photos)."""
+    # A broken EXIF block only costs the orientation, not the upload.
+    with contextlib.suppress(*_DECODE_ERRORS):
+        image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # 16-bit and float greyscale: scale to 8 bits instead of letting convert() clip at 255.
+        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
