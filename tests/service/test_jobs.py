@@ -1,0 +1,247 @@
+"""JobStore against a real Redis: storage, queue, idempotency, transitions, recovery."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from service.config import Settings
+from service.jobs import (
+    ERROR_WORKER_LOST,
+    TASK_FUNCTION,
+    Job,
+    JobConflict,
+    JobStatus,
+    JobStore,
+    new_job_id,
+)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(queue_name="ham-test", result_ttl=600, job_timeout=30, job_max_retries=2)
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis, settings: Settings) -> JobStore:
+    return JobStore(redis_client, settings)
+
+
+def make_job(tenant: str = "acme", **kw) -> Job:
+    return Job(id=new_job_id(), tenant=tenant, params={"steps": 5, "size": 64}, has_style=True, **kw)
+
+
+def test_submit_stores_the_record_and_enqueues_an_rq_job_carrying_only_the_id(store, redis_client, settings):
+    job, created = store.submit(make_job(style_prompt="ink", webhook_url="https://example.com/h"))
+    assert created
+    got = store.get(job.id)
+    assert got == job
+    assert got.status is JobStatus.QUEUED and got.params == {"steps": 5, "size": 64}
+    assert redis_client.lrange(f"rq:queue:{settings.queue_name}", 0, -1) == [job.id.encode()]
+    rq_job = Queue(settings.queue_name, connection=redis_client, serializer=JSONSerializer).fetch_job(job.id)
+    assert rq_job.func_name == TASK_FUNCTION
+    assert rq_job.args == [job.id]
+    # JSON, not pickle: the stored payload parses as JSON.
+    assert json.loads(__import__("zlib").decompress(redis_client.hget(f"rq:job:{job.id}", "data")))
+
+
+def test_record_expires_after_result_ttl(store, redis_client, settings):
+    job, _ = store.submit(make_job())
+    ttl = redis_client.ttl(store.job_key(job.id))
+    assert 0 < ttl <= settings.result_ttl
+
+
+def test_get_unknown_job_is_none(store):
+    assert store.get("nope") is None
+
+
+def test_same_idempotency_key_returns_the_first_job_without_a_second_enqueue(store, redis_client, settings):
+    first, created1 = store.submit(make_job(), "key-1")
+    second, created2 = store.submit(make_job(), "key-1")
+    assert created1 and not created2
+    assert second.id == first.id
+    assert redis_client.llen(f"rq:queue:{settings.queue_name}") == 1
+
+
+def test_idempotency_key_is_scoped_to_the_tenant(store):
+    a, _ = store.submit(make_job("a"), "k")
+    b, created = store.submit(make_job("b"), "k")
+    assert created and a.id != b.id
+
+
+def test_concurrent_submits_with_one_idempotency_key_create_one_job(store, redis_client, settings):
+    results: list[tuple[Job, bool]] = []
+    lock = threading.Lock()
+
+    def submit() -> None:
+        out = store.submit(make_job(), "race")
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(created for _, created in results) == 1
+    assert len({job.id for job, _ in results}) == 1
+    assert redis_client.llen(f"rq:queue:{settings.queue_name}") == 1
+
+
+def test_queue_position_follows_fifo_order_and_is_none_once_started(store):
+    jobs = [store.submit(make_job())[0] for _ in range(3)]
+    assert [store.queue_position(j.id) for j in jobs] == [0, 1, 2]
+    store.start(jobs[0].id, "w1")
+    assert store.queue_position(jobs[0].id) is None
+    assert [store.queue_position(j.id) for j in jobs[1:]] == [0, 1]
+
+
+def test_queued_count_per_tenant_and_global(store):
+    a = [store.submit(make_job("a"))[0] for _ in range(2)]
+    store.submit(make_job("b"))
+    assert store.queued_count("a") == 2 and store.queued_count("b") == 1 and store.queued_count() == 3
+    store.start(a[0].id, "w")
+    store.request_cancel(a[1].id)
+    assert store.queued_count("a") == 0 and store.queued_count() == 1
+
+
+def test_list_for_tenant_pages_newest_first_and_only_the_tenants_jobs(store):
+    now = time.time()
+    ids = [store.submit(make_job("a", created_at=now - 10 + i))[0].id for i in range(5)]
+    store.submit(make_job("b"))
+    page1, cursor = store.list_for_tenant("a", limit=2, cursor=None)
+    page2, cursor2 = store.list_for_tenant("a", limit=2, cursor=cursor)
+    page3, cursor3 = store.list_for_tenant("a", limit=2, cursor=cursor2)
+    assert [j.id for j in page1 + page2 + page3] == ids[::-1]
+    assert cursor and cursor2 and cursor3 is None
+    assert store.list_for_tenant("nobody", limit=10) == ([], None)
+
+
+def test_list_for_tenant_refuses_a_malformed_cursor(store):
+    with pytest.raises(ValueError, match="cursor"):
+        store.list_for_tenant("a", limit=2, cursor="not-a-cursor")
+
+
+def test_start_runs_a_queued_job_once_and_counts_the_attempt(store):
+    job, _ = store.submit(make_job())
+    running = store.start(job.id, "w1")
+    assert running.status is JobStatus.RUNNING and running.attempts == 1 and running.worker == "w1"
+    assert running.started_at is not None
+    assert store.start(job.id, "w2") is None  # a second start is refused
+
+
+def test_cancel_while_queued_removes_it_from_the_queue_and_start_skips_it(store, redis_client, settings):
+    job, _ = store.submit(make_job())
+    canceled = store.request_cancel(job.id)
+    assert canceled.status is JobStatus.CANCELED and canceled.finished_at is not None
+    assert redis_client.llen(f"rq:queue:{settings.queue_name}") == 0
+    assert store.start(job.id, "w1") is None
+
+
+def test_cancel_while_running_sets_a_flag_the_worker_reads(store):
+    job, _ = store.submit(make_job())
+    store.start(job.id, "w1")
+    assert not store.cancel_requested(job.id)
+    flagged = store.request_cancel(job.id)
+    assert flagged.status is JobStatus.RUNNING
+    assert store.cancel_requested(job.id)
+    assert store.mark_canceled(job.id).status is JobStatus.CANCELED
+
+
+def test_cancel_of_a_finished_job_is_a_conflict(store):
+    job, _ = store.submit(make_job())
+    store.start(job.id, "w1")
+    store.succeed(job.id, "results/x.png", {"steps": 5})
+    with pytest.raises(JobConflict) as err:
+        store.request_cancel(job.id)
+    assert err.value.status == "succeeded"
+
+
+def test_cancel_of_an_unknown_job_is_a_key_error(store):
+    with pytest.raises(KeyError):
+        store.request_cancel("missing")
+
+
+def test_progress_is_recorded_only_while_running(store):
+    job, _ = store.submit(make_job())
+    store.set_progress(job.id, 0.5)
+    assert store.get(job.id).progress == 0.0
+    store.start(job.id, "w1")
+    store.set_progress(job.id, 0.25)
+    assert store.get(job.id).progress == 0.25
+
+
+def test_succeed_records_result_and_stats_and_refuses_a_second_terminal_transition(store):
+    job, _ = store.submit(make_job())
+    store.start(job.id, "w1")
+    done = store.succeed(job.id, "results/a.png", {"unet_calls": 12, "size": [64, 64]})
+    assert done.status is JobStatus.SUCCEEDED and done.progress == 1.0
+    assert done.result_key == "results/a.png" and done.stats == {"unet_calls": 12, "size": [64, 64]}
+    with pytest.raises(JobConflict):
+        store.fail(job.id, "internal_error", "late")
+
+
+def test_fail_records_code_and_message(store):
+    job, _ = store.submit(make_job())
+    store.start(job.id, "w1")
+    failed = store.fail(job.id, "invalid_input", "content: zero-size image")
+    assert (failed.status, failed.error_code, failed.error_message) == (
+        JobStatus.FAILED,
+        "invalid_input",
+        "content: zero-size image",
+    )
+    assert store.running_jobs() == []
+
+
+def test_recover_requeues_at_the_front_until_retries_run_out_then_fails_worker_lost(store, redis_client, settings):
+    job, _ = store.submit(make_job())
+    other, _ = store.submit(make_job())
+    for attempt in range(1, settings.job_max_retries + 1):
+        assert store.start(job.id, f"w{attempt}").attempts == attempt
+        assert [j.id for j in store.running_jobs()] == [job.id]
+        again = store.recover(job.id, f"w{attempt}", settings.job_max_retries)
+        assert again.status is JobStatus.QUEUED and again.progress == 0.0 and again.worker is None
+        assert store.queue_position(job.id) == 0 and store.queue_position(other.id) == 1
+    store.start(job.id, "last")
+    lost = store.recover(job.id, "last", settings.job_max_retries)
+    assert lost.status is JobStatus.FAILED and lost.error_code == ERROR_WORKER_LOST
+    assert "stopped responding" in lost.error_message
+    assert store.queue_position(job.id) is None and store.running_jobs() == []
+
+
+def test_recover_leaves_a_job_alone_once_another_worker_owns_it(store):
+    job, _ = store.submit(make_job())
+    store.start(job.id, "alive")
+    assert store.recover(job.id, "dead", 2) is None
+    assert store.get(job.id).status is JobStatus.RUNNING
+
+
+def test_recover_cancels_a_lost_job_whose_cancel_was_requested(store):
+    job, _ = store.submit(make_job())
+    store.start(job.id, "w1")
+    store.request_cancel(job.id)
+    assert store.recover(job.id, "w1", 2).status is JobStatus.CANCELED
+
+
+def test_job_fields_round_trip_through_redis_encoding():
+    job = make_job(style_prompt="ünïcode", webhook_url=None, stats={"a": [1, 2]}, started_at=3.5, attempts=2)
+    assert Job.from_fields({k.encode(): v.encode() for k, v in job.to_fields().items()}) == job
+
+
+def test_finished_counts_count_each_terminal_outcome_once(store):
+    jobs = [store.submit(make_job())[0] for _ in range(4)]
+    store.request_cancel(jobs[0].id)
+    for job in jobs[1:]:
+        store.start(job.id, "w")
+    store.succeed(jobs[1].id, "results/1.png", {})
+    store.fail(jobs[2].id, "internal_error", "boom")
+    store.recover(jobs[3].id, "w", max_retries=0)
+    with pytest.raises(JobConflict):
+        store.fail(jobs[1].id, "internal_error", "again")
+    assert store.finished_counts() == {"succeeded": 1, "failed": 2, "canceled": 1}

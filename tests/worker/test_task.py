@@ -1,0 +1,160 @@
+"""TransferRunner in-process: the real tiny engine, a real Redis, file storage."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from PIL import Image
+
+from service.config import Settings
+from service.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
+from service.storage import FileStorage
+from worker.metrics import WorkerMetrics
+from worker.task import TransferRunner, install_runner, run_transfer
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+pytestmark = pytest.mark.slow
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+
+    def submit(self, url: str, payload: dict) -> None:
+        self.sent.append((url, payload))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from ham_engine.engine import HamEngine
+
+    return HamEngine.load("tiny", device="cpu")
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(queue_name="ham-task", result_ttl=600, job_timeout=30)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> FileStorage:
+    return FileStorage(tmp_path / "files", "http://127.0.0.1:1", b"k" * 32)
+
+
+def make_runner(engine, redis_client, storage, settings, hooks=None, metrics=None) -> TransferRunner:
+    return TransferRunner(engine, JobStore(redis_client, settings), storage, settings, "w-test", metrics, hooks)
+
+
+def submit(runner: TransferRunner, params: dict | None = None, content: bytes | None = None, **kw) -> Job:
+    job = Job(id=new_job_id(), tenant="t", params=params or {"steps": 3, "size": 64}, has_style=True, **kw)
+    runner.storage.put(content_key(job.id), content or (DATA / "content0.png").read_bytes())
+    runner.storage.put(style_key(job.id), (DATA / "style0.png").read_bytes())
+    runner.store.submit(job)
+    return job
+
+
+def test_successful_job_stores_the_png_deletes_inputs_records_stats_and_sends_the_webhook(
+    engine, redis_client: redis.Redis, storage, settings
+):
+    hooks, metrics = Hooks(), WorkerMetrics()
+    runner = make_runner(engine, redis_client, storage, settings, hooks, metrics)
+    job = submit(runner, webhook_url="https://example.com/hook")
+    assert runner.run(job.id) == "succeeded"
+    done = runner.store.get(job.id)
+    assert done.status is JobStatus.SUCCEEDED and done.result_key == result_key(job.id) and done.progress == 1.0
+    assert done.stats["steps"] == 3 and done.stats["unet_calls"] > 0
+    assert Image.open(io.BytesIO(storage.get(result_key(job.id)))).size == (64, 64)
+    with pytest.raises(KeyError):
+        storage.get(content_key(job.id))
+    [(url, payload)] = hooks.sent
+    assert url == "https://example.com/hook"
+    assert payload["id"] == job.id and payload["status"] == "succeeded"
+    assert "/v1/files/results/" in payload["result_url"]
+    text = metrics.render().decode()
+    assert 'ham_worker_job_seconds_count{outcome="succeeded"} 1.0' in text
+    assert "ham_worker_steps_total 3.0" in text and "ham_worker_style_cache_misses_total 1.0" in text
+
+
+def test_progress_is_written_every_step_and_rises(engine, redis_client, storage, settings):
+    runner = make_runner(engine, redis_client, storage, settings)
+    job = submit(runner, params={"steps": 5, "size": 64})
+    written: list[float] = []
+    original = runner.store.set_progress
+    runner.store.set_progress = lambda job_id, p: (written.append(p), original(job_id, p))  # observe, still write
+    runner.run(job.id)
+    assert len(written) == 10  # inversion + sampling: total = 2 * steps
+    assert written == sorted(written) and written[-1] == pytest.approx(0.99)
+
+
+def test_job_over_the_timeout_fails_with_timeout_between_steps(engine, redis_client, storage):
+    settings = Settings(queue_name="ham-task", result_ttl=600, job_timeout=1)
+    runner = make_runner(engine, redis_client, storage, settings)
+    job = submit(runner, params={"steps": 1000, "size": 64})
+    began = time.monotonic()
+    assert runner.run(job.id) == "failed"
+    failed = runner.store.get(job.id)
+    assert failed.error_code == "timeout" and "1s" in failed.error_message
+    assert time.monotonic() - began < 10
+
+
+def test_cancel_while_running_stops_the_engine_and_marks_the_job_canceled(engine, redis_client, storage, settings):
+    runner = make_runner(engine, redis_client, storage, settings)
+    job = submit(runner, params={"steps": 1000, "size": 64})
+
+    def cancel_when_running() -> None:
+        while runner.store.get(job.id).progress <= 0:
+            time.sleep(0.01)
+        runner.store.request_cancel(job.id)
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    assert runner.run(job.id) == "canceled"
+    canceller.join()
+    canceled = runner.store.get(job.id)
+    assert canceled.status is JobStatus.CANCELED and canceled.progress < 0.5
+    with pytest.raises(KeyError):
+        storage.get(result_key(job.id))
+
+
+def test_job_canceled_while_queued_is_skipped(engine, redis_client, storage, settings):
+    runner = make_runner(engine, redis_client, storage, settings)
+    job = submit(runner)
+    runner.store.request_cancel(job.id)
+    assert runner.run(job.id) == "skipped"
+    assert runner.store.get(job.id).attempts == 0
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [("corrupt_input", "invalid_input"), ("missing_input", "inputs_missing"), ("bad_params", "invalid_input")],
+)
+def test_bad_job_fails_with_a_code_and_the_worker_carries_on(engine, redis_client, storage, settings, case, code):
+    runner = make_runner(engine, redis_client, storage, settings)
+    if case == "corrupt_input":
+        job = submit(runner, content=b"\x89PNG\r\n\x1a\nnot really")
+    elif case == "missing_input":
+        job = submit(runner)
+        storage.delete(content_key(job.id))
+    else:
+        job = submit(runner, params={"steps": 3, "size": 65})
+    assert runner.run(job.id) == "failed"
+    assert runner.store.get(job.id).error_code == code
+    assert runner.run(submit(runner).id) == "succeeded"
+
+
+def test_run_transfer_needs_an_installed_runner(engine, redis_client, storage, settings):
+    install_runner(None)
+    with pytest.raises(RuntimeError, match="ham worker"):
+        run_transfer("x")
+    runner = make_runner(engine, redis_client, storage, settings)
+    install_runner(runner)
+    try:
+        assert run_transfer(submit(runner).id) == "succeeded"
+    finally:
+        install_runner(None)

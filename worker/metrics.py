@@ -1,0 +1,152 @@
+"""The worker's Prometheus metrics and its small HTTP endpoint (metrics + probes).
+
+``ham worker`` serves, on ``settings.worker_metrics_port`` (0 turns it off):
+
+- ``GET /metrics`` — Prometheus text format (the families below).
+- ``GET /healthz`` — 200 while the process runs.
+- ``GET /readyz`` — 200 once the model is loaded and the worker takes jobs, 503 before
+  (and again while it shuts down). Kubernetes' readiness probe points here; ``--ready-file``
+  offers the same signal as a file for exec probes.
+
+Each :class:`WorkerMetrics` owns its registry, so tests can build several in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("ham.worker")
+
+# Jobs take from well under a second (tiny model, CPU) to minutes (SD at 1024 px).
+_JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+
+
+class WorkerMetrics:
+    """Counters, gauges and histograms one worker process exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.job_seconds = Histogram(
+            "ham_worker_job_seconds",
+            "Wall time of one job attempt on this worker, by outcome.",
+            ["outcome"],
+            buckets=_JOB_BUCKETS,
+            registry=r,
+        )
+        self.steps = Counter("ham_worker_steps", "Sampling steps computed.", registry=r)
+        self.steps_per_second = Gauge(
+            "ham_worker_steps_per_second", "Sampling steps per second of the last finished job.", registry=r
+        )
+        self.style_cache_hits = Counter(
+            "ham_worker_style_cache_hits", "Jobs whose style statistics came from the cache.", registry=r
+        )
+        self.style_cache_misses = Counter(
+            "ham_worker_style_cache_misses", "Jobs that computed their style statistics.", registry=r
+        )
+        self.device_memory = Gauge(
+            "ham_worker_device_memory_bytes",
+            "Accelerator memory: 'allocated' now, 'peak' during the last job (0 on CPU).",
+            ["kind"],
+            registry=r,
+        )
+        self.jobs_in_progress = Gauge("ham_worker_jobs_in_progress", "Jobs running on this worker.", registry=r)
+        self.jobs_recovered = Counter(
+            "ham_worker_recovered_jobs",
+            "Jobs of dead workers this worker settled, by action (requeued, failed, canceled).",
+            ["action"],
+            registry=r,
+        )
+        self.ready = Gauge("ham_worker_ready", "1 once the model is loaded and jobs are taken.", registry=r)
+
+    def observe_job(self, outcome: str, seconds: float, stats: dict[str, Any] | None) -> None:
+        """Record one finished job attempt and what its engine stats say."""
+        self.job_seconds.labels(outcome=outcome).observe(seconds)
+        if not stats:
+            return
+        steps = stats.get("steps")
+        sample_seconds = (stats.get("seconds") or {}).get("sample")
+        if isinstance(steps, int) and steps > 0:
+            self.steps.inc(steps)
+            if isinstance(sample_seconds, (int, float)) and sample_seconds > 0:
+                self.steps_per_second.set(steps / sample_seconds)
+        hit = stats.get("style_cache_hit")
+        if hit is True:
+            self.style_cache_hits.inc()
+        elif hit is False:
+            self.style_cache_misses.inc()
+        peak = stats.get("peak_memory_bytes")
+        if isinstance(peak, (int, float)):
+            self.device_memory.labels(kind="peak").set(peak)
+
+    def set_allocated_memory(self, nbytes: int) -> None:
+        self.device_memory.labels(kind="allocated").set(nbytes)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on a background thread."""
+
+    def __init__(self, metrics: WorkerMetrics, host: str, port: int) -> None:
+        self.metrics = metrics
+        self._ready = threading.Event()
+        handler = _handler_for(self)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="worker-metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def set_ready(self, ready: bool) -> None:
+        (self._ready.set if ready else self._ready.clear)()
+        self.metrics.ready.set(1 if ready else 0)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler_for(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, server.metrics.render(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._send(200, b"ok\n")
+            elif path == "/readyz":
+                if server.ready:
+                    self._send(200, b"ready\n")
+                else:
+                    self._send(503, b"loading\n")
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            # Probes hit this every few seconds; access logs would drown the job logs.
+            log.debug("metrics http: " + format, *args)
+
+    return Handler
