@@ -1,0 +1,164 @@
+"""The FastAPI application: ``create_app(settings)`` wires clients, middleware, errors and routes.
+
+Run it with ``ham api`` (uvicorn, factory mode). This process never imports torch: it only
+validates requests, writes inputs to storage and queues jobs for the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.config import Settings, get_settings
+from service.deps import Services
+from service.errors import error_response, install_error_handlers
+from service.jobs import JobStore
+from service.metrics import ApiMetrics, MetricsMiddleware, QueueCollector
+from service.ratelimit import RateLimiter
+from service.routes import api_router
+from service.storage import StorageError, open_storage
+from service.webhooks import WebhookDispatcher
+
+log = logging.getLogger("ham.api")
+
+# Room for the multipart framing and the text fields around the (at most two) image uploads.
+_FORM_OVERHEAD_BYTES = 1024 * 1024
+
+DESCRIPTION = """
+HAM (CVPR 2026) training-free style transfer as a service.
+
+1. `POST /v1/transfers` a `content` image with a `style` image and/or a `style_prompt` → `202` and a job.
+2. Poll `GET /v1/transfers/{id}` (`queued` → `running` with `progress` → `succeeded`).
+3. Download `result_url` (expiring; fetch the job again for a fresh one).
+
+Authenticate with `Authorization: Bearer <API key>`. Every error is
+`{"error": {"code": ..., "message": ..., "field": ...}}`.
+"""
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past the limit while it was being read."""
+
+
+class BodySizeLimit:
+    """Refuses request bodies above ``limit`` bytes: by ``Content-Length`` before reading, else while reading.
+
+    Without it a client could stream an unbounded body into the multipart parser's spool files.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.limit:
+                    response = error_response(413, "request_too_large", self._message())
+                    await response(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _message(self) -> str:
+        return f"request body larger than {self.limit} bytes"
+
+
+def _install_backend_handlers(app: FastAPI) -> None:
+    """Redis or storage unreachable mid-request: 503, not a 500 (our dependency, not our bug)."""
+
+    async def redis_down(request: Request, exc: Exception) -> JSONResponse:
+        log.error("redis unreachable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "unavailable", "the job queue is unreachable; retry shortly",
+                              headers={"Retry-After": "5"})
+
+    async def storage_down(request: Request, exc: Exception) -> JSONResponse:
+        log.error("storage unreachable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "unavailable", "object storage is unreachable; retry shortly",
+                              headers={"Retry-After": "5"})
+
+    async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(413, "request_too_large", str(exc))
+
+    app.add_exception_handler(RedisConnectionError, redis_down)
+    app.add_exception_handler(RedisTimeoutError, redis_down)
+    app.add_exception_handler(StorageError, storage_down)
+    app.add_exception_handler(BodyTooLarge, body_too_large)
+
+
+def _queue_collector(jobs: JobStore) -> QueueCollector:
+    return QueueCollector(
+        queue_depth=jobs.queued_count,
+        oldest_queued_age=jobs.oldest_queued_age,
+        # Outcomes are counted by the job store's transitions (the worker finishes jobs, not the API).
+        finished_by_outcome=jobs.finished_counts,
+    )
+
+
+def build_services(settings: Settings) -> Services:
+    """The clients one app uses (connections open lazily, so an unreachable Redis shows in /readyz)."""
+    redis = Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+    )
+    jobs = JobStore(redis, settings)
+    return Services(
+        settings=settings,
+        redis=redis,
+        storage=open_storage(settings),
+        jobs=jobs,
+        limiter=RateLimiter(redis, settings.rate_limit_per_minute),
+        metrics=ApiMetrics(_queue_collector(jobs)),
+        webhooks=WebhookDispatcher(settings, redis),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The HTTP API for ``settings`` (read from ``HAM_*`` environment variables when omitted)."""
+    settings = settings or get_settings()
+    services = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.auth_enabled:
+            log.warning("HAM_API_KEYS is empty: authentication is OFF, every caller is the local tenant")
+        yield
+        services.redis.close()
+
+    app = FastAPI(
+        title="HAM style transfer",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    _install_backend_handlers(app)
+    app.add_middleware(BodySizeLimit, limit=2 * settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)
+    app.add_middleware(MetricsMiddleware, metrics=services.metrics)
+    app.include_router(api_router())
+    return app

@@ -1,0 +1,292 @@
+"""The ``ham`` command: one console script for every part of HAM.
+
+    ham transfer CONTENT --style S -o OUT.png     one transfer in this process (needs the engine)
+    ham api [--host H] [--port P] [--workers N]   the HTTP API (uvicorn)
+    ham worker [...]                              a GPU worker (needs the engine)
+    ham up [--host H] [--port P]                  Redis + API + one worker on this machine
+    ham submit CONTENT --style S -o OUT.png       send a job to a running API, wait, download
+
+Every sub-command's implementation is imported only when it runs, so ``ham --help``, ``ham
+api`` and ``ham submit`` never import torch. Exit status: 0 success, 1 failure, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+PROG = "ham"
+DEFAULT_API = "http://127.0.0.1:8000"
+_TERMINAL = ("succeeded", "failed", "canceled")
+
+
+# --- ham api -------------------------------------------------------------------------------------
+
+
+def _run_api(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.config import get_settings
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        print(f"{PROG} api: error: invalid HAM_* settings: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=settings.log_level.lower(),
+        # Job ids and tenants are logged by the app itself; the access log stays uvicorn's.
+        proxy_headers=True,
+    )
+    return 0
+
+
+# --- ham up / ham worker (delegated) --------------------------------------------------------------
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from service.stack import run_stack
+
+    return run_stack(args.host, args.port, data_dir=args.data_dir)
+
+
+def _run_worker(argv: list[str]) -> int:
+    try:
+        from worker.main import main as worker_main
+    except ImportError as exc:
+        print(f"{PROG} worker: error: the worker needs the engine ({exc.name} missing): "
+              "pip install 'ham-style-transfer[engine]'", file=sys.stderr)
+        return 1
+    return int(worker_main(argv) or 0)
+
+
+# --- ham submit ----------------------------------------------------------------------------------
+
+
+class SubmitError(Exception):
+    """A failure ``ham submit`` reports as one line."""
+
+
+def _error_line(response: Any) -> str:
+    try:
+        error = response.json()["error"]
+        field = f" [{error['field']}]" if error.get("field") else ""
+        return f"HTTP {response.status_code} {error['code']}{field}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def _form_fields(args: argparse.Namespace) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for name in ("steps", "seed", "size", "alpha", "beta", "gamma", "guidance"):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = str(value)
+    for module in ("sini", "gar", "lat"):
+        if getattr(args, f"no_{module}"):
+            fields[module] = "false"
+    if args.style_prompt:
+        fields["style_prompt"] = args.style_prompt
+    if args.webhook_url:
+        fields["webhook_url"] = args.webhook_url
+    return fields
+
+
+def _read_file(path: str, what: str) -> tuple[str, bytes]:
+    try:
+        return Path(path).name, Path(path).read_bytes()
+    except OSError as exc:
+        raise SubmitError(f"{what}: cannot read {path!r}: {exc.strerror}") from None
+
+
+class _Progress:
+    """One status line, redrawn in place on a terminal, printed on change otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def show(self, job: dict) -> None:
+        if self.quiet:
+            return
+        if job["status"] == "queued":
+            position = job.get("queue_position")
+            line = "queued" if position is None else f"queued (position {position + 1})"
+        elif job["status"] == "running":
+            line = f"running {job.get('progress', 0.0) * 100:5.1f}%"
+        else:
+            line = job["status"]
+        if line == self.last:
+            return
+        self.last = line
+        if self.tty:
+            print(f"\r{job['id']}: {line:<30}", end="", file=sys.stderr, flush=True)
+        else:
+            print(f"{job['id']}: {line}", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.tty and self.last and not self.quiet:
+            print(file=sys.stderr)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import httpx
+
+    if not args.style and not args.style_prompt:
+        raise SubmitError("give --style, --style-prompt, or both")
+    output = Path(args.output).expanduser()
+    if not output.parent.is_dir():
+        raise SubmitError(f"output: folder {str(output.parent)!r} does not exist")
+    files = {"content": _read_file(args.content, "content")}
+    if args.style:
+        files["style"] = _read_file(args.style, "style")
+    headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
+    if args.idempotency_key:
+        headers["Idempotency-Key"] = args.idempotency_key
+    api = args.api.rstrip("/")
+    progress = _Progress(args.quiet)
+    with httpx.Client(base_url=api, headers=headers, timeout=httpx.Timeout(60.0, connect=10.0)) as client:
+        try:
+            response = client.post("/v1/transfers", data=_form_fields(args), files=files)
+        except httpx.TransportError as exc:
+            raise SubmitError(f"cannot reach the API at {api}: {exc}") from None
+        if response.status_code not in (200, 202):
+            raise SubmitError(_error_line(response))
+        job = response.json()
+        location = response.headers.get("Location", f"/v1/transfers/{job['id']}")
+        deadline = time.monotonic() + args.timeout
+        try:
+            while True:
+                progress.show(job)
+                if job["status"] in _TERMINAL:
+                    break
+                if time.monotonic() > deadline:
+                    raise SubmitError(f"job {job['id']} not finished after {args.timeout}s (still {job['status']})")
+                time.sleep(args.poll_interval)
+                try:
+                    response = client.get(location)
+                except httpx.TransportError as exc:
+                    raise SubmitError(f"lost the API at {api} while waiting for job {job['id']}: {exc}") from None
+                if response.status_code == 429:
+                    time.sleep(float(response.headers.get("Retry-After", "1")))
+                    continue
+                if response.status_code != 200:
+                    raise SubmitError(_error_line(response))
+                job = response.json()
+        except KeyboardInterrupt:
+            progress.done()
+            print(f"{PROG} submit: interrupted; job {job['id']} continues on the server "
+                  f"(cancel: POST {api}/v1/transfers/{job['id']}/cancel)", file=sys.stderr)
+            return 130
+        progress.done()
+        if job["status"] != "succeeded":
+            error = job.get("error") or {}
+            raise SubmitError(f"job {job['id']} {job['status']}: {error.get('code', '')} {error.get('message', '')}"
+                              .rstrip(": "))
+        # result_url is absolute; a relative one is resolved against the API.
+        download = client.get(urljoin(api + "/", job["result_url"]))
+        if download.status_code != 200:
+            raise SubmitError(f"downloading the result: {_error_line(download)}")
+    try:
+        output.write_bytes(download.content)
+    except OSError as exc:
+        raise SubmitError(f"output: cannot write {str(output)!r}: {exc.strerror}") from None
+    if not args.quiet:
+        print(f"{job['id']}: wrote {output}", file=sys.stderr)
+    return 0
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    try:
+        return _submit(args)
+    except SubmitError as exc:
+        print(f"{PROG} submit: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _add_submit_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "submit",
+        help="send a transfer to a running API, wait for it, download the result",
+        description="POST a transfer job to the API, show its progress, and save the result.",
+    )
+    parser.add_argument("content", help="the content image (PNG, JPEG or WebP)")
+    parser.add_argument("--style", help="the style image")
+    parser.add_argument("--style-prompt", help="a text describing the style (with or without --style)")
+    parser.add_argument("-o", "--output", required=True, help="where to write the result PNG")
+    parser.add_argument("--api", default=os.environ.get("HAM_API_URL", DEFAULT_API),
+                        help=f"API base URL (default: $HAM_API_URL or {DEFAULT_API})")
+    parser.add_argument("--key", default=os.environ.get("HAM_API_KEY"), help="API key (default: $HAM_API_KEY)")
+    for name, kind in (("steps", int), ("seed", int), ("size", int), ("alpha", float), ("beta", float),
+                       ("gamma", float), ("guidance", float)):
+        parser.add_argument(f"--{name}", type=kind, help="engine parameter (default: the server's)")
+    for module in ("sini", "gar", "lat"):
+        parser.add_argument(f"--no-{module}", action="store_true", help=f"turn {module.upper()} off")
+    parser.add_argument("--webhook-url", help="URL the server POSTs the finished job to")
+    parser.add_argument("--idempotency-key", help="retry-safe submission key")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the result (default 1800)")
+    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between status checks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(handler=_run_submit)
+
+
+# --- the parser ----------------------------------------------------------------------------------
+
+# Sub-commands whose own implementation parses the rest of the command line.
+_DELEGATED = {"worker": _run_worker}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ham`` argument parser (imports no engine code)."""
+    from ham_engine.cli import add_transfer_parser  # torch-free at import time
+
+    parser = argparse.ArgumentParser(prog=PROG, description="HAM style transfer: engine, HTTP service, workers.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_transfer_parser(subparsers)
+
+    api = subparsers.add_parser("api", help="serve the HTTP API (settings from HAM_* variables)")
+    api.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    api.set_defaults(handler=_run_api)
+
+    subparsers.add_parser(
+        "worker", help="run a transfer worker (model loaded once; `ham worker --help` for options)", add_help=False
+    )
+
+    up = subparsers.add_parser("up", help="run Redis, the API and one worker on this machine")
+    up.add_argument("--host", default="127.0.0.1", help="API bind address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    up.add_argument("--data-dir", type=Path, default=None,
+                    help="Redis data, file storage and logs (default ./ham-data)")
+    up.set_defaults(handler=_run_up)
+
+    _add_submit_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ham`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        return _DELEGATED[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""FastAPI dependencies: the per-app clients, the caller's tenant, the rate limit.
+
+The clients (Redis, storage, job store) are built once by :func:`service.app.create_app` and
+kept in :class:`Services` on ``app.state``; routes reach them only through these functions.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from redis import Redis
+
+from service.config import LOCAL_TENANT, Settings
+from service.errors import ApiError
+from service.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    from service.jobs import JobStore
+    from service.metrics import ApiMetrics
+    from service.storage import Storage
+    from service.webhooks import WebhookDispatcher
+
+_BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+@dataclass
+class Services:
+    """Everything a request handler may talk to, built once per app."""
+
+    settings: Settings
+    redis: Redis
+    storage: Storage
+    jobs: JobStore
+    limiter: RateLimiter
+    metrics: ApiMetrics
+    # Not started in the API: deliveries are stored in Redis and the workers' dispatchers send them.
+    webhooks: WebhookDispatcher
+
+
+def get_services(request: Request) -> Services:
+    """The app's clients."""
+    return request.app.state.services
+
+
+def _tenant_for_key(settings: Settings, presented: str) -> str | None:
+    # Compare against every key in constant time so response timing does not leak key prefixes.
+    found = None
+    for key, tenant in settings.tenants_by_key.items():
+        if hmac.compare_digest(key.encode(), presented.encode()):
+            found = tenant
+    return found
+
+
+# auto_error=False: a missing key is answered by authenticate() in the API's own error shape.
+_bearer = HTTPBearer(auto_error=False, description="An API key from HAM_API_KEYS (not needed when auth is off).")
+
+
+def _presented_key(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    if credentials is None or not credentials.credentials.strip():
+        return None
+    return credentials.credentials.strip()
+
+
+def authenticate(
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    services: Services = Depends(get_services),
+) -> str:
+    """The caller's tenant from ``Authorization: Bearer <key>``; 401 without a valid key.
+
+    With auth off (``HAM_API_KEYS`` empty) every caller is the local tenant.
+    """
+    settings = services.settings
+    if not settings.auth_enabled:
+        return LOCAL_TENANT
+    key = _presented_key(credentials)
+    if key is None:
+        raise ApiError(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
+                       headers=_BEARER_CHALLENGE)
+    tenant = _tenant_for_key(settings, key)
+    if tenant is None:
+        raise ApiError(401, "unauthorized", "invalid API key", headers=_BEARER_CHALLENGE)
+    return tenant
+
+
+def current_tenant(
+    tenant: str = Depends(authenticate),
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    services: Services = Depends(get_services),
+) -> str:
+    """The authenticated tenant, after counting this request against its key's rate limit (429 above)."""
+    # The limit is per key; with auth off there is one identity, the local tenant.
+    identity = _presented_key(credentials) if services.settings.auth_enabled else LOCAL_TENANT
+    decision = services.limiter.hit(f"key:{identity}")
+    if not decision.allowed:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"more than {decision.limit} requests per minute for this API key; retry in {decision.retry_after}s",
+            headers={"Retry-After": str(decision.retry_after)},
+        )
+    return tenant
+
+
+def operator_access(public_flag: str) -> Callable[..., None]:
+    """A dependency that demands a valid key unless ``settings.<public_flag>`` is true."""
+
+    def check(
+        credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+        services: Services = Depends(get_services),
+    ) -> None:
+        if not getattr(services.settings, public_flag):
+            authenticate(credentials, services)
+
+    return check

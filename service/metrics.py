@@ -1,0 +1,134 @@
+"""Prometheus metrics of the API process, on a registry per app (so tests can build many apps).
+
+Request counters and latency are counted here by an ASGI middleware, labelled by the route
+*template* (``/v1/transfers/{job_id}``, never the raw path: bounded cardinality). The queue
+gauges and the finished-jobs counter describe shared state in Redis, so they are read from
+Redis at scrape time by :class:`QueueCollector` and agree across API replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("ham.api")
+
+UNMATCHED_ROUTE = "<unmatched>"
+# Latency buckets for an API whose slow path is a multipart upload plus image decode.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class QueueCollector(Collector):
+    """Queue depth, oldest queued job's age and jobs finished by outcome, read from Redis per scrape.
+
+    A scrape while Redis is down still succeeds: it reports ``ham_redis_up 0`` and omits the rest.
+    """
+
+    def __init__(
+        self,
+        queue_depth: Callable[[], int],
+        oldest_queued_age: Callable[[], float | None],
+        finished_by_outcome: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self._queue_depth = queue_depth
+        self._oldest_queued_age = oldest_queued_age
+        self._finished_by_outcome = finished_by_outcome
+
+    def describe(self) -> list[Metric]:
+        # Registering must not touch Redis (the app is built before Redis may be up).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("ham_redis_up", "1 when the API reached Redis during this scrape.")
+        try:
+            depth = self._queue_depth()
+            oldest = self._oldest_queued_age()
+            finished = dict(self._finished_by_outcome())
+        except Exception as exc:  # a scrape must not fail because Redis is down
+            log.warning("metrics scrape could not read Redis: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield GaugeMetricFamily("ham_queue_depth", "Jobs waiting in the queue.", value=depth)
+        yield GaugeMetricFamily(
+            "ham_oldest_queued_job_age_seconds",
+            "Age of the oldest queued job (0 when the queue is empty).",
+            value=oldest or 0.0,
+        )
+        counter = CounterMetricFamily(
+            "ham_jobs_finished", "Jobs that reached a terminal state, by outcome.", labels=["outcome"]
+        )
+        for outcome in ("succeeded", "failed", "canceled"):
+            counter.add_metric([outcome], finished.get(outcome, 0))
+        yield counter
+
+
+class ApiMetrics:
+    """The API's own series plus the queue collector, on one registry."""
+
+    def __init__(self, queue_collector: Collector | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "ham_http_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ham_http_request_duration_seconds",
+            "HTTP request latency by route template.",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.jobs_submitted = Counter(
+            "ham_jobs_submitted", "Transfer jobs accepted by this API process (idempotent replays excluded).",
+            registry=self.registry,
+        )
+        if queue_collector is not None:
+            self.registry.register(queue_collector)
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one finished request."""
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route, method).observe(seconds)
+
+
+class MetricsMiddleware:
+    """Times every HTTP request and counts it by route template and final status."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # if the app raises before answering, the server answers 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED_ROUTE
+            self.metrics.observe(template, scope["method"], status, time.perf_counter() - started)

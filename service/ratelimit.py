@@ -1,0 +1,54 @@
+"""Per-API-key request rate limit, counted in Redis so every API replica shares it.
+
+A fixed one-minute window per key: one atomic ``INCR`` + ``EXPIRE`` (a Lua script, so a crash
+between the two can never leave a counter without expiry). A key may burst up to twice the
+limit across a window boundary; that is the usual price of a fixed window and acceptable here.
+Keys are stored hashed, so a Redis dump never reveals an API key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+
+from redis import Redis
+
+WINDOW_SECONDS = 60
+
+# KEYS[1]: counter; ARGV[1]: window seconds. Returns the count after this request.
+_INCR_WITH_EXPIRY = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    """Whether a request may proceed; ``retry_after`` seconds until the window resets."""
+
+    allowed: bool
+    count: int
+    limit: int
+    retry_after: int
+
+
+class RateLimiter:
+    """Fixed-window request counter per identity (an API key, or the local tenant)."""
+
+    def __init__(self, redis: Redis, limit_per_minute: int, prefix: str = "ham:ratelimit") -> None:
+        self._redis = redis
+        self._limit = limit_per_minute
+        self._prefix = prefix
+        self._script = redis.register_script(_INCR_WITH_EXPIRY)
+
+    def hit(self, identity: str, now: float | None = None) -> RateDecision:
+        """Count one request for ``identity`` and say whether it is within the limit."""
+        now = time.time() if now is None else now
+        window = int(now // WINDOW_SECONDS)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:32]
+        count = int(self._script(keys=[f"{self._prefix}:{digest}:{window}"], args=[WINDOW_SECONDS * 2]))
+        retry_after = max(1, math.ceil((window + 1) * WINDOW_SECONDS - now))
+        return RateDecision(allowed=count <= self._limit, count=count, limit=self._limit, retry_after=retry_after)

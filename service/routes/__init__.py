@@ -1,0 +1,16 @@
+"""The API's routers, one module per resource."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.routes import files, ops, transfers
+
+
+def api_router() -> APIRouter:
+    """Every route of the HTTP API."""
+    router = APIRouter()
+    router.include_router(transfers.router)
+    router.include_router(files.router)
+    router.include_router(ops.router)
+    return router

@@ -1,0 +1,53 @@
+"""``/v1/files/{key}``: downloads of file-backend objects under HMAC-signed, expiring URLs.
+
+The signature is the authorisation (result URLs are handed to browsers and other services),
+so no API key is needed. With an S3 backend clients download from S3 directly and this
+route answers 404.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import FileResponse
+
+from service.deps import Services, get_services
+from service.errors import ApiError
+from service.schemas import ErrorResponse
+from service.storage import FileStorage
+
+router = APIRouter(tags=["files"])
+
+
+@router.get(
+    "/v1/files/{key:path}",
+    summary="Download a stored file (signed URL)",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The file."},
+        403: {"model": ErrorResponse, "description": "Signature invalid or expired."},
+        404: {"model": ErrorResponse, "description": "No such file, or storage is not file://."},
+        422: {"model": ErrorResponse, "description": "Malformed request."},
+    },
+)
+def download_file(
+    key: str,
+    expires: str | None = Query(None, description="Unix time after which the URL is refused."),
+    sig: str | None = Query(None, description="Hex HMAC-SHA256 over key and expiry."),
+    services: Services = Depends(get_services),
+) -> FileResponse:
+    """Serve one object if `expires`/`sig` verify; tampered or expired → 403."""
+    storage = services.storage
+    if not isinstance(storage, FileStorage):
+        raise ApiError(404, "not_found", "file downloads are served by the object store, not this API")
+    if expires is None or sig is None or not storage.verify(key, expires, sig):
+        raise ApiError(403, "invalid_signature", "the download URL is invalid or has expired; fetch the job again")
+    try:
+        path = storage.path_for(key)
+    except (ValueError, KeyError):
+        raise ApiError(404, "not_found", "no such file") from None
+    if not path.is_file():
+        raise ApiError(404, "not_found", "no such file (it may have expired)")
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=60"})

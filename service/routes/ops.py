@@ -1,0 +1,67 @@
+"""Operator endpoints: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.deps import Services, get_services, operator_access
+from service.errors import error_body
+from service.schemas import ErrorResponse, Health
+
+log = logging.getLogger("ham.api")
+
+router = APIRouter(tags=["operations"])
+
+_health_access = operator_access("public_health")
+_metrics_access = operator_access("public_metrics")
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness", dependencies=[Depends(_health_access)],
+            responses={401: {"model": ErrorResponse}})
+def healthz() -> Health:
+    """200 whenever the process serves requests; checks nothing else."""
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Health,
+    summary="Readiness",
+    dependencies=[Depends(_health_access)],
+    responses={
+        401: {"model": ErrorResponse},
+        503: {"description": "Redis or storage unreachable; `checks` says which.", "content": {
+            "application/json": {"example": {
+                "status": "unavailable",
+                "checks": {"redis": "ConnectionError: Error 111 connecting to 127.0.0.1:6379.", "storage": "ok"},
+                "error": {"code": "not_ready", "message": "unreachable: redis"},
+            }}}},
+    },
+)
+def readyz(services: Services = Depends(get_services)) -> Response:
+    """200 when Redis answers PING and the storage answers; else 503 naming the failed dependency."""
+    checks: dict[str, str] = {}
+    for name, probe in (("redis", services.redis.ping), ("storage", services.storage.ping)):
+        try:
+            probe()
+            checks[name] = "ok"
+        except Exception as exc:  # any failure means "not ready"; the probe reports it rather than raising
+            log.warning("readiness: %s unreachable: %s", name, exc)
+            checks[name] = f"{type(exc).__name__}: {exc}"[:300]
+    failed = [name for name, state in checks.items() if state != "ok"]
+    if failed:
+        body = {"status": "unavailable", "checks": checks,
+                **error_body("not_ready", f"unreachable: {', '.join(failed)}")}
+        return JSONResponse(body, status_code=503)
+    return JSONResponse(Health(status="ok", checks=checks).model_dump())
+
+
+@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(_metrics_access)],
+            response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+def metrics(services: Services = Depends(get_services)) -> Response:
+    """Prometheus text exposition: requests, latency, jobs, queue depth, oldest queued age."""
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
