@@ -1,0 +1,358 @@
+"""HAM's attention processors: GAR on self-attention, LAT on cross-attention (PAPER.md §2–§3).
+
+Both processors keep the mechanics of diffusers' stock ``AttnProcessor2_0`` line for line
+(norms, head split, ``F.scaled_dot_product_attention``, output projection, residual,
+rescale) and differ from it only in one hook between the Q/K/V projections and the head
+split, where the student's projections are rewritten. When a step is not modulated the
+hook returns its inputs untouched, so the result is bitwise the stock one.
+
+Which batch rows belong to which branch is described by a :class:`BranchLayout`; all
+per-transfer state (layout, step, α/β, cached style features, recorders) travels in a
+:class:`ModulationContext` that the engine owns and updates before each UNet call. The
+processors are installed and the originals restored by :func:`modulated_attention`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from ham_engine.modulation import channel_stats, gar_blend, lat_query
+from ham_engine.params import ParamError
+from ham_engine.style_cache import StyleFeatures
+
+CONTENT_TEACHER = "content_teacher"
+STYLE_TEACHER = "style_teacher"
+STUDENT = "student"
+BRANCHES = (CONTENT_TEACHER, STYLE_TEACHER, STUDENT)
+
+SELF_ATTENTION = "attn1"
+CROSS_ATTENTION = "attn2"
+
+
+@dataclass(frozen=True)
+class BranchLayout:
+    """The rows of one UNet batch: ``halves`` copies of ``branches`` in order.
+
+    Without classifier-free guidance there is one half; with it, two: [uncond | cond].
+    Row ``h * len(branches) + i`` is branch ``branches[i]`` in half ``h``.
+    """
+
+    branches: tuple[str, ...]
+    halves: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.branches or len(set(self.branches)) != len(self.branches):
+            raise ValueError(f"branches must be distinct and non-empty, got {self.branches}")
+        unknown = set(self.branches) - set(BRANCHES)
+        if unknown:
+            raise ValueError(f"unknown branches {sorted(unknown)}; known: {BRANCHES}")
+        if self.halves not in (1, 2):
+            raise ValueError(f"halves must be 1 or 2, got {self.halves}")
+
+    @property
+    def rows(self) -> int:
+        """Batch size of a UNet call with this layout."""
+        return self.halves * len(self.branches)
+
+    def has(self, branch: str) -> bool:
+        """Whether ``branch`` has rows in this batch."""
+        return branch in self.branches
+
+    def rows_of(self, branch: str) -> list[int]:
+        """Batch row indices of ``branch``, one per half."""
+        i = self.branches.index(branch)
+        return [h * len(self.branches) + i for h in range(self.halves)]
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """View ``x`` (batch first) as ``[halves, branches, ...]``; writes go through to ``x``."""
+        return x.view(self.halves, len(self.branches), *x.shape[1:])
+
+    def take(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        """The rows of ``branch`` as a ``[halves, ...]`` view of ``x``."""
+        return self.split(x)[:, self.branches.index(branch)]
+
+    def put(self, x: torch.Tensor, branch: str, value: torch.Tensor) -> None:
+        """Overwrite the rows of ``branch`` in ``x`` with ``value`` (``[halves, ...]``), in place."""
+        self.split(x)[:, self.branches.index(branch)] = value
+
+
+@dataclass(frozen=True)
+class AttentionEvent:
+    """What a recorder sees at one modulated layer call (debugging and tests).
+
+    ``before`` are the Q, K, V projections of the whole batch before modulation (copies);
+    ``after`` are the tensors the layer attends with. Do not modify them.
+    """
+
+    layer: str
+    module: str  # "gar" or "lat"
+    step: int
+    layout: BranchLayout
+    before: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    after: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+AttentionRecorder = Callable[[AttentionEvent], None]
+
+
+@dataclass
+class ModulationContext:
+    """Per-transfer state shared by the installed processors (never global).
+
+    The engine calls :meth:`begin_step` before each UNet call. Where the batch has no
+    style teacher, ``cached_style`` stands in for it; where it has one and
+    ``style_record`` is set, what the student takes from it is written there (the cold
+    path filling the style cache).
+    """
+
+    alpha: float
+    beta: float
+    gar_layers: tuple[str, ...] = ()
+    lat_layers: tuple[str, ...] = ()
+    cached_style: StyleFeatures | None = None
+    style_record: StyleFeatures | None = None
+    recorder: AttentionRecorder | None = None
+    layout: BranchLayout = field(default_factory=lambda: BranchLayout((STUDENT,)))
+    step: int = 0
+    modulating: bool = False
+
+    def begin_step(self, step: int, layout: BranchLayout, modulating: bool) -> None:
+        """Describe the next UNet call: its sampling step, its rows, and whether GAR/LAT act."""
+        if modulating and not (layout.has(STUDENT) and layout.has(CONTENT_TEACHER)):
+            raise ValueError(f"a modulated step needs student and content teacher rows, got {layout.branches}")
+        if modulating and not layout.has(STYLE_TEACHER) and self.cached_style is None:
+            raise ValueError("a modulated step needs a style teacher row or cached style features")
+        self.step = step
+        self.layout = layout
+        self.modulating = modulating
+
+
+def attention_layers(unet: torch.nn.Module, kind: str) -> list[str]:
+    """Names of the UNet's attention modules of ``kind`` ("attn1" self, "attn2" cross), in order."""
+    return [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] == kind
+    ]
+
+
+def resolve_layers(unet: torch.nn.Module, patterns: Sequence[str], kind: str, field_name: str) -> tuple[str, ...]:
+    """The ``kind`` attention modules whose names match any fnmatch pattern; ParamError if none do.
+
+    ``field_name`` ("gar_layers" / "lat_layers") is the parameter named in the error.
+    """
+    names = attention_layers(unet, kind)
+    selected = tuple(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    if not selected:
+        examples = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ParamError(
+            field_name,
+            f"patterns {list(patterns)} match no {kind} layer of this UNet; its {kind} layers are named "
+            f"like {examples}",
+        )
+    return selected
+
+
+class _SdpaProcessor:
+    """diffusers' ``AttnProcessor2_0`` with a hook on the Q/K/V projections.
+
+    Subclasses override :meth:`modulate`; everything else must stay identical to the
+    stock processor so that an unmodulated call is bitwise the stock one.
+    """
+
+    module = ""
+
+    def __init__(self, layer: str, context: ModulationContext) -> None:
+        self.layer = layer
+        self.context = context
+
+    def modulate(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _modulate_and_record(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx = self.context
+        if not ctx.modulating:
+            return query, key, value
+        if ctx.recorder is None:
+            return self.modulate(query, key, value)
+        before = (query.clone(), key.clone(), value.clone())
+        after = self.modulate(query, key, value)
+        ctx.recorder(AttentionEvent(self.layer, self.module, ctx.step, ctx.layout, before, after))
+        return after
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        # The only departure from the stock processor: HAM rewrites the student's projections.
+        query, key, value = self._modulate_and_record(query, key, value)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+
+        hidden_states = hidden_states / attn.rescale_output_factor
+
+        return hidden_states
+
+
+class GarProcessor(_SdpaProcessor):
+    """Self-attention with global attention regulation of the student's Q, K and V.
+
+    Q̂^m = α·Q^m + (1−α)·AdaIN(Q^c, Q^s), likewise K and V; statistics per channel over
+    tokens, separately per CFG half. The style statistics come from the style teacher's
+    rows when present (and are recorded for the cache), else from the cached features.
+    """
+
+    module = "gar"
+
+    def modulate(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx = self.context
+        layout = ctx.layout
+        projections = (query, key, value)
+
+        # Statistics are per channel, so Q, K and V side by side along the channels are
+        # regulated in one pass (a third of the kernel launches of doing them apart).
+        def joined(branch: str) -> torch.Tensor:
+            return torch.cat([layout.take(x, branch) for x in projections], dim=-1)
+
+        if layout.has(STYLE_TEACHER):
+            style_mean, style_std = channel_stats(joined(STYLE_TEACHER), dim=1)
+            if ctx.style_record is not None:
+                ctx.style_record.gar[(ctx.step, self.layer)] = (style_mean, style_std)
+        else:
+            style_mean, style_std = ctx.cached_style.gar[(ctx.step, self.layer)]
+        blended = gar_blend(joined(STUDENT), joined(CONTENT_TEACHER), style_mean, style_std, ctx.alpha)
+        widths = [x.shape[-1] for x in projections]
+        for x, part in zip(projections, blended.split(widths, dim=-1), strict=True):
+            layout.put(x, STUDENT, part)
+        return query, key, value
+
+
+class LatProcessor(_SdpaProcessor):
+    """Cross-attention with local attention transplantation into the student.
+
+    K^m, V^m ← K^s, V^s (the style teacher's, live or cached) and
+    Q̂^m = β·Q^m + (1−β)·Q^c, separately per CFG half.
+    """
+
+    module = "lat"
+
+    def modulate(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx = self.context
+        layout = ctx.layout
+        if layout.has(STYLE_TEACHER):
+            style_key = layout.take(key, STYLE_TEACHER)
+            style_value = layout.take(value, STYLE_TEACHER)
+            if ctx.style_record is not None and self.layer not in ctx.style_record.lat:
+                ctx.style_record.lat[self.layer] = (style_key.clone(), style_value.clone())
+        else:
+            style_key, style_value = ctx.cached_style.lat[self.layer]
+        own_query = layout.take(query, STUDENT)
+        layout.put(query, STUDENT, lat_query(own_query, layout.take(query, CONTENT_TEACHER), ctx.beta))
+        layout.put(key, STUDENT, style_key)
+        layout.put(value, STUDENT, style_value)
+        return query, key, value
+
+
+@contextmanager
+def modulated_attention(unet: torch.nn.Module, context: ModulationContext) -> Iterator[ModulationContext]:
+    """Install GAR on ``context.gar_layers`` and LAT on ``context.lat_layers`` for the block.
+
+    The original processors are put back on exit, also when the block raises. A layer
+    in both lists is an error (GAR is for ``attn1``, LAT for ``attn2``).
+    """
+    overlap = set(context.gar_layers) & set(context.lat_layers)
+    if overlap:
+        raise ValueError(f"layers selected for both GAR and LAT: {sorted(overlap)}")
+    modules = dict(unet.named_modules())
+    originals: dict[str, object] = {}
+    try:
+        for names, processor_type in ((context.gar_layers, GarProcessor), (context.lat_layers, LatProcessor)):
+            for name in names:
+                module = modules.get(name)
+                if not isinstance(module, Attention):
+                    raise ValueError(f"{name!r} is not an attention module of this UNet")
+                originals[name] = module.processor
+                module.set_processor(processor_type(name, context))
+        yield context
+    finally:
+        for name, processor in originals.items():
+            modules[name].set_processor(processor)

@@ -1,0 +1,173 @@
+"""``ham transfer``: one HAM style transfer from the shell, with a progress bar.
+
+    ham transfer CONTENT.png --style STYLE.png -o OUT.png [--model tiny] [--steps 50] ...
+
+The top-level ``ham`` command (``service/cli.py``) mounts this with
+:func:`add_transfer_parser` and calls :func:`run_transfer`; ``python -m ham_engine.cli
+transfer ...`` works on its own. Importing this module does not import torch, so ``ham``
+still starts (and shows help) on an API-only install without the engine extras.
+
+Exit status: 0 on success, 2 for bad input (a missing file, a parameter out of range, no
+style), 1 for anything else; errors are one line on stderr (set ``HAM_DEBUG=1`` for the
+traceback of an unexpected one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ham_engine.params import ParamError, TransferParams, check_style_reference
+
+PROG = "ham transfer"
+_DEFAULTS = TransferParams()
+
+
+class _BadInput(Exception):
+    """A user mistake: exit status 2."""
+
+
+def add_transfer_parser(subparsers: Any) -> None:
+    """Add the ``transfer`` sub-command to an ``argparse`` sub-parsers object."""
+    parser = subparsers.add_parser(
+        "transfer",
+        help="restyle one image with HAM",
+        description=(
+            "Restyle CONTENT with a style image and/or a style prompt (HAM, training-free). "
+            "The default model 'tiny' is random and makes noise-like pictures; use a Stable Diffusion "
+            "1.x/2.x id or folder for real ones."
+        ),
+    )
+    parser.add_argument("content", help="the content image (PNG, JPEG, WebP, ...)")
+    parser.add_argument("--style", help="the style image")
+    parser.add_argument("--style-prompt", help="a text describing the style (with or without --style)")
+    parser.add_argument("-o", "--output", required=True, help="where to write the result (PNG, JPEG or WebP)")
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("HAM_MODEL") or "tiny",
+        help="'tiny', a diffusers model id or a local folder (default: $HAM_MODEL or tiny)",
+    )
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: $HAM_DEVICE or auto)")
+    parser.add_argument("--steps", type=int, default=_DEFAULTS.steps, help=f"DDIM steps (default {_DEFAULTS.steps})")
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help=f"random seed (default {_DEFAULTS.seed})")
+    parser.add_argument("--size", type=int, default=_DEFAULTS.size, help="longer output side in px, multiple of 64")
+    parser.add_argument("--alpha", type=float, default=_DEFAULTS.alpha, help="GAR blend α in [0, 1]")
+    parser.add_argument("--beta", type=float, default=_DEFAULTS.beta, help="LAT query blend β in [0, 1]")
+    parser.add_argument("--gamma", type=float, default=_DEFAULTS.gamma, help="SINI blend γ in [0, 1]")
+    parser.add_argument("--guidance", type=float, default=_DEFAULTS.guidance, help="CFG scale for a style prompt")
+    parser.add_argument("--no-sini", action="store_true", help="turn style-injected noise initialisation off")
+    parser.add_argument("--no-gar", action="store_true", help="turn global attention regulation off")
+    parser.add_argument("--no-lat", action="store_true", help="turn local attention transplantation off")
+    parser.add_argument("--stats", action="store_true", help="print the transfer's stats as JSON on stdout")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run_transfer)
+
+
+def _params(args: argparse.Namespace) -> TransferParams:
+    return TransferParams(
+        steps=args.steps,
+        seed=args.seed,
+        size=args.size,
+        alpha=args.alpha,
+        beta=args.beta,
+        gamma=args.gamma,
+        guidance=args.guidance,
+        sini=not args.no_sini,
+        gar=not args.no_gar,
+        lat=not args.no_lat,
+    )
+
+
+def _check_output(path: Path) -> None:
+    from PIL import Image
+
+    extensions = Image.registered_extensions()
+    if path.suffix.lower() not in extensions:
+        raise _BadInput(f"output: {str(path)!r} needs an image extension such as .png")
+    if not path.parent.is_dir():
+        raise _BadInput(f"output: folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise _BadInput(f"output: {str(path)!r} is a folder")
+
+
+def _transfer(args: argparse.Namespace) -> None:
+    try:
+        params = _params(args)
+        style_prompt = check_style_reference(args.style is not None, args.style_prompt)
+    except ParamError as exc:
+        raise _BadInput(str(exc)) from exc
+    output = Path(args.output).expanduser()
+    _check_output(output)
+    try:
+        from tqdm import tqdm
+
+        from ham_engine.engine import HamEngine
+        from ham_engine.images import open_image
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the engine is not installed ({exc.name}): pip install 'ham-style-transfer[engine]'"
+        ) from exc
+    try:
+        content = open_image(args.content, field="content")
+        style = open_image(args.style, field="style") if args.style is not None else None
+        engine = HamEngine.load(args.model, device=args.device)
+    except ValueError as exc:
+        raise _BadInput(str(exc)) from exc
+
+    started = time.perf_counter()
+    with tqdm(total=params.steps, desc="transfer", unit="step", disable=args.quiet, file=sys.stderr) as bar:
+
+        def progress(step: int, total: int) -> None:
+            # The engine may count inversion steps too; follow whatever total it reports.
+            bar.total = total
+            bar.n = step
+            bar.refresh()
+
+        try:
+            result = engine.transfer(content, style=style, style_prompt=style_prompt, params=params, progress=progress)
+        except ValueError as exc:
+            raise _BadInput(str(exc)) from exc
+    result.image.save(output)
+    seconds = time.perf_counter() - started
+    if args.stats:
+        print(json.dumps(result.stats, default=str, sort_keys=True))
+    elif not args.quiet:
+        width, height = result.image.size
+        print(f"wrote {output} ({width}x{height}) in {seconds:.1f} s", file=sys.stderr)
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    """Run ``ham transfer`` for parsed ``args``; return the exit status (0, 1 or 2)."""
+    try:
+        _transfer(args)
+    except _BadInput as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a fault of ours or of the environment: still one line, not a traceback
+        if os.environ.get("HAM_DEBUG"):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG}: error: {type(exc).__name__}: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ham_engine.cli transfer ...`` (the ``ham`` command offers the same sub-command)."""
+    parser = argparse.ArgumentParser(prog="ham", description="HAM style transfer")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_transfer_parser(subparsers)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,509 @@
+"""HamEngine: one HAM style transfer end to end (PAPER.md §1–§7).
+
+A transfer runs in four phases:
+
+1. **encode** – the prompts (each distinct one once) and the images (VAE, one batch);
+2. **invert** – DDIM inversion of the content latent, batched with the style latent when
+   an image style teacher is needed and not cached: ``steps`` UNet calls;
+3. **sample** – ``steps`` UNet calls, each one batch holding the branches the step needs
+   (content teacher, style teacher, student; doubled as [uncond | cond] under CFG). The
+   teachers are re-anchored to their trajectories; the student starts from SINI and is
+   modulated by GAR and LAT inside the step window;
+4. **decode** – the student's final latent through the VAE.
+
+A branch that nothing reads at a step is left out of that step's batch: outside the
+step window the student runs alone, and a cached image style never runs at all.
+
+Under CFG (a text-guided style teacher) the student is guided too **[our reading]**:
+its cond half receives the prompted style teacher's K/V through LAT, its uncond half the
+empty prompt's, and ``uncond + g·(cond − uncond)`` carries the prompt into the student.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ham_engine import images
+from ham_engine.attention import (
+    CONTENT_TEACHER,
+    CROSS_ATTENTION,
+    SELF_ATTENTION,
+    STUDENT,
+    STYLE_TEACHER,
+    AttentionRecorder,
+    BranchLayout,
+    ModulationContext,
+    modulated_attention,
+    resolve_layers,
+)
+from ham_engine.inversion import DdimSchedule, ddim_invert, ddim_step
+from ham_engine.loading import DiffusionModel, load_model
+from ham_engine.modulation import channel_stats, sini
+from ham_engine.params import TransferParams, check_style_reference
+from ham_engine.style_cache import StyleCache, StyleFeatures, StyleKey
+
+DEFAULT_STYLE_CACHE_BYTES = 256 * 2**20
+
+ProgressFn = Callable[[int, int], None]
+CancelledFn = Callable[[], bool]
+
+
+class TransferCancelled(Exception):
+    """The caller's ``cancelled()`` returned True; the transfer stopped between two steps."""
+
+
+@dataclass
+class TransferResult:
+    """The stylised image and what it cost (see :meth:`HamEngine.transfer` for ``stats``)."""
+
+    image: Image.Image
+    stats: dict[str, Any]
+
+
+@dataclass
+class TransferLatents:
+    """The latent-space result of a transfer (before VAE decoding), for tests and analysis."""
+
+    student: torch.Tensor  # z_0^m, float32 [1, C, h, w]
+    content_terminal: torch.Tensor  # z_T^c, the inverted content latent
+    student_terminal: torch.Tensor  # z_T^m, after SINI
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A validated transfer request."""
+
+    content: Image.Image  # RGB
+    style: Image.Image | None  # RGB
+    style_prompt: str | None
+    params: TransferParams
+    size: tuple[int, int]  # (width, height) of the output
+    gar_layers: tuple[str, ...]  # resolved module names, () when GAR is off
+    lat_layers: tuple[str, ...]
+
+    @property
+    def text_guided(self) -> bool:
+        """The style teacher is sampled from noise with the style prompt (no style image)."""
+        return self.style is None
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance on the style teacher (text-guided only; 1.0 is a no-op)."""
+        return self.text_guided and self.params.guidance > 1.0
+
+    @property
+    def modulated_steps(self) -> frozenset[int]:
+        """Sampling steps where GAR or LAT act."""
+        if not (self.gar_layers or self.lat_layers):
+            return frozenset()
+        return frozenset(k for k in range(self.params.steps) if self.params.modulates_step(k))
+
+    @property
+    def uses_style(self) -> bool:
+        """Whether anything reads the style teacher (SINI, or GAR/LAT at some step)."""
+        return self.params.sini or bool(self.modulated_steps)
+
+
+@dataclass
+class _Counters:
+    unet_calls: int = 0
+    unet_rows: int = 0
+    rows_by_phase: dict[str, int] = field(default_factory=lambda: {"invert": 0, "sample": 0})
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Text:
+    """Encoded prompts: the empty one, and the style teacher's (the empty one when it has none)."""
+
+    empty: torch.Tensor
+    style: torch.Tensor
+
+
+@dataclass
+class _Branches:
+    """The latents the three branches enter each sampling step with."""
+
+    student: torch.Tensor
+    content_trajectory: list[torch.Tensor]
+    style_trajectory: list[torch.Tensor] | None  # an inverted image style
+    style_latent: torch.Tensor | None  # a text style teacher's own, advancing latent
+
+    def latent(self, branch: str, k: int) -> torch.Tensor:
+        """``branch``'s latent at step ``k``; teachers are re-anchored to their stored trajectories."""
+        if branch == STUDENT:
+            return self.student
+        if branch == CONTENT_TEACHER:
+            return self.content_trajectory[k]
+        return self.style_trajectory[k] if self.style_trajectory is not None else self.style_latent
+
+
+class _StepHooks:
+    """The caller's progress and cancellation callbacks, counted over inversion and sampling."""
+
+    def __init__(self, total: int, progress: ProgressFn | None, cancelled: CancelledFn | None) -> None:
+        self.total = total
+        self.count = 0
+        self._progress = progress
+        self._cancelled = cancelled
+
+    def check(self, _: int = 0) -> None:
+        """Before a step: stop if the caller asked to."""
+        if self._cancelled is not None and self._cancelled():
+            raise TransferCancelled(f"transfer cancelled after {self.count} of {self.total} steps")
+
+    def done(self) -> None:
+        """After a step: report it."""
+        self.count += 1
+        if self._progress is not None:
+            self._progress(self.count, self.total)
+
+
+class HamEngine:
+    """A loaded diffusion model that runs HAM transfers, one at a time, request after request.
+
+    ``transfer`` is thread-safe: a lock keeps two threads from sharing the UNet. The
+    style cache keeps what repeat image styles need (PAPER.md §7).
+    """
+
+    def __init__(self, model: DiffusionModel, style_cache_bytes: int = DEFAULT_STYLE_CACHE_BYTES) -> None:
+        self.model = model
+        self.style_cache = StyleCache(style_cache_bytes)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model: str = "tiny",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        style_cache_bytes: int = DEFAULT_STYLE_CACHE_BYTES,
+    ) -> HamEngine:
+        """Load ``model`` ("tiny", "tiny-v", an HF id or a local folder) and wrap it in an engine."""
+        return cls(load_model(model, device=device, dtype=dtype), style_cache_bytes=style_cache_bytes)
+
+    def transfer(
+        self,
+        content: Image.Image,
+        style: Image.Image | None = None,
+        style_prompt: str | None = None,
+        params: TransferParams | None = None,
+        progress: ProgressFn | None = None,
+        cancelled: CancelledFn | None = None,
+    ) -> TransferResult:
+        """Restyle ``content`` after a style image, a style prompt, or both.
+
+        The output has the content's aspect ratio, its longer side ``params.size``, sides
+        multiples of 64. ``progress(step, total)`` is called after each UNet step with
+        ``total = 2 * params.steps``: steps 1..N are the inversion, N+1..2N the sampling.
+        ``cancelled()`` is polled before every step; when it returns True the transfer
+        stops and :class:`TransferCancelled` is raised. Bad input raises ``ValueError``
+        (a :class:`~ham_engine.params.ParamError` names the field).
+
+        ``stats`` holds: ``unet_calls``, ``unet_rows`` (batch rows summed over calls),
+        ``unet_rows_by_phase``, ``seconds`` (encode, invert, sample, decode, total),
+        ``style_cache_hit`` (None when no image style teacher is used), ``peak_memory_bytes``
+        (CUDA max allocated, else the process's peak RSS), ``steps``, ``size`` [w, h],
+        ``mode``, ``cfg``, ``device``, ``dtype``, ``model``.
+        """
+        with self._lock, torch.inference_mode():
+            started_total = time.perf_counter()
+            latents = self._run(content, style, style_prompt, params, progress, cancelled, recorder=None)
+            started = time.perf_counter()
+            image = images.tensor_to_image(self.model.decode_latents(latents.student))
+            stats = latents.stats
+            stats["seconds"]["decode"] = self._elapsed(started)
+            stats["seconds"]["total"] = self._elapsed(started_total)
+            stats["peak_memory_bytes"] = self._peak_memory_bytes()
+        return TransferResult(image=image, stats=stats)
+
+    def transfer_latents(
+        self,
+        content: Image.Image,
+        style: Image.Image | None = None,
+        style_prompt: str | None = None,
+        params: TransferParams | None = None,
+        progress: ProgressFn | None = None,
+        cancelled: CancelledFn | None = None,
+        recorder: AttentionRecorder | None = None,
+    ) -> TransferLatents:
+        """:meth:`transfer` without the VAE decode, returning latents; ``recorder`` sees each modulated layer call."""
+        with self._lock, torch.inference_mode():
+            return self._run(content, style, style_prompt, params, progress, cancelled, recorder)
+
+    # -- the phases -------------------------------------------------------------------
+
+    def _validate(
+        self,
+        content: Image.Image,
+        style: Image.Image | None,
+        style_prompt: str | None,
+        params: TransferParams | None,
+        progress: ProgressFn | None = None,
+        cancelled: CancelledFn | None = None,
+    ) -> _Request:
+        if params is None:
+            params = TransferParams()
+        if not isinstance(params, TransferParams):
+            raise ValueError(f"params: expected TransferParams, got {type(params).__name__}")
+        for name, callback in (("progress", progress), ("cancelled", cancelled)):
+            if callback is not None and not callable(callback):
+                raise ValueError(f"{name}: must be a callable or None, got {type(callback).__name__}")
+        if style is not None and not isinstance(style, Image.Image):
+            raise ValueError(f"style: expected an image, got {type(style).__name__}")
+        prompt = check_style_reference(style is not None, style_prompt)
+        content_rgb = images.to_rgb(content, field="content")
+        style_rgb = images.to_rgb(style, field="style") if style is not None else None
+        unet = self.model.unet
+        return _Request(
+            content=content_rgb,
+            style=style_rgb,
+            style_prompt=prompt,
+            params=params,
+            size=images.output_size(content_rgb.width, content_rgb.height, params.size),
+            gar_layers=resolve_layers(unet, params.gar_layers, SELF_ATTENTION, "gar_layers") if params.gar else (),
+            lat_layers=resolve_layers(unet, params.lat_layers, CROSS_ATTENTION, "lat_layers") if params.lat else (),
+        )
+
+    def _style_key(self, request: _Request) -> StyleKey:
+        return StyleKey(
+            model=self.model.name,
+            image_digest=images.image_digest(request.style),
+            size=request.size,
+            steps=request.params.steps,
+            gar_layers=request.gar_layers,
+            lat_layers=request.lat_layers,
+            step_window=(request.params.step_start, request.params.step_end),
+            style_prompt=request.style_prompt,
+            dtype=str(self.model.dtype),
+            device=str(self.model.device),
+        )
+
+    def _run(
+        self,
+        content: Image.Image,
+        style: Image.Image | None,
+        style_prompt: str | None,
+        params: TransferParams | None,
+        progress: ProgressFn | None,
+        cancelled: CancelledFn | None,
+        recorder: AttentionRecorder | None,
+    ) -> TransferLatents:
+        request = self._validate(content, style, style_prompt, params, progress, cancelled)
+        model = self.model
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(model.device)
+        counters = _Counters()
+        steps = _StepHooks(2 * request.params.steps, progress, cancelled)
+
+        # A cached image style stands in for the style teacher; a text style is never cached.
+        image_style = request.style is not None and request.uses_style
+        key = self._style_key(request) if image_style else None
+        cached = self.style_cache.get(key) if key is not None else None
+        invert_style = image_style and cached is None
+
+        started = time.perf_counter()
+        clean, text = self._encode(request, invert_style)
+        schedule = DdimSchedule.from_scheduler(model.scheduler, request.params.steps, model.device)
+        counters.seconds["encode"] = self._elapsed(started)
+
+        # Content and style are inverted together: one batch, empty prompt, no CFG.
+        started = time.perf_counter()
+        inversion_text = text.empty.expand(clean.shape[0], -1, -1)
+
+        def invert_model(latents: torch.Tensor, _: int, timestep: torch.Tensor) -> torch.Tensor:
+            output = self._predict(latents, timestep, inversion_text, counters, "invert")
+            steps.done()
+            return output
+
+        trajectory = ddim_invert(invert_model, clean, schedule, before_step=steps.check)
+        content_trajectory = [z[:1] for z in trajectory]
+        style_trajectory = [z[1:] for z in trajectory] if invert_style else None
+        counters.seconds["invert"] = self._elapsed(started)
+
+        started = time.perf_counter()
+        style_latent, style_stats = self._style_start(request, cached, style_trajectory)
+        content_terminal = content_trajectory[0]
+        student_terminal = (
+            sini(content_terminal, *style_stats, request.params.gamma) if request.params.sini else content_terminal
+        )
+        # The cold path of an image style records what a repeat of it will need.
+        style_record = StyleFeatures(*style_stats) if invert_style else None
+        context = ModulationContext(
+            alpha=request.params.alpha,
+            beta=request.params.beta,
+            gar_layers=request.gar_layers,
+            lat_layers=request.lat_layers,
+            cached_style=cached,
+            style_record=style_record,
+            recorder=recorder,
+        )
+        branches = _Branches(student_terminal, content_trajectory, style_trajectory, style_latent)
+        with modulated_attention(model.unet, context):
+            student = self._sample(request, schedule, context, branches, text, counters, steps)
+        if style_record is not None:
+            self.style_cache.put(key, style_record)
+        counters.seconds["sample"] = self._elapsed(started)
+
+        width, height = request.size
+        stats: dict[str, Any] = {
+            "unet_calls": counters.unet_calls,
+            "unet_rows": counters.unet_rows,
+            "unet_rows_by_phase": dict(counters.rows_by_phase),
+            "seconds": counters.seconds,
+            "style_cache_hit": (cached is not None) if image_style else None,
+            "peak_memory_bytes": self._peak_memory_bytes(),
+            "steps": request.params.steps,
+            "size": [width, height],
+            "mode": "text" if request.text_guided else ("image+text" if request.style_prompt else "image"),
+            "cfg": request.cfg,
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "model": model.name,
+        }
+        return TransferLatents(
+            student=student, content_terminal=content_terminal, student_terminal=student_terminal, stats=stats
+        )
+
+    def _encode(self, request: _Request, invert_style: bool) -> tuple[torch.Tensor, _Text]:
+        """Clean latents [content(, style)] in one VAE batch, and each distinct prompt encoded once."""
+        width, height = request.size
+        pixels = [images.image_to_tensor(request.content, width, height)]
+        if invert_style:
+            pixels.append(images.image_to_tensor(request.style, width, height, fit="cover"))
+        clean = self.model.encode_image(torch.cat(pixels))
+        # The style teacher's text conditioning matters only where it runs in the sampling batch.
+        style_runs = request.text_guided or (invert_style and bool(request.modulated_steps))
+        prompts = [""] + ([request.style_prompt] if style_runs and request.style_prompt else [])
+        embeddings = self.model.encode_prompt(prompts)
+        return clean, _Text(empty=embeddings[:1], style=embeddings[1:] if len(prompts) > 1 else embeddings[:1])
+
+    def _style_start(
+        self, request: _Request, cached: StyleFeatures | None, style_trajectory: list[torch.Tensor] | None
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """The text style teacher's seeded noise (else None) and the statistics of z_T^s for SINI."""
+        if request.text_guided:
+            generator = torch.Generator(device=self.model.device).manual_seed(request.params.seed)
+            shape = (1, self.model.unet.config.in_channels, *self._latent_size(request))
+            noise = torch.randn(shape, generator=generator, device=self.model.device, dtype=torch.float32)
+            return noise, channel_stats(noise, dim=(2, 3))
+        if cached is not None:
+            return None, (cached.terminal_mean, cached.terminal_std)
+        if style_trajectory is not None:
+            return None, channel_stats(style_trajectory[0], dim=(2, 3))
+        return None, (None, None)
+
+    def _latent_size(self, request: _Request) -> tuple[int, int]:
+        width, height = request.size
+        return height // self.model.vae_scale_factor, width // self.model.vae_scale_factor
+
+    def _sample(
+        self,
+        request: _Request,
+        schedule: DdimSchedule,
+        context: ModulationContext,
+        branches: _Branches,
+        text: _Text,
+        counters: _Counters,
+        steps: _StepHooks,
+    ) -> torch.Tensor:
+        """The sampling loop; returns the student's final latent z_0^m."""
+        params = request.params
+        modulated = request.modulated_steps
+        last_modulated = max(modulated, default=-1)
+        conditioning: dict[BranchLayout, torch.Tensor] = {}
+        for k in range(params.steps):
+            steps.check(k)
+            modulating = k in modulated
+            # A text style teacher walks its own trajectory up to the last step that reads it;
+            # an image style teacher runs only where it is read and not cached.
+            style_live = (request.text_guided and k <= last_modulated) or (modulating and context.cached_style is None)
+            names = ((CONTENT_TEACHER,) if modulating else ()) + ((STYLE_TEACHER,) if style_live else ())
+            layout = BranchLayout((*names, STUDENT), halves=2 if request.cfg and style_live else 1)
+            context.begin_step(k, layout, modulating)
+
+            latents = torch.cat([branches.latent(name, k) for name in layout.branches] * layout.halves)
+            if layout not in conditioning:
+                conditioning[layout] = self._conditioning(layout, text)
+            output = self._predict(latents, schedule.timesteps[k], conditioning[layout], counters, "sample")
+
+            alpha_t, alpha_prev = schedule.alphas_of_step(k)
+            branches.student = ddim_step(
+                self._guided(output, layout, STUDENT, params.guidance),
+                branches.student,
+                alpha_t,
+                alpha_prev,
+                schedule.prediction_type,
+            )
+            if request.text_guided and style_live:
+                branches.style_latent = ddim_step(
+                    self._guided(output, layout, STYLE_TEACHER, params.guidance),
+                    branches.style_latent,
+                    alpha_t,
+                    alpha_prev,
+                    schedule.prediction_type,
+                )
+            steps.done()
+        return branches.student
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _predict(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        counters: _Counters,
+        phase: str,
+    ) -> torch.Tensor:
+        """One UNet call on float32 latents; the output comes back as float32."""
+        model = self.model
+        output = model.unet(latents.to(model.dtype), timestep, encoder_hidden_states=text, return_dict=False)[0]
+        counters.unet_calls += 1
+        counters.unet_rows += latents.shape[0]
+        counters.rows_by_phase[phase] += latents.shape[0]
+        return output.float()
+
+    @staticmethod
+    def _conditioning(layout: BranchLayout, text: _Text) -> torch.Tensor:
+        """Text conditioning rows for ``layout``: empty for the student and the content teacher.
+
+        The style teacher gets the style prompt (the empty prompt for an image style
+        without one); under CFG its uncond half gets the empty prompt.
+        """
+        rows = []
+        for half in range(layout.halves):
+            uncond = layout.halves == 2 and half == 0
+            for branch in layout.branches:
+                rows.append(text.style if branch == STYLE_TEACHER and not uncond else text.empty)
+        return torch.cat(rows)
+
+    @staticmethod
+    def _guided(output: torch.Tensor, layout: BranchLayout, branch: str, guidance: float) -> torch.Tensor:
+        """``branch``'s model output, ``[1, ...]``; under CFG: uncond + g · (cond − uncond)."""
+        rows = layout.take(output, branch)
+        if layout.halves == 1:
+            return rows
+        return rows[:1] + guidance * (rows[1:] - rows[:1])
+
+    def _elapsed(self, started: float) -> float:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter() - started
+
+    def _peak_memory_bytes(self) -> int:
+        if self.model.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.model.device))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # ru_maxrss is in kilobytes on Linux, bytes on macOS.
+        return int(peak if sys.platform == "darwin" else peak * 1024)

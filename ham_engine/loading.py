@@ -1,0 +1,208 @@
+"""Load a Stable Diffusion model (an HF id, a local folder, or a random preset) for HAM.
+
+Every model, including the random ``tiny`` preset, goes through the components'
+``from_pretrained(..., subfolder=...)``: one code path for tests and production. The
+scheduler is always DDIM (HAM inverts and samples with DDIM), built from the model's own
+scheduler config so its noise schedule and prediction type are the model's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
+
+from ham_engine import tiny
+
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass
+class DiffusionModel:
+    """The parts of a latent-diffusion pipeline HAM needs, on one device, frozen.
+
+    ``name`` is what the user asked for ("tiny", an HF id, a folder); caches key on it.
+    The VAE may run in float32 while the rest is float16 (SD's VAE overflows in fp16);
+    :meth:`encode_image` and :meth:`decode_latents` handle the casts.
+    """
+
+    name: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: "epsilon", "v_prediction" or "sample"."""
+        return str(self.scheduler.config.prediction_type)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How many pixels one latent cell spans per side (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings ``[B, 77, D]`` in the model dtype (the last hidden state, as SD uses)."""
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self.device)
+        embeddings = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        return embeddings.to(self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents of images ``[B, 3, H, W]`` in [-1, 1]: the posterior mean times the scaling factor."""
+        pixels = pixels.to(device=self.device, dtype=self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        return latents.to(self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [-1, 1], float32, from latents."""
+        latents = latents.to(device=self.device, dtype=self.vae.dtype) / self.vae.config.scaling_factor
+        pixels = self.vae.decode(latents).sample
+        return pixels.float().clamp(-1.0, 1.0)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The argument, else ``HAM_DEVICE``, else CUDA when available, else CPU."""
+    choice = device or os.environ.get("HAM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(choice)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {choice!r} is not a torch device (try 'cpu', 'cuda' or 'cuda:0')") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {choice!r} was asked for but CUDA is not available here; use 'cpu'")
+    return resolved
+
+
+def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The argument, else ``HAM_DTYPE``, else float16 on CUDA and float32 elsewhere."""
+    choice = dtype or os.environ.get("HAM_DTYPE") or None
+    if choice is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(choice, torch.dtype):
+        resolved = choice
+    else:
+        key = choice.lower().removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"dtype: {choice!r} is not one of fp32, fp16, bf16")
+        resolved = _DTYPES[key]
+    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype: {resolved} is not one of fp32, fp16, bf16")
+    if resolved == torch.float16 and device.type == "cpu":
+        raise ValueError("dtype: fp16 is not supported on CPU; use fp32 (or bf16)")
+    return resolved
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _not_found(model: str, cause: Exception) -> ValueError:
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return ValueError(
+            f"model: {model!r} is not a diffusers Stable Diffusion folder "
+            f"(needs unet/, vae/, text_encoder/, tokenizer/, scheduler/): {reason}"
+        )
+    if model.startswith((".", "/", "~")):
+        return ValueError(f"model: folder {model!r} does not exist")
+    if _hub_offline():
+        return ValueError(
+            f"model: {model!r} not found locally and the Hub is offline (HF_HUB_OFFLINE=1): download it with "
+            f"`huggingface-cli download {model}` or point HAM_MODEL at a folder"
+        )
+    return ValueError(
+        f"model: {model!r} could not be loaded from the local cache or the Hub ({reason}); check the id, "
+        f"download it with `huggingface-cli download {model}`, or point HAM_MODEL at a folder"
+    )
+
+
+@contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """Hide transformers' per-load progress bars (they would clutter the CLI's own bar)."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(
+    model: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> DiffusionModel:
+    """Load ``model`` for HAM: "tiny", "tiny-v", "random-small", an HF id or a local folder.
+
+    Random presets (:mod:`ham_engine.tiny`, noise-like pictures) are built offline on
+    first use and loaded back from their cache folder. An HF id is read from the local
+    Hugging Face cache (``HF_HUB_OFFLINE=1`` is respected) or downloaded when online.
+    Raises ``ValueError`` with what to do when the model cannot be found.
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError("model: give 'tiny', a Hugging Face model id or a local folder")
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(resolved_device, dtype)
+    # SD's VAE overflows in fp16 at high resolution; float32 costs ~160 MB and avoids black images.
+    vae_dtype = torch.float32 if resolved_dtype == torch.float16 else resolved_dtype
+    with _quiet_progress_bars():
+        source = str(tiny.ensure_preset(model)) if model in tiny.PRESETS else model
+        if Path(source).expanduser().is_dir():
+            source = str(Path(source).expanduser())
+        try:
+            scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(source, subfolder="scheduler"))
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=resolved_dtype)
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=resolved_dtype)
+        except (OSError, ValueError) as exc:
+            raise _not_found(model, exc) from exc
+    for part in (unet, vae, text_encoder):
+        part.eval()
+        part.requires_grad_(False)
+        part.to(resolved_device)
+    # HAM's processors mirror the stock SDPA processor; start every model from it.
+    unet.set_attn_processor(AttnProcessor2_0())
+    return DiffusionModel(
+        name=model,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        device=resolved_device,
+        dtype=resolved_dtype,
+    )

@@ -1,0 +1,130 @@
+"""What the student needs from an image style teacher, and a byte-bounded LRU of it (PAPER.md §7).
+
+An image style teacher is re-anchored to its inverted trajectory, so everything it feeds
+the student is fixed by the style image, the size, the schedule, the layers and its text
+conditioning: per GAR layer and step the per-channel mean/std of its Q, K, V; per LAT
+layer its cross-attention K/V; and for SINI the statistics of its terminal latent z_T^s.
+A repeat style therefore needs neither the style inversion nor the style branch in the
+sampling batch. Tensors stay on the model's device, so the byte budget is device memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+# Per-channel (mean, std) over tokens of Q, K and V side by side: each [halves, 1, 3C] float32.
+QkvStats = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StyleKey:
+    """Everything a style teacher's features depend on (besides the model weights)."""
+
+    model: str
+    image_digest: str
+    size: tuple[int, int]
+    steps: int
+    gar_layers: tuple[str, ...]  # resolved module names; empty when GAR is off
+    lat_layers: tuple[str, ...]  # resolved module names; empty when LAT is off
+    step_window: tuple[float, float]
+    style_prompt: str | None
+    dtype: str
+    device: str
+
+
+@dataclass
+class StyleFeatures:
+    """A style teacher's contribution to the student over one whole sampling run.
+
+    ``gar`` maps (step, layer) to the statistics of [Q | K | V]; ``lat`` maps a layer to its
+    (K, V) cross-attention projections, which depend only on the text conditioning and so
+    are stored once per layer.
+    """
+
+    terminal_mean: torch.Tensor | None = None  # [1, C, 1, 1] float32, of z_T^s
+    terminal_std: torch.Tensor | None = None
+    gar: dict[tuple[int, str], QkvStats] = field(default_factory=dict)
+    lat: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor held (for byte accounting)."""
+        out = [t for t in (self.terminal_mean, self.terminal_std) if t is not None]
+        for mean, std in self.gar.values():
+            out += [mean, std]
+        for key, value in self.lat.values():
+            out += [key, value]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor storage held."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class StyleCache:
+    """A least-recently-used map of :class:`StyleKey` → :class:`StyleFeatures` bounded in bytes.
+
+    ``put`` evicts the least recently used entries until the new one fits; an entry larger
+    than ``max_bytes`` on its own is not stored (``max_bytes=0`` disables the cache).
+    Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"style_cache_bytes: must be an integer >= 0, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self._entries: OrderedDict[StyleKey, tuple[StyleFeatures, int]] = OrderedDict()
+        self._nbytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all entries."""
+        return self._nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def get(self, key: StyleKey) -> StyleFeatures | None:
+        """The entry for ``key`` (now the most recently used), or None; counts a hit or a miss."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, key: StyleKey, value: StyleFeatures) -> bool:
+        """Store ``value`` under ``key``, evicting LRU entries to fit; False if it is too large to keep."""
+        size = value.nbytes
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._nbytes -= old[1]
+            if size > self.max_bytes:
+                return False
+            while self._nbytes + size > self.max_bytes:
+                _, (_, evicted_size) = self._entries.popitem(last=False)
+                self._nbytes -= evicted_size
+                self.evictions += 1
+            self._entries[key] = (value, size)
+            self._nbytes += size
+            return True
+
+    def clear(self) -> None:
+        """Drop every entry (counters are kept)."""
+        with self._lock:
+            self._entries.clear()
+            self._nbytes = 0

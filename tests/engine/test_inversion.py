@@ -1,0 +1,105 @@
+"""DDIM: the step mirrors diffusers, inversion mirrors diffusers' inverse scheduler, and it converges."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+from ham_engine.engine import HamEngine
+from ham_engine.inversion import DdimSchedule, ddim_inverse_step, ddim_invert, ddim_step
+from ham_engine.tiny import sd_scheduler
+
+
+def _latents(seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddim_step_is_bitwise_diffusers_ddim_scheduler_step(prediction_type: str) -> None:
+    scheduler = sd_scheduler(prediction_type)
+    schedule = DdimSchedule.from_scheduler(scheduler, 10, "cpu")
+    scheduler.set_timesteps(10)
+    sample, output = _latents(1), _latents(2)
+    for k, t in enumerate(scheduler.timesteps):
+        want = scheduler.step(output, t, sample).prev_sample
+        got = ddim_step(output, sample, *schedule.alphas_of_step(k), prediction_type)
+        assert torch.equal(got, want)
+
+
+def test_inverse_step_undoes_the_sampling_step_for_a_fixed_noise_prediction() -> None:
+    schedule = DdimSchedule.from_scheduler(sd_scheduler("epsilon"), 10, "cpu")
+    sample, eps = _latents(3), _latents(4)
+    for k in range(schedule.steps):
+        alpha_t, alpha_prev = schedule.alphas_of_step(k)
+        up = ddim_inverse_step(eps, sample, alpha_prev, alpha_t, "epsilon")
+        torch.testing.assert_close(ddim_step(eps, up, alpha_t, alpha_prev, "epsilon"), sample, atol=1e-5, rtol=1e-5)
+
+
+def _damped_unet_fn(engine: HamEngine, scale: float):
+    """The tiny UNet with its output scaled down: nearly the identity denoiser, so nearly invertible."""
+    unet = copy.deepcopy(engine.model.unet)
+    unet.conv_out.weight.mul_(scale)
+    unet.conv_out.bias.mul_(scale)
+    text = engine.model.encode_prompt([""])
+
+    def model(latents: torch.Tensor, _: int, timestep: torch.Tensor) -> torch.Tensor:
+        return unet(latents, timestep, encoder_hidden_states=text).sample
+
+    return model
+
+
+def _reconstruction_error(model, clean: torch.Tensor, scheduler: DDIMScheduler, steps: int) -> float:
+    schedule = DdimSchedule.from_scheduler(scheduler, steps, "cpu")
+    latents = ddim_invert(model, clean, schedule)[0]
+    for k in range(steps):
+        output = model(latents, k, schedule.timesteps[k])
+        latents = ddim_step(output, latents, *schedule.alphas_of_step(k), schedule.prediction_type)
+    return float((latents - clean).abs().mean())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_inversion_reconstruction_error_falls_as_steps_rise(tiny_engine: HamEngine, prediction_type: str) -> None:
+    model = _damped_unet_fn(tiny_engine, 0.1)
+    scheduler = DDIMScheduler.from_config(tiny_engine.model.scheduler.config, prediction_type=prediction_type)
+    clean = _latents(5)
+    with torch.inference_mode():
+        errors = [_reconstruction_error(model, clean, scheduler, steps) for steps in (5, 10, 20)]
+    # A trend, not a threshold: the random UNet is only nearly invertible.
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.75 * errors[0], errors
+
+
+def test_inversion_trajectory_is_in_sampling_order_and_matches_diffusers_inverse_scheduler(
+    tiny_engine: HamEngine,
+) -> None:
+    model = _damped_unet_fn(tiny_engine, 1.0)
+    schedule = DdimSchedule.from_scheduler(tiny_engine.model.scheduler, 6, "cpu")
+    inverse = DDIMInverseScheduler.from_config(tiny_engine.model.scheduler.config)
+    inverse.set_timesteps(6)
+    clean = _latents(6)
+    with torch.inference_mode():
+        trajectory = ddim_invert(model, clean, schedule)
+        latents, want = clean, []
+        for t in inverse.timesteps:
+            latents = inverse.step(model(latents, 0, t), t, latents).prev_sample
+            want.append(latents)
+    assert list(inverse.timesteps.flip(0)) == list(schedule.timesteps)
+    for got, expected in zip(trajectory, reversed(want), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_inversion_calls_before_step_once_per_step_and_can_stop() -> None:
+    schedule = DdimSchedule.from_scheduler(sd_scheduler(), 5, "cpu")
+    seen: list[int] = []
+
+    def before_step(i: int) -> None:
+        seen.append(i)
+        if i == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ddim_invert(lambda x, k, t: torch.zeros_like(x), _latents(), schedule, before_step=before_step)
+    assert seen == [0, 1, 2]
