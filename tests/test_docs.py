@@ -1,0 +1,35 @@
+"""The documentation a new user reads first stays true to the code."""
+
+from pathlib import Path
+
+from service.cli import build_parser
+from service.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_setting_is_documented_with_its_default() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for name, field in Settings.model_fields.items():
+        row = next((line for line in doc.splitlines() if line.startswith(f"| `HAM_{name.upper()}` |")), None)
+        assert row is not None, f"HAM_{name.upper()} is missing from docs/configuration.md"
+        if field.default not in (None, ""):
+            assert f"`{field.default}`" in row, f"HAM_{name.upper()}: documented default differs from {field.default!r}"
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```", 2)[1]
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines()[1:] if line.strip()]
+    assert commands == ["make up", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "\nup:" in makefile and "\ntest:" in makefile
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_commands_exist_in_the_cli() -> None:
+    readme = (ROOT / "README.md").read_text()
+    subcommands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    for command in ("up", "api", "worker", "transfer", "submit"):
+        assert f"`ham {command}" in readme
+        assert command in subcommands
