@@ -120,10 +120,11 @@ def _transfer(args: argparse.Namespace) -> None:
         raise _BadInput(str(exc)) from exc
 
     started = time.perf_counter()
-    with tqdm(total=params.steps, desc="transfer", unit="step", disable=args.quiet, file=sys.stderr) as bar:
+    # The engine reports inversion and sampling steps together: 2 * steps in all.
+    with tqdm(total=2 * params.steps, desc="transfer", unit="step", disable=args.quiet, file=sys.stderr) as bar:
 
         def progress(step: int, total: int) -> None:
-            # The engine may count inversion steps too; follow whatever total it reports.
+            # Follow the total the engine reports, should it ever count differently.
             bar.total = total
             bar.n = step
             bar.refresh()

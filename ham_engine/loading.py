@@ -9,6 +9,7 @@ scheduler config so its noise schedule and prediction type are the model's.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -149,12 +150,15 @@ def _not_found(model: str, cause: Exception) -> ValueError:
 
 
 @contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """Hide transformers' per-load progress bars (they would clutter the CLI's own bar)."""
+def _quiet_loading() -> Iterator[None]:
+    """Hide per-load progress bars (they would clutter the CLI's own bar) and a library-compat warning."""
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            # diffusers 0.42 still passes an argument huggingface_hub 1.x ignores; nothing for a user to do.
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
@@ -178,16 +182,21 @@ def load_model(
     resolved_dtype = resolve_dtype(resolved_device, dtype)
     # SD's VAE overflows in fp16 at high resolution; float32 costs ~160 MB and avoids black images.
     vae_dtype = torch.float32 if resolved_dtype == torch.float16 else resolved_dtype
-    with _quiet_progress_bars():
+    with _quiet_loading():
         source = str(tiny.ensure_preset(model)) if model in tiny.PRESETS else model
         if Path(source).expanduser().is_dir():
             source = str(Path(source).expanduser())
+        # Offline, go straight to the local cache instead of failing a Hub call per component.
+        local = {"local_files_only": True} if _hub_offline() else {}
         try:
-            scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(source, subfolder="scheduler"))
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=resolved_dtype)
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=resolved_dtype)
+            config = DDIMScheduler.load_config(source, subfolder="scheduler", **local)
+            scheduler = DDIMScheduler.from_config(config)
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **local)
+            text_encoder = CLIPTextModel.from_pretrained(
+                source, subfolder="text_encoder", dtype=resolved_dtype, **local
+            )
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype, **local)
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=resolved_dtype, **local)
         except (OSError, ValueError) as exc:
             raise _not_found(model, exc) from exc
     for part in (unet, vae, text_encoder):

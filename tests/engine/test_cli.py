@@ -38,7 +38,8 @@ def test_transfer_subprocess_writes_a_png_with_the_content_aspect(cli_env: Path,
     out = tmp_path / "out.png"
     command = [sys.executable, "-m", "ham_engine.cli", "transfer", str(wide), "--style", STYLE]
     command += ["-o", str(out), "--size", "128", "--steps", "3", "--stats"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # One OpenMP thread: on a busy 2-core CI box two spinning threads make the tiny UNet 10x slower.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     with Image.open(out) as image:

@@ -153,7 +153,7 @@ def test_a_copied_model_folder_loads_by_path_with_the_same_weights(model: Diffus
 
 def test_concurrent_builds_end_with_one_complete_copy(tmp_path: Path) -> None:
     code = "from ham_engine.loading import load_model; m = load_model('tiny'); print(m.prediction_type)"
-    env = {**os.environ, "HAM_TINY_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HAM_TINY_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=PIPE, stderr=PIPE) for _ in range(2)
     ]
@@ -161,6 +161,26 @@ def test_concurrent_builds_end_with_one_complete_copy(tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0], [err.decode()[-2000:] for _, err in results]
     assert [out.decode().strip() for out, _ in results] == ["epsilon", "epsilon"]
     assert [p.name for p in tmp_path.iterdir()] == [f"tiny.fmt{tiny.FORMAT_VERSION}"]
+
+
+def test_a_hub_id_loads_offline_from_the_local_hugging_face_cache(model: DiffusionModel, cache_env, tmp_path) -> None:
+    # The layout huggingface_hub keeps: refs/main names the snapshot holding the files.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--ham-test--tiny-sd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(cache_env / f"tiny.fmt{tiny.FORMAT_VERSION}", repo / "snapshots" / commit)
+    code = (
+        "from ham_engine.loading import load_model; m = load_model('ham-test/tiny-sd');"
+        "print(m.name, m.prediction_type, sum(p.numel() for p in m.unet.parameters()))"
+    )
+    # huggingface_hub reads its cache location at import time: a fresh process.
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parameters = sum(p.numel() for p in model.unet.parameters())
+    assert done.stdout.split() == ["ham-test/tiny-sd", "epsilon", str(parameters)]
+    assert "Could not reach the Hub" not in done.stderr  # offline goes straight to the cache
 
 
 def test_a_missing_folder_is_a_value_error_naming_it(cache_env: Path) -> None:
