@@ -6,7 +6,7 @@ Start-up order, and what each step is for:
 2. The metrics/probe server on ``settings.worker_metrics_port`` (``/readyz`` answers 503
    until step 5) and the maintenance thread: heartbeat, recovery of jobs left behind by
    dead workers (runs once right away), expiry sweep — see :mod:`worker.recovery`.
-3. ``HamEngine.load(settings.model, device=settings.device)`` — once.
+3. ``HamEngine.load(settings.model, device=settings.device, dtype=settings.dtype)`` — once.
 4. The webhook dispatcher (when ``HAM_WEBHOOK_SECRET`` is set).
 5. Ready: ``/readyz`` turns 200 and ``--ready-file`` (if given) is written. Kubernetes
    probes either; neither exists before the model is loaded.
@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     name = args.name or default_worker_name()
-    redis = Redis.from_url(settings.redis_url)
+    # RQ's idle BLPOP blocks up to worker_ttl - 15 s (worker_ttl below). redis-py's default socket timeout is
+    # 5 s and RQ raises it only for connections opened after SimpleWorker() (the webhook and maintenance
+    # threads open theirs earlier), so without this the worker quits idle after 5 s on "Redis connection timeout".
+    redis = Redis.from_url(settings.redis_url, socket_timeout=max(60, 6 * settings.worker_heartbeat) + 10)
     storage = open_storage(settings)
     store = JobStore(redis, settings)
     metrics = WorkerMetrics()
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("worker %s: loading model %r on %s", name, settings.model, settings.device or "auto")
         from ham_engine.engine import HamEngine  # torch: imported once the cheap checks passed
 
-        engine = HamEngine.load(settings.model, device=settings.device)
+        engine = HamEngine.load(settings.model, device=settings.device, dtype=settings.dtype)
         model = engine.model
         log.info("worker %s: model loaded (%s, %s)", name, model.device, str(model.dtype).removeprefix("torch."))
         runner = TransferRunner(engine, store, storage, settings, name, metrics, webhooks)

@@ -425,3 +425,12 @@ def test_webhook_is_posted_when_a_queued_job_is_canceled(alpha: httpx.Client):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_idle_worker_stays_up_and_then_runs_a_job(stack: Stack, alpha: httpx.Client):
+    # Regression: with webhooks on, an idle worker used to quit on redis-py's 5 s socket timeout.
+    worker = stack.ensure_one_worker()
+    time.sleep(8)
+    assert worker.alive, f"idle worker exited with {worker.proc.returncode}"
+    final = wait_for(alpha, submitted(submit(alpha))["id"], TERMINAL)
+    assert final["status"] == "succeeded"
