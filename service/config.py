@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     # --- engine --------------------------------------------------------------------
     model: str = Field("tiny", description="Diffusers model id, local folder, or 'tiny' (offline demo).")
     device: str | None = Field(None, description="Torch device for the worker (cuda, cuda:1, cpu); auto if unset.")
+    dtype: str | None = Field(
+        None, description="Worker compute dtype: fp16, bf16 or fp32; unset: fp16 on CUDA, fp32 on CPU."
+    )
 
     # --- auth ----------------------------------------------------------------------
     api_keys: str = Field(

@@ -361,6 +361,11 @@ class JobStore:
         )
 
     # --- reading ---------------------------------------------------------------
+    def find_by_idempotency_key(self, tenant: str, key: str) -> Job | None:
+        """The job an earlier submit with ``(tenant, key)`` created, if it is still on record."""
+        job_id = _text(self.redis.get(self.idempotency_key(tenant, key)))
+        return self.get(job_id) if job_id else None
+
     def get(self, job_id: str) -> Job | None:
         """The job, or ``None`` if unknown or expired."""
         fields = self.redis.hgetall(self.job_key(job_id))

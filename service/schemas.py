@@ -66,7 +66,9 @@ class ErrorResponse(BaseModel):
 class JobError(BaseModel):
     """Why a job failed."""
 
-    code: str = Field(description="e.g. `engine_error`, `timeout`, `worker_lost`.")
+    code: str = Field(
+        description="`invalid_input`, `inputs_missing`, `timeout`, `worker_lost` or `internal_error`."
+    )
     message: str
 
 

@@ -278,6 +278,13 @@ async def create_transfer(
     Answers 202 with the job resource and its `Location`; poll it until `status` is terminal.
     """
     idempotency_key = _check_idempotency_key(idempotency_key)
+    if idempotency_key is not None:
+        # A retry of a submit that went through gets its job back before limits or uploads are looked at.
+        existing = await run_in_threadpool(services.jobs.find_by_idempotency_key, tenant, idempotency_key)
+        if existing is not None:
+            response.status_code = 200
+            response.headers["Location"] = f"/v1/transfers/{existing.id}"
+            return await run_in_threadpool(job_resource, existing, services)
     form = await _parse_form(request)
     try:
         values = _form_fields(form)

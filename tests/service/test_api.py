@@ -413,6 +413,16 @@ def test_same_idempotency_key_returns_the_same_job_and_enqueues_once(client, red
     assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
 
 
+def test_idempotent_retry_gets_its_job_even_when_the_queue_is_full(make_client, redis_client):
+    client = make_client(max_queued_per_tenant=1)
+    headers = {**AUTH_A, "Idempotency-Key": "order-43"}
+    first = submit(client, headers=headers)
+    assert submit(client).status_code == 429  # the tenant's queue is full now
+    retry = submit(client, headers=headers)
+    assert retry.status_code == 200 and retry.json()["id"] == first.json()["id"]
+    assert queue_ids(redis_client) == [first.json()["id"]]
+
+
 def test_tenant_queue_limit_is_429_with_retry_after(make_client, redis_client):
     client = make_client(max_queued_per_tenant=2)
     assert [submit(client).status_code for _ in range(2)] == [202, 202]
