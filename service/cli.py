@@ -89,6 +89,17 @@ def _error_line(response: Any) -> str:
         return f"HTTP {response.status_code}: {response.text[:200]}"
 
 
+def _job_json(response: Any, api: str) -> dict:
+    """The job resource of a 200/202 answer; anything else means ``--api`` is not a HAM API."""
+    try:
+        job = response.json()
+        if isinstance(job, dict) and isinstance(job.get("id"), str) and isinstance(job.get("status"), str):
+            return job
+    except ValueError:
+        pass
+    raise SubmitError(f"{api} answered HTTP {response.status_code} without a transfer job; is --api the HAM API?")
+
+
 def _form_fields(args: argparse.Namespace) -> dict[str, str]:
     fields: dict[str, str] = {}
     for name in ("steps", "seed", "size", "alpha", "beta", "gamma", "guidance"):
@@ -157,7 +168,15 @@ def _submit(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
     if args.idempotency_key:
         headers["Idempotency-Key"] = args.idempotency_key
+    for option, value in (("--key", args.key), ("--idempotency-key", args.idempotency_key)):
+        # HTTP headers are ASCII: refuse here rather than let the client library raise mid-request.
+        if value and not value.isascii():
+            raise SubmitError(f"{option}: must be ASCII (it travels in an HTTP header)")
     api = args.api.rstrip("/")
+    try:
+        httpx.URL(api)
+    except httpx.InvalidURL as exc:
+        raise SubmitError(f"--api: not a valid URL {api!r}: {exc}") from None
     progress = _Progress(args.quiet)
     with httpx.Client(base_url=api, headers=headers, timeout=httpx.Timeout(60.0, connect=10.0)) as client:
         try:
@@ -166,7 +185,7 @@ def _submit(args: argparse.Namespace) -> int:
             raise SubmitError(f"cannot reach the API at {api}: {exc}") from None
         if response.status_code not in (200, 202):
             raise SubmitError(_error_line(response))
-        job = response.json()
+        job = _job_json(response, api)
         location = response.headers.get("Location", f"/v1/transfers/{job['id']}")
         deadline = time.monotonic() + args.timeout
         try:
@@ -186,7 +205,7 @@ def _submit(args: argparse.Namespace) -> int:
                     continue
                 if response.status_code != 200:
                     raise SubmitError(_error_line(response))
-                job = response.json()
+                job = _job_json(response, api)
         except KeyboardInterrupt:
             progress.done()
             print(f"{PROG} submit: interrupted; job {job['id']} continues on the server "
@@ -198,7 +217,12 @@ def _submit(args: argparse.Namespace) -> int:
             raise SubmitError(f"job {job['id']} {job['status']}: {error.get('code', '')} {error.get('message', '')}"
                               .rstrip(": "))
         # result_url is absolute; a relative one is resolved against the API.
-        download = client.get(urljoin(api + "/", job["result_url"]))
+        result_url = urljoin(api + "/", job["result_url"])
+        try:
+            download = client.get(result_url)
+        except httpx.TransportError as exc:
+            # The URL is built from HAM_PUBLIC_URL (or the S3 endpoint), which may not be reachable from here.
+            raise SubmitError(f"downloading the result from {result_url}: {exc}") from None
         if download.status_code != 200:
             raise SubmitError(f"downloading the result: {_error_line(download)}")
     try:

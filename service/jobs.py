@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -180,6 +181,17 @@ def result_key(job_id: str) -> str:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+_CURSOR = re.compile(r"(\d{1,12}(?:\.\d{1,9})?):([0-9a-f]{32})")
+
+
+def _parse_cursor(cursor: str) -> tuple[float, str]:
+    """``"<created_at>:<job id>"`` as written by :meth:`JobStore.list_for_tenant`."""
+    match = _CURSOR.fullmatch(cursor)
+    if match is None:
+        raise ValueError(f"cursor: not a cursor returned by this API: {cursor[:80]!r}")
+    return float(match.group(1)), match.group(2)
 
 
 def _pairs(flat: list[Any]) -> dict[str, str]:
@@ -378,44 +390,41 @@ class JobStore:
 
         ``cursor`` is the opaque ``next_cursor`` of the previous page (``None`` for the
         first); a malformed cursor raises ``ValueError``. Returns ``(jobs, next_cursor)``,
-        ``next_cursor`` being ``None`` on the last page.
+        ``next_cursor`` being ``None`` on the last page. Jobs created in the same instant are
+        ordered by id, so none is skipped or repeated across pages.
         """
         if limit < 1:
             raise ValueError(f"limit: must be at least 1, got {limit}")
-        if cursor is None:
-            high: str = "+inf"
-        else:
-            try:
-                score = float(cursor)
-                if score != score:  # NaN: Redis refuses it as a range bound
-                    raise ValueError(cursor)
-                high = "(" + repr(score)
-            except ValueError:
-                raise ValueError(f"cursor: not a cursor returned by this API: {cursor!r}") from None
+        after = _parse_cursor(cursor) if cursor is not None else None
         key = self.tenant_key(tenant)
         self.redis.zremrangebyscore(key, "-inf", time.time() - self.settings.result_ttl)
+        high = "+inf" if after is None else repr(after[0])
         jobs: list[Job] = []
-        last_score: float | None = None
-        more = False
-        while len(jobs) < limit:
-            # Over-fetch by one to know whether another page exists.
-            rows = self.redis.zrevrangebyscore(key, high, "-inf", start=0, num=limit - len(jobs) + 1, withscores=True)
-            if not rows:
-                break
-            for member, score in rows:
-                if len(jobs) == limit:
-                    more = True
-                    break
-                last_score = score
-                high = "(" + repr(score)
-                job = self.get(_text(member))
-                if job is None:
-                    self.redis.zrem(key, member)  # its record expired
-                    continue
-                jobs.append(job)
-            if more or len(rows) < limit - len(jobs) + 1:
-                break
-        return jobs, (repr(last_score) if more and last_score is not None else None)
+        last_score = 0.0
+        expired: list[Any] = []
+        offset = 0
+        try:
+            while True:
+                # Redis orders equal scores by member, descending; the cursor is (score, id).
+                rows = self.redis.zrevrangebyscore(key, high, "-inf", start=offset, num=limit + 1, withscores=True)
+                offset += len(rows)
+                for member, score in rows:
+                    job_id = _text(member)
+                    if after is not None and score == after[0] and job_id >= after[1]:
+                        continue  # on or before the previous page's last job
+                    job = self.get(job_id)
+                    if job is None:
+                        expired.append(member)  # its record expired
+                        continue
+                    if len(jobs) == limit:
+                        return jobs, f"{last_score!r}:{jobs[-1].id}"
+                    jobs.append(job)
+                    last_score = score
+                if len(rows) < limit + 1:
+                    return jobs, None
+        finally:
+            if expired:
+                self.redis.zrem(key, *expired)
 
     def queue_position(self, job_id: str) -> int | None:
         """0-based place in the RQ queue (0 = next to run); ``None`` if not waiting there."""

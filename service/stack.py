@@ -279,6 +279,8 @@ def _banner(stack: _Stack, env: dict[str, str]) -> str:
             f"  storage  {env['HAM_STORAGE_URL']}",
             f"  worker   metrics on http://127.0.0.1:{env['HAM_WORKER_METRICS_PORT']}/metrics",
             "Try:",
+            # The examples read the key from the variable `ham submit` also reads; say how to set it.
+            *(["  export HAM_API_KEY=<one key of HAM_API_KEYS>"] if auth else []),
             f"  curl -s{auth} -F content=@content.png -F style=@style.png {api}/v1/transfers",
             f"  curl -s{auth} {api}/v1/transfers/<id>",
             f"  ham submit content.png --style style.png -o out.png --api {api}",

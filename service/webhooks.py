@@ -90,8 +90,16 @@ def verify(secret: str, body: bytes, header: str, tolerance: int = 300, now: flo
 
 def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """Why ``ip`` is not a public unicast address, or None if it is."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+        else:
+            # 6to4 (2002:7f00:1::) and Teredo addresses carry an IPv4 address a relay may route to.
+            embedded = [ip.sixtofour] if ip.sixtofour is not None else list(ip.teredo or ())
+            for inner in embedded:
+                reason = _refusal(inner)
+                if reason is not None:
+                    return f"{reason} (embedded IPv4 {inner})"
     for label, flag in (
         ("loopback", ip.is_loopback),
         ("link-local", ip.is_link_local),
@@ -111,6 +119,9 @@ def check_webhook_url(url: str, allow_private: bool) -> None:
 
     With ``allow_private`` only the scheme and host are checked (no DNS lookup).
     """
+    if any(char.isspace() or not char.isprintable() for char in url):
+        # urlsplit keeps them in the host ("exa mple.com"), so without a DNS check nothing else would object.
+        raise ValueError("webhook_url must not contain whitespace or control characters")
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -20,6 +20,8 @@ _health_access = operator_access("public_health")
 _metrics_access = operator_access("public_metrics")
 
 
+# HEAD too (load balancers and `curl -I` probe with it), kept out of the schema as GET's twin.
+@router.head("/healthz", include_in_schema=False, dependencies=[Depends(_health_access)])
 @router.get("/healthz", response_model=Health, summary="Liveness", dependencies=[Depends(_health_access)],
             responses={401: {"model": ErrorResponse}})
 def healthz() -> Health:
@@ -27,6 +29,7 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
+@router.head("/readyz", include_in_schema=False, dependencies=[Depends(_health_access)])
 @router.get(
     "/readyz",
     response_model=Health,

@@ -43,7 +43,10 @@ MAX_TEXT_FIELD_BYTES = 64 * 1024
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 MAX_WEBHOOK_URL_CHARS = 2048
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]+")
-_INT = re.compile(r"[+-]?\d{1,20}")
+# ASCII only: Python's int()/float() also accept other scripts' digits ("٤", fullwidth "４") and
+# underscores ("1_0" is 10.0), none of which a client means as a number.
+_INT = re.compile(r"[+-]?[0-9]{1,20}")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 # Job ids are what JobStore issues; anything else cannot exist, so it is a 404 without a lookup.
@@ -79,7 +82,8 @@ def _owned_job(services: Services, tenant: str, job_id: str) -> Job:
     # Another tenant's job is indistinguishable from a missing one: never confirm existence.
     job = services.jobs.get(job_id) if _JOB_ID.fullmatch(job_id) else None
     if job is None or job.tenant != tenant:
-        raise ApiError(404, "not_found", f"no transfer job {job_id!r}")
+        # Truncated: the id is client input, and a 5000-character path should not come back in full.
+        raise ApiError(404, "not_found", f"no transfer job {job_id[:80]!r}")
     return job
 
 
@@ -98,10 +102,10 @@ def _coerce(name: str, kind: type, raw: str) -> Any:
         if not _INT.fullmatch(text):
             raise ParamError(name, f"must be an integer, got {raw[:40]!r}")
         return int(text)
-    try:
-        return float(text)
-    except ValueError:
-        raise ParamError(name, f"must be a number, got {raw[:40]!r}") from None
+    # nan/inf parse here so that the range check names them ("must be in [0.0, 1.0], got nan").
+    if not _FLOAT.fullmatch(text):
+        raise ParamError(name, f"must be a number, got {raw[:40]!r}")
+    return float(text)
 
 
 def _form_fields(form: FormData) -> dict[str, str | UploadFile]:
@@ -337,7 +341,8 @@ def list_transfers(
     try:
         jobs, next_cursor = services.jobs.list_for_tenant(tenant, limit, cursor)
     except ValueError as exc:
-        raise ApiError(422, "invalid_cursor", f"cursor: {exc}", field="cursor") from None
+        # The store's message already starts with "cursor: ".
+        raise ApiError(422, "invalid_cursor", str(exc), field="cursor") from None
     return TransferList(items=[job_resource(job, services) for job in jobs], next_cursor=next_cursor)
 
 

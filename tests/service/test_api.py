@@ -531,6 +531,9 @@ def test_healthz_and_readyz_when_everything_is_up(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"redis": "ok", "storage": "ok"}
+    # Load balancers probe with HEAD.
+    assert client.head("/healthz").status_code == 200
+    assert client.head("/readyz").status_code == 200
 
 
 def test_readyz_is_503_naming_redis_when_redis_is_down(make_client):

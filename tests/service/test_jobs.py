@@ -245,3 +245,26 @@ def test_finished_counts_count_each_terminal_outcome_once(store):
     with pytest.raises(JobConflict):
         store.fail(jobs[1].id, "internal_error", "again")
     assert store.finished_counts() == {"succeeded": 1, "failed": 2, "canceled": 1}
+
+
+def test_list_for_tenant_pages_through_jobs_created_in_the_same_instant(store):
+    ids = []
+    for _ in range(5):
+        job, _ = store.submit(Job(id=new_job_id(), tenant="a", params={}, style_prompt="x", has_style=False))
+        ids.append(job.id)
+    # Same created_at for all of them, as two API replicas can write.
+    instant = time.time()
+    store.redis.zadd(store.tenant_key("a"), {job_id: instant for job_id in ids})
+    seen, cursor = [], None
+    for _ in range(10):
+        page, cursor = store.list_for_tenant("a", limit=2, cursor=cursor)
+        seen += [job.id for job in page]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(ids) and len(seen) == len(ids)
+
+
+@pytest.mark.parametrize("cursor", ["inf", "-1", "1e309", "1_000", "nan", "1.5", "1.5:xyz"])
+def test_list_for_tenant_refuses_loose_cursors(store, cursor):
+    with pytest.raises(ValueError, match="cursor"):
+        store.list_for_tenant("a", limit=2, cursor=cursor)
