@@ -285,22 +285,20 @@ class GarProcessor(_SdpaProcessor):
         ctx = self.context
         layout = ctx.layout
         projections = (query, key, value)
-
-        # Statistics are per channel, so Q, K and V side by side along the channels are
-        # regulated in one pass (a third of the kernel launches of doing them apart).
-        def joined(branch: str) -> torch.Tensor:
-            return torch.cat([layout.take(x, branch) for x in projections], dim=-1)
-
-        if layout.has(STYLE_TEACHER):
-            style_mean, style_std = channel_stats(joined(STYLE_TEACHER), dim=1)
-            if ctx.style_record is not None:
-                ctx.style_record.gar[(ctx.step, self.layer)] = (style_mean, style_std)
-        else:
-            style_mean, style_std = ctx.cached_style.gar[(ctx.step, self.layer)]
-        blended = gar_blend(joined(STUDENT), joined(CONTENT_TEACHER), style_mean, style_std, ctx.alpha)
         widths = [x.shape[-1] for x in projections]
-        for x, part in zip(projections, blended.split(widths, dim=-1), strict=True):
-            layout.put(x, STUDENT, part)
+        if layout.has(STYLE_TEACHER):
+            style_stats = [channel_stats(layout.take(x, STYLE_TEACHER), dim=1) for x in projections]
+            if ctx.style_record is not None:
+                means, stds = zip(*style_stats, strict=True)
+                ctx.style_record.gar[(ctx.step, self.layer)] = (torch.cat(means, -1), torch.cat(stds, -1))
+        else:
+            mean, std = ctx.cached_style.gar[(ctx.step, self.layer)]
+            style_stats = list(zip(mean.split(widths, dim=-1), std.split(widths, dim=-1), strict=True))
+        # Q, K and V one by one on views of the batch: joining them along the channels
+        # first would copy every branch's features for nothing.
+        for x, (style_mean, style_std) in zip(projections, style_stats, strict=True):
+            own, content = layout.take(x, STUDENT), layout.take(x, CONTENT_TEACHER)
+            layout.put(x, STUDENT, gar_blend(own, content, style_mean, style_std, ctx.alpha))
         return query, key, value
 
 

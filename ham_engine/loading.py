@@ -33,6 +33,11 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
+# What diffusers' StableDiffusionPipeline forces on every scheduler config it is given:
+# outdated SD configs lack both, and DDIMScheduler's own default (clip_sample=True) would
+# clamp latents to [-1, 1]. HAM samples as the stock pipeline would.
+SD_SCHEDULER_FIXES = {"steps_offset": 1, "clip_sample": False}
+
 
 @dataclass
 class DiffusionModel:
@@ -190,7 +195,7 @@ def load_model(
         local = {"local_files_only": True} if _hub_offline() else {}
         try:
             config = DDIMScheduler.load_config(source, subfolder="scheduler", **local)
-            scheduler = DDIMScheduler.from_config(config)
+            scheduler = DDIMScheduler.from_config(config, **SD_SCHEDULER_FIXES)
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **local)
             text_encoder = CLIPTextModel.from_pretrained(
                 source, subfolder="text_encoder", dtype=resolved_dtype, **local

@@ -19,8 +19,30 @@ def channel_stats(x: torch.Tensor, dim: int | tuple[int, ...]) -> tuple[torch.Te
     For latents ``[B, C, H, W]`` use ``dim=(2, 3)`` (over space); for attention features
     ``[B, L, C]`` use ``dim=1`` (over tokens). Statistics are per sample.
     """
-    std, mean = torch.std_mean(x.float(), dim=dim, correction=0, keepdim=True)
+    x = x.float()
+    if x.device.type == "cpu":
+        # torch's CPU std_mean (Welford) takes 5.7 ms on a [1, 1024, 960] tensor, two passes
+        # 0.3 ms, and are as stable (squared deviations from the mean, not E[x²] − E[x]²).
+        # On a GPU std_mean is one kernel launch where two passes would be five.
+        mean = x.mean(dim=dim, keepdim=True)
+        return mean, (x - mean).square_().mean(dim=dim, keepdim=True).sqrt_()
+    std, mean = torch.std_mean(x, dim=dim, correction=0, keepdim=True)
     return mean, std
+
+
+def adain_affine(
+    content_mean: torch.Tensor, content_std: torch.Tensor, style_mean: torch.Tensor, style_std: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive instance normalisation as the per-channel affine map it is:
+
+        AdaIN(x, y) = σ(y) · (x − μ(x)) / σ(x) + μ(y) = a · x + b,
+        a = σ(y) / σ(x),   b = μ(y) − a · μ(x)
+
+    Returns ``(a, b)`` from the statistics of ``x`` (content) and ``y`` (style); applying
+    them is one fused multiply-add over the features instead of four passes.
+    """
+    scale = style_std / content_std.clamp_min(MIN_STD)
+    return scale, style_mean - scale * content_mean
 
 
 def adain(
@@ -29,17 +51,15 @@ def adain(
     style_std: torch.Tensor,
     dim: int | tuple[int, ...],
 ) -> torch.Tensor:
-    """Adaptive instance normalisation, in float32.
+    """Adaptive instance normalisation :func:`adain_affine` of ``content``, in float32.
 
-        AdaIN(x, y) = σ(y) · (x − μ(x)) / σ(x) + μ(y)
-
-    ``x`` is ``content``; the style side is given by its statistics (``style_mean``,
-    ``style_std`` from :func:`channel_stats` over the same ``dim``), so cached style
-    statistics serve as well as a live style tensor.
+    The style side is given by its statistics (``style_mean``, ``style_std`` from
+    :func:`channel_stats` over the same ``dim``), so cached style statistics serve as
+    well as a live style tensor.
     """
     content = content.float()
-    mean, std = channel_stats(content, dim)
-    return style_std * (content - mean) / std.clamp_min(MIN_STD) + style_mean
+    scale, shift = adain_affine(*channel_stats(content, dim), style_mean, style_std)
+    return torch.addcmul(shift, content, scale)
 
 
 def sini(
@@ -76,10 +96,15 @@ def gar_blend(
         X̂^m  = α · X^m + (1 − α) · X^cs      for X in {Q, K, V}
 
     ``own`` is the student's X^m, ``content`` the content teacher's X^c, and the style
-    teacher enters through the statistics of X^s. Returned in ``own``'s dtype.
+    teacher enters through the statistics of X^s. Computed in float32, returned in
+    ``own``'s dtype.
     """
-    blended = alpha * own.float() + (1.0 - alpha) * adain(content, style_mean, style_std, dim=1)
-    return blended.to(own.dtype)
+    content = content.float()
+    scale, shift = adain_affine(*channel_stats(content, dim=1), style_mean, style_std)
+    # (1 − α)·AdaIN folded into one affine map: the features are read twice, not six times
+    # (this runs on every selected layer at every step). α = 1 still returns X^m exactly.
+    blended = torch.addcmul((1.0 - alpha) * shift, content, (1.0 - alpha) * scale)
+    return blended.add_(own.float(), alpha=alpha).to(own.dtype)
 
 
 def lat_query(own: torch.Tensor, content: torch.Tensor, beta: float) -> torch.Tensor:
@@ -90,4 +115,5 @@ def lat_query(own: torch.Tensor, content: torch.Tensor, beta: float) -> torch.Te
     (the keys and values are the style teacher's, K^m, V^m ← K^s, V^s). Computed in
     float32, returned in ``own``'s dtype.
     """
-    return (beta * own.float() + (1.0 - beta) * content.float()).to(own.dtype)
+    # lerp(c, m, β) = c + β·(m − c): one kernel, and exact at β = 0 and β = 1.
+    return torch.lerp(content.float(), own.float(), beta).to(own.dtype)

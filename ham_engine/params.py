@@ -11,6 +11,7 @@ paper leaves open are marked "our reading" and kept as named parameters.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -107,6 +108,14 @@ class TransferParams:
                 object.__setattr__(self, name, (value,))
             elif isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        # NumPy scalars (np.float32(0.5), np.int64(30)) are numbers too: store them as Python
+        # ones, so the fields stay JSON-ready and compare equal to what the API decodes.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and isinstance(value, numbers.Integral) and type(value) not in (int, bool):
+                object.__setattr__(self, f.name, int(value))
+            elif f.type == "float" and isinstance(value, numbers.Real) and type(value) not in (int, float, bool):
+                object.__setattr__(self, f.name, float(value))
         _check_int("steps", self.steps, MIN_STEPS, MAX_STEPS)
         _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("size", self.size, MIN_SIZE, MAX_SIZE)
@@ -125,6 +134,14 @@ class TransferParams:
                 raise ParamError(name, f"must be true or false, got {getattr(self, name)!r}")
         _check_layers("gar_layers", self.gar_layers)
         _check_layers("lat_layers", self.lat_layers)
+        # Like a layer pattern that matches nothing, a window between two steps would turn
+        # GAR and LAT into a silent no-op (PAPER.md §5): refuse it.
+        if (self.gar or self.lat) and not any(self.modulates_step(k) for k in range(self.steps)):
+            raise ParamError(
+                "step_start",
+                f"the window [{self.step_start}, {self.step_end}) holds none of the {self.steps} steps "
+                f"(step k acts when step_start <= k/{self.steps} < step_end); widen it or turn gar and lat off",
+            )
 
     def modulates_step(self, step: int) -> bool:
         """Whether GAR/LAT act at 0-based sampling step ``step`` (the step window)."""

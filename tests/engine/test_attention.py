@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from ham_engine.attention import (
     CONTENT_TEACHER,
@@ -223,3 +223,70 @@ def test_contexts_do_not_share_state(unet: UNet2DConditionModel) -> None:
     again = _modulated(unet, _context(unet, alpha=0.1), THREE, latents, text)
     assert torch.equal(a, again)
     assert not torch.equal(a, b)
+
+
+def _attention_paths() -> list[tuple[Attention, dict[str, torch.Tensor]]]:
+    """Attention modules that take the processor's other paths, with inputs for a 3-branch batch.
+
+    The UNet's transformer blocks use none of these, so they are pinned here: a 4-D input with
+    spatial and group norms, a residual and an output rescale; and a cross-attention with a
+    normalised context, q/k norms and an attention mask.
+    """
+    generator = torch.Generator().manual_seed(6)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        spatial = Attention(
+            query_dim=32,
+            heads=4,
+            dim_head=8,
+            bias=True,
+            norm_num_groups=8,
+            spatial_norm_dim=6,
+            residual_connection=True,
+            rescale_output_factor=2.0,
+        )
+        cross = Attention(
+            query_dim=32,
+            cross_attention_dim=16,
+            heads=4,
+            dim_head=8,
+            cross_attention_norm="layer_norm",
+            qk_norm="layer_norm",
+        )
+    mask = torch.zeros(THREE.rows, 1, 7)
+    mask[:, :, 5:] = -10_000.0  # the last two context tokens are masked out
+    return [
+        (
+            spatial,
+            {
+                "hidden_states": torch.randn(THREE.rows, 32, 4, 4, generator=generator),
+                "temb": torch.randn(THREE.rows, 6, 2, 2, generator=generator),
+            },
+        ),
+        (
+            cross,
+            {
+                "hidden_states": torch.randn(THREE.rows, 16, 32, generator=generator),
+                "encoder_hidden_states": torch.randn(THREE.rows, 7, 16, generator=generator),
+                "attention_mask": mask,
+            },
+        ),
+    ]
+
+
+@pytest.mark.parametrize("processor_type", [GarProcessor, LatProcessor])
+def test_processors_keep_the_stock_mechanics_on_every_attention_path(processor_type: type) -> None:
+    for module, inputs in _attention_paths():
+        module.eval().requires_grad_(False)
+        with torch.inference_mode():
+            module.set_processor(AttnProcessor2_0())
+            stock = module(**inputs)
+            context = ModulationContext(alpha=0.5, beta=0.5)
+            module.set_processor(processor_type("layer", context))
+            context.begin_step(0, THREE, modulating=False)
+            assert torch.equal(module(**inputs), stock)
+            context.begin_step(0, THREE, modulating=True)
+            modulated = module(**inputs)
+        # Teachers attend normally through every path; only the student's row changes.
+        assert torch.equal(modulated[:2], stock[:2])
+        assert not torch.allclose(modulated[2], stock[2])

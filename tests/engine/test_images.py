@@ -10,7 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ham_engine.images import image_digest, image_to_tensor, open_image, output_size, tensor_to_image, to_rgb
+from ham_engine.images import (
+    MAX_PIXELS,
+    image_digest,
+    image_to_tensor,
+    open_image,
+    output_size,
+    tensor_to_image,
+    to_rgb,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -57,6 +65,18 @@ def test_other_modes_convert_to_rgb(mode: str, colour: object, expected: tuple[i
     assert rgb.getpixel((0, 0)) == expected
 
 
+def test_premultiplied_greyscale_with_alpha_is_composited_on_white() -> None:
+    image = Image.new("LA", (2, 1))
+    image.putdata([(90, 255), (0, 0)])
+    assert list(to_rgb(image.convert("La"), field="style").getdata()) == [(90, 90, 90), (255, 255, 255)]
+
+
+def test_an_image_over_the_pixel_limit_is_a_value_error_naming_the_field() -> None:
+    huge = Image.new("1", (20_000, MAX_PIXELS // 20_000 + 1))  # 1 bit per pixel: ~22 MB
+    with pytest.raises(ValueError, match=r"^style: 20000x\d+ is too large"):
+        to_rgb(huge, field="style")
+
+
 def test_exif_orientation_is_applied() -> None:
     image = Image.new("RGB", (4, 2), (0, 255, 0))
     exif = Image.Exif()
@@ -65,6 +85,21 @@ def test_exif_orientation_is_applied() -> None:
     image.save(buffer, format="JPEG", exif=exif.tobytes())
     assert to_rgb(Image.open(buffer)).size == (2, 4)
 
+
+def test_tensors_and_digests_see_the_upright_picture_whether_or_not_it_was_normalised() -> None:
+    pixels = np.zeros((2, 4, 3), dtype=np.uint8)
+    pixels[:, :2] = (255, 0, 0)  # left half red, right half blue
+    pixels[:, 2:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", exif=exif.tobytes())
+    raw = Image.open(buffer)
+    upright = to_rgb(raw)
+    assert upright.size == (2, 4)
+    torch.testing.assert_close(image_to_tensor(raw, 2, 4), image_to_tensor(upright, 2, 4), atol=0, rtol=0)
+    assert image_to_tensor(upright, 2, 4)[0, :, 0, 0].tolist() == [1.0, -1.0, -1.0]  # red on top
+    assert image_digest(raw) == image_digest(upright)
 
 def test_an_empty_image_is_a_value_error_naming_the_field() -> None:
     with pytest.raises(ValueError, match=r"^style: the image is empty \(0x5 pixels\)"):

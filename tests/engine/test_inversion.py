@@ -103,3 +103,25 @@ def test_inversion_calls_before_step_once_per_step_and_can_stop() -> None:
     with pytest.raises(KeyboardInterrupt):
         ddim_invert(lambda x, k, t: torch.zeros_like(x), _latents(), schedule, before_step=before_step)
     assert seen == [0, 1, 2]
+
+
+def test_v_prediction_inversion_reads_v_at_the_timestep_the_model_was_called_with(tiny_v_engine: HamEngine) -> None:
+    # The model is called at the target timestep, so its v converts to ε̂ at that noise level,
+    # as sampling will convert it. diffusers' DDIMInverseScheduler converts at the latent's
+    # own level instead; on the damped tiny-v UNet that reconstructs ~10x worse.
+    model = _damped_unet_fn(tiny_v_engine, 0.1)
+    config = tiny_v_engine.model.scheduler.config
+    steps, clean = 10, _latents(5)
+    schedule = DdimSchedule.from_scheduler(tiny_v_engine.model.scheduler, steps, "cpu")
+    inverse = DDIMInverseScheduler.from_config(config)
+    inverse.set_timesteps(steps)
+    with torch.inference_mode():
+        ours = _reconstruction_error(model, clean, DDIMScheduler.from_config(config), steps)
+        latents = clean
+        for t in inverse.timesteps:
+            latents = inverse.step(model(latents, 0, t), t, latents).prev_sample
+        for k in range(steps):
+            output = model(latents, k, schedule.timesteps[k])
+            latents = ddim_step(output, latents, *schedule.alphas_of_step(k), "v_prediction")
+        theirs = float((latents - clean).abs().mean())
+    assert ours < 0.25 * theirs, (ours, theirs)

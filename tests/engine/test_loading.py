@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from ham_engine import tiny
+from ham_engine.inversion import DdimSchedule
 from ham_engine.loading import DiffusionModel, load_model, resolve_device, resolve_dtype
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,6 +150,24 @@ def test_a_copied_model_folder_loads_by_path_with_the_same_weights(model: Diffus
     assert by_path.name == str(folder)
     a, b = _state(model.unet), _state(by_path.unet)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_outdated_scheduler_config_is_fixed_as_the_stock_sd_pipeline_fixes_it(
+    model: DiffusionModel, cache_env, tmp_path
+) -> None:
+    folder = tmp_path / "old-model"
+    shutil.copytree(cache_env / f"tiny.fmt{tiny.FORMAT_VERSION}", folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    # An early SD 1.x config: a PNDM scheduler, steps_offset 0, no clip_sample (DDIM's default is True).
+    config.update({"_class_name": "PNDMScheduler", "steps_offset": 0, "skip_prk_steps": True})
+    del config["clip_sample"]
+    config_file.write_text(json.dumps(config))
+    old = load_model(str(folder))
+    assert (old.scheduler.config.steps_offset, old.scheduler.config.clip_sample) == (1, False)
+    old_schedule = DdimSchedule.from_scheduler(old.scheduler, 10, "cpu")
+    assert old_schedule.timestep_values == DdimSchedule.from_scheduler(model.scheduler, 10, "cpu").timestep_values
+    assert old_schedule.timestep_values[-1] == 1
 
 
 def test_concurrent_builds_end_with_one_complete_copy(tmp_path: Path) -> None:

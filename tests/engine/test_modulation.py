@@ -30,6 +30,15 @@ def test_channel_stats_are_per_sample_per_channel_population_statistics() -> Non
     torch.testing.assert_close(std, want_std)
 
 
+def test_channel_stats_stay_accurate_for_features_far_from_zero() -> None:
+    # In float32, E[x²] − E[x]² is off by several percent for features offset by 1e3;
+    # averaging squared deviations from the mean is not.
+    x = _latents(11, 1e3, 1.0, (1, 4, 32, 32))
+    mean, std = channel_stats(x, dim=(2, 3))
+    want = x.double().std(dim=(2, 3), correction=0, keepdim=True)
+    torch.testing.assert_close(std.double(), want, atol=0, rtol=1e-4)
+    torch.testing.assert_close(mean.double(), x.double().mean(dim=(2, 3), keepdim=True), atol=1e-4, rtol=0)
+
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 0.9])
 def test_sini_output_statistics_are_gamma_interpolated(gamma: float) -> None:
     content = _latents(1, 0.2, 0.7)

@@ -282,6 +282,28 @@ def test_cancellation_raises_between_steps_and_leaves_the_engine_usable(
     assert engine.transfer(content_image, style=style_image, params=SMALL).image.size == (64, 64)
 
 
+def test_a_failure_inside_sampling_restores_the_processors_and_leaves_the_engine_usable(
+    engine: HamEngine, content_image: Image.Image, style_image: Image.Image
+) -> None:
+    def progress(step: int, total: int) -> None:
+        if step == STEPS + 2:
+            raise RuntimeError("the worker lost its storage")
+
+    with pytest.raises(RuntimeError, match="storage"):
+        engine.transfer(content_image, style=style_image, params=SMALL, progress=progress)
+    assert _stock_processors(engine)
+    assert len(engine.style_cache) == 0
+    assert engine.transfer(content_image, style=style_image, params=SMALL).stats["style_cache_hit"] is False
+
+
+@pytest.mark.parametrize(("size", "expected"), [((1, 1), (128, 128)), ((4000, 10), (128, 64)), ((10, 4000), (64, 128))])
+def test_one_pixel_and_extreme_aspect_images_give_sides_of_at_least_64(
+    engine: HamEngine, style_image: Image.Image, size: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    content = Image.new("RGB", size, (200, 30, 30))
+    result = engine.transfer(content, style=style_image, params=_params(steps=1, size=128))
+    assert result.image.size == expected
+
 @pytest.mark.parametrize("field", ["gar_layers", "lat_layers"])
 def test_layer_pattern_matching_nothing_is_a_value_error_naming_the_field(
     engine: HamEngine, content_image: Image.Image, style_image: Image.Image, field: str

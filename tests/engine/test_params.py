@@ -1,0 +1,40 @@
+"""TransferParams checks that need no model (the class is also the HTTP API's validator)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ham_engine.params import ParamError, TransferParams
+
+
+@pytest.mark.parametrize(
+    ("steps", "step_start", "step_end"),
+    [(1, 0.5, 1.0), (4, 0.1, 0.2), (10, 0.95, 1.0)],
+)
+def test_step_window_holding_no_step_is_a_param_error_naming_step_start(
+    steps: int, step_start: float, step_end: float
+) -> None:
+    with pytest.raises(ParamError, match="holds none of the") as info:
+        TransferParams(steps=steps, step_start=step_start, step_end=step_end)
+    assert info.value.field == "step_start"
+
+
+def test_step_window_is_not_checked_when_gar_and_lat_are_off() -> None:
+    params = TransferParams(steps=1, step_start=0.5, gar=False, lat=False)
+    assert not params.modulates_step(0)
+
+
+def test_step_window_holding_one_step_is_accepted() -> None:
+    params = TransferParams(steps=4, step_start=0.7, step_end=0.8)
+    assert [k for k in range(4) if params.modulates_step(k)] == [3]
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers() -> None:
+    np = pytest.importorskip("numpy")
+    params = TransferParams(steps=np.int64(30), alpha=np.float32(0.5), guidance=np.float64(5.0))
+    assert (params.steps, params.alpha, params.guidance) == (30, 0.5, 5.0)
+    assert (type(params.steps), type(params.alpha), type(params.guidance)) == (int, float, float)
+    with pytest.raises(ParamError, match="alpha"):
+        TransferParams(alpha=np.float32("nan"))
+    with pytest.raises(ParamError, match="steps"):
+        TransferParams(steps=np.float64(30.0))  # a float is not a step count, whatever its type
