@@ -63,6 +63,8 @@ def add_transfer_parser(subparsers: Any) -> None:
     parser.add_argument("--no-sini", action="store_true", help="turn style-injected noise initialisation off")
     parser.add_argument("--no-gar", action="store_true", help="turn global attention regulation off")
     parser.add_argument("--no-lat", action="store_true", help="turn local attention transplantation off")
+    parser.add_argument("--no-guide-student", action="store_true",
+                        help="under CFG (style prompt alone), leave the student unguided")
     parser.add_argument("--stats", action="store_true", help="print the transfer's stats as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_transfer)
@@ -80,6 +82,7 @@ def _params(args: argparse.Namespace) -> TransferParams:
         sini=not args.no_sini,
         gar=not args.no_gar,
         lat=not args.no_lat,
+        guide_student=not args.no_guide_student,
     )
 
 

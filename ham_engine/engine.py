@@ -14,9 +14,12 @@ A transfer runs in four phases:
 A branch that nothing reads at a step is left out of that step's batch: outside the
 step window the student runs alone, and a cached image style never runs at all.
 
-Under CFG (a text-guided style teacher) the student is guided too **[our reading]**:
-its cond half receives the prompted style teacher's K/V through LAT, its uncond half the
-empty prompt's, and ``uncond + g·(cond − uncond)`` carries the prompt into the student.
+Under CFG (a text-guided style teacher) the student is guided too **[our reading]**,
+``params.guide_student``: its cond half receives the prompted style teacher's K/V through
+LAT, its uncond half the empty prompt's, and ``uncond + g·(cond − uncond)`` carries the
+prompt into the student. With an image style and no style prompt, teacher and student
+share the empty prompt, so LAT's K/V transplant changes nothing and its query blend is
+what acts (a consequence of PAPER.md §4).
 """
 
 from __future__ import annotations
@@ -439,7 +442,7 @@ class HamEngine:
 
             alpha_t, alpha_prev = schedule.alphas_of_step(k)
             branches.student = ddim_step(
-                self._guided(output, layout, STUDENT, params.guidance),
+                self._guided(output, layout, STUDENT, params.guidance if params.guide_student else 1.0),
                 branches.student,
                 alpha_t,
                 alpha_prev,

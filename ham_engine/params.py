@@ -79,6 +79,9 @@ class TransferParams:
         guidance: classifier-free guidance scale used when a style prompt drives a
             text-guided style teacher (no style image), in [1, 30]; ignored otherwise.
         sini, gar, lat: switch each module on or off (the paper's ablation).
+        guide_student: under CFG (a text-guided style teacher), guide the student too,
+            ε = ε_uncond + g·(ε_cond − ε_uncond), its halves differing through LAT and GAR;
+            false: the student follows its cond half alone. Our reading.
         gar_layers: fnmatch patterns over self-attention (``attn1``) module names.
         lat_layers: fnmatch patterns over cross-attention (``attn2``) module names.
         step_start, step_end: GAR/LAT act at step i (0-based, of ``steps``) when
@@ -95,6 +98,7 @@ class TransferParams:
     sini: bool = True
     gar: bool = True
     lat: bool = True
+    guide_student: bool = True
     gar_layers: tuple[str, ...] = field(default=DEFAULT_LAYERS)
     lat_layers: tuple[str, ...] = field(default=DEFAULT_LAYERS)
     step_start: float = 0.0
@@ -129,7 +133,7 @@ class TransferParams:
                 "step_start",
                 f"must be smaller than step_end ({self.step_end}), got {self.step_start}",
             )
-        for name in ("sini", "gar", "lat"):
+        for name in ("sini", "gar", "lat", "guide_student"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"must be true or false, got {getattr(self, name)!r}")
         _check_layers("gar_layers", self.gar_layers)

@@ -106,7 +106,7 @@ def _form_fields(args: argparse.Namespace) -> dict[str, str]:
         value = getattr(args, name)
         if value is not None:
             fields[name] = str(value)
-    for module in ("sini", "gar", "lat"):
+    for module in ("sini", "gar", "lat", "guide_student"):
         if getattr(args, f"no_{module}"):
             fields[module] = "false"
     if args.style_prompt:
@@ -260,6 +260,8 @@ def _add_submit_parser(subparsers: Any) -> None:
         parser.add_argument(f"--{name}", type=kind, help="engine parameter (default: the server's)")
     for module in ("sini", "gar", "lat"):
         parser.add_argument(f"--no-{module}", action="store_true", help=f"turn {module.upper()} off")
+    parser.add_argument("--no-guide-student", action="store_true",
+                        help="under CFG (style prompt alone), leave the student unguided")
     parser.add_argument("--webhook-url", help="URL the server POSTs the finished job to")
     parser.add_argument("--idempotency-key", help="retry-safe submission key")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the result (default 1800)")

@@ -218,8 +218,11 @@ class TransferForm(BaseModel):
     gamma: float | None = Field(None, ge=0, le=1, description="SINI blend (default 0.5).")
     guidance: float | None = Field(None, ge=1, le=30, description="CFG scale for a text-only style (default 7.5).")
     sini: bool | None = Field(None, description="Style-injected noise initialisation on/off (default true).")
-    gar: bool | None = Field(None, description="Gram-guided attention re-weighting on/off (default true).")
-    lat: bool | None = Field(None, description="Latent attention translation on/off (default true).")
+    gar: bool | None = Field(None, description="Global Attention Regulation on/off (default true).")
+    lat: bool | None = Field(None, description="Local Attention Transplantation on/off (default true).")
+    guide_student: bool | None = Field(
+        None, description="Under CFG (text-only style), guide the student too (default true; our reading)."
+    )
     step_start: float | None = Field(None, ge=0, le=1, description="GAR/LAT act from this fraction of the steps.")
     step_end: float | None = Field(None, ge=0, le=1, description="GAR/LAT act until this fraction of the steps.")
     webhook_url: str | None = Field(

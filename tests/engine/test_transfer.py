@@ -182,6 +182,18 @@ def test_text_guided_transfer_without_guidance_uses_one_half(engine: HamEngine, 
     assert result.stats["unet_rows_by_phase"]["sample"] == 3 * STEPS
 
 
+def test_guide_student_switches_cfg_on_the_student_only_under_cfg(
+    engine: HamEngine, content_image: Image.Image
+) -> None:
+    def student(**overrides: object) -> torch.Tensor:
+        params = _params(**overrides)
+        return engine.transfer_latents(content_image, style_prompt="an ink engraving", params=params).student
+
+    # Under CFG the switch matters; without CFG there is one half and nothing to guide.
+    assert not torch.equal(student(guide_student=True), student(guide_student=False))
+    assert torch.equal(student(guidance=1.0, guide_student=True), student(guidance=1.0, guide_student=False))
+
+
 def test_image_and_prompt_transfer_conditions_the_style_teacher_on_the_prompt(
     engine: HamEngine, content_image: Image.Image, style_image: Image.Image
 ) -> None:
