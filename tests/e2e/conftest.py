@@ -24,7 +24,7 @@ import httpx
 import pytest
 import redis
 
-from tests.fixtures.servers import free_port
+from tests.fixtures.servers import free_port, log_tail, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 TENANTS = {"alpha": "key-alpha-0123456789", "beta": "key-beta-0123456789"}
@@ -38,13 +38,6 @@ E2E_REDIS_DB = 7
 def _with_db(url: str, db: int) -> str:
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 @dataclass
@@ -65,9 +58,9 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if not self.alive:
-                raise AssertionError(f"worker {self.name} exited with {self.proc.returncode}:\n{_tail(self.log)}")
+                raise AssertionError(f"worker {self.name} exited with {self.proc.returncode}:\n{log_tail(self.log)}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"worker {self.name} not ready after {timeout}s:\n{_tail(self.log)}")
+                raise AssertionError(f"worker {self.name} not ready after {timeout}s:\n{log_tail(self.log)}")
             time.sleep(0.05)
 
     def send(self, sig: int) -> None:
@@ -75,14 +68,7 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 30) -> int:
         """Warm shutdown (SIGTERM), SIGKILL if it does not exit in time; returns the exit code."""
-        if self.alive:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
 
 
 @dataclass
@@ -142,14 +128,14 @@ def _start_api(env: dict[str, str], workdir: Path, port: int) -> subprocess.Pope
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"ham api exited with {proc.returncode}:\n{_tail(log)}")
+            pytest.fail(f"ham api exited with {proc.returncode}:\n{log_tail(log)}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            pytest.fail(f"ham api not ready after {START_TIMEOUT}s:\n{_tail(log)}")
+            pytest.fail(f"ham api not ready after {START_TIMEOUT}s:\n{log_tail(log)}")
         time.sleep(0.1)
 
 
