@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("ham.api")
@@ -129,6 +130,17 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or UNMATCHED_ROUTE
-            self.metrics.observe(template, scope["method"], status, time.perf_counter() - started)
+            self.metrics.observe(_route_template(scope), scope["method"], status, time.perf_counter() - started)
+
+
+def _route_template(scope: Scope) -> str:
+    """The matched route's path template. FastAPI's own routes (/docs, /openapi.json) leave no
+    route in the scope and are matched here; unknown paths, and requests a middleware answers
+    before routing (a 413 for an oversized body), share one label to bound cardinality."""
+    route = scope.get("route")
+    if route is None:
+        for candidate in getattr(scope.get("app"), "routes", ()):
+            if candidate.matches(scope)[0] != Match.NONE:
+                route = candidate
+                break
+    return getattr(route, "path", None) or UNMATCHED_ROUTE

@@ -574,6 +574,15 @@ def test_metrics_expose_requests_latency_jobs_and_queue(client):
     assert "ham_redis_up 1.0" in text
 
 
+def test_metrics_label_fastapis_own_routes_and_keep_unknown_paths_in_one_label(client):
+    client.get("/openapi.json")
+    client.get("/no/such/path")
+    client.get("/another/unknown")
+    text = client.get("/metrics").text
+    assert 'ham_http_requests_total{method="GET",route="/openapi.json",status="200"} 1.0' in text
+    assert 'ham_http_requests_total{method="GET",route="<unmatched>",status="404"} 2.0' in text
+
+
 def test_unknown_route_and_wrong_method_use_the_error_shape(client):
     assert_error(client.get("/nope"), 404, "not_found")
     response = client.delete("/v1/transfers", headers=AUTH_A)
