@@ -72,6 +72,15 @@ class JobConflict(Exception):
         self.action = action
 
 
+class QueueFull(Exception):
+    """A queue limit would be exceeded: ``scope`` is ``"tenant"`` or ``"global"`` (429)."""
+
+    def __init__(self, scope: str, limit: int) -> None:
+        super().__init__(f"{scope} queue limit of {limit} queued jobs reached")
+        self.scope = scope
+        self.limit = limit
+
+
 def new_job_id() -> str:
     """A fresh, unguessable job id (32 hex chars)."""
     return uuid.uuid4().hex
@@ -315,8 +324,17 @@ class JobStore:
         ]
 
     # --- creating --------------------------------------------------------------
-    def submit(self, job: Job, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    def submit(
+        self,
+        job: Job,
+        idempotency_key: str | None = None,
+        max_queued_per_tenant: int | None = None,
+        max_queued: int | None = None,
+    ) -> tuple[Job, bool]:
         """Store ``job`` and enqueue it, atomically. Returns ``(job, created)``.
+
+        With limits, the queued counts are checked in the same transaction, so concurrent
+        submits cannot overshoot them; over a limit raises :class:`QueueFull`.
 
         With an ``idempotency_key``, the first submit for ``(job.tenant, key)`` wins and
         every later one — whatever its parameters — gets that first job back with
@@ -339,6 +357,7 @@ class JobStore:
                         if existing is not None:
                             pipe.unwatch()
                             return existing, False
+                    self._check_limits(pipe, job.tenant, max_queued_per_tenant, max_queued)
                     pipe.multi()
                     if idem is not None:
                         pipe.set(idem, job.id, ex=self.settings.result_ttl)
@@ -347,6 +366,17 @@ class JobStore:
                     return job, True
                 except WatchError:
                     continue  # another submit with this key won; the next pass returns its job
+
+    def _check_limits(self, pipe: Any, tenant: str, per_tenant: int | None, total: int | None) -> None:
+        """Watch the queued sets and refuse a submit that would exceed a limit."""
+        limits = (("tenant", self.queued_key(tenant), per_tenant), ("global", self.queued_key(), total))
+        for scope, key, limit in limits:
+            if limit is None:
+                continue
+            pipe.watch(key)
+            if pipe.zcard(key) >= limit:
+                pipe.unwatch()
+                raise QueueFull(scope, limit)
 
     def _store_new(self, pipe: Any, job: Job) -> None:
         ttl = self.settings.result_ttl

@@ -18,9 +18,10 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ham_engine.params import ParamError, TransferParams, check_style_reference
+from service.config import Settings
 from service.deps import Services, current_tenant, get_services
 from service.errors import ApiError
-from service.jobs import Job, JobConflict, JobStatus, content_key, new_job_id, style_key
+from service.jobs import Job, JobConflict, JobStatus, QueueFull, content_key, new_job_id, style_key
 from service.schemas import ErrorResponse, TransferForm, TransferJob, TransferList
 from service.schemas import job_resource as public_job
 from service.uploads import UploadError, read_image
@@ -205,19 +206,23 @@ async def _parse_form(request: Request) -> FormData:
         raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from None
 
 
-def _check_backpressure(services: Services, tenant: str) -> None:
-    settings = services.settings
-    # A soft limit: checked before the submit, so concurrent submissions may overshoot by a few.
-    if services.jobs.queued_count(tenant) >= settings.max_queued_per_tenant:
-        raise ApiError(
+def _queue_full(settings: Settings, scope: str) -> ApiError:
+    if scope == "tenant":
+        return ApiError(
             429, "tenant_queue_full",
             f"you already have {settings.max_queued_per_tenant} queued jobs; wait for some to start",
             headers={"Retry-After": "10"},
         )
+    return ApiError(429, "queue_full", "the service queue is full; retry later", headers={"Retry-After": "30"})
+
+
+def _check_backpressure(services: Services, tenant: str) -> None:
+    # A cheap early answer before the uploads are stored; JobStore.submit enforces the limits atomically.
+    settings = services.settings
+    if services.jobs.queued_count(tenant) >= settings.max_queued_per_tenant:
+        raise _queue_full(settings, "tenant")
     if services.jobs.queued_count() >= settings.max_queue_length:
-        raise ApiError(
-            429, "queue_full", "the service queue is full; retry later", headers={"Retry-After": "30"},
-        )
+        raise _queue_full(settings, "global")
 
 
 def _store_and_submit(
@@ -230,7 +235,13 @@ def _store_and_submit(
         if style_png is not None:
             services.storage.put(style_key(job.id), style_png, "image/png")
             written.append(style_key(job.id))
-        stored, created = services.jobs.submit(job, idempotency_key)
+        settings = services.settings
+        stored, created = services.jobs.submit(
+            job, idempotency_key, settings.max_queued_per_tenant, settings.max_queue_length
+        )
+    except QueueFull as exc:
+        _delete_quietly(services, written)
+        raise _queue_full(services.settings, exc.scope) from None
     except BaseException:
         _delete_quietly(services, written)
         raise

@@ -19,6 +19,7 @@ from service.jobs import (
     JobConflict,
     JobStatus,
     JobStore,
+    QueueFull,
     new_job_id,
 )
 
@@ -92,6 +93,29 @@ def test_concurrent_submits_with_one_idempotency_key_create_one_job(store, redis
     assert sum(created for _, created in results) == 1
     assert len({job.id for job, _ in results}) == 1
     assert redis_client.llen(f"rq:queue:{settings.queue_name}") == 1
+
+
+def test_concurrent_submits_never_overshoot_the_queue_limits(store, redis_client, settings):
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def submit(tenant: str) -> None:
+        try:
+            store.submit(make_job(tenant), max_queued_per_tenant=3, max_queued=5)
+            outcome = "created"
+        except QueueFull as exc:
+            outcome = exc.scope
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=submit, args=(tenant,)) for tenant in ["a"] * 8 + ["b"] * 8]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("created") == 5
+    assert store.queued_count("a") <= 3 and store.queued_count("b") <= 3
+    assert store.queued_count() == 5 == redis_client.llen(f"rq:queue:{settings.queue_name}")
 
 
 def test_queue_position_follows_fifo_order_and_is_none_once_started(store):
