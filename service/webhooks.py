@@ -35,7 +35,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -114,10 +114,12 @@ def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     return None if ip.is_global else "non-global"
 
 
-def check_webhook_url(url: str, allow_private: bool) -> None:
+def check_webhook_url(url: str, allow_private: bool) -> str | None:
     """Raise ``ValueError`` unless ``url`` is an http(s) URL whose host resolves only to public addresses.
 
-    With ``allow_private`` only the scheme and host are checked (no DNS lookup).
+    Returns the vetted address to connect to, so that delivery cannot be re-pointed by a
+    second DNS answer (DNS rebinding). With ``allow_private`` only the scheme and host are
+    checked (no DNS lookup) and ``None`` is returned.
     """
     if any(char.isspace() or not char.isprintable() for char in url):
         # urlsplit keeps them in the host ("exa mple.com"), so without a DNS check nothing else would object.
@@ -133,7 +135,7 @@ def check_webhook_url(url: str, allow_private: bool) -> None:
     if not host:
         raise ValueError("webhook_url has no host")
     if allow_private:
-        return
+        return None
     try:
         infos = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -146,6 +148,24 @@ def check_webhook_url(url: str, allow_private: bool) -> None:
                 f"webhook_url host {host!r} resolves to {address}, a {reason} address; "
                 "set HAM_WEBHOOK_ALLOW_PRIVATE=true to allow internal targets"
             )
+    return str(infos[0][4][0]).split("%", 1)[0]
+
+
+def pinned_request(url: str, address: str | None) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """``(url, headers, extensions)`` that reach ``url``'s host at ``address`` exactly.
+
+    The URL's host is replaced by the address; the ``Host`` header and, for https, the TLS
+    server name (SNI and certificate check) keep the original name.
+    """
+    if address is None:
+        return url, {}, {}
+    parts = urlsplit(url)
+    ip = ipaddress.ip_address(address)
+    literal = f"[{ip}]" if ip.version == 6 else str(ip)
+    netloc = literal if parts.port is None else f"{literal}:{parts.port}"
+    host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return urlunsplit(parts._replace(netloc=netloc)), {"Host": host_header}, extensions
 
 
 # --- delivery schedule ---------------------------------------------------------------------------
@@ -384,21 +404,23 @@ class WebhookDispatcher:
     def _attempt(self, client: httpx.Client, delivery: _Delivery, schedule: _MemorySchedule | _RedisSchedule) -> None:
         delivery.attempt += 1
         try:
-            check_webhook_url(delivery.url, self._allow_private)
+            address = check_webhook_url(delivery.url, self._allow_private)
         except ValueError as exc:
             log.warning("webhook %s dropped: %s", delivery.id, exc)
             schedule.done(delivery)
             self._count("rejected_url")
             return
         body = delivery.body.encode()
+        url, host_header, extensions = pinned_request(delivery.url, address)
         headers = {
+            **host_header,
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
             SIGNATURE_HEADER: sign(self._secret, body, int(time.time())),
             DELIVERY_HEADER: delivery.id,
         }
         try:
-            response = client.post(delivery.url, content=body, headers=headers)
+            response = client.post(url, content=body, headers=headers, extensions=extensions)
             status: int | None = response.status_code
             outcome = f"HTTP {status}"
         except httpx.HTTPError as exc:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from service.config import Settings
@@ -19,6 +20,7 @@ from service.webhooks import (
     SIGNATURE_HEADER,
     WebhookDispatcher,
     check_webhook_url,
+    pinned_request,
     sign,
     verify,
 )
@@ -94,7 +96,45 @@ def test_internal_webhook_targets_are_refused(url: str) -> None:
 
 
 def test_public_address_is_accepted() -> None:
-    assert check_webhook_url("https://93.184.216.34:8443/hooks/ham", allow_private=False) is None  # no error
+    # The vetted address comes back: delivery connects to it, not to a second DNS answer.
+    assert check_webhook_url("https://93.184.216.34:8443/hooks/ham", allow_private=False) == "93.184.216.34"
+
+
+def test_pinned_request_keeps_the_name_in_host_and_sni() -> None:
+    url, headers, extensions = pinned_request("https://hooks.example.com:8443/ham?x=1", "93.184.216.34")
+    assert url == "https://93.184.216.34:8443/ham?x=1"
+    assert headers == {"Host": "hooks.example.com:8443"}
+    assert extensions == {"sni_hostname": "hooks.example.com"}
+    url, headers, extensions = pinned_request("http://hooks.example.com/ham", "2606:2800:220:1::1")
+    assert (url, headers, extensions) == ("http://[2606:2800:220:1::1]/ham", {"Host": "hooks.example.com"}, {})
+    assert pinned_request("http://x.example/h", None) == ("http://x.example/h", {}, {})
+
+
+def test_a_pinned_request_reaches_the_vetted_address_with_the_original_host() -> None:
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(self.headers["Host"])
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        # The name does not resolve at all: only the pinned address can have been used.
+        url, headers, extensions = pinned_request(f"http://hooks.invalid:{port}/ham", "127.0.0.1")
+        with httpx.Client(trust_env=False) as client:  # as the dispatcher sends
+            response = client.post(url, content=b"{}", headers=headers, extensions=extensions)
+        assert response.status_code == 204
+        assert seen == [f"hooks.invalid:{port}"]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize(
