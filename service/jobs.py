@@ -43,6 +43,7 @@ KEY_PREFIX = "ham"
 ERROR_INVALID_INPUT = "invalid_input"
 ERROR_INPUTS_MISSING = "inputs_missing"
 ERROR_INTERNAL = "internal_error"
+ERROR_STORAGE = "storage_unavailable"
 ERROR_TIMEOUT = "timeout"
 ERROR_WORKER_LOST = "worker_lost"
 # RQ's hard time limit is a backstop behind the worker's own cooperative timeout.

@@ -37,6 +37,7 @@ from service.jobs import (
     ERROR_INPUTS_MISSING,
     ERROR_INTERNAL,
     ERROR_INVALID_INPUT,
+    ERROR_STORAGE,
     ERROR_TIMEOUT,
     Job,
     JobConflict,
@@ -45,7 +46,7 @@ from service.jobs import (
     result_key,
 )
 from service.schemas import job_resource
-from service.storage import Storage
+from service.storage import Storage, StorageError
 
 if TYPE_CHECKING:
     from ham_engine.engine import HamEngine
@@ -89,6 +90,10 @@ class _Watch:
         return self.store.cancel_requested(self.job_id)
 
 
+STORAGE_RETRY_BASE = 2.0
+STORAGE_RETRY_MAX = 30.0
+
+
 class TransferRunner:
     """Runs jobs by id on a preloaded engine. One per worker process."""
 
@@ -110,6 +115,8 @@ class TransferRunner:
         self.metrics = metrics
         self.webhooks = webhooks
         self.current_job: str | None = None
+        # Seconds before a job hit by a storage outage goes back to the queue (doubles per attempt).
+        self.storage_retry_base = STORAGE_RETRY_BASE
 
     def run(self, job_id: str) -> str:
         """Run one job; returns its outcome (``succeeded``, ``failed``, ``canceled``, ``skipped``)."""
@@ -159,6 +166,8 @@ class TransferRunner:
             style = _open_png(self.storage.get(job.style_key)) if job.style_key else None
         except KeyError as exc:
             return self._finish_fail(job, ERROR_INPUTS_MISSING, f"input {exc.args[0]} is gone (expired?)"), None
+        except StorageError as exc:
+            return self._retry_or_fail(job, exc), None
         except (ValueError, OSError) as exc:  # bad params in the record, or an unreadable input PNG
             return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc)), None
         except Exception as exc:
@@ -183,6 +192,8 @@ class TransferRunner:
                 message = f"the job ran longer than the limit of {self.settings.job_timeout}s"
                 return self._finish_fail(job, ERROR_TIMEOUT, message), None
             return self._transition(job.id, lambda: self._cancel_if_still_ours(job.id)), None
+        except StorageError as exc:  # the result could not be written
+            return self._retry_or_fail(job, exc), None
         except ValueError as exc:
             return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc)), None
         except BaseTimeoutException:
@@ -191,6 +202,16 @@ class TransferRunner:
             return self._finish_fail(job, ERROR_TIMEOUT, message), None
         except Exception as exc:
             return self._internal_error(job, exc), None
+
+    def _retry_or_fail(self, job: Job, exc: StorageError) -> Job | None:
+        """A storage outage is transient: back to the queue after a pause, up to the retry limit."""
+        if job.attempts > self.settings.job_max_retries:
+            message = f"object storage unavailable on all {job.attempts} attempts: {exc}"
+            return self._finish_fail(job, ERROR_STORAGE, message)
+        delay = min(STORAGE_RETRY_MAX, self.storage_retry_base * 2 ** (job.attempts - 1))
+        log.warning("job %s: storage unavailable (%s); back to the queue in %.1fs", job.id, exc, delay)
+        time.sleep(delay)  # the outage blocks every job alike; pausing this worker is no loss
+        return self.store.requeue(job.id, expected_worker=self.worker_name, at_front=False)
 
     def _internal_error(self, job: Job, exc: Exception) -> Job | None:
         log.error("job %s: internal error", job.id, exc_info=exc)

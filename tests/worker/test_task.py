@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -146,6 +147,27 @@ def test_bad_job_fails_with_a_code_and_the_worker_carries_on(engine, redis_clien
     assert runner.run(job.id) == "failed"
     assert runner.store.get(job.id).error_code == code
     assert runner.run(submit(runner).id) == "succeeded"
+
+
+def test_storage_outage_requeues_the_job_then_fails_it_after_the_retry_limit(engine, redis_client, storage, settings):
+    runner = make_runner(engine, redis_client, storage, settings)
+    runner.storage_retry_base = 0.01
+    job = submit(runner)
+    blocker = storage.root / "results"
+    blocker.write_bytes(b"")  # a file where the results folder goes: every result write fails
+    assert runner.run(job.id) == "queued"
+    record = runner.store.get(job.id)
+    assert (record.status, record.attempts, record.error_code) == (JobStatus.QUEUED, 1, None)
+    assert runner.store.queue_position(job.id) == 0
+    blocker.unlink()  # the outage ends: the re-run succeeds
+    assert runner.run(job.id) == "succeeded"
+
+    doomed = submit(runner)
+    shutil.rmtree(blocker)
+    blocker.write_bytes(b"")
+    outcomes = [runner.run(doomed.id) for _ in range(settings.job_max_retries + 1)]
+    assert outcomes == ["queued"] * settings.job_max_retries + ["failed"]
+    assert runner.store.get(doomed.id).error_code == "storage_unavailable"
 
 
 def test_run_transfer_needs_an_installed_runner(engine, redis_client, storage, settings):
