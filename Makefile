@@ -12,12 +12,12 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test lint bench system setup clean
+.PHONY: up test lint bench system system-test setup clean
 
 up: setup
 	$(BIN)/ham up
 
-test: setup
+test: setup system-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || { rc=$$?; \
 	  [ $$rc -eq 5 ] && echo "pytest collected no tests"; exit $$rc; }
@@ -36,6 +36,11 @@ setup: system $(VENV)/.installed
 system:
 	@command -v redis-server >/dev/null 2>&1 && $(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { \
 	  $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server python3-venv; }
+
+# The browser test drives Debian's Chromium (never a downloaded browser build).
+system-test:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -24,6 +24,7 @@ from service.jobs import JobStore
 from service.metrics import ApiMetrics, MetricsMiddleware, QueueCollector
 from service.ratelimit import RateLimiter
 from service.routes import api_router
+from service.routes.docs import install_docs
 from service.storage import StorageError, open_storage
 from service.webhooks import WebhookDispatcher
 
@@ -154,6 +155,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served from bundled assets below, not from a CDN
+        redoc_url=None,
     )
     app.state.services = services
     install_error_handlers(app)
@@ -161,4 +164,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, limit=2 * settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
     app.include_router(api_router())
+    install_docs(app)
     return app
