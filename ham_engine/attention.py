@@ -6,7 +6,8 @@ rescale) and differ from it only in one hook between the Q/K/V projections and t
 split, where the student's projections are rewritten. When a step is not modulated the
 hook returns its inputs untouched, so the result is bitwise the stock one.
 
-Which batch rows belong to which branch is described by a :class:`BranchLayout`; all
+Which batch rows belong to which branch, in which CFG half, is described by a
+:class:`BranchLayout` (a branch can run once and serve both halves); all
 per-transfer state (layout, step, α/β, cached style features, recorders) travels in a
 :class:`ModulationContext` that the engine owns and updates before each UNet call. The
 processors are installed and the originals restored by :func:`modulated_attention`.
@@ -18,6 +19,7 @@ import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +40,18 @@ CROSS_ATTENTION = "attn2"
 
 @dataclass(frozen=True)
 class BranchLayout:
-    """The rows of one UNet batch: ``halves`` copies of ``branches`` in order.
+    """The rows of one UNet batch: which branch, in which half, each row holds.
 
-    Without classifier-free guidance there is one half; with it, two: [uncond | cond].
-    Row ``h * len(branches) + i`` is branch ``branches[i]`` in half ``h``.
+    Without classifier-free guidance there is one half; with it, two: [uncond | cond],
+    each holding ``branches`` in order. A branch named in ``shared`` runs once, in the
+    uncond half, and that row serves both halves: for a branch whose two rows would be
+    identical (same latent, timestep and text conditioning) the second is dropped.
+    :attr:`rows` spells out the result, ``(branch, half)`` per batch row.
     """
 
     branches: tuple[str, ...]
     halves: int = 1
+    shared: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.branches or len(set(self.branches)) != len(self.branches):
@@ -55,32 +61,55 @@ class BranchLayout:
             raise ValueError(f"unknown branches {sorted(unknown)}; known: {BRANCHES}")
         if self.halves not in (1, 2):
             raise ValueError(f"halves must be 1 or 2, got {self.halves}")
+        if self.shared and self.halves == 1:
+            raise ValueError(f"only two halves can share a row, got shared={self.shared} with one half")
+        if not set(self.shared) <= set(self.branches):
+            raise ValueError(f"shared branches {self.shared} must be among the branches {self.branches}")
+
+    @cached_property
+    def rows(self) -> tuple[tuple[str, int], ...]:
+        """``(branch, half)`` of each batch row, in batch order (half 0 is uncond under CFG)."""
+        return tuple(
+            (branch, half)
+            for half in range(self.halves)
+            for branch in self.branches
+            if half == 0 or branch not in self.shared
+        )
 
     @property
-    def rows(self) -> int:
+    def batch_size(self) -> int:
         """Batch size of a UNet call with this layout."""
-        return self.halves * len(self.branches)
+        return len(self.rows)
 
     def has(self, branch: str) -> bool:
         """Whether ``branch`` has rows in this batch."""
         return branch in self.branches
 
     def rows_of(self, branch: str) -> list[int]:
-        """Batch row indices of ``branch``, one per half."""
-        i = self.branches.index(branch)
-        return [h * len(self.branches) + i for h in range(self.halves)]
+        """Batch rows that hold ``branch``, uncond first: one per half, or one serving both when shared."""
+        return [i for i, (name, _) in enumerate(self.rows) if name == branch]
 
-    def split(self, x: torch.Tensor) -> torch.Tensor:
-        """View ``x`` (batch first) as ``[halves, branches, ...]``; writes go through to ``x``."""
-        return x.view(self.halves, len(self.branches), *x.shape[1:])
+    def row(self, branch: str, half: int) -> int:
+        """The batch row to read for ``branch`` in ``half`` (a shared branch's uncond row serves both)."""
+        rows = self.rows_of(branch)
+        return rows[half] if len(rows) == self.halves else rows[0]
 
     def take(self, x: torch.Tensor, branch: str) -> torch.Tensor:
-        """The rows of ``branch`` as a ``[halves, ...]`` view of ``x``."""
-        return self.split(x)[:, self.branches.index(branch)]
+        """The rows of ``branch`` as a view of ``x`` (batch first); writes go through to ``x``.
+
+        ``[halves, ...]``, one row per half; ``[1, ...]`` for a branch with one row, which
+        broadcasts over the halves wherever it meets another branch's rows.
+        """
+        rows = self.rows_of(branch)
+        if not rows:
+            raise ValueError(f"{branch} has no rows in this batch ({self.branches})")
+        first, *rest = rows
+        stride = rest[0] - first if rest else 1
+        return x[first : first + stride * len(rest) + 1 : stride]
 
     def put(self, x: torch.Tensor, branch: str, value: torch.Tensor) -> None:
-        """Overwrite the rows of ``branch`` in ``x`` with ``value`` (``[halves, ...]``), in place."""
-        self.split(x)[:, self.branches.index(branch)] = value
+        """Overwrite the rows of ``branch`` in ``x`` with ``value`` (shaped as :meth:`take`), in place."""
+        self.take(x, branch).copy_(value)
 
 
 @dataclass(frozen=True)
@@ -129,6 +158,8 @@ class ModulationContext:
             raise ValueError(f"a modulated step needs student and content teacher rows, got {layout.branches}")
         if modulating and not layout.has(STYLE_TEACHER) and self.cached_style is None:
             raise ValueError("a modulated step needs a style teacher row or cached style features")
+        if modulating and STUDENT in layout.shared:
+            raise ValueError("a modulated step needs the student's own row in each half: its halves differ")
         self.step = step
         self.layout = layout
         self.modulating = modulating
@@ -273,8 +304,9 @@ class GarProcessor(_SdpaProcessor):
     """Self-attention with global attention regulation of the student's Q, K and V.
 
     Q̂^m = α·Q^m + (1−α)·AdaIN(Q^c, Q^s), likewise K and V; statistics per channel over
-    tokens, separately per CFG half. The style statistics come from the style teacher's
-    rows when present (and are recorded for the cache), else from the cached features.
+    tokens, separately per CFG half (a content teacher row shared by both halves gives
+    both the same statistics). The style statistics come from the style teacher's rows
+    when present (and are recorded for the cache), else from the cached features.
     """
 
     module = "gar"
@@ -306,7 +338,8 @@ class LatProcessor(_SdpaProcessor):
     """Cross-attention with local attention transplantation into the student.
 
     K^m, V^m ← K^s, V^s (the style teacher's, live or cached) and
-    Q̂^m = β·Q^m + (1−β)·Q^c, separately per CFG half.
+    Q̂^m = β·Q^m + (1−β)·Q^c, separately per CFG half (Q^c from the content teacher's
+    row for that half, which under CFG is its one row serving both).
     """
 
     module = "lat"

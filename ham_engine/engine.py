@@ -6,13 +6,19 @@ A transfer runs in four phases:
 2. **invert** – DDIM inversion of the content latent, batched with the style latent when
    an image style teacher is needed and not cached: ``steps`` UNet calls;
 3. **sample** – ``steps`` UNet calls, each one batch holding the branches the step needs
-   (content teacher, style teacher, student; doubled as [uncond | cond] under CFG). The
+   (content teacher, style teacher, student; as [uncond | cond] halves under CFG). The
    teachers are re-anchored to their trajectories; the student starts from SINI and is
    modulated by GAR and LAT inside the step window;
 4. **decode** – the student's final latent through the VAE.
 
 A branch that nothing reads at a step is left out of that step's batch: outside the
-step window the student runs alone, and a cached image style never runs at all.
+step window the student runs alone, and a cached image style never runs at all. Under
+CFG a branch whose uncond and cond rows would be identical runs once and serves both
+halves: the content teacher always (its re-anchored latent, the timestep and the empty
+prompt are the same in both), and the student outside the step window while the text
+style teacher still runs (unmodulated, empty prompt in both; its guided output
+``uncond + g·(cond − uncond)`` is then that one row). A modulated CFG step is 5 rows,
+not 6.
 
 Under CFG (a text-guided style teacher) the student is guided too **[our reading]**,
 ``params.guide_student``: its cond half receives the prompted style teacher's K/V through
@@ -432,10 +438,10 @@ class HamEngine:
             # an image style teacher runs only where it is read and not cached.
             style_live = (request.text_guided and k <= last_modulated) or (modulating and context.cached_style is None)
             names = ((CONTENT_TEACHER,) if modulating else ()) + ((STYLE_TEACHER,) if style_live else ())
-            layout = BranchLayout((*names, STUDENT), halves=2 if request.cfg and style_live else 1)
+            layout = self._layout((*names, STUDENT), cfg=request.cfg and style_live, modulating=modulating)
             context.begin_step(k, layout, modulating)
 
-            latents = torch.cat([branches.latent(name, k) for name in layout.branches] * layout.halves)
+            latents = torch.cat([branches.latent(branch, k) for branch, _ in layout.rows])
             if layout not in conditioning:
                 conditioning[layout] = self._conditioning(layout, text)
             output = self._predict(latents, schedule.timesteps[k], conditioning[layout], counters, "sample")
@@ -478,6 +484,20 @@ class HamEngine:
         return output.float()
 
     @staticmethod
+    def _layout(branches: tuple[str, ...], cfg: bool, modulating: bool) -> BranchLayout:
+        """The rows of a sampling step running ``branches``, as [uncond | cond] halves under CFG.
+
+        A branch runs once for both halves where its two rows would be identical (see
+        :meth:`_conditioning`: only the style teacher's text differs between the halves):
+        the content teacher, and the student where it is not modulated (GAR and LAT give
+        its halves different statistics and keys).
+        """
+        if not cfg:
+            return BranchLayout(branches)
+        shared = (CONTENT_TEACHER,) + (() if modulating else (STUDENT,))
+        return BranchLayout(branches, halves=2, shared=tuple(b for b in branches if b in shared))
+
+    @staticmethod
     def _conditioning(layout: BranchLayout, text: _Text) -> torch.Tensor:
         """Text conditioning rows for ``layout``: empty for the student and the content teacher.
 
@@ -485,17 +505,20 @@ class HamEngine:
         without one); under CFG its uncond half gets the empty prompt.
         """
         rows = []
-        for half in range(layout.halves):
+        for branch, half in layout.rows:
             uncond = layout.halves == 2 and half == 0
-            for branch in layout.branches:
-                rows.append(text.style if branch == STYLE_TEACHER and not uncond else text.empty)
+            rows.append(text.style if branch == STYLE_TEACHER and not uncond else text.empty)
         return torch.cat(rows)
 
     @staticmethod
     def _guided(output: torch.Tensor, layout: BranchLayout, branch: str, guidance: float) -> torch.Tensor:
-        """``branch``'s model output, ``[1, ...]``; under CFG: uncond + g · (cond − uncond)."""
+        """``branch``'s model output, ``[1, ...]``; under CFG: uncond + g · (cond − uncond).
+
+        A branch with one row (no CFG, or one row serving both halves, where cond = uncond)
+        gives that row.
+        """
         rows = layout.take(output, branch)
-        if layout.halves == 1:
+        if rows.shape[0] == 1:
             return rows
         return rows[:1] + guidance * (rows[1:] - rows[:1])
 

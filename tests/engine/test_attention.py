@@ -49,8 +49,8 @@ def unet() -> UNet2DConditionModel:
 
 def _inputs(layout: BranchLayout, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(layout.rows, 4, 8, 8, generator=generator)
-    text = torch.randn(layout.rows, 7, TEXT_DIM, generator=generator)
+    latents = torch.randn(layout.batch_size, 4, 8, 8, generator=generator)
+    text = torch.randn(layout.batch_size, 7, TEXT_DIM, generator=generator)
     return latents, text
 
 
@@ -95,12 +95,49 @@ def _adain(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
 
 def test_layout_names_the_rows_of_each_branch_per_half() -> None:
     layout = BranchLayout((CONTENT_TEACHER, STYLE_TEACHER, STUDENT), halves=2)
-    assert layout.rows == 6
+    assert layout.batch_size == 6
     assert layout.rows_of(STUDENT) == [2, 5]
     x = torch.arange(6.0).view(6, 1)
     assert layout.take(x, STYLE_TEACHER).flatten().tolist() == [1.0, 4.0]
     layout.put(x, STUDENT, torch.tensor([[[10.0]], [[20.0]]]).view(2, 1))
     assert x.flatten().tolist() == [0, 1, 10, 3, 4, 20]
+
+
+def test_a_shared_branch_runs_once_in_the_uncond_half_and_serves_both_halves() -> None:
+    layout = BranchLayout((CONTENT_TEACHER, STYLE_TEACHER, STUDENT), halves=2, shared=(CONTENT_TEACHER,))
+    assert layout.rows == (
+        (CONTENT_TEACHER, 0),
+        (STYLE_TEACHER, 0),
+        (STUDENT, 0),
+        (STYLE_TEACHER, 1),
+        (STUDENT, 1),
+    )
+    assert layout.batch_size == 5
+    assert [layout.row(CONTENT_TEACHER, h) for h in (0, 1)] == [0, 0]
+    assert [layout.row(STUDENT, h) for h in (0, 1)] == [2, 4]
+    assert layout.rows_of(CONTENT_TEACHER) == [0] and layout.rows_of(STYLE_TEACHER) == [1, 3]
+    x = torch.arange(5.0).view(5, 1)
+    assert layout.take(x, CONTENT_TEACHER).flatten().tolist() == [0.0]
+    assert layout.take(x, STYLE_TEACHER).flatten().tolist() == [1.0, 3.0]
+    layout.put(x, STUDENT, torch.tensor([[10.0], [20.0]]))
+    assert x.flatten().tolist() == [0, 1, 10, 3, 20]
+    # Outside the step window the student shares too: style teacher x2, student once.
+    alone = BranchLayout((STYLE_TEACHER, STUDENT), halves=2, shared=(STUDENT,))
+    assert alone.rows == ((STYLE_TEACHER, 0), (STUDENT, 0), (STYLE_TEACHER, 1))
+
+
+@pytest.mark.parametrize(
+    ("branches", "halves", "shared"),
+    [
+        ((CONTENT_TEACHER, STUDENT), 1, (CONTENT_TEACHER,)),  # one half has nothing to share
+        ((STYLE_TEACHER, STUDENT), 2, (CONTENT_TEACHER,)),  # not a branch of the batch
+    ],
+)
+def test_layout_refuses_a_shared_branch_it_cannot_hold(
+    branches: tuple[str, ...], halves: int, shared: tuple[str, ...]
+) -> None:
+    with pytest.raises(ValueError, match="shared"):
+        BranchLayout(branches, halves=halves, shared=shared)
 
 
 def test_resolve_layers_picks_only_attn1_for_gar_and_only_attn2_for_lat(unet: UNet2DConditionModel) -> None:
@@ -168,6 +205,34 @@ def test_gar_takes_statistics_separately_for_each_cfg_half(unet: UNet2DCondition
             torch.testing.assert_close(query_after[3 * half + 2], want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_shared_content_teacher_row_modulates_both_halves_as_its_two_identical_rows_would(
+    unet: UNet2DConditionModel,
+) -> None:
+    full = BranchLayout((CONTENT_TEACHER, STYLE_TEACHER, STUDENT), halves=2)
+    shared = BranchLayout(full.branches, halves=2, shared=(CONTENT_TEACHER,))
+    latents, text = _inputs(full, seed=7)
+    # The content teacher's cond row as the engine would feed it: the same as its uncond row.
+    latents[3], text[3] = latents[0], text[0]
+    keep = torch.tensor([0, 1, 2, 4, 5])
+    events: list[AttentionEvent] = []
+    reference = _modulated(unet, _context(unet, alpha=0.5, beta=0.25), full, latents, text)
+    out = _modulated(
+        unet, _context(unet, alpha=0.5, beta=0.25, recorder=events.append), shared, latents[keep], text[keep]
+    )
+    torch.testing.assert_close(out, reference[keep], atol=1e-5, rtol=1e-5)
+    assert {e.module for e in events} == {"gar", "lat"}
+    for event in events:
+        (q, k, v), (q_after, k_after, v_after) = event.before, event.after
+        for half in (0, 1):
+            content, style, student = (shared.row(b, half) for b in shared.branches)
+            if event.module == "gar":
+                want = 0.5 * q[student] + 0.5 * _adain(q[content], q[style])
+                torch.testing.assert_close(q_after[student], want, atol=1e-5, rtol=1e-5)
+            else:
+                torch.testing.assert_close(q_after[student], 0.25 * q[student] + 0.75 * q[content])
+                assert torch.equal(k_after[student], k[style]) and torch.equal(v_after[student], v[style])
+
+
 def test_lat_gives_the_student_the_style_teachers_keys_values_and_a_blended_query(
     unet: UNet2DConditionModel,
 ) -> None:
@@ -200,6 +265,13 @@ def test_cached_style_features_stand_in_for_the_style_teacher_rows(unet: UNet2DC
 def test_modulated_step_without_any_style_source_is_refused(unet: UNet2DConditionModel) -> None:
     with pytest.raises(ValueError, match="style"):
         _context(unet).begin_step(0, BranchLayout((CONTENT_TEACHER, STUDENT)), modulating=True)
+
+
+def test_modulated_step_with_a_shared_student_row_is_refused(unet: UNet2DConditionModel) -> None:
+    layout = BranchLayout((CONTENT_TEACHER, STYLE_TEACHER, STUDENT), halves=2, shared=(CONTENT_TEACHER, STUDENT))
+    with pytest.raises(ValueError, match="student"):
+        _context(unet).begin_step(0, layout, modulating=True)
+    _context(unet).begin_step(0, layout, modulating=False)  # unmodulated, its halves are identical
 
 
 def test_original_processors_are_restored_even_when_the_block_raises(unet: UNet2DConditionModel) -> None:
@@ -253,21 +325,21 @@ def _attention_paths() -> list[tuple[Attention, dict[str, torch.Tensor]]]:
             cross_attention_norm="layer_norm",
             qk_norm="layer_norm",
         )
-    mask = torch.zeros(THREE.rows, 1, 7)
+    mask = torch.zeros(THREE.batch_size, 1, 7)
     mask[:, :, 5:] = -10_000.0  # the last two context tokens are masked out
     return [
         (
             spatial,
             {
-                "hidden_states": torch.randn(THREE.rows, 32, 4, 4, generator=generator),
-                "temb": torch.randn(THREE.rows, 6, 2, 2, generator=generator),
+                "hidden_states": torch.randn(THREE.batch_size, 32, 4, 4, generator=generator),
+                "temb": torch.randn(THREE.batch_size, 6, 2, 2, generator=generator),
             },
         ),
         (
             cross,
             {
-                "hidden_states": torch.randn(THREE.rows, 16, 32, generator=generator),
-                "encoder_hidden_states": torch.randn(THREE.rows, 7, 16, generator=generator),
+                "hidden_states": torch.randn(THREE.batch_size, 16, 32, generator=generator),
+                "encoder_hidden_states": torch.randn(THREE.batch_size, 7, 16, generator=generator),
                 "attention_mask": mask,
             },
         ),

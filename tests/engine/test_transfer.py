@@ -170,10 +170,57 @@ def test_text_guided_transfer_samples_the_style_teacher_with_cfg(engine: HamEngi
     assert result.image.size == (64, 64) and result.image.mode == "RGB"
     stats = result.stats
     assert (stats["mode"], stats["cfg"], stats["style_cache_hit"]) == ("text", True, None)
-    # Inversion: the content alone. Sampling: [uncond | cond] x (content, style, student).
-    assert stats["unet_rows_by_phase"] == {"invert": STEPS, "sample": 6 * STEPS}
+    # Inversion: the content alone. Sampling: [uncond | cond] x (style, student) and the
+    # content teacher once for both halves.
+    assert stats["unet_rows_by_phase"] == {"invert": STEPS, "sample": 5 * STEPS}
     assert stats["unet_calls"] == 2 * STEPS
     assert len(engine.style_cache) == 0
+
+
+def test_text_guided_cfg_runs_rows_whose_halves_are_identical_once(
+    engine: HamEngine, content_image: Image.Image
+) -> None:
+    def sample_rows(params: TransferParams) -> int:
+        result = engine.transfer_latents(content_image, style_prompt="an ink engraving", params=params)
+        assert result.stats["cfg"] is True
+        return result.stats["unet_rows_by_phase"]["sample"]
+
+    # A modulated step: content teacher once, style teacher and student in each half.
+    assert sample_rows(SMALL) == 5 * STEPS
+    # Steps 0-1 outside the window while the style teacher runs: style teacher x2, student once.
+    assert sample_rows(_params(step_start=0.5)) == 2 * 3 + 2 * 5
+    # Steps 2-3 after the window: the style teacher is done, the student runs alone.
+    assert sample_rows(_params(step_end=0.5)) == 2 * 5 + 2 * 1
+
+
+def test_text_guided_cfg_modulates_each_half_with_the_shared_content_teacher_row(
+    engine: HamEngine, content_image: Image.Image
+) -> None:
+    events: list[AttentionEvent] = []
+    params = _params(alpha=0.6, beta=0.25)
+    engine.transfer_latents(content_image, style_prompt="an ink engraving", params=params, recorder=events.append)
+    assert {e.module for e in events} == {"gar", "lat"}
+    for event in events:
+        layout = event.layout
+        assert layout.rows == (
+            ("content_teacher", 0),
+            ("style_teacher", 0),
+            ("student", 0),
+            ("style_teacher", 1),
+            ("student", 1),
+        )
+        (q, k, v), (q_after, k_after, v_after) = event.before, event.after
+        for half in (0, 1):
+            content, style, student = (layout.row(b, half) for b in layout.branches)
+            if event.module == "gar":
+                want = 0.6 * q[student] + 0.4 * _adain(q[content], q[style])
+                torch.testing.assert_close(q_after[student], want, atol=1e-5, rtol=1e-5)
+            else:
+                torch.testing.assert_close(q_after[student], 0.25 * q[student] + 0.75 * q[content])
+                assert torch.equal(k_after[student], k[style]) and torch.equal(v_after[student], v[style])
+        # The prompted cond half and the empty uncond half give the student different keys.
+        if event.module == "lat":
+            assert not torch.equal(k_after[layout.row("student", 0)], k_after[layout.row("student", 1)])
 
 
 def test_text_guided_transfer_without_guidance_uses_one_half(engine: HamEngine, content_image: Image.Image) -> None:
