@@ -24,6 +24,7 @@ from service.cli import main
 from service.config import Settings
 from service.webhooks import check_webhook_url
 from tests.fixtures.servers import free_port
+from tests.service.test_api import make_settings
 from tests.service.test_cli import LiveApi
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -32,16 +33,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def _settings(tmp_path: Path, redis_url: str, **overrides) -> Settings:
-    values = {
-        "redis_url": redis_url,
-        "storage_url": f"file://{tmp_path / 'storage'}",
-        "public_url": "http://testserver",
-        "api_keys": f"abuser:{KEY}",
-        "url_signing_key": "abuse-signing-key",
-        "rate_limit_per_minute": 10_000,
-        **overrides,
-    }
-    return Settings(**values)
+    return make_settings(tmp_path, redis_url, **{"api_keys": f"abuser:{KEY}", **overrides})
 
 
 @pytest.fixture
