@@ -168,6 +168,13 @@ class TransferParams:
         return cls(**dict(data))
 
 
+# Parameters a client may set per request (HTTP form fields, `ham submit` flags), with their
+# types; the layer patterns stay server-side because they name modules of one particular UNet.
+CLIENT_PARAMS: dict[str, type] = {
+    f.name: type(f.default) for f in fields(TransferParams) if f.name not in ("gar_layers", "lat_layers")
+}
+
+
 def check_style_reference(has_style_image: bool, style_prompt: str | None) -> str | None:
     """Validate the style reference of a request; return the normalised prompt.
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
+from ham_engine.params import CLIENT_PARAMS
+
 PROG = "ham"
 DEFAULT_API = "http://127.0.0.1:8000"
 _TERMINAL = ("succeeded", "failed", "canceled")
@@ -102,13 +104,10 @@ def _job_json(response: Any, api: str) -> dict:
 
 def _form_fields(args: argparse.Namespace) -> dict[str, str]:
     fields: dict[str, str] = {}
-    for name in ("steps", "seed", "size", "alpha", "beta", "gamma", "guidance"):
+    for name in CLIENT_PARAMS:
         value = getattr(args, name)
-        if value is not None:
-            fields[name] = str(value)
-    for module in ("sini", "gar", "lat", "guide_student"):
-        if getattr(args, f"no_{module}"):
-            fields[module] = "false"
+        if value is not None:  # unset: the server's default
+            fields[name] = str(value).lower() if isinstance(value, bool) else str(value)
     if args.style_prompt:
         fields["style_prompt"] = args.style_prompt
     if args.webhook_url:
@@ -255,13 +254,14 @@ def _add_submit_parser(subparsers: Any) -> None:
     parser.add_argument("--api", default=os.environ.get("HAM_API_URL", DEFAULT_API),
                         help=f"API base URL (default: $HAM_API_URL or {DEFAULT_API})")
     parser.add_argument("--key", default=os.environ.get("HAM_API_KEY"), help="API key (default: $HAM_API_KEY)")
-    for name, kind in (("steps", int), ("seed", int), ("size", int), ("alpha", float), ("beta", float),
-                       ("gamma", float), ("guidance", float)):
-        parser.add_argument(f"--{name}", type=kind, help="engine parameter (default: the server's)")
-    for module in ("sini", "gar", "lat"):
-        parser.add_argument(f"--no-{module}", action="store_true", help=f"turn {module.upper()} off")
-    parser.add_argument("--no-guide-student", action="store_true",
-                        help="under CFG (style prompt alone), leave the student unguided")
+    # The same parameters the API accepts as form fields (docs/api.md); switches are on by default.
+    for name, kind in CLIENT_PARAMS.items():
+        flag = name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(f"--no-{flag}", dest=name, action="store_const", const=False,
+                                help=f"turn {name} off (default: on)")
+        else:
+            parser.add_argument(f"--{flag}", dest=name, type=kind, help="engine parameter (default: the server's)")
     parser.add_argument("--webhook-url", help="URL the server POSTs the finished job to")
     parser.add_argument("--idempotency-key", help="retry-safe submission key")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the result (default 1800)")

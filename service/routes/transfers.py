@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import fields
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -17,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ham_engine.params import ParamError, TransferParams, check_style_reference
+from ham_engine.params import CLIENT_PARAMS, ParamError, TransferParams, check_style_reference
 from service.config import Settings
 from service.deps import Services, current_tenant, get_services
 from service.errors import ApiError
@@ -31,11 +30,7 @@ log = logging.getLogger("ham.api")
 
 router = APIRouter(prefix="/v1/transfers", tags=["transfers"])
 
-# Engine parameters a client may set as form fields; the layer patterns stay server-side
-# because they name modules of one particular UNet.
-PARAM_FIELDS: dict[str, type] = {
-    f.name: type(f.default) for f in fields(TransferParams) if f.name not in ("gar_layers", "lat_layers")
-}
+PARAM_FIELDS = CLIENT_PARAMS
 FILE_FIELDS = ("content", "style")
 TEXT_FIELDS = ("style_prompt", "webhook_url")
 KNOWN_FIELDS = frozenset(PARAM_FIELDS) | frozenset(FILE_FIELDS) | frozenset(TEXT_FIELDS)
