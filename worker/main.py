@@ -35,6 +35,7 @@ from rq.serializers import JSONSerializer
 
 from service.core.config import Settings
 from service.core.jobs import JobStore
+from service.core.logs import configure_logging
 from service.core.storage import open_storage
 from worker.metrics import MetricsServer, WorkerMetrics
 from worker.recovery import Maintenance
@@ -68,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a worker until SIGTERM (or, with ``--burst``, until the queue is empty). Returns the exit code."""
     args = build_parser().parse_args(argv)
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(settings, "worker")
     name = args.name or default_worker_name()
     # RQ's idle BLPOP blocks up to worker_ttl - 15 s (worker_ttl below). redis-py's default socket timeout is
     # 5 s and RQ raises it only for connections opened after SimpleWorker() (the webhook and maintenance

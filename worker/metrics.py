@@ -24,6 +24,8 @@ log = logging.getLogger("ham.worker")
 
 # Jobs take from well under a second (tiny model, CPU) to minutes (SD at 1024 px).
 _JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+# UNet batch rows of one job: about (2 inversions + 3..5 sampling rows) x steps, so 50 steps ≈ 300-350.
+_ROW_BUCKETS = (10, 25, 50, 100, 200, 300, 400, 500, 750, 1000, 2000, 5000)
 
 
 class WorkerMetrics:
@@ -48,6 +50,22 @@ class WorkerMetrics:
         )
         self.style_cache_misses = Counter(
             "ham_worker_style_cache_misses", "Jobs that computed their style statistics.", registry=r
+        )
+        self.content_cache_hits = Counter(
+            "ham_worker_content_cache_hits", "Jobs whose content trajectory came from the cache.", registry=r
+        )
+        self.content_cache_misses = Counter(
+            "ham_worker_content_cache_misses", "Jobs that inverted their content image.", registry=r
+        )
+        self.unet_rows = Histogram(
+            "ham_worker_unet_rows_per_job",
+            "UNet batch rows one finished job computed (summed over its UNet calls).",
+            buckets=_ROW_BUCKETS,
+            registry=r,
+        )
+        self.storage_errors = Counter(
+            "ham_worker_storage_errors", "Jobs that found object storage unavailable (sent back to the queue).",
+            registry=r,
         )
         self.device_memory = Gauge(
             "ham_worker_device_memory_bytes",
@@ -75,11 +93,16 @@ class WorkerMetrics:
             self.steps.inc(steps)
             if isinstance(sample_seconds, (int, float)) and sample_seconds > 0:
                 self.steps_per_second.set(steps / sample_seconds)
-        hit = stats.get("style_cache_hit")
-        if hit is True:
-            self.style_cache_hits.inc()
-        elif hit is False:
-            self.style_cache_misses.inc()
+        rows = stats.get("unet_rows")
+        if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0:
+            self.unet_rows.observe(rows)
+        for key, hits, misses in (("style_cache_hit", self.style_cache_hits, self.style_cache_misses),
+                                  ("content_cache_hit", self.content_cache_hits, self.content_cache_misses)):
+            hit = stats.get(key)
+            if hit is True:
+                hits.inc()
+            elif hit is False:
+                misses.inc()
         peak = stats.get("peak_memory_bytes")
         if isinstance(peak, (int, float)):
             self.device_memory.labels(kind="peak").set(peak)

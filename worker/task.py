@@ -45,6 +45,7 @@ from service.core.jobs import (
     JobStore,
     result_key,
 )
+from service.core.logs import bind, log_context
 from service.core.resource import job_resource
 from service.core.storage import Storage, StorageError
 
@@ -120,6 +121,10 @@ class TransferRunner:
 
     def run(self, job_id: str) -> str:
         """Run one job; returns its outcome (``succeeded``, ``failed``, ``canceled``, ``skipped``)."""
+        with log_context(job_id=job_id):
+            return self._run(job_id)
+
+    def _run(self, job_id: str) -> str:
         # Claimed before the start, so no heartbeat after the start can deny running it.
         self.current_job = job_id
         job: Job | None = None
@@ -131,6 +136,7 @@ class TransferRunner:
         if job is None:
             log.info("job %s: not runnable any more (canceled, finished or taken); skipped", job_id)
             return "skipped"
+        bind(tenant=job.tenant, request_id=job.request_id)
         began = time.monotonic()
         if self.metrics:
             self.metrics.jobs_in_progress.inc()
@@ -208,6 +214,8 @@ class TransferRunner:
         if job.attempts > self.settings.job_max_retries:
             message = f"object storage unavailable on all {job.attempts} attempts: {exc}"
             return self._finish_fail(job, ERROR_STORAGE, message)
+        if self.metrics:
+            self.metrics.storage_errors.inc()
         delay = min(STORAGE_RETRY_MAX, self.storage_retry_base * 2 ** (job.attempts - 1))
         log.warning("job %s: storage unavailable (%s); back to the queue in %.1fs", job.id, exc, delay)
         time.sleep(delay)  # the outage blocks every job alike; pausing this worker is no loss

@@ -18,6 +18,7 @@ from redis import Redis
 from service.api.errors import ApiError
 from service.api.ratelimit import RateLimiter
 from service.core.config import LOCAL_TENANT, Settings
+from service.core.logs import bind
 
 if TYPE_CHECKING:
     from service.api.metrics import ApiMetrics
@@ -76,6 +77,7 @@ def authenticate(
     """
     settings = services.settings
     if not settings.auth_enabled:
+        bind(tenant=LOCAL_TENANT)
         return LOCAL_TENANT
     key = _presented_key(credentials)
     if key is None:
@@ -84,6 +86,7 @@ def authenticate(
     tenant = _tenant_for_key(settings, key)
     if tenant is None:
         raise ApiError(401, "unauthorized", "invalid API key", headers=_BEARER_CHALLENGE)
+    bind(tenant=tenant)
     return tenant
 
 

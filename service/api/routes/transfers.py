@@ -23,6 +23,7 @@ from service.api.schemas import ErrorResponse, TransferForm, TransferJob, Transf
 from service.api.uploads import UploadError, read_image
 from service.core.config import Settings
 from service.core.jobs import Job, JobConflict, JobStatus, QueueFull, content_key, new_job_id, style_key
+from service.core.logs import bind, current_context
 from service.core.resource import job_resource as public_job
 from service.core.webhooks import check_webhook_url
 
@@ -76,6 +77,8 @@ def job_resource(job: Job, services: Services) -> TransferJob:
 
 def _owned_job(services: Services, tenant: str, job_id: str) -> Job:
     # Another tenant's job is indistinguishable from a missing one: never confirm existence.
+    if _JOB_ID.fullmatch(job_id):
+        bind(job_id=job_id)
     job = services.jobs.get(job_id) if _JOB_ID.fullmatch(job_id) else None
     if job is None or job.tenant != tenant:
         # Truncated: the id is client input, and a 5000-character path should not come back in full.
@@ -312,8 +315,10 @@ async def create_transfer(
         await form.close()
 
     await run_in_threadpool(_check_backpressure, services, tenant)
+    context = current_context()
     job = Job(
         id=new_job_id(),
+        request_id=context.request_id if context else None,
         tenant=tenant,
         params=params.to_dict(),
         style_prompt=style_prompt,
@@ -323,6 +328,7 @@ async def create_transfer(
     stored, created = await run_in_threadpool(
         _store_and_submit, services, job, content_png, style_png, idempotency_key
     )
+    bind(job_id=stored.id)
     if created:
         services.metrics.jobs_submitted.inc()
         log.info("job %s queued for tenant %s", stored.id, tenant)
