@@ -24,6 +24,7 @@ from service.api.ratelimit import RateLimiter
 from service.api.requestid import RequestIdMiddleware
 from service.api.routes import api_router
 from service.api.routes.docs import install_docs
+from service.api.routes.playground import install_playground
 from service.core.config import Settings, get_settings
 from service.core.jobs import JobStore
 from service.core.storage import StorageError, open_storage
@@ -168,4 +169,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)  # outermost: every line of a request carries its id
     app.include_router(api_router())
     install_docs(app)
+    install_playground(app)
     return app
