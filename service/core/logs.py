@@ -190,5 +190,6 @@ def logging_config(settings: Settings, process: str) -> dict[str, Any]:
 
 
 def configure_logging(settings: Settings, process: str) -> None:
-    """Install :func:`logging_config` for this process."""
+    """Install :func:`logging_config` for this process (Python warnings go through it too)."""
     logging.config.dictConfig(logging_config(settings, process))
+    logging.captureWarnings(True)

@@ -101,7 +101,8 @@ def test_dashboard_covers_what_operators_watch() -> None:
 def test_kubernetes_ships_the_same_dashboard_for_the_grafana_sidecar() -> None:
     for overlay in ("dev", "prod"):
         docs = render(ROOT / "deploy" / "k8s" / "overlays" / overlay)
-        config_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "ham-grafana-dashboard")
+        config_map = next(d for d in docs
+                          if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "ham-grafana-dashboard")
         assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
         assert json.loads(config_map["data"]["ham.json"]) == dashboard()
 
@@ -129,7 +130,7 @@ def test_compose_provisions_prometheus_rules_and_the_grafana_dashboard() -> None
     datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
     assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
     variable = next(v for v in dashboard()["templating"]["list"] if v["name"] == "datasource")
-    assert variable["current"]["value"] == datasource["uid"], "the dashboard's default data source is the provisioned one"
+    assert variable["current"]["value"] == datasource["uid"], "the default data source is the provisioned one"
     provider = yaml.safe_load((provisioning / "dashboards" / "ham.yml").read_text())["providers"][0]
     assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
     assert "prometheus" in grafana["depends_on"]
