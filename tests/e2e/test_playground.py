@@ -205,6 +205,37 @@ def test_playground_runs_a_transfer_and_downloads_it(open_playground, images, st
     assert session.unexpected_errors() == []
 
 
+def test_a_refused_key_is_asked_again_and_kept_for_the_tab_only(browser, stack: Stack) -> None:
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        session = Session(page)
+        page.on("console", lambda message: message.type == "error" and session.console_errors.append(message.text))
+        page.on("pageerror", lambda exc: session.console_errors.append(f"uncaught: {exc}"))
+        page.goto(f"{stack.base_url}/playground/")
+        page.locator("#api-key").fill("not-a-key-0123")
+        page.locator("#api-key").press("Enter")
+        # The first call with the key (recent jobs) is refused: the dialog comes back and says why.
+        page.locator("#key-error").wait_for(state="visible")
+        assert "refused" in page.locator("#key-error").inner_text()
+        assert page.locator("#key-dialog").is_visible()
+        page.locator("#api-key").fill(TENANTS["alpha"])
+        with page.expect_response(lambda r: "/v1/transfers?limit=" in r.url) as listed:
+            page.locator("#api-key").press("Enter")
+        assert listed.value.status == 200
+        page.locator("#key-dialog").wait_for(state="hidden")
+        assert page.locator("#error").is_hidden()
+        storage = page.evaluate("() => [sessionStorage.getItem('ham.apiKey'), localStorage.length]")
+        assert storage == [TENANTS["alpha"], 0]
+        # A new tab (same browser profile) asks again: the key lived in that tab's session only.
+        other = context.new_page()
+        other.goto(f"{stack.base_url}/playground/")
+        other.locator("#key-dialog").wait_for(state="visible")
+        assert session.unexpected_errors(allowed_statuses=(401,)) == []
+    finally:
+        context.close()
+
+
 def test_a_bad_file_is_named_in_an_error(open_playground, images) -> None:
     session = open_playground()
     page = session.page

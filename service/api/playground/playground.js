@@ -370,6 +370,7 @@
     link.href = url;
     link.download = `ham-${job.id}.png`;
     section.hidden = false;
+    section.scrollIntoView({ block: "start" });
   }
 
   async function submit(event) {
@@ -403,6 +404,7 @@
       $("result").hidden = true;
       $("cancel").hidden = false;
       setProgress(job);
+      $("job").scrollIntoView({ block: "nearest" }); // on a phone the form fills the screen
       loadRecent();
       const final = await follow(job.id, controller.signal, (update) => { state.job = update; setProgress(update); });
       if (final.status === "succeeded") showResult(final, contentUrl);
