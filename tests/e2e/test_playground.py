@@ -11,6 +11,7 @@ to drive, by mouse or by keyboard. Everything else is clicked or typed.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 from collections.abc import Iterator
@@ -249,6 +250,28 @@ def test_a_bad_file_is_named_in_an_error(open_playground, images) -> None:
     screenshot(session, "bad-file")
     # Chromium logs the 4xx answer itself; the page logs nothing and throws nothing.
     assert session.unexpected_errors(allowed_statuses=(415, 422)) == []
+
+
+def test_files_can_be_dropped_on_the_pickers(open_playground, images) -> None:
+    session = open_playground()
+    page = session.page
+    for picker, path in (("content", images["content"]), ("style", images["style"])):
+        # What a browser dispatches when a file is dragged from the desktop onto the zone.
+        page.evaluate("""([field, name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], name, { type: "image/png" }));
+            const zone = document.getElementById(`${field}-drop`);
+            zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: data, bubbles: true, cancelable: true }));
+            zone.dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true }));
+        }""", [picker, path.name, base64.b64encode(path.read_bytes()).decode()])
+        assert page.evaluate(f"() => document.getElementById('{picker}').files[0].name") == path.name
+        page.locator(f"#{picker}-preview").wait_for(state="visible")
+    page.locator("#param-steps").fill("4")
+    page.locator("#param-size").fill(SIZE)
+    page.locator("#submit").click()
+    assert wait_for_result(session) == EXPECTED_SIZE
+    assert session.unexpected_errors() == []
 
 
 def test_submitting_without_a_style_says_what_is_missing(open_playground, images) -> None:
