@@ -5,11 +5,13 @@ The page itself is driven in Chromium against a live stack in tests/e2e/test_pla
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Iterator
 from dataclasses import fields
 
 import pytest
+import tomllib
 from fastapi.testclient import TestClient
 
 from ham_engine.params import CLIENT_PARAMS, TransferParams
@@ -88,3 +90,12 @@ def test_config_says_when_no_key_is_needed(tmp_path, redis_url, redis_client) ->
 def test_the_playground_stays_out_of_the_api_schema(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert not [p for p in paths if p == "/" or p.startswith("/playground")]
+
+
+def test_every_asset_ships_in_the_package() -> None:
+    """pyproject's package-data must cover the playground's files, or an installed API serves 404s."""
+    pyproject = tomllib.loads((ASSETS_DIR.parents[2] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["service.api"]
+    for path in ASSETS_DIR.iterdir():
+        relative = f"playground/{path.name}"
+        assert any(fnmatch.fnmatch(relative, g) for g in globs), f"{relative} is not package data"
