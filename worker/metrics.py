@@ -20,11 +20,15 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from service.core.jobs import ERROR_INPUTS_MISSING, ERROR_INTERNAL, ERROR_INVALID_INPUT, ERROR_STORAGE, ERROR_TIMEOUT
+
 log = logging.getLogger("ham.worker")
 
 # What TransferRunner.run reports ("lost": the job stopped being ours mid-run) and what recovery does.
 JOB_OUTCOMES = ("succeeded", "failed", "canceled", "lost")
 RECOVERY_ACTIONS = ("requeued", "failed", "canceled")
+# The error codes a job run can end with (worker_lost is recovery's, counted by ham_worker_recovered_jobs).
+RUN_ERROR_CODES = (ERROR_INVALID_INPUT, ERROR_INPUTS_MISSING, ERROR_TIMEOUT, ERROR_STORAGE, ERROR_INTERNAL)
 # Jobs take from well under a second (tiny model, CPU) to minutes (SD at 1024 px).
 _JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 # UNet batch rows of one job: about (2 inversions + 3..5 sampling rows) x steps, so 50 steps ≈ 300-350.
@@ -83,6 +87,12 @@ class WorkerMetrics:
             ["action"],
             registry=r,
         )
+        self.job_failures = Counter(
+            "ham_worker_job_failures",
+            "Jobs this worker failed, by error code (the job resource's error.code).",
+            ["code"],
+            registry=r,
+        )
         self.ready = Gauge("ham_worker_ready", "1 once the model is loaded and jobs are taken.", registry=r)
         # Export every labelled series from the start at 0: rate() and increase() cannot see the
         # first event of a series that appears with it (the first recovery would never alert).
@@ -90,6 +100,8 @@ class WorkerMetrics:
             self.job_seconds.labels(outcome=outcome)
         for action in RECOVERY_ACTIONS:
             self.jobs_recovered.labels(action=action)
+        for code in RUN_ERROR_CODES:
+            self.job_failures.labels(code=code)
 
     def observe_job(self, outcome: str, seconds: float, stats: dict[str, Any] | None) -> None:
         """Record one finished job attempt and what its engine stats say."""

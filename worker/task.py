@@ -237,7 +237,10 @@ class TransferRunner:
 
     def _finish_fail(self, job: Job, code: str, message: str) -> Job | None:
         log.info("job %s: failed with %s: %s", job.id, code, message)
-        return self._transition(job.id, lambda: self.store.fail(job.id, code, message))
+        final = self._transition(job.id, lambda: self.store.fail(job.id, code, message))
+        if final is not None and self.metrics:
+            self.metrics.job_failures.labels(code=code).inc()
+        return final
 
     def _transition(self, job_id: str, action: Any) -> Job | None:
         try:

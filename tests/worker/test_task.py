@@ -136,7 +136,8 @@ def test_job_canceled_while_queued_is_skipped(engine, redis_client, storage, set
     [("corrupt_input", "invalid_input"), ("missing_input", "inputs_missing"), ("bad_params", "invalid_input")],
 )
 def test_bad_job_fails_with_a_code_and_the_worker_carries_on(engine, redis_client, storage, settings, case, code):
-    runner = make_runner(engine, redis_client, storage, settings)
+    metrics = WorkerMetrics()
+    runner = make_runner(engine, redis_client, storage, settings, metrics=metrics)
     if case == "corrupt_input":
         job = submit(runner, content=b"\x89PNG\r\n\x1a\nnot really")
     elif case == "missing_input":
@@ -147,10 +148,14 @@ def test_bad_job_fails_with_a_code_and_the_worker_carries_on(engine, redis_clien
     assert runner.run(job.id) == "failed"
     assert runner.store.get(job.id).error_code == code
     assert runner.run(submit(runner).id) == "succeeded"
+    failures = {s.labels["code"]: s.value for s in metrics.job_failures.collect()[0].samples
+                if s.name.endswith("_total")}
+    assert failures == {c: (1.0 if c == code else 0.0) for c in failures} and code in failures
 
 
 def test_storage_outage_requeues_the_job_then_fails_it_after_the_retry_limit(engine, redis_client, storage, settings):
-    runner = make_runner(engine, redis_client, storage, settings)
+    metrics = WorkerMetrics()
+    runner = make_runner(engine, redis_client, storage, settings, metrics=metrics)
     runner.storage_retry_base = 0.01
     job = submit(runner)
     blocker = storage.root / "results"
@@ -168,6 +173,10 @@ def test_storage_outage_requeues_the_job_then_fails_it_after_the_retry_limit(eng
     outcomes = [runner.run(doomed.id) for _ in range(settings.job_max_retries + 1)]
     assert outcomes == ["queued"] * settings.job_max_retries + ["failed"]
     assert runner.store.get(doomed.id).error_code == "storage_unavailable"
+    text = metrics.render().decode()
+    # One requeue for the first job, job_max_retries for the doomed one; then one failure by code.
+    assert f"ham_worker_storage_errors_total {1.0 + settings.job_max_retries}" in text
+    assert 'ham_worker_job_failures_total{code="storage_unavailable"} 1.0' in text
 
 
 def test_run_transfer_needs_an_installed_runner(engine, redis_client, storage, settings):
