@@ -45,14 +45,17 @@ def file_digest(path: Path) -> str:
 
 
 def _request(pair: Pair, model: str, params: TransferParams) -> dict[str, Any]:
-    """What determines an output: if a stored record's request equals this, the output is reused."""
-    return {
+    """What determines an output: if a stored record's request equals this, the output is reused.
+
+    Round-tripped through JSON so it compares equal to what a record file holds (tuples become lists).
+    """
+    return json.loads(json.dumps({
         "version": RECORD_VERSION,
         "model": model,
         "content": {"file": pair.content.name, "sha256": file_digest(pair.content)},
         "style": {"file": pair.style.name, "sha256": file_digest(pair.style)},
         "params": asdict(params),
-    }
+    }))
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:

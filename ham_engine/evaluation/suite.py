@@ -134,7 +134,16 @@ class MetricSuite:
 
     def _network(self, role: str, build: Callable[[], Any]) -> Any:
         if role not in self._networks:
-            self._networks[role] = build()
+            from transformers.utils import logging as hf_logging
+
+            # transformers' per-load progress bars would break into the eval's own output.
+            was_enabled = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                self._networks[role] = build()
+            finally:
+                if was_enabled:
+                    hf_logging.enable_progress_bar()
         return self._networks[role]
 
     def _inception(self) -> FidInceptionV3:

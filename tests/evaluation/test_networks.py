@@ -1,0 +1,90 @@
+"""The written-out networks have the published architectures and refuse a checkpoint that does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ham_engine.evaluation.inception import FEATURES, FidInceptionV3
+from ham_engine.evaluation.networks import AlexNetTrunk, LpipsAlex, Vgg16Trunk, load_weights
+from ham_engine.evaluation.weights import LPIPS_HEADS, VGG16, WeightStore, WeightsUnavailable
+
+
+def _parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_fid_inception_has_torchvisions_inception_v3_without_its_heads() -> None:
+    network = FidInceptionV3()
+    # torchvision's inception_v3: 27,161,264 parameters, of which AuxLogits 3,326,696 and fc 2,049,000.
+    assert _parameters(network) == 27_161_264 - 3_326_696 - 2_049_000
+    state = network.state_dict()
+    assert state["Mixed_7c.branch3x3dbl_3b.conv.weight"].shape == (384, 384, 3, 1)
+    assert state["Mixed_6e.branch7x7dbl_5.conv.weight"].shape == (192, 192, 1, 7)
+    assert state["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
+    with torch.inference_mode():
+        features = network.eval()(torch.rand(2, 3, 80, 120))
+    assert features.shape == (2, FEATURES)
+
+
+def test_trunks_have_torchvisions_parameter_names_and_counts() -> None:
+    assert _parameters(AlexNetTrunk()) == 2_469_696  # torchvision alexnet().features
+    assert [k for k in AlexNetTrunk().state_dict() if k.endswith("weight")] == [
+        f"features.{i}.weight" for i in (0, 3, 6, 8, 10)
+    ]
+    vgg = Vgg16Trunk()
+    assert [k for k in vgg.state_dict() if k.endswith("weight")] == [
+        f"features.{i}.weight" for i in (0, 2, 5, 7, 10, 12, 14)
+    ]
+    with torch.inference_mode():
+        assert vgg(torch.rand(1, 3, 64, 48)).shape == (1, 256, 16, 12)  # relu3_3: a quarter of the size
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_by_name() -> None:
+    state = AlexNetTrunk().state_dict()
+    del state["features.10.bias"]
+    with pytest.raises(ValueError, match=r"alexnet\.pth does not match.*missing features\.10\.bias"):
+        load_weights(AlexNetTrunk(), state, what="alexnet.pth")
+    state = AlexNetTrunk().state_dict()
+    state["features.0.weight"] = torch.zeros(64, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"wrong shape for features\.0\.weight"):
+        load_weights(AlexNetTrunk(), state)
+    state = {**AlexNetTrunk().state_dict(), "classifier.1.weight": torch.zeros(2, 2), "surprise": torch.zeros(1)}
+    with pytest.raises(ValueError, match="unexpected surprise"):
+        load_weights(AlexNetTrunk(), state, ignore=("classifier.",))
+
+
+def test_lpips_heads_round_trip_in_lpips_own_layout() -> None:
+    source = LpipsAlex()
+    for head in source.heads:
+        head.data.copy_(torch.rand_like(head))
+    state = source.head_state()
+    assert state["lin0.model.1.weight"].shape == (1, 64, 1, 1)
+    target = LpipsAlex()
+    target.load_heads(state)
+    assert all(torch.equal(a, b) for a, b in zip(source.heads, target.heads, strict=True))
+    with pytest.raises(ValueError, match=r"lin4\.model\.1\.weight"):
+        target.load_heads({k: v for k, v in state.items() if not k.startswith("lin4")})
+
+
+def test_missing_weights_say_what_to_put_where(tmp_path: Path, hermetic_caches: Path) -> None:
+    store = WeightStore(tmp_path)
+    with pytest.raises(WeightsUnavailable, match=rf"put vgg16-397923af\.pth .* into {tmp_path}/ or .*torch-home"):
+        store.checkpoint(VGG16)
+    with pytest.raises(WeightsUnavailable, match=rf"nobody/clip-x .* at {tmp_path}/clip-x"):
+        store.pretrained_folder("nobody/clip-x", "CLIP")
+    with pytest.raises(ValueError, match="weights: folder"):
+        WeightStore(tmp_path / "absent")
+
+
+def test_weights_are_found_in_the_folder_then_in_torchs_cache(tmp_path: Path, hermetic_caches: Path) -> None:
+    checkpoints = hermetic_caches / "torch-home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / LPIPS_HEADS.filename).write_bytes(b"cached")
+    assert WeightStore(None).find(LPIPS_HEADS) == checkpoints / LPIPS_HEADS.filename
+    given = tmp_path / "given"
+    (given / "lpips").mkdir(parents=True)
+    (given / "lpips" / LPIPS_HEADS.filename).write_bytes(b"given")
+    assert WeightStore(given).find(LPIPS_HEADS) == given / "lpips" / LPIPS_HEADS.filename
