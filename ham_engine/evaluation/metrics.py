@@ -52,8 +52,30 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """FID between two feature sets [N, D] and [M, D]."""
-    return frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b))
+    """FID between two feature sets [N, D] and [M, D]: the Fréchet distance of their fitted Gaussians.
+
+    With fewer samples than dimensions (800 pairs, 2048-d pool3) the covariances are
+    ``Σ = AᵀA / (N − 1)`` of the centred samples ``A``, and ``tr((Σ₁Σ₂)^½)`` equals the
+    nuclear norm of ``A₁A₂ᵀ / √((N − 1)(M − 1))`` (the non-zero eigenvalues of Σ₁Σ₂ are
+    those of the N×N matrix ``A₁A₂ᵀA₂A₁ᵀ``, scaled): the same number as
+    :func:`frechet_distance` of :func:`gaussian_stats`, from an N×M matrix instead of
+    three D×D decompositions.
+    """
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    for name, x in (("features_a", a), ("features_b", b)):
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"{name}: need an [N, D] array with N >= 2, got shape {x.shape}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"fid: feature sizes differ, {a.shape[1]} vs {b.shape[1]}")
+    n, m, dims = a.shape[0], b.shape[0], a.shape[1]
+    if min(n, m) >= dims:
+        return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    centred_a, centred_b = a - a.mean(axis=0), b - b.mean(axis=0)
+    trace_a = float((centred_a**2).sum()) / (n - 1)
+    trace_b = float((centred_b**2).sum()) / (m - 1)
+    trace_covmean = float(np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum()) / np.sqrt((n - 1) * (m - 1))
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    return max(float(diff @ diff + trace_a + trace_b - 2.0 * trace_covmean), 0.0)
 
 
 def unit_normalize(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

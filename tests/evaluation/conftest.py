@@ -49,7 +49,13 @@ def build_random_weights(folder: Path, skip: tuple[str, ...] = ()) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if FID_INCEPTION.filename not in skip:
-            torch.save(FidInceptionV3().state_dict(), folder / FID_INCEPTION.filename)
+            inception = FidInceptionV3()
+            # He initialisation keeps activations alive through ~50 convolutions (PyTorch's default
+            # init shrinks them to ~1e-8 by pool3, which would make every FID ~0).
+            for module in inception.modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            torch.save(inception.state_dict(), folder / FID_INCEPTION.filename)
         lpips = LpipsAlex()
         if ALEXNET.filename not in skip:
             torch.save(lpips.trunk.state_dict(), folder / ALEXNET.filename)

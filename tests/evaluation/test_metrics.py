@@ -52,9 +52,21 @@ def test_fid_against_a_shifted_gaussian_is_the_squared_shift() -> None:
     assert metrics.fid(a, a + shift) == pytest.approx(25.0, rel=1e-9)  # same covariance exactly
 
 
+@pytest.mark.parametrize(("n", "m", "dims"), [(6, 9, 40), (30, 25, 8), (12, 12, 12)])
+def test_fid_from_samples_equals_the_frechet_distance_of_their_statistics(n: int, m: int, dims: int) -> None:
+    # fid() works in sample space when there are fewer samples than dimensions; it must agree.
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, dims)) @ rng.normal(size=(dims, dims))
+    b = rng.normal(size=(m, dims)) * 2.0 + 1.0
+    expected = metrics.frechet_distance(*metrics.gaussian_stats(a), *metrics.gaussian_stats(b))
+    assert metrics.fid(a, b) == pytest.approx(expected, rel=1e-7)  # eigh round-off on rank-deficient Σ
+
+
 def test_fid_needs_two_samples_and_matching_shapes() -> None:
     with pytest.raises(ValueError, match="N >= 2"):
         metrics.fid(np.zeros((1, 3)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        metrics.fid(np.zeros((4, 3)), np.zeros((4, 2)))
     with pytest.raises(ValueError, match="shapes differ"):
         metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,13 @@ def test_weights_are_found_in_the_folder_then_in_torchs_cache(tmp_path: Path, he
     (given / "lpips").mkdir(parents=True)
     (given / "lpips" / LPIPS_HEADS.filename).write_bytes(b"given")
     assert WeightStore(given).find(LPIPS_HEADS) == given / "lpips" / LPIPS_HEADS.filename
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lpips") is None, reason="lpips (make setup installs it --no-deps) absent")
+def test_the_published_lpips_heads_load_from_the_installed_lpips_package(hermetic_caches: Path) -> None:
+    # make setup installs lpips --no-deps for its 6 kB of linear heads: the real published weights.
+    path = WeightStore(None).find(LPIPS_HEADS)
+    assert path is not None and path.parts[-4:] == ("lpips", "weights", "v0.1", "alex.pth")
+    network = LpipsAlex()
+    network.load_heads(torch.load(path, map_location="cpu", weights_only=True))
+    assert all((head >= 0).all() and head.sum() > 1 for head in network.heads)  # learnt, non-negative
