@@ -127,6 +127,15 @@ def test_a_two_by_two_run_writes_outputs_metrics_table_and_sheet_and_a_rerun_reu
     record = json.loads((out / "outputs" / "content0__style0.json").read_text())
     assert record["request"]["params"]["alpha"] == 0.5
 
+    # A damaged output (a crash mid-copy, a full disk) is made again, whatever its record says.
+    damaged = out / "outputs" / "content1__style1.png"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    assert main(_argv(benchmark, out, random_weights, "--alpha", "0.5", "--pairs", "diagonal", "--skip-metrics")) == 0
+    with Image.open(damaged) as image:
+        image.load()
+        assert image.size == (64, 64)
+    assert (out / "outputs" / "content0__style0.png").stat().st_mtime_ns == changed["content0__style0.png"]
+
 
 def test_a_missing_weight_is_reported_unavailable_with_what_to_put_where(
     benchmark: Path, random_weights: Path, hermetic_caches: Path, tmp_path: Path
