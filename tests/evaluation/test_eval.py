@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,22 @@ def test_bad_input_is_exit_status_2_naming_the_field(
     assert main(argv) == 2
     assert "style: no images" in capsys.readouterr().err
     assert not (tmp_path / "out" / "outputs").exists()  # nothing ran
+
+
+def test_ham_eval_help_lists_the_engine_parameters_without_importing_torch() -> None:
+    code = (
+        "import sys\n"
+        "from service.cli import main\n"
+        "try:\n"
+        "    main(['eval', '--help'])\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for option in ("--content", "--style", "--pairs", "--out", "--weights", "--steps", "--alpha", "--no-lat",
+                   "--step-start", "--clip-model"):
+        assert option in done.stdout
+    assert "TORCH False" in done.stdout
