@@ -6,7 +6,8 @@
 - ``table.md``: this run's row beside the paper's HAM and StyleID rows (PAPER.md §6).
 - ``contact_sheet.png``: with ``--pairs all`` a grid, styles along the top, contents down
   the left, each output where its row and column meet; with ``diagonal`` one
-  content | style | output row per pair.
+  content | style | output row per pair. Each cell is a thumbnail padded to a square
+  (192 px, smaller for big benchmarks so the sheet stays under 8000 px a side).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def contact_sheet(results: list[PairResult], pairing: str) -> Image.Image:
         styles = list(dict.fromkeys(r.pair.style for r in results))
         columns, rows = len(styles) + 1, len(contents) + 1
     else:
-        columns, rows = 3, len(results) + 1
+        columns, rows = 3, len(results)
     side = max(48, min(192, MAX_SHEET_SIDE // max(columns, rows)))
     cell = side + label_height
     sheet = Image.new("RGB", (columns * side, rows * cell), (255, 255, 255))
@@ -139,7 +140,8 @@ def contact_sheet(results: list[PairResult], pairing: str) -> Image.Image:
 
     def put(path: Path, column: int, row: int, text: str) -> None:
         sheet.paste(_thumbnail(path, side), (column * side, row * cell + label_height))
-        _label(draw, (column * side + 2, row * cell), text, side)
+        if text:
+            _label(draw, (column * side + 2, row * cell), text, side)
 
     if pairing == "all":
         _label(draw, (2, 0), "content \\ style", side)
@@ -150,14 +152,12 @@ def contact_sheet(results: list[PairResult], pairing: str) -> Image.Image:
         for result in results:
             row = contents.index(result.pair.content) + 1
             column = styles.index(result.pair.style) + 1
-            put(result.output, column, row, "output")
+            put(result.output, column, row, "")
     else:
-        for column, title in enumerate(("content", "style", "output")):
-            _label(draw, (column * side + 2, cell // 2), title, side)
-        for row, result in enumerate(results, 1):
-            put(result.pair.content, 0, row, result.pair.content.stem)
-            put(result.pair.style, 1, row, result.pair.style.stem)
-            put(result.output, 2, row, result.pair.name)
+        for row, result in enumerate(results):
+            put(result.pair.content, 0, row, f"content: {result.pair.content.stem}")
+            put(result.pair.style, 1, row, f"style: {result.pair.style.stem}")
+            put(result.output, 2, row, "output")
     return sheet
 
 

@@ -108,7 +108,11 @@ def _preprocessor_stats(folder: Path, mean: tuple[float, ...], std: tuple[float,
 
 
 class MetricSuite:
-    """The paper's metrics; networks load lazily from ``store`` and are kept for the suite's life."""
+    """The paper's metrics; networks load lazily from ``store`` and are kept for the suite's life.
+
+    A checkpoint that is missing, or present but not the network it is named after, makes
+    its metric unavailable (with the reason); the other metrics are still computed.
+    """
 
     def __init__(
         self,
@@ -139,8 +143,16 @@ class MetricSuite:
             # transformers' per-load progress bars would break into the eval's own output.
             was_enabled = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()
+            recorded = set(self.loaded)
             try:
                 self._networks[role] = build()
+            except (ValueError, WeightsUnavailable) as exc:
+                for key in set(self.loaded) - recorded:  # list only what was really loaded
+                    del self.loaded[key]
+                if isinstance(exc, WeightsUnavailable):
+                    raise
+                # A file under the right name that is not that network.
+                raise WeightsUnavailable(f"{exc}; replace it with the published file") from exc
             finally:
                 if was_enabled:
                     hf_logging.enable_progress_bar()

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from ham_engine.evaluation.pairs import make_pairs
 from ham_engine.evaluation.runner import PairResult
 from ham_engine.evaluation.suite import MetricSuite
-from ham_engine.evaluation.weights import VGG16, WeightStore
+from ham_engine.evaluation.weights import ALEXNET, FID_INCEPTION, VGG16, WeightStore
 from service.cli import main
 from tests.evaluation.conftest import CLIP_FOLDER, DINO_FOLDER
 
@@ -126,6 +126,8 @@ def test_a_two_by_two_run_writes_outputs_metrics_table_and_sheet_and_a_rerun_reu
     changed = {name: (out / "outputs" / name).stat().st_mtime_ns for name in outputs}
     assert changed["content0__style0.png"] != stamps["content0__style0.png"]
     assert changed["content0__style1.png"] == stamps["content0__style1.png"]  # not in the diagonal
+    with Image.open(out / "contact_sheet.png") as sheet:
+        assert sheet.size == (3 * 192, 2 * (192 + 12))  # content | style | output, one row per pair
     record = json.loads((out / "outputs" / "content0__style0.json").read_text())
     assert record["request"]["params"]["alpha"] == 0.5
 
@@ -145,6 +147,8 @@ def test_a_missing_weight_is_reported_unavailable_with_what_to_put_where(
     # The same networks but no VGG-16, no DINO folder, and a style without text.
     partial = tmp_path / "partial"
     shutil.copytree(random_weights, partial, ignore=shutil.ignore_patterns(VGG16.filename, DINO_FOLDER))
+    # A file under the FID Inception's name that holds another network.
+    shutil.copy(partial / ALEXNET.filename, partial / FID_INCEPTION.filename)
     style_dir = tmp_path / "style"
     shutil.copytree(benchmark / "style", style_dir)
     (style_dir / "style1.txt").unlink()
@@ -170,8 +174,12 @@ def test_a_missing_weight_is_reported_unavailable_with_what_to_put_where(
     # The rest is still computed: an output identical to its content has LPIPS 0 and CLIP-I 1.
     assert values["lpips"] == 0.0 and values["lpips_gray"] == 0.0
     assert values["clip_i"] == pytest.approx(1.0)
-    assert isinstance(values["fid"], float) and isinstance(values["art_fid"], float)
-    assert "cfsd" not in evaluation.weights and "fid" in evaluation.weights
+    assert values["fid"].startswith(
+        "unavailable: weights: pt_inception-2015-12-05-6726825d.pth does not match the network (missing Conv2d_1a_3x3"
+    )
+    assert values["fid"].endswith("replace it with the published file")
+    assert values["art_fid"] == "unavailable: needs fid, which is unavailable"
+    assert set(evaluation.weights) == {"lpips_trunk", "lpips_heads", "clip"}  # what really loaded
 
 
 def test_bad_input_is_exit_status_2_naming_the_field(
