@@ -213,10 +213,9 @@ class MetricSuite:
 
     # -- features -----------------------------------------------------------------------
 
-    def inception_features(self, images: list[torch.Tensor]) -> np.ndarray:
-        network = self._inception()
-        rows = [network(image.to(self.device)).double().cpu().numpy() for image in images]
-        return np.concatenate(rows)
+    def inception_features(self, image: torch.Tensor) -> np.ndarray:
+        """pool3 features [1, 2048] of an image [1, 3, H, W] in [0, 1] (float64)."""
+        return self._inception()(image.to(self.device)).double().cpu().numpy()
 
     def clip_image_embeddings(self, image: torch.Tensor) -> torch.Tensor:
         model, _, folder = self._clip()
@@ -301,15 +300,24 @@ class MetricSuite:
         """All metrics over ``results`` (the runner's outputs, in pair order)."""
         unavailable: dict[str, str] = {}
         per_pair: list[dict[str, float | str]] = []
-        outputs, styles = [], []
+        # Only pool3 features are kept (2048 floats an image, each style once), not the images.
+        output_features: list[np.ndarray] = []
+        style_features: dict[Path, np.ndarray] = {}
         for result in results:
             content = _load_image(result.pair.content, "content")
             output = _load_image(result.output, "output")
-            outputs.append(output)
-            styles.append(_load_image(result.pair.style, "style"))
             per_pair.append(self._pair_metrics(result, content, output, unavailable))
+            if "fid" in unavailable:
+                continue
+            try:
+                output_features.append(self.inception_features(output))
+                if result.pair.style not in style_features:
+                    style_features[result.pair.style] = self.inception_features(_load_image(result.pair.style, "style"))
+            except WeightsUnavailable as exc:
+                unavailable["fid"] = f"{UNAVAILABLE}{exc}"
 
-        summary: dict[str, float | str] = {"fid": self._fid(outputs, styles)}
+        styles = [style_features[r.pair.style] for r in results] if "fid" not in unavailable else []
+        summary: dict[str, float | str] = {"fid": self._fid(output_features, styles, unavailable.get("fid"))}
         for name in PER_PAIR:
             summary[name] = _mean(name, [row[name] for row in per_pair])
         summary["art_fid"] = _compose(metrics.art_fid, summary, "fid", "lpips")
@@ -317,13 +325,14 @@ class MetricSuite:
         summary["cc"] = _compose(metrics.clip_clip_score, summary, "clip_i", "clip_t")
         return Evaluation(metrics=summary, per_pair=per_pair, weights=dict(self.loaded))
 
-    def _fid(self, outputs: list[torch.Tensor], styles: list[torch.Tensor]) -> float | str:
+    @staticmethod
+    def _fid(outputs: list[np.ndarray], styles: list[np.ndarray], missing: str | None) -> float | str:
+        """FID of the outputs against the pairs' styles (a style counts once per pair, as art-fid's copies do)."""
+        if missing is not None:
+            return missing
         if len(outputs) < 2:
             return f"{UNAVAILABLE}FID needs at least 2 pairs (a covariance of one sample is undefined)"
-        try:
-            return metrics.fid(self.inception_features(outputs), self.inception_features(styles))
-        except WeightsUnavailable as exc:
-            return f"{UNAVAILABLE}{exc}"
+        return metrics.fid(np.concatenate(outputs), np.concatenate(styles))
 
 
 def _mean(name: str, values: list[float | str]) -> float | str:
