@@ -117,7 +117,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     clip_model, dino_model = args.clip_model or DEFAULT_CLIP, args.dino_model or DEFAULT_DINO
     suite = MetricSuite(store, device=engine.model.device, clip_model=clip_model, dino_model=dino_model)
-    evaluation = suite.evaluate(results)
+    evaluation = suite.evaluate(results, quiet=args.quiet)
     wall = {r.pair.name: round(r.wall_s, 4) for r in results}
     run_record = record.reproducibility_record(engine, params, args.pairs, wall)
     settings = {"clip_model": clip_model, "dino_model": dino_model, "weights": args.weights, "cfsd_size": CFSD_SIZE}

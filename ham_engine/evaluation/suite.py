@@ -20,6 +20,7 @@ Image preparation, per metric (docs/evaluation.md):
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,14 +297,16 @@ class MetricSuite:
         return values
 
     @torch.inference_mode()
-    def evaluate(self, results: list[PairResult]) -> Evaluation:
-        """All metrics over ``results`` (the runner's outputs, in pair order)."""
+    def evaluate(self, results: list[PairResult], quiet: bool = True) -> Evaluation:
+        """All metrics over ``results`` (the runner's outputs, in pair order); a progress bar unless ``quiet``."""
+        from tqdm import tqdm
+
         unavailable: dict[str, str] = {}
         per_pair: list[dict[str, float | str]] = []
         # Only pool3 features are kept (2048 floats an image, each style once), not the images.
         output_features: list[np.ndarray] = []
         style_features: dict[Path, np.ndarray] = {}
-        for result in results:
+        for result in tqdm(results, desc="metrics", unit="pair", disable=quiet, file=sys.stderr):
             content = _load_image(result.pair.content, "content")
             output = _load_image(result.output, "output")
             per_pair.append(self._pair_metrics(result, content, output, unavailable))
