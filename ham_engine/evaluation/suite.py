@@ -128,6 +128,13 @@ class MetricSuite:
         self.dino_model = dino_model
         self.loaded: dict[str, dict[str, str]] = {}
         self._networks: dict[str, Any] = {}
+        # A content is in every style's pair (and a style text in every content's): embed each once.
+        self._embeddings: dict[tuple[str, object], torch.Tensor] = {}
+
+    def _embedding(self, kind: str, key: object, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if (kind, key) not in self._embeddings:
+            self._embeddings[(kind, key)] = compute()
+        return self._embeddings[(kind, key)]
 
     # -- loading ------------------------------------------------------------------------
 
@@ -271,16 +278,26 @@ class MetricSuite:
                     f"no style text: put {result.pair.style.stem}.txt (e.g. 'an ink engraving') beside "
                     f"{result.pair.style.name}"
                 )
-            return float(metrics.cosine(self.clip_image_embeddings(output), self.clip_text_embeddings(style_text))[0])
+            text = self._embedding("clip_text", style_text, lambda: self.clip_text_embeddings(style_text))
+            return float(metrics.cosine(output_clip(), text)[0])
+
+        source = result.pair.content
+
+        def content_dino() -> torch.Tensor:
+            return self._embedding("dino", source, lambda: self.dino_embeddings(content))
+
+        def content_clip() -> torch.Tensor:
+            return self._embedding("clip_image", source, lambda: self.clip_image_embeddings(content))
+
+        def output_clip() -> torch.Tensor:  # CLIP-I and CLIP-T both read it
+            return self._embedding("clip_image", result.output, lambda: self.clip_image_embeddings(output))
 
         computations: dict[str, Callable[[], float]] = {
             "lpips": lambda: lpips_value(gray=False),
             "lpips_gray": lambda: lpips_value(gray=True),
             "cfsd": cfsd_value,
-            "dino": lambda: float(metrics.cosine(self.dino_embeddings(content), self.dino_embeddings(output))[0]),
-            "clip_i": lambda: float(
-                metrics.cosine(self.clip_image_embeddings(content), self.clip_image_embeddings(output))[0]
-            ),
+            "dino": lambda: float(metrics.cosine(content_dino(), self.dino_embeddings(output))[0]),
+            "clip_i": lambda: float(metrics.cosine(content_clip(), output_clip())[0]),
             "clip_t": clip_t_value,
         }
         for name, compute in computations.items():
@@ -301,6 +318,7 @@ class MetricSuite:
         """All metrics over ``results`` (the runner's outputs, in pair order); a progress bar unless ``quiet``."""
         from tqdm import tqdm
 
+        self._embeddings.clear()  # files may have changed since a previous evaluate()
         unavailable: dict[str, str] = {}
         per_pair: list[dict[str, float | str]] = []
         # Only pool3 features are kept (2048 floats an image, each style once), not the images.
