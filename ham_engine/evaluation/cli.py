@@ -84,6 +84,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         from ham_engine.engine import HamEngine
         from ham_engine.evaluation import record, report
         from ham_engine.evaluation.pairs import make_pairs
+        from ham_engine.evaluation.paper import ablation_row
         from ham_engine.evaluation.runner import run_pairs
         from ham_engine.evaluation.suite import CFSD_SIZE, DEFAULT_CLIP, DEFAULT_DINO, MetricSuite
         from ham_engine.evaluation.weights import WeightStore
@@ -123,8 +124,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     settings = {"clip_model": clip_model, "dino_model": dino_model, "weights": args.weights, "cfsd_size": CFSD_SIZE}
     report.write_metrics(out_dir, evaluation, results, run_record, settings)
     label = f"this run ({engine.model.name}, {len(results)} pairs, {params.steps} steps)"
-    table = report.markdown_table(evaluation, label)
-    report.write_table(out_dir, evaluation, label)
+    table = report.markdown_table(evaluation, label, ablation_row(params.sini, params.gar, params.lat))
+    report.write_table(out_dir, table)
     if not args.quiet:
         print(table, end="")
         print(f"wrote {out_dir / report.METRICS_FILE}, {out_dir / report.TABLE_FILE}, "

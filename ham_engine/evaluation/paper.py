@@ -28,6 +28,21 @@ PAPER_ROWS = MappingProxyType({
 # The rows the report prints beside a run.
 COMPARED = ("HAM (paper)", "StyleID (CVPR'24)")
 
+# The ablation (DINO / CLIP-I / CLIP-T), keyed by which modules are on: (sini, gar, lat).
+ABLATION = MappingProxyType({
+    (False, False, False): ("HAM ablation: none", MappingProxyType({"dino": 0.609, "clip_i": 0.626, "clip_t": 0.220})),
+    (False, True, False): ("HAM ablation: +GAR", MappingProxyType({"dino": 0.618, "clip_i": 0.626, "clip_t": 0.231})),
+    (False, False, True): ("HAM ablation: +LAT", MappingProxyType({"dino": 0.712, "clip_i": 0.696, "clip_t": 0.193})),
+    (False, True, True): (
+        "HAM ablation: +GAR+LAT", MappingProxyType({"dino": 0.746, "clip_i": 0.696, "clip_t": 0.202})
+    ),
+})
+
+
+def ablation_row(sini: bool, gar: bool, lat: bool) -> tuple[str, MappingProxyType] | None:
+    """The paper's ablation row for a run with these modules on (None for the full method or an unreported mix)."""
+    return ABLATION.get((sini, gar, lat))
+
 PROTOCOL = "content: MS-COCO, style: WikiArt (StyleID's benchmark: 20 contents x 40 styles), SD 2.1 base, 50 DDIM steps"
 
 

@@ -71,8 +71,12 @@ def write_metrics(out_dir: Path, evaluation: Evaluation, results: list[PairResul
     return path
 
 
-def markdown_table(evaluation: Evaluation, label: str) -> str:
-    """This run's row (``label``) above the paper's compared rows, with footnotes for what is missing."""
+def markdown_table(evaluation: Evaluation, label: str, ablation: tuple[str, Any] | None = None) -> str:
+    """This run's row (``label``) above the paper's compared rows, with footnotes for what is missing.
+
+    ``ablation`` is the paper's ablation row (name, values) matching the run's modules, when
+    the run switched some off (:func:`~.paper.ablation_row`); it is printed first.
+    """
     header = "| method | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
     notes: list[str] = []
@@ -87,13 +91,15 @@ def markdown_table(evaluation: Evaluation, label: str) -> str:
                 notes.append(reason)
             cells.append(f"n/a[{notes.index(reason) + 1}]")
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for method in COMPARED:
-        row = PAPER_ROWS[method]
+    compared = [(method, PAPER_ROWS[method]) for method in COMPARED]
+    if ablation is not None:
+        compared.insert(0, ablation)
+    for method, row in compared:
         cells = []
         for key, _, decimals in COLUMNS:
             if key in row:
                 cells.append(f"{row[key]:.{decimals}f}")
-            elif key == "fid":
+            elif key == "fid" and "art_fid" in row:
                 cells.append(f"({implied_fid(row['art_fid'], row['lpips']):.3f})")
             else:
                 cells.append("—")
@@ -106,10 +112,10 @@ def markdown_table(evaluation: Evaluation, label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(out_dir: Path, evaluation: Evaluation, label: str) -> Path:
-    """Write ``table.md``; returns its path."""
+def write_table(out_dir: Path, table: str) -> Path:
+    """Write ``table.md`` (the text of :func:`markdown_table`); returns its path."""
     path = out_dir / TABLE_FILE
-    _write_text(path, markdown_table(evaluation, label))
+    _write_text(path, table)
     return path
 
 
