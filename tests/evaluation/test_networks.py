@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,43 @@ def test_the_published_lpips_heads_load_from_the_installed_lpips_package(hermeti
     network = LpipsAlex()
     network.load_heads(torch.load(path, map_location="cpu", weights_only=True))
     assert all((head >= 0).all() and head.sum() > 1 for head in network.heads)  # learnt, non-negative
+
+
+_REFERENCE_LPIPS = """
+import sys, types, torch
+from ham_engine.evaluation.networks import LpipsAlex
+from ham_engine.evaluation import metrics
+
+torch.manual_seed(0)
+ours = LpipsAlex().eval()
+# The reference code asks torchvision for AlexNet's layers and scipy for an unused import: hand it
+# our layers (the same tensors both sides), so only the LPIPS arithmetic differs between the two.
+torchvision = types.ModuleType("torchvision")
+torchvision.models = types.SimpleNamespace(alexnet=lambda pretrained: types.SimpleNamespace(
+    features=ours.trunk.features))
+scipy, ndimage = types.ModuleType("scipy"), types.ModuleType("scipy.ndimage")
+ndimage.zoom = None
+sys.modules.update({"torchvision": torchvision, "scipy": scipy, "scipy.ndimage": ndimage})
+import lpips
+
+reference = lpips.LPIPS(net="alex", version="0.1", verbose=False).eval()
+ours.load_heads(torch.load(lpips.__path__[0] + "/weights/v0.1/alex.pth", map_location="cpu"))
+x, y = torch.rand(3, 3, 64, 96) * 2 - 1, torch.rand(3, 3, 64, 96) * 2 - 1
+with torch.inference_mode():
+    expected = reference(x, y).flatten()
+    got = metrics.lpips_distance(ours.features(x), ours.features(y), list(ours.heads))
+print(" ".join(f"{v:.9f}" for v in expected.tolist()))
+print(" ".join(f"{v:.9f}" for v in got.tolist()))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lpips") is None, reason="lpips (make setup installs it --no-deps) absent")
+def test_lpips_equals_the_reference_lpips_code_with_its_published_heads() -> None:
+    # In a child process: the reference package is imported with stand-ins for its imports.
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _REFERENCE_LPIPS], capture_output=True, text=True, cwd=repo,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected, got = ([float(v) for v in line.split()] for line in done.stdout.strip().splitlines()[-2:])
+    assert len(expected) == 3 and all(v > 0 for v in expected)
+    assert got == pytest.approx(expected, rel=1e-5)
