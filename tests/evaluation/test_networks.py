@@ -142,3 +142,63 @@ def test_lpips_equals_the_reference_lpips_code_with_its_published_heads() -> Non
     expected, got = ([float(v) for v in line.split()] for line in done.stdout.strip().splitlines()[-2:])
     assert len(expected) == 3 and all(v > 0 for v in expected)
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+_REFERENCE_FID_INCEPTION = """
+import sys, types, torch
+from torch import nn
+from ham_engine.evaluation import inception as ours
+from ham_engine.evaluation.networks import load_weights
+
+# pytorch-fid builds its network from torchvision's Inception blocks, then overrides the
+# FID-specific parts (pooling, the last block, the block order, resize and scaling). Hand it
+# our blocks as torchvision's: what is compared is its FID network against ours.
+class InceptionE(ours.InceptionE):
+    def __init__(self, in_channels):
+        super().__init__(in_channels, max_pool=False)
+
+def inception_v3(**kwargs):
+    model = ours.FidInceptionV3()
+    model.fc = nn.Linear(2048, 1008)
+    return model
+
+torchvision = types.ModuleType("torchvision")
+torchvision.__version__ = "0.21.0"
+torchvision.models = types.SimpleNamespace(inception_v3=inception_v3, inception=types.SimpleNamespace(
+    InceptionA=ours.InceptionA, InceptionC=ours.InceptionC, InceptionE=InceptionE))
+sys.modules["torchvision"] = torchvision
+import pytorch_fid.inception as reference_module
+
+torch.manual_seed(0)
+source = inception_v3()
+for module in source.modules():
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    elif isinstance(module, nn.BatchNorm2d):  # non-trivial statistics, so that BN's use is compared too
+        module.weight.data.uniform_(0.5, 1.5)
+        module.bias.data.normal_(0, 0.1)
+        module.running_mean.normal_(0, 0.1)
+        module.running_var.uniform_(0.5, 1.5)
+state = source.state_dict()
+reference_module.load_state_dict_from_url = lambda url, progress=True: state
+reference = reference_module.InceptionV3([3]).eval()
+network = ours.FidInceptionV3()
+load_weights(network, state, ignore=("fc.",))
+network.eval()
+x = torch.rand(2, 3, 96, 160)
+with torch.inference_mode():
+    expected, got = reference(x)[0].flatten(1), network(x)
+print(float(expected.abs().mean()), float((expected - got).abs().max()))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pytorch_fid") is None,
+                    reason="pytorch-fid (make setup installs it --no-deps) absent")
+def test_fid_inception_equals_pytorch_fids_network() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _REFERENCE_FID_INCEPTION], capture_output=True, text=True,
+                          cwd=repo, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    scale, difference = (float(v) for v in done.stdout.split()[-2:])
+    assert scale > 0.01  # live activations, not a vanished signal
+    assert difference <= 1e-5 * max(scale, 1.0)
