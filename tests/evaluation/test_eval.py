@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +223,40 @@ def test_ham_eval_help_lists_the_engine_parameters_without_importing_torch() -> 
                    "--step-start", "--clip-model"):
         assert option in done.stdout
     assert "TORCH False" in done.stdout
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_keeps_finished_outputs_and_the_next_run_resumes(
+    benchmark: Path, random_weights: Path, eval_env: None, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    argv = _argv(benchmark, out, random_weights, "--skip-metrics")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "ham_engine.evaluation.cli", *argv], cwd=repo, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "outputs").glob("*.json")):  # the first pair is finished
+            assert child.poll() is None, child.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no output within 240 s"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    finished = sorted(p.stem for p in (out / "outputs").glob("*.json"))
+    if child.returncode == 0:
+        pytest.skip("the run finished before the interrupt reached it")
+    assert child.returncode == 130, stderr[-2000:]
+    assert "interrupted (finished outputs are kept; rerun to resume)" in stderr
+    assert 1 <= len(finished) < 4
+    assert sorted(p.stem for p in (out / "outputs").glob("*.png")) == finished  # no PNG without its record
+    assert not list((out / "outputs").glob(".*.tmp"))  # nothing half-written left behind
+
+    stamps = {name: (out / "outputs" / f"{name}.png").stat().st_mtime_ns for name in finished}
+    assert main(argv) == 0
+    assert len(list((out / "outputs").glob("*.png"))) == len(list((out / "outputs").glob("*.json"))) == 4
+    assert {name: (out / "outputs" / f"{name}.png").stat().st_mtime_ns for name in finished} == stamps
