@@ -42,7 +42,7 @@ system-test:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
