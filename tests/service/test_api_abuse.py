@@ -8,9 +8,7 @@ afterwards, and ``ham submit`` failing in one line instead of a traceback.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +21,7 @@ from service.api.app import create_app
 from service.cli import main
 from service.core.config import Settings
 from service.core.webhooks import check_webhook_url
-from tests.fixtures.servers import free_port
+from tests.fixtures.servers import RedisServer, free_port
 from tests.service.test_api import make_settings
 from tests.service.test_cli import LiveApi
 
@@ -148,55 +146,12 @@ def test_concurrent_submits_with_one_idempotency_key_create_one_job(client: Test
 # --- outages ---------------------------------------------------------------------------------------
 
 
-class PrivateRedis:
-    """A redis-server of this test's own, to stop and start without disturbing the shared one."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server not installed")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-def test_redis_stopped_mid_run_answers_503_then_recovers(tmp_path: Path, private_redis: PrivateRedis) -> None:
-    with TestClient(create_app(_settings(tmp_path, private_redis.url)), raise_server_exceptions=False) as client:
+def test_redis_stopped_mid_run_answers_503_then_recovers(tmp_path: Path, restartable_redis: RedisServer) -> None:
+    # One retry per command: the 503s come after a short wait, not the full default budget.
+    settings = _settings(tmp_path, restartable_redis.url, redis_retries=1)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         job_id = _submit(client).json()["id"]
-        private_redis.stop()
+        restartable_redis.stop()
         answers = {
             "submit": _submit(client),
             "replay": client.post("/v1/transfers", headers={**AUTH, "Idempotency-Key": "k"}, files=_files()),
@@ -213,7 +168,7 @@ def test_redis_stopped_mid_run_answers_503_then_recovers(tmp_path: Path, private
         # Nothing was half-written while Redis was away: the refused submits left no inputs behind.
         assert sorted(p.name for p in (tmp_path / "storage" / "inputs").iterdir()) == [job_id]
 
-        private_redis.start()  # a fresh, empty Redis on the same port
+        restartable_redis.start()  # back on the same port
         assert client.get("/readyz").status_code == 200
         assert _submit(client).status_code == 202
 
