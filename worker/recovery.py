@@ -48,7 +48,7 @@ from redis import Redis
 from service.core.config import Settings
 from service.core.jobs import KEY_PREFIX, Job, JobStatus, JobStore
 from service.core.redis_client import REDIS_UNAVAILABLE
-from service.core.storage import Storage
+from service.core.storage import Storage, StorageError
 from worker.connectivity import Link
 from worker.task import WebhookSink, notify_webhook
 
@@ -192,7 +192,11 @@ class Maintenance:
             recover_lost_jobs(self.store, self.storage, self.webhooks, self.metrics)
             requeue_orphans(self.store, grace=HEARTBEAT_MISSES * self.settings.worker_heartbeat)
         if self.store.redis.set(_SWEEP_LOCK_KEY, self.worker_name, nx=True, ex=self.sweep_interval):
-            deleted = self.storage.delete_expired(self.settings.result_ttl)
+            try:
+                deleted = self.storage.delete_expired(self.settings.result_ttl)
+            except StorageError as exc:  # storage away: the next sweep (any worker's) catches up
+                log.warning("expiry sweep skipped: %s", exc)
+                return
             if deleted:
                 log.info("expiry sweep deleted %d stored object(s) older than %ds", deleted, self.settings.result_ttl)
 
