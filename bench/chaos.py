@@ -130,7 +130,8 @@ class ChaosStack:
                                     "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(workdir)])
         self.api = Proc("api", [*ham_cmd, "api", "--host", LOOPBACK, "--port", str(self.api_port)])
         self.workers = [
-            Proc(f"worker-{i}", [*ham_cmd, "worker", "--name", f"chaos-{i}", "--metrics-host", LOOPBACK])
+            Proc(f"worker-{i}", [*ham_cmd, "worker", "--metrics-host", LOOPBACK,
+                                 "--ready-file", str(workdir / f"worker-{i}.ready")])
             for i in range(WORKERS)
         ]
         self.client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
@@ -140,14 +141,21 @@ class ChaosStack:
     # --- processes ---
 
     def start(self, p: Proc) -> None:
-        env = dict(self.env)
+        env, argv = dict(self.env), list(p.argv)
         if p.name.startswith("worker"):
             env["HAM_WORKER_METRICS_PORT"] = str(free_port())
+            # A fresh name per start, like the default name: RQ refuses a name whose previous owner's
+            # registration has not expired yet (a SIGKILLed worker leaves it behind).
+            argv += ["--name", self.worker_name(p, p.starts + 1)]
         log = (self.workdir / f"{p.name}.log").open("ab")
-        p.proc = subprocess.Popen(p.argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        p.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                   cwd=REPO)
         p.killed_by_us = False
         p.starts += 1
+
+    @staticmethod
+    def worker_name(p: Proc, start: int) -> str:
+        return f"chaos-{p.name}-{start}"
 
     def signal(self, p: Proc, sig: int, wait: float = 30.0) -> None:
         if p.proc is None or p.proc.poll() is not None:
@@ -181,11 +189,8 @@ class ChaosStack:
         except httpx.HTTPError:
             return False
 
-    def workers_registered(self) -> int:
-        try:
-            return sum(1 for _ in self.client.scan_iter("ham:worker:*:alive"))
-        except redis.RedisError:
-            return 0
+    def workers_ready(self) -> int:
+        return sum(1 for i in range(WORKERS) if (self.workdir / f"worker-{i}.ready").exists())
 
     def boot(self) -> None:
         self.start(self.redis)
@@ -194,7 +199,7 @@ class ChaosStack:
         self.wait_until("the API", self.api_ready)
         for worker in self.workers:
             self.start(worker)
-        self.wait_until("the workers", lambda: self.workers_registered() == WORKERS)
+        self.wait_until("the workers", lambda: self.workers_ready() == WORKERS)
         threading.Thread(target=self._supervise, daemon=True).start()
 
     def _supervise(self) -> None:
@@ -219,7 +224,7 @@ class ChaosStack:
         """SIGKILL a worker that is running a job; the job id, or None if none was busy."""
         with self._lock:
             for worker in random.sample(self.workers, len(self.workers)):
-                name = worker.argv[worker.argv.index("--name") + 1]
+                name = self.worker_name(worker, worker.starts)
                 try:
                     raw = self.client.get(f"ham:worker:{name}:alive")
                 except redis.RedisError:
@@ -294,7 +299,7 @@ def run_chaos(stack: ChaosStack, plan: Plan, events: list[dict[str, Any]]) -> No
 
     def kill() -> str | None:
         nonlocal kills_left
-        for _ in range(50):  # wait (bounded) for a busy worker
+        for _ in range(200):  # wait (bounded, 20 s) for a busy worker
             job = stack.kill_a_busy_worker()
             if job:
                 kills_left -= 1

@@ -202,7 +202,11 @@ class Maintenance:
 
     def start(self) -> None:
         """Beat and recover once synchronously (before any job is taken), then keep going in the background."""
-        self.run_once()
+        try:
+            self.run_once()
+        except REDIS_UNAVAILABLE as exc:  # lost again already: the background loop carries on
+            if self.redis_link is not None:
+                self.redis_link.failed(exc)
         self._thread.start()
 
     def _loop(self) -> None:

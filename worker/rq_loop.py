@@ -22,8 +22,10 @@ Redis, deliberately:
 - ``execute_job`` survives a failure of RQ's bookkeeping around a job: the outcome lives in
   our job record, which the runner has already settled or retried (:mod:`worker.task`); a
   job popped but never started is re-enqueued by the orphan check (:mod:`worker.recovery`);
-- RQ's own registration heartbeat, registry maintenance, suspension check, shutdown
-  timestamp and death registration are best-effort (liveness that matters is our
+- the start-up steps that need Redis (``CLIENT SETNAME`` in the constructor, the birth
+  registration, the pubsub subscription) wait for it;
+- RQ's own registration heartbeat, state mirror, registry maintenance, suspension check,
+  shutdown timestamp and death registration are best-effort (liveness that matters is our
   heartbeat key, written by the maintenance thread).
 """
 
@@ -47,17 +49,38 @@ class ResilientWorker(SimpleWorker):
     """A ``SimpleWorker`` that waits out Redis outages instead of exiting. ``redis_link`` is required."""
 
     def __init__(self, *args: Any, redis_link: Link, **kwargs: Any) -> None:
+        self.redis_link = redis_link  # before RQ's constructor: it already talks to Redis
         super().__init__(*args, **kwargs)
-        self.redis_link = redis_link
 
     # --- waiting --------------------------------------------------------------------------
 
     def _outage(self, exc: BaseException) -> None:
         """Redis failed us between jobs: wait for it (interruptible by a stop request)."""
         self.redis_link.failed(exc)
-        self.redis_link.wait_until_up(should_stop=lambda: self._stop_requested)
-        if self._stop_requested:
+        stopping = lambda: getattr(self, "_stop_requested", False)  # noqa: E731
+        self.redis_link.wait_until_up(should_stop=stopping)
+        if stopping():
             raise StopRequested()
+
+    def _until_redis(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """``call`` once it gets through to Redis (start-up steps: no job can run without them)."""
+        while True:
+            try:
+                result = call(*args, **kwargs)
+            except REDIS_UNAVAILABLE as exc:
+                self._outage(exc)
+                continue
+            self.redis_link.recovered()
+            return result
+
+    def _set_ip_address(self, connection: Any) -> None:
+        self._until_redis(super()._set_ip_address, connection)
+
+    def register_birth(self) -> None:
+        self._until_redis(super().register_birth)
+
+    def subscribe(self) -> None:
+        self._until_redis(super().subscribe)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         """The next ``(job, queue)``; ``None`` only in burst mode with an empty queue.
@@ -111,6 +134,10 @@ class ResilientWorker(SimpleWorker):
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         self._best_effort(super().heartbeat, timeout, pipeline)
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        # RQ keeps the state locally first (what its shutdown logic reads); Redis only mirrors it.
+        self._best_effort(super().set_state, state, pipeline)
 
     def run_maintenance_tasks(self) -> None:
         self._best_effort(super().run_maintenance_tasks)

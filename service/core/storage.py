@@ -143,6 +143,8 @@ class FileStorage:
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            if not self.root.is_dir():  # the whole store is gone (unmounted?): an outage, not a missing key
+                raise StorageError(f"cannot read {key!r}: storage root {self.root} is not a directory") from None
             raise KeyError(key) from None
         except OSError as exc:
             raise StorageError(f"cannot read {key!r} under {self.root}: {exc}") from exc
