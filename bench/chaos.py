@@ -221,16 +221,17 @@ class ChaosStack:
     # --- chaos ---
 
     def kill_a_busy_worker(self) -> str | None:
-        """SIGKILL a worker that is running a job; the job id, or None if none was busy."""
+        """SIGKILL the worker of a job that is running (by its record); the job id, or None."""
         with self._lock:
-            for worker in random.sample(self.workers, len(self.workers)):
-                name = self.worker_name(worker, worker.starts)
-                try:
-                    raw = self.client.get(f"ham:worker:{name}:alive")
-                except redis.RedisError:
-                    return None
-                job = json.loads(raw).get("job") if raw else None
-                if job:
+            try:
+                running = [m.decode() for m in self.client.zrange("ham:running", 0, -1)]
+                owners = {job: self.client.hget(f"ham:job:{job}", "worker") for job in running}
+            except redis.RedisError:
+                return None
+            by_name = {self.worker_name(w, w.starts): w for w in self.workers}
+            for job, owner in random.sample(list(owners.items()), len(owners)):
+                worker = by_name.get(owner.decode()) if owner else None
+                if worker is not None and worker.proc is not None and worker.proc.poll() is None:
                     self.signal(worker, signal.SIGKILL)
                     return job
         return None
@@ -349,7 +350,8 @@ def report(plan: Plan, stack: ChaosStack, accepted: dict[str, str], records: dic
     failed_by_code = Counter(r.get("error_code") for r in records.values() if r.get("status") == "failed")
     runs = succeeded_runs(stack.workdir)
     attempts = Counter(int(r.get("attempts", 0)) for r in records.values() if r)
-    kills = sum(1 for e in events if e["event"].startswith("SIGKILL") and e["detail"].startswith("job"))
+    killed = [e["detail"].removeprefix("job ") for e in events
+              if e["event"].startswith("SIGKILL") and e["detail"].startswith("job")]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -365,7 +367,9 @@ def report(plan: Plan, stack: ChaosStack, accepted: dict[str, str], records: dic
         "lost": statuses.get("missing", 0),
         "duplicate_results": sum(1 for n in runs.values() if n > 1),
         "distinct_job_ids": len(set(accepted.values())),
-        "worker_kills": kills,
+        "worker_kills": len(killed),
+        # A worker death is the one failure a job pays for: one attempt each.
+        "attempts_of_killed_jobs": {job: int(records.get(job, {}).get("attempts", 0)) for job in killed},
         "worker_restarts": sum(w.starts - 1 for w in stack.workers),
         "unexpected_worker_exits": sum(len(w.unexpected_exits) for w in stack.workers),
         "attempts_used": {str(k): v for k, v in sorted(attempts.items())},
@@ -383,6 +387,7 @@ def print_table(result: dict[str, Any]) -> None:
         ("lost (no record)", result["lost"]),
         ("duplicate results", result["duplicate_results"]),
         ("worker SIGKILLs (of busy workers)", result["worker_kills"]),
+        ("attempts of the killed workers' jobs", ", ".join(map(str, result["attempts_of_killed_jobs"].values()))),
         ("worker restarts / unexpected exits", f"{result['worker_restarts']} / {result['unexpected_worker_exits']}"),
         ("attempts used (attempts: jobs)", ", ".join(f"{k}: {v}" for k, v in result["attempts_used"].items())),
         ("attempts total", f"{result['attempts_total']} for {result['accepted']} jobs"),
