@@ -14,6 +14,7 @@ from PIL import Image
 
 from service.core.config import Settings
 from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
+from service.core.redis_client import connect_redis
 from service.core.storage import FileStorage
 from worker.metrics import WorkerMetrics
 from worker.task import TransferRunner, install_runner, run_transfer
@@ -197,6 +198,40 @@ def test_storage_outage_shorter_than_the_deadline_is_waited_out_within_the_run(e
     done = runner.store.get(job.id)
     assert (done.status, done.attempts) == (JobStatus.SUCCEEDED, 1)
     assert Image.open(io.BytesIO(storage.get(result_key(job.id)))).size == (64, 64)
+
+
+def test_a_recorded_success_whose_reply_was_lost_is_taken_as_done(engine, redis_client, storage, settings):
+    # Redis recorded the transition, then the connection dropped before the reply came back.
+    hooks = Hooks()
+    runner = make_runner(engine, redis_client, storage, settings, hooks)
+    job = submit(runner, webhook_url="https://example.com/hook")
+    original = runner.store.succeed
+    calls: list[str] = []
+
+    def succeed_then_lose_the_reply(job_id, key, stats):
+        calls.append(job_id)
+        done = original(job_id, key, stats)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Connection closed by server.")
+        return done
+
+    runner.store.succeed = succeed_then_lose_the_reply
+    assert runner.run(job.id) == "succeeded"
+    assert len(calls) == 2  # retried, refused as already succeeded — by this worker: done
+    done = runner.store.get(job.id)
+    assert (done.status, done.attempts) == (JobStatus.SUCCEEDED, 1)
+    assert [payload["status"] for _, payload in hooks.sent] == ["succeeded"]
+
+
+def test_progress_and_cancel_polls_never_stop_the_engine_while_redis_is_away(engine, redis_client, storage, settings):
+    runner = make_runner(engine, redis_client, storage, settings)
+    job = submit(runner, params={"steps": 8, "size": 64})
+    down = connect_redis(Settings(redis_url="redis://127.0.0.1:1/0"), retries=0)  # nothing listens there
+    runner.progress_store = JobStore(down, settings)
+    outcome = runner.run(job.id)
+    assert outcome == "succeeded", runner.store.get(job.id)
+    assert runner.redis_link.outages == 1  # noticed (and logged once); the job went on regardless
+    assert runner.store.get(job.id).status is JobStatus.SUCCEEDED
 
 
 def test_run_transfer_needs_an_installed_runner(engine, redis_client, storage, settings):
