@@ -93,7 +93,7 @@ class Proc:
 class ChaosStack:
     """Redis (AOF), the API and three workers in ``workdir``; workers are kept running."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, code: Path | None = None) -> None:
         self.workdir = workdir
         self.redis_port, self.api_port = free_port(), free_port()
         self.redis_url = f"redis://{LOOPBACK}:{self.redis_port}/0"
@@ -123,6 +123,8 @@ class ChaosStack:
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
+        if code is not None:  # the processes under test run this source tree (a before/after comparison)
+            self.env["PYTHONPATH"] = str(code.resolve())
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH")
@@ -356,6 +358,7 @@ def report(plan: Plan, stack: ChaosStack, accepted: dict[str, str], records: dic
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "plan": plan.__dict__,
+        "code": stack.env.get("PYTHONPATH", str(REPO)),
         "seconds": round(seconds, 1),
         "events": events,
         "submitted": plan.jobs,
@@ -408,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, help=f"worker SIGKILLs (default {FULL.kills})")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "chaos.json"), help="JSON output path")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the processes' logs")
+    parser.add_argument("--code", type=Path, help="run the API and workers from this source tree (e.g. an "
+                        "export of an older commit, to compare); default: this checkout")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.jobs is not None:
@@ -419,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--kills must be in 0..50")
         plan.kills = args.kills
     workdir = Path(tempfile.mkdtemp(prefix="ham-chaos-"))
-    stack = ChaosStack(workdir)
+    stack = ChaosStack(workdir, args.code)
     began = time.monotonic()
     accepted: dict[str, str] = {}
     refusals: Counter = Counter()
