@@ -156,5 +156,7 @@ class ResilientWorker(SimpleWorker):
         if isinstance(exc, REDIS_UNAVAILABLE):
             self.redis_link.failed(exc)  # logged once by the link, not every 2 s
             time.sleep(PUBSUB_RETRY)
+            # Probe until Redis answers, so readiness returns even while the main loop sits in BLPOP.
+            self.redis_link.wait_until_up(should_stop=lambda: self._stop_requested)
             return
         super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
