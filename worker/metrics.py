@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from service.core.jobs import ERROR_INPUTS_MISSING, ERROR_INTERNAL, ERROR_INVALID_INPUT, ERROR_STORAGE, ERROR_TIMEOUT
+from service.core.jobs import ERROR_INPUTS_MISSING, ERROR_INTERNAL, ERROR_INVALID_INPUT, ERROR_TIMEOUT
 
 log = logging.getLogger("ham.worker")
 
@@ -28,7 +28,7 @@ log = logging.getLogger("ham.worker")
 JOB_OUTCOMES = ("succeeded", "failed", "canceled", "lost")
 RECOVERY_ACTIONS = ("requeued", "failed", "canceled")
 # The error codes a job run can end with (worker_lost is recovery's, counted by ham_worker_recovered_jobs).
-RUN_ERROR_CODES = (ERROR_INVALID_INPUT, ERROR_INPUTS_MISSING, ERROR_TIMEOUT, ERROR_STORAGE, ERROR_INTERNAL)
+RUN_ERROR_CODES = (ERROR_INVALID_INPUT, ERROR_INPUTS_MISSING, ERROR_TIMEOUT, ERROR_INTERNAL)
 # Jobs take from well under a second (tiny model, CPU) to minutes (SD at 1024 px).
 _JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 # UNet batch rows of one job: about (2 inversions + 3..5 sampling rows) x steps, so 50 steps ≈ 300-350.
@@ -71,7 +71,7 @@ class WorkerMetrics:
             registry=r,
         )
         self.storage_errors = Counter(
-            "ham_worker_storage_errors", "Jobs that found object storage unavailable (sent back to the queue).",
+            "ham_worker_storage_errors", "Outages of object storage this worker noticed (one per outage).",
             registry=r,
         )
         self.device_memory = Gauge(
@@ -127,6 +127,11 @@ class WorkerMetrics:
         peak = stats.get("peak_memory_bytes")
         if isinstance(peak, (int, float)):
             self.device_memory.labels(kind="peak").set(peak)
+
+    def storage_changed(self, up: bool) -> None:
+        """Count an outage of object storage when the worker's storage link first sees it."""
+        if not up:
+            self.storage_errors.inc()
 
     def set_allocated_memory(self, nbytes: int) -> None:
         self.device_memory.labels(kind="allocated").set(nbytes)
