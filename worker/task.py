@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -45,6 +46,7 @@ from service.core.jobs import (
     JobStore,
     result_key,
 )
+from service.core.output import OutputSpec, encode
 from service.core.resource import job_resource
 from service.core.storage import Storage, StorageError
 
@@ -58,7 +60,7 @@ log = logging.getLogger("ham.worker")
 class WebhookSink(Protocol):
     """What the runner needs from :class:`service.core.webhooks.WebhookDispatcher`."""
 
-    def submit(self, url: str, payload: dict) -> None: ...
+    def submit(self, url: str, payload: dict, event: str = "completed") -> None: ...
 
 
 def webhook_payload(job: Job, storage: Storage, settings: Settings) -> dict[str, Any]:
@@ -75,6 +77,7 @@ class _Watch:
     deadline: float
     timed_out: bool = False
     last_progress: float = field(default=-1.0)
+    on_progress: Callable[[], None] | None = None
 
     def progress(self, step: int, total: int) -> None:
         # Keep 1.0 for "succeeded": the decode and upload still follow the last step.
@@ -82,6 +85,8 @@ class _Watch:
         if fraction > self.last_progress:
             self.last_progress = fraction
             self.store.set_progress(self.job_id, fraction)
+            if self.on_progress is not None:
+                self.on_progress()
 
     def cancelled(self) -> bool:
         if time.monotonic() > self.deadline:
@@ -90,6 +95,8 @@ class _Watch:
         return self.store.cancel_requested(self.job_id)
 
 
+# Seconds between two `progress` webhooks of one job (the issue's "at most 1 per second per job").
+PROGRESS_WEBHOOK_INTERVAL = 1.0
 STORAGE_RETRY_BASE = 2.0
 STORAGE_RETRY_MAX = 30.0
 
@@ -159,7 +166,9 @@ class TransferRunner:
     def _execute(self, job: Job, began: float) -> tuple[Job | None, dict[str, Any] | None]:
         from ham_engine.engine import TransferCancelled  # torch: only ever imported in a worker
 
-        watch = _Watch(self.store, job.id, deadline=began + self.settings.job_timeout)
+        watch = _Watch(self.store, job.id, deadline=began + self.settings.job_timeout,
+                       on_progress=self._progress_webhook(job))
+        self._event_webhook(job, "start")
         try:
             params = TransferParams.from_dict(job.params)
             content = _open_png(self.storage.get(job.content_key))
@@ -168,7 +177,7 @@ class TransferRunner:
             return self._finish_fail(job, ERROR_INPUTS_MISSING, f"input {exc.args[0]} is gone (expired?)"), None
         except StorageError as exc:
             return self._retry_or_fail(job, exc), None
-        except (ValueError, OSError) as exc:  # bad params in the record, or an unreadable input PNG
+        except (ValueError, OSError) as exc:  # bad params or output format in the record, or an unreadable PNG
             return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc)), None
         except Exception as exc:
             return self._internal_error(job, exc), None
@@ -181,12 +190,10 @@ class TransferRunner:
                 progress=watch.progress,
                 cancelled=watch.cancelled,
             )
-            buffer = io.BytesIO()
-            result.image.save(buffer, format="PNG")
-            self.storage.put(result_key(job.id), buffer.getvalue(), "image/png")
-            return self._transition(job.id, lambda: self.store.succeed(job.id, result_key(job.id), result.stats)), (
-                result.stats
-            )
+            output = OutputSpec(job.output_format, job.output_quality)
+            key = result_key(job.id, output.extension)
+            self.storage.put(key, encode(result.image, output), output.content_type)
+            return self._transition(job.id, lambda: self.store.succeed(job.id, key, result.stats)), result.stats
         except TransferCancelled:
             if watch.timed_out:
                 message = f"the job ran longer than the limit of {self.settings.job_timeout}s"
@@ -202,6 +209,26 @@ class TransferRunner:
             return self._finish_fail(job, ERROR_TIMEOUT, message), None
         except Exception as exc:
             return self._internal_error(job, exc), None
+
+    def _event_webhook(self, job: Job, event: str) -> None:
+        if job.webhook_url and event in job.webhook_events:
+            current = self.store.get(job.id) or job
+            notify_webhook(current, self.storage, self.settings, self.webhooks, event)
+
+    def _progress_webhook(self, job: Job) -> Any:
+        """The per-step hook that sends ``progress`` webhooks, at most one per ``PROGRESS_WEBHOOK_INTERVAL``."""
+        if "progress" not in job.webhook_events or not job.webhook_url:
+            return None
+        last_sent = -PROGRESS_WEBHOOK_INTERVAL
+
+        def on_progress() -> None:
+            nonlocal last_sent
+            now = time.monotonic()
+            if now - last_sent >= PROGRESS_WEBHOOK_INTERVAL:
+                last_sent = now
+                self._event_webhook(job, "progress")
+
+        return on_progress
 
     def _retry_or_fail(self, job: Job, exc: StorageError) -> Job | None:
         """A storage outage is transient: back to the queue after a pause, up to the retry limit."""
@@ -249,12 +276,14 @@ class TransferRunner:
         notify_webhook(job, self.storage, self.settings, self.webhooks)
 
 
-def notify_webhook(job: Job, storage: Storage, settings: Settings, webhooks: WebhookSink | None) -> None:
-    """Hand the job resource to the webhook dispatcher, if the job asked for one."""
-    if not job.webhook_url or webhooks is None:
+def notify_webhook(
+    job: Job, storage: Storage, settings: Settings, webhooks: WebhookSink | None, event: str = "completed"
+) -> None:
+    """Hand the job resource to the webhook dispatcher, if the job asked for one and for this ``event``."""
+    if not job.webhook_url or webhooks is None or event not in job.webhook_events:
         return
     try:
-        webhooks.submit(job.webhook_url, webhook_payload(job, storage, settings))
+        webhooks.submit(job.webhook_url, webhook_payload(job, storage, settings), event=event)
     except Exception:  # a webhook must never fail the job
         log.warning("job %s: webhook not queued", job.id, exc_info=True)
 

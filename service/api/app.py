@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -135,6 +136,8 @@ def build_services(settings: Settings) -> Services:
         limiter=RateLimiter(redis, settings.rate_limit_per_minute),
         metrics=ApiMetrics(_queue_collector(jobs)),
         webhooks=WebhookDispatcher(settings, redis),
+        # No socket timeout: a pub/sub subscriber idles until the job changes.
+        aredis=AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=2, health_check_interval=30),
     )
 
 
@@ -148,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.auth_enabled:
             log.warning("HAM_API_KEYS is empty: authentication is OFF, every caller is the local tenant")
         yield
+        await services.aredis.aclose()
         services.redis.close()
 
     app = FastAPI(

@@ -341,7 +341,8 @@ def test_streamed_body_over_the_limit_is_cut_off_while_reading(make_client):
         ("content_as_text", 422, "invalid_field", "content"),
         ("style_prompt_as_file", 422, "invalid_field", "style_prompt"),
         ("duplicate_steps", 422, "duplicate_field", "steps"),
-        ("json_body", 415, "unsupported_media_type", None),
+        ("json_body", 422, "unknown_field", "content"),
+        ("xml_body", 415, "unsupported_media_type", None),
         ("broken_multipart", 400, "invalid_multipart", None),
         ("no_boundary", 400, "invalid_multipart", None),
     ],
@@ -369,7 +370,11 @@ def test_malformed_form_is_4xx(client, redis_client, case, status, code, field):
             headers=AUTH_A,
         )
     elif case == "json_body":
+        # JSON takes the images by reference (content_url): a file field's name is unknown there.
         response = client.post("/v1/transfers", json={"content": "x"}, headers=AUTH_A)
+    elif case == "xml_body":
+        response = client.post("/v1/transfers", content=b"<transfer/>",
+                               headers={**AUTH_A, "Content-Type": "application/xml"})
     else:
         content_type = "multipart/form-data" if case == "no_boundary" else "multipart/form-data; boundary=abc"
         response = client.post("/v1/transfers", content=b"garbage", headers={**AUTH_A, "Content-Type": content_type})
