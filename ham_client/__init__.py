@@ -14,7 +14,15 @@ delivery's signature. See docs/client.md.
 
 from ham_client.async_client import AsyncClient
 from ham_client.client import Client
-from ham_client.errors import ApiError, HamError, JobFailed, Unreachable, WaitTimeout, WebhookSignatureError
+from ham_client.errors import (
+    ApiError,
+    HamError,
+    JobFailed,
+    NotTheApi,
+    Unreachable,
+    WaitTimeout,
+    WebhookSignatureError,
+)
 from ham_client.models import Job, JobError, JobPage
 from ham_client.protocol import RetryPolicy
 from ham_client.webhooks import verify_webhook
@@ -28,6 +36,7 @@ __all__ = [
     "JobError",
     "JobFailed",
     "JobPage",
+    "NotTheApi",
     "RetryPolicy",
     "Unreachable",
     "WaitTimeout",

@@ -135,7 +135,8 @@ class AsyncClient:
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 delay = self.retry.delay(attempt, None) if call.retry else None
                 if delay is None:
-                    raise Unreachable(f"cannot reach the API at {self.base_url}: {exc}") from exc
+                    where = f"the API at {self.base_url}" if url.startswith(self.base_url) else url
+                    raise Unreachable(f"cannot reach {where}: {exc}") from exc
             else:
                 delay = self.retry.delay(attempt, response) if call.retry else None
                 if delay is None:

@@ -19,6 +19,10 @@ class ApiError(HamError):
         self.field = field
 
 
+class NotTheApi(HamError):
+    """A 2xx answer that is not what the HAM API sends: the base URL points elsewhere."""
+
+
 class Unreachable(HamError):
     """The API could not be reached (connection refused or timed out), after the retries."""
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
-from ham_client.errors import ApiError, JobFailed
+from ham_client.errors import ApiError, JobFailed, NotTheApi
 from ham_client.models import Job, JobPage
 
 # What ``submit`` accepts as an image: a path, raw bytes, a PIL image, or a URL / data: URI.
@@ -156,11 +157,19 @@ def check(response: httpx.Response) -> httpx.Response:
 
 
 def job_of(response: httpx.Response) -> Job:
-    return Job.model_validate_json(check(response).content)
+    return _parsed(Job, response, "a transfer job")
 
 
 def page_of(response: httpx.Response) -> JobPage:
-    return JobPage.model_validate_json(check(response).content)
+    return _parsed(JobPage, response, "a page of jobs")
+
+
+def _parsed(model: type[Any], response: httpx.Response, what: str) -> Any:
+    try:
+        return model.model_validate_json(check(response).content)
+    except ValidationError:
+        origin = f"{response.request.url.scheme}://{response.request.url.netloc.decode()}"
+        raise NotTheApi(f"{origin} answered HTTP {response.status_code} without {what}; is it the HAM API?") from None
 
 
 def result_url(job: Job, base_url: str) -> str:

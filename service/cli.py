@@ -125,7 +125,7 @@ def _image_argument(value: str, what: str) -> str | bytes:
 def _submit(args: argparse.Namespace) -> int:
     import httpx
 
-    from ham_client import ApiError, Client, JobFailed, Unreachable, WaitTimeout
+    from ham_client import ApiError, Client, JobFailed, NotTheApi, Unreachable, WaitTimeout
 
     if not args.style and not args.style_prompt:
         raise SubmitError("give --style, --style-prompt, or both")
@@ -169,8 +169,16 @@ def _submit(args: argparse.Namespace) -> int:
             print(f"{PROG} submit: interrupted; job {job.id} continues on the server "
                   f"(cancel: POST {api}/v1/transfers/{job.id}/cancel)", file=sys.stderr)
             return 130
-        except (ApiError, JobFailed, Unreachable, WaitTimeout) as exc:
+        except (ApiError, JobFailed, WaitTimeout) as exc:
             progress.done()
+            raise SubmitError(str(exc)) from None
+        except NotTheApi as exc:
+            raise SubmitError(str(exc).replace("is it the HAM API?", "is --api the HAM API?")) from None
+        except Unreachable as exc:
+            progress.done()
+            if job is not None and job.terminal:
+                # The URL comes from HAM_PUBLIC_URL (or the S3 endpoint), which may not be reachable from here.
+                raise SubmitError(f"downloading the result from {job.result_url}: {exc}") from None
             raise SubmitError(str(exc)) from None
         except httpx.HTTPError as exc:
             where = f"downloading the result of job {job.id}" if job is not None and job.terminal else api

@@ -47,7 +47,7 @@ async def read_json(request: Request, services: Services) -> Submission:
     params, output = build_params(given)
     texts = {name: _string(name, body[name]) if name in body else None for name in (*REFERENCE_FIELDS, *TEXT_FIELDS)}
     prompt = style_reference(texts["style_url"] is not None, texts["style_prompt"])
-    if texts["content_url"] is None:
+    if not texts["content_url"]:
         raise ApiError(422, "missing_field", "content_url: the content image's URL or data: URI is required",
                        field="content_url")
     events = body.get("webhook_events")
@@ -82,6 +82,8 @@ async def _object(request: Request) -> dict[str, Any]:
 
 def _typed(spec: ParamSpec, value: Any) -> Any:
     """``value`` if it is a JSON value of the parameter's type (ranges are checked by the parameters)."""
+    if spec.kind is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        value = int(value)  # JSON has one number type: 30.0 is the integer 30 (as JSON Schema says)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -98,4 +100,4 @@ def _string(name: str, value: Any) -> str | None:
     # null is refused like any other non-string: leave the field out to mean "not given".
     if not isinstance(value, str):
         raise ApiError(422, "invalid_parameter", f"{name}: must be a string", field=name)
-    return value if value.strip() else None
+    return value

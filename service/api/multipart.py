@@ -36,8 +36,10 @@ MAX_TEXT_FIELD_BYTES = 64 * 1024
 # underscores ("1_0" is 10.0), none of which a client means as a number.
 _INT = re.compile(r"[+-]?[0-9]{1,20}")
 _FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
+# What the schema's `boolean` means in a form: the words, not 1/0 or yes/no (a strict reader keeps
+# /openapi.json exact, and every client library sends these).
+_TRUE = frozenset({"true"})
+_FALSE = frozenset({"false"})
 
 
 async def read_multipart(request: Request, services: Services) -> Submission:
@@ -109,7 +111,7 @@ def _form_fields(form: FormData) -> dict[str, str | UploadFile]:
         if name in values:
             raise ApiError(422, "duplicate_field", f"form field {name!r} given more than once", field=name)
         # An empty text value means "not given" (what HTML forms and Swagger UI send for blanks).
-        if isinstance(value, str) and value.strip() == "":
+        if isinstance(value, str) and value == "":
             continue
         if isinstance(value, UploadFile) and name in FILE_FIELDS and not value.filename and value.size == 0:
             continue

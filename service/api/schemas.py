@@ -88,21 +88,25 @@ def _param_properties() -> dict[str, Any]:
 
 
 def transfer_form_schema() -> dict[str, Any]:
-    """The multipart form of ``POST /v1/transfers``. Optional fields are left out, never sent as null."""
+    """The multipart form of ``POST /v1/transfers``. Optional fields are left out (never sent as null);
+    an empty text field counts as left out, as HTML forms send blanks."""
     events = "|".join(WEBHOOK_EVENTS)
+    prompt = {**_STYLE_PROMPT, "pattern": r"^$|\S"}
+    webhook_url = {**_WEBHOOK_URL, "pattern": "^$|^https?://"}
     return {
         "type": "object",
         "required": ["content"],
+        "anyOf": [{"required": ["style"]}, {"required": ["style_prompt"]}],
         "additionalProperties": False,
         "properties": {
             "content": {"type": "string", "format": "binary",
                         "description": "The content image: PNG, JPEG or WebP (sniffed from the bytes). Required."},
             "style": {"type": "string", "format": "binary",
                       "description": "The style image (PNG, JPEG or WebP). Give `style`, `style_prompt`, or both."},
-            "style_prompt": _STYLE_PROMPT,
+            "style_prompt": prompt,
             **_param_properties(),
-            "webhook_url": _WEBHOOK_URL,
-            "webhook_events": {"type": "string", "pattern": f"^({events})(,({events}))*$",
+            "webhook_url": webhook_url,
+            "webhook_events": {"type": "string", "pattern": f"^(({events})(,({events}))*)?$",
                                "description": f"{_EVENTS_HELP} Comma-separated.", "examples": ["start,completed"]},
         },
     }
@@ -113,6 +117,7 @@ def transfer_json_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["content_url"],
+        "anyOf": [{"required": ["style_url"]}, {"required": ["style_prompt"]}],
         "additionalProperties": False,
         "properties": {
             "content_url": {"type": "string", "description": f"The content image: {_REFERENCE_HELP}",

@@ -73,7 +73,10 @@ def build_params(given: Mapping[str, Any]) -> tuple[TransferParams, OutputSpec]:
 
 
 def style_reference(has_style_image: bool, style_prompt: str | None) -> str | None:
-    """The normalised prompt; 422 when there is no style at all."""
+    """The normalised prompt; 422 when there is no style at all, or a prompt of blanks only."""
+    if style_prompt is not None and not style_prompt.strip():
+        raise ApiError(422, "invalid_parameter", "style_prompt: blank; leave it out or describe a style",
+                       field="style_prompt")
     try:
         return check_style_reference(has_style_image, style_prompt)
     except ParamError as exc:

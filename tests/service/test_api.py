@@ -625,13 +625,45 @@ def test_openapi_documents_every_endpoint_with_examples(client):
         assert method in paths[path], (path, method)
     form = paths["/v1/transfers"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["properties"]["content"]["format"] == "binary"
-    assert {"style", "style_prompt", "steps", "alpha", "webhook_url"} <= set(form["properties"])
+    assert {"style", "style_prompt", "steps", "alpha", "output_format"} <= set(form["properties"])
+    # This server has no HAM_WEBHOOK_SECRET: a webhook field would be refused, so none is declared.
+    assert "webhook_url" not in form["properties"]
     assert form["required"] == ["content"]
+    body = paths["/v1/transfers"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["content_url"] and body["examples"]
     schemas = spec["components"]["schemas"]
     assert schemas["TransferJob"]["examples"][0]["status"] == "succeeded"
     assert schemas["ErrorResponse"]["examples"]
     assert {"401", "413", "415", "422", "429"} <= set(paths["/v1/transfers"]["post"]["responses"])
     assert client.get("/docs").status_code == 200
+
+
+def test_openapi_declares_what_the_server_does(make_client):
+    spec = make_client(webhook_secret="s").get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert "security" not in paths[path]["get"] and "401" not in paths[path]["get"]["responses"], path
+    for path, method in (("/v1/transfers", "get"), ("/v1/transfers", "post"), ("/v1/transfers/{job_id}", "get")):
+        assert paths[path][method]["security"] == [{"HTTPBearer": []}]
+        for parameter in paths[path][method].get("parameters", []):
+            assert "anyOf" not in parameter["schema"], parameter  # optional, not nullable
+    cursor = next(p for p in paths["/v1/transfers"]["get"]["parameters"] if p["name"] == "cursor")
+    assert cursor["schema"]["pattern"].startswith("^") and cursor["schema"]["type"] == "string"
+    form = paths["/v1/transfers"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"webhook_url", "webhook_events"} <= set(form["properties"])
+    for name, prop in form["properties"].items():
+        assert "anyOf" not in prop and prop.get("type") != "null", name
+    assert form["properties"]["steps"] == {**form["properties"]["steps"], "type": "integer", "minimum": 1,
+                                           "maximum": 1000, "default": 50}
+    # Operation ids are the handlers' names: what generated clients call their functions.
+    assert paths["/v1/transfers"]["post"]["operationId"] == "create_transfer"
+    locked = make_client(public_health=False).get("/openapi.json").json()["paths"]["/healthz"]["get"]
+    assert locked["security"] == [{"HTTPBearer": []}] and "401" in locked["responses"]
+
+
+def test_options_on_a_path_with_two_routes_lists_both_methods(client):
+    response = client.options("/v1/transfers", headers=AUTH_A)
+    assert response.status_code == 405 and response.headers["allow"] == "GET, POST"
 
 
 def test_openapi_is_a_valid_openapi_3_document(client):

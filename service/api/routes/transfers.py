@@ -79,10 +79,12 @@ IdempotencyKeyHeader = Annotated[str | None, Header(
     alias="Idempotency-Key",
     description="Retry-safe submission: the same key (per tenant) returns the same job, enqueued once.",
     examples=["order-1234-attempt"],
+    # Declared, checked by _check_idempotency_key (its 422 is `invalid_idempotency_key`).
+    json_schema_extra={"pattern": r"^[\x20-\x7e]*[\x21-\x7e][\x20-\x7e]*$", "maxLength": MAX_IDEMPOTENCY_KEY_CHARS},
 )]
 PreferHeader = Annotated[str | None, Header(
     description="`wait=N` (N ≤ 60): answer when the job is terminal or after N seconds (RFC 7240).",
-    examples=["wait=30"],
+    examples=["wait=5"],
 )]
 
 
@@ -215,12 +217,13 @@ async def create_transfer(
     """
     idempotency_key = _check_idempotency_key(idempotency_key)
     wait = preferred_wait(prefer)
+    read_body = _body_reader(request)  # 415 for a body of no known type, replay or not
     if idempotency_key is not None:
         # A retry of a submit that went through gets its job back before limits or uploads are looked at.
         existing = await run_in_threadpool(services.jobs.find_by_idempotency_key, tenant, idempotency_key)
         if existing is not None:
             return await _answer(services, response, existing, 200, wait)
-    submission = await _body_reader(request)(request, services)
+    submission = await read_body(request, services)
     await run_in_threadpool(_check_backpressure, services, tenant)
     job = submission.job(new_job_id(), tenant)
     stored, created = await run_in_threadpool(_store_and_submit, services, job, submission, idempotency_key)
