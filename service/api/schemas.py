@@ -96,7 +96,9 @@ def transfer_form_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["content"],
-        "anyOf": [{"required": ["style"]}, {"required": ["style_prompt"]}],
+        # "A style image, a style_prompt or both" stays in words: an object-level anyOf would say it,
+        # but standard client generators (openapi-python-client) then build no model for the body.
+        "description": "A transfer as a multipart form. Give `style`, `style_prompt`, or both.",
         "additionalProperties": False,
         "properties": {
             "content": {"type": "string", "format": "binary",
@@ -117,7 +119,7 @@ def transfer_json_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["content_url"],
-        "anyOf": [{"required": ["style_url"]}, {"required": ["style_prompt"]}],
+        "description": "A transfer as JSON, the images by reference. Give `style_url`, `style_prompt`, or both.",
         "additionalProperties": False,
         "properties": {
             "content_url": {"type": "string", "description": f"The content image: {_REFERENCE_HELP}",

@@ -7,7 +7,9 @@ as *valid* are touched, and only where the schema's words cannot carry the rule:
   a data: URI of it the drawn ``content_url``/``style_url`` (the fuzz server fetches no URLs);
 - ``step_start < step_end`` with at least one of ``steps`` inside the window while GAR or LAT is on
   (documented on the fields): the window is reset to the default;
-- a webhook URL must be reachable in principle: a fixed loopback URL replaces the drawn one.
+- a webhook URL must be reachable in principle: a fixed loopback URL replaces the drawn one;
+- a style image, a style prompt or both (said in words: an object-level ``anyOf`` would leave
+  generated clients without a body model): a prompt is added when the case drew neither.
 
 Every case, valid or not, gets ``Prefer: wait=0`` for any wait it drew, so a fuzzed long poll on a job that
 no worker runs cannot stall the run, and a fresh ``Idempotency-Key``: a key seen before answers with
@@ -55,4 +57,6 @@ def map_case(ctx, case):
         body.pop("step_end", None)
     if "webhook_url" in body:
         body["webhook_url"] = WEBHOOK
+    if not {"style", "style_url", "style_prompt"} & set(body):
+        body["style_prompt"] = "ink wash"
     return case

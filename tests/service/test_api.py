@@ -623,13 +623,16 @@ def test_openapi_documents_every_endpoint_with_examples(client):
         ("/metrics", "get"),
     ]:
         assert method in paths[path], (path, method)
-    form = paths["/v1/transfers"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    content = paths["/v1/transfers"]["post"]["requestBody"]["content"]
+    assert content["multipart/form-data"]["schema"] == {"$ref": "#/components/schemas/TransferForm"}
+    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/TransferRequest"}
+    form = spec["components"]["schemas"]["TransferForm"]
     assert form["properties"]["content"]["format"] == "binary"
     assert {"style", "style_prompt", "steps", "alpha", "output_format"} <= set(form["properties"])
     # This server has no HAM_WEBHOOK_SECRET: a webhook field would be refused, so none is declared.
     assert "webhook_url" not in form["properties"]
     assert form["required"] == ["content"]
-    body = paths["/v1/transfers"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    body = spec["components"]["schemas"]["TransferRequest"]
     assert body["required"] == ["content_url"] and body["examples"]
     schemas = spec["components"]["schemas"]
     assert schemas["TransferJob"]["examples"][0]["status"] == "succeeded"
@@ -649,7 +652,7 @@ def test_openapi_declares_what_the_server_does(make_client):
             assert "anyOf" not in parameter["schema"], parameter  # optional, not nullable
     cursor = next(p for p in paths["/v1/transfers"]["get"]["parameters"] if p["name"] == "cursor")
     assert cursor["schema"]["pattern"].startswith("^") and cursor["schema"]["type"] == "string"
-    form = paths["/v1/transfers"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    form = spec["components"]["schemas"]["TransferForm"]
     assert {"webhook_url", "webhook_events"} <= set(form["properties"])
     for name, prop in form["properties"].items():
         assert "anyOf" not in prop and prop.get("type") != "null", name

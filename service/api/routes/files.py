@@ -25,7 +25,9 @@ router = APIRouter(tags=["files"])
     summary="Download a stored file (signed URL)",
     response_class=FileResponse,
     responses={
-        200: {"content": {"image/png": {}}, "description": "The file."},
+        200: {"content": {media: {"schema": {"type": "string", "format": "binary"}}
+                          for media in ("image/png", "image/jpeg", "image/webp")},
+              "description": "The file (a result, in its job's `output_format`)."},
         403: {"model": ErrorResponse, "description": "Signature invalid or expired."},
         404: {"model": ErrorResponse, "description": "No such file, or storage is not file://."},
         422: {"model": ErrorResponse, "description": "Malformed request."},

@@ -22,13 +22,7 @@ from service.api.errors import ApiError
 from service.api.json_body import read_json
 from service.api.live import preferred_wait, wait_until_terminal
 from service.api.multipart import read_multipart
-from service.api.schemas import (
-    ErrorResponse,
-    TransferJob,
-    TransferList,
-    transfer_form_schema,
-    transfer_json_schema,
-)
+from service.api.schemas import ErrorResponse, TransferJob, TransferList
 from service.api.submission import Submission
 from service.core.config import Settings
 from service.core.jobs import (
@@ -197,9 +191,10 @@ def _delete_quietly(services: Services, keys: list[str]) -> None:
     openapi_extra={
         "requestBody": {
             "required": True,
+            # Named schemas (components), so generated clients get a model for each body.
             "content": {
-                "multipart/form-data": {"schema": transfer_form_schema()},
-                "application/json": {"schema": transfer_json_schema()},
+                "multipart/form-data": {"schema": {"$ref": "#/components/schemas/TransferForm"}},
+                "application/json": {"schema": {"$ref": "#/components/schemas/TransferRequest"}},
             },
         }
     },
