@@ -232,7 +232,7 @@ class ParamSpec:
         if self.kind is bool:
             return "true or false"
         if self.choices is not None:
-            return " | ".join(self.choices)
+            return ", ".join(self.choices)
         text = f"{_number(self.minimum)}..{_number(self.maximum)}"
         return f"{text}, a multiple of {self.multiple_of}" if self.multiple_of else text
 
@@ -253,11 +253,11 @@ PARAM_SPECS: tuple[ParamSpec, ...] = tuple(
 CLIENT_PARAMS: dict[str, type] = {spec.name: spec.kind for spec in PARAM_SPECS}
 
 
-def params_table() -> str:
-    """The Markdown table of :data:`PARAM_SPECS` that docs/api.md carries (a test keeps them equal)."""
+def params_table(specs: tuple[ParamSpec, ...] = PARAM_SPECS) -> str:
+    """The Markdown table of ``specs`` that docs/api.md carries (a test keeps them equal)."""
     rows = ["| Parameter | Type | Default | Allowed | What |", "|---|---|---|---|---|"]
-    for spec in PARAM_SPECS:
-        default = str(spec.default).lower() if spec.kind is bool else repr(spec.default)
+    for spec in specs:
+        default = str(spec.default).lower() if spec.kind is bool else f"`{spec.default}`"
         rows.append(f"| `{spec.name}` | {spec.kind.__name__} | {default} | {spec.allowed()} | {spec.help} |")
     return "\n".join(rows) + "\n"
 

@@ -86,6 +86,7 @@ def test_every_redirect_hop_is_vetted_again(server, public_test_host):
     target = f"http://images.test:{port}/final.png"
     assert run(f"http://images.test:{port}/to/{target}") == PNG
     assert public_test_host == [f"http://images.test:{port}/to/{target}", target]
+    assert [hit["path"] for hit in seen] == [f"/to/{target}", "/final.png"]
 
 
 @pytest.mark.parametrize("private", ["http://127.0.0.1:{port}/x.png", "http://10.0.0.1/x.png",
