@@ -157,8 +157,9 @@ def _submit(args: argparse.Namespace) -> int:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise SubmitError(f"job {job.id} not finished after {args.timeout}s (still {job.status})")
-                # Long polls (Prefer: wait) so the status line moves; wait() would block until the end.
-                job = client.get(job.id, wait=min(args.poll_interval, left))
+                # Plain polls so the status line moves (wait() would block until the end).
+                time.sleep(min(args.poll_interval, left))
+                job = client.get(job.id)
                 progress.show(job)
             progress.done()
             data = client.download(job)
@@ -220,7 +221,7 @@ def _add_submit_parser(subparsers: Any) -> None:
     parser.add_argument("--idempotency-key", help="retry-safe submission key")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the result (default 1800)")
     parser.add_argument("--poll-interval", type=float, default=1.0,
-                        help="seconds between progress updates (each a long poll that returns early at the end)")
+                        help="seconds between status checks")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     parser.set_defaults(handler=_run_submit)
 
