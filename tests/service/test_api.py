@@ -201,7 +201,9 @@ def test_tampered_or_expired_file_url_is_403(client):
     )
     assert_error(client.get(f"/v1/files/results/{job_id}.png"), 403, "invalid_signature")
     short = storage.url(f"results/{job_id}.png", 1)
-    time.sleep(1.1 - (time.time() % 1))  # past the one-second expiry
+    assert client.get(short).status_code == 200
+    issued = time.time()
+    storage.clock = lambda: issued + 2  # two seconds on: past the one-second expiry
     assert_error(client.get(short), 403, "invalid_signature")
 
 
@@ -457,13 +459,14 @@ def test_cancelled_jobs_free_queue_slots(make_client):
 
 def test_rate_limit_per_key_is_429_with_retry_after(make_client):
     client = make_client(rate_limit_per_minute=3)
-    if time.time() % 60 > 57:  # keep the four requests inside one fixed window
-        time.sleep(3.5)
+    window_start = (time.time() // 60) * 60
+    # Five seconds into a fresh window: the four requests fall in one window, however slow the machine.
+    client.app.state.services.limiter.clock = lambda: window_start + 5
     statuses = [client.get("/v1/transfers", headers=AUTH_A).status_code for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
     response = client.get("/v1/transfers", headers=AUTH_A)
     assert_error(response, 429, "rate_limited")
-    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert int(response.headers["retry-after"]) == 55
     assert client.get("/v1/transfers", headers=AUTH_B).status_code == 200
     assert client.get("/healthz").status_code == 200  # operator endpoints are not rate limited
 
@@ -743,7 +746,8 @@ def test_s3_storage_gets_inputs_and_serves_results_by_presigned_url(make_client,
 
 def test_rate_limit_is_shared_by_api_replicas(make_client):
     replicas = [make_client(rate_limit_per_minute=3), make_client(rate_limit_per_minute=3)]
-    if time.time() % 60 > 57:
-        time.sleep(3.5)
+    window_start = (time.time() // 60) * 60 + 60  # a window no other test has counted in
+    for replica in replicas:
+        replica.app.state.services.limiter.clock = lambda: window_start + 5
     statuses = [replicas[i % 2].get("/v1/transfers", headers=AUTH_A).status_code for i in range(4)]
     assert statuses == [200, 200, 200, 429]
