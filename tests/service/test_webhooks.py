@@ -175,6 +175,9 @@ class Receiver:
     statuses: list[int] = field(default_factory=list)  # consumed one per request; then 200
     delay: float = 0.0
     location: str | None = None
+    # While set, requests to /held wait for it to be released (no timing involved).
+    hold: threading.Event | None = None
+    held: list[str] = field(default_factory=list)
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
         _wait(lambda: len(self.requests) >= count, timeout, f"{count} webhook requests")
@@ -200,6 +203,9 @@ def receiver() -> Iterator[Receiver]:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if self.path.startswith("/slow"):
                 time.sleep(rec.delay)
+            if self.path.startswith("/held") and rec.hold is not None:
+                rec.held.append(self.path)
+                rec.hold.wait(30)
             rec.requests.append(Received(self.path, dict(self.headers.items()), body, time.monotonic()))
             status = rec.statuses.pop(0) if rec.statuses else 200
             self.send_response(status)
@@ -302,17 +308,17 @@ def test_redirects_are_not_followed(receiver: Receiver, dispatchers) -> None:
 
 
 def test_slow_endpoint_does_not_block_submit_or_other_deliveries(receiver: Receiver, dispatchers) -> None:
-    receiver.delay = 2.0
+    receiver.hold = threading.Event()  # the /held endpoint answers only once the test releases it
     dispatcher = _dispatcher(dispatchers, _settings())
     dispatcher.start()
-    started = time.perf_counter()
-    dispatcher.submit(receiver.url + "/slow", {"id": "slow"})
-    dispatcher.submit(receiver.url + "/fast", {"id": "fast"})
-    assert time.perf_counter() - started < 0.05
-    (first,) = receiver.wait_for(1, timeout=1.5)  # the fast one, while the slow one is still in flight
-    assert first.path == "/fast"
-    second = receiver.wait_for(2, timeout=5)[1]
-    assert second.path == "/slow"
+    dispatcher.submit(receiver.url + "/held", {"id": "slow"})
+    _wait(lambda: receiver.held == ["/held"], 10, "the held delivery to be in flight")
+    dispatcher.submit(receiver.url + "/fast", {"id": "fast"})  # returned although /held still hangs
+    (first,) = receiver.wait_for(1)  # the fast one arrives while the held one is still in flight
+    assert first.path == "/fast" and not receiver.hold.is_set()
+    receiver.hold.set()
+    second = receiver.wait_for(2)[1]
+    assert second.path == "/held"
 
 
 def test_timeout_counts_as_a_failed_attempt(receiver: Receiver, dispatchers) -> None:
