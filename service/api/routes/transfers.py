@@ -1,10 +1,11 @@
 """``/v1/transfers``: submit, read, list and cancel transfer jobs.
 
-The handlers translate HTTP to the job store and back. A submission — a multipart form
-(:mod:`service.api.multipart`) or a JSON body (:mod:`service.api.json_body`) — is validated in
-full (shape, parameters, style reference, idempotency key, webhook URL, both images, fetched if
-given by URL) before anything is written; then the normalised inputs go to storage and the job
-to the queue. The live view of a job is in :mod:`service.api.routes.events`.
+The handlers translate HTTP to the job store and back. A submission is refused as cheaply as
+possible first (auth, rate limit, queue capacity: before the body is read), then validated in
+full — a multipart form (:mod:`service.api.multipart`) or a JSON body
+(:mod:`service.api.json_body`): shape, parameters, style reference, idempotency key, webhook URL,
+both images, fetched if given by URL — before anything is written; then the normalised inputs go
+to storage and the job to the queue. The live view of a job is in :mod:`service.api.routes.events`.
 """
 
 from __future__ import annotations
@@ -136,7 +137,11 @@ def _queue_full(settings: Settings, scope: str) -> ApiError:
 
 
 def _check_backpressure(services: Services, tenant: str) -> None:
-    # A cheap early answer before the uploads are stored; JobStore.submit enforces the limits atomically.
+    """Refuse a submit to a full queue before its body is read (two ZCARDs, no parsing, no decoding).
+
+    A flood of refused uploads then costs the API almost nothing; ``JobStore.submit`` checks the
+    limits again, atomically, when the job is enqueued.
+    """
     settings = services.settings
     if services.jobs.queued_count(tenant) >= settings.max_queued_per_tenant:
         raise _queue_full(settings, "tenant")
@@ -218,8 +223,9 @@ async def create_transfer(
         existing = await run_in_threadpool(services.jobs.find_by_idempotency_key, tenant, idempotency_key)
         if existing is not None:
             return await _answer(services, response, existing, 200, wait)
-    submission = await read_body(request, services)
+    # Auth and the rate limit ran as dependencies; capacity is the last check that needs no body.
     await run_in_threadpool(_check_backpressure, services, tenant)
+    submission = await read_body(request, services)
     job = submission.job(new_job_id(), tenant)
     stored, created = await run_in_threadpool(_store_and_submit, services, job, submission, idempotency_key)
     if created:
