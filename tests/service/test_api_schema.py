@@ -85,7 +85,8 @@ def test_the_live_api_keeps_its_openapi_contract(live_api: str, tmp_path: Path):
         "--report", "junit", "--report-dir", str(tmp_path),
     ]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    # In the temp folder: schemathesis keeps a cache (.schemathesis/) where it runs.
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-20000:]
     assert "API Operations" in output and "generated" in output
