@@ -13,8 +13,10 @@ A job's life here:
 3. Run the engine; every step writes progress and polls the cancel flag and the
    deadline (``settings.job_timeout``), which the engine honours between steps.
 4. Write ``results/{id}.png``, then the terminal state: succeeded; failed with
-   ``invalid_input`` (engine ``ValueError``), ``inputs_missing``, ``timeout`` or
-   ``internal_error`` (logged with the job id); or canceled.
+   ``invalid_input`` (the engine's own input errors, :class:`~ham_engine.params.ParamError`),
+   ``numerical_error`` (the engine's ``NumericalError``: an overflow), ``inputs_missing``,
+   ``timeout`` or ``internal_error`` (anything else, a library's ``ValueError`` included;
+   logged with the job id); or canceled.
 5. Delete the inputs, fire the webhook (background thread, never blocks).
 
 RQ always sees the call succeed: the outcome lives in the job record, not in RQ.
@@ -31,12 +33,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import Image
 from rq.timeouts import BaseTimeoutException
 
-from ham_engine.params import TransferParams
+from ham_engine.params import ParamError, TransferParams
 from service.config import Settings
 from service.jobs import (
     ERROR_INPUTS_MISSING,
     ERROR_INTERNAL,
     ERROR_INVALID_INPUT,
+    ERROR_NUMERICAL,
     ERROR_STORAGE,
     ERROR_TIMEOUT,
     Job,
@@ -157,7 +160,7 @@ class TransferRunner:
         return outcome
 
     def _execute(self, job: Job, began: float) -> tuple[Job | None, dict[str, Any] | None]:
-        from ham_engine.engine import TransferCancelled  # torch: only ever imported in a worker
+        from ham_engine.engine import NumericalError, TransferCancelled  # torch: only ever imported in a worker
 
         watch = _Watch(self.store, job.id, deadline=began + self.settings.job_timeout)
         try:
@@ -194,8 +197,11 @@ class TransferRunner:
             return self._transition(job.id, lambda: self._cancel_if_still_ours(job.id)), None
         except StorageError as exc:  # the result could not be written
             return self._retry_or_fail(job, exc), None
-        except ValueError as exc:
+        except ParamError as exc:  # the engine refused the inputs; a library's ValueError is a bug
             return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc)), None
+        except NumericalError as exc:
+            log.warning("job %s: numerical error: %s", job.id, exc)
+            return self._finish_fail(job, ERROR_NUMERICAL, str(exc)), None
         except BaseTimeoutException:
             # RQ's hard limit (job_timeout + margin) fired inside a step that never returned.
             message = f"the job ran longer than the limit of {self.settings.job_timeout}s"

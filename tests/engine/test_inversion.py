@@ -46,7 +46,7 @@ def _damped_unet_fn(engine: HamEngine, scale: float):
     text = engine.model.encode_prompt([""])
 
     def model(latents: torch.Tensor, _: int, timestep: torch.Tensor) -> torch.Tensor:
-        return unet(latents, timestep, encoder_hidden_states=text).sample
+        return unet(latents, timestep, **text.unet_kwargs()).sample
 
     return model
 
