@@ -15,6 +15,7 @@ from PIL import Image
 from ham_engine import ParamError, TransferParams
 from ham_engine.attention import AttentionEvent
 from ham_engine.engine import HamEngine, TransferCancelled
+from tests.engine.conftest import tolerance
 
 STEPS = 4
 SMALL = TransferParams(steps=STEPS, size=64)
@@ -44,6 +45,9 @@ def _adain(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
 # latents of magnitude ~4. Paths that batch differently are compared at this tolerance;
 # the attention-level tests pin the maths at the same batch bit for bit.
 BATCH_NOISE = {"atol": 3e-3, "rtol": 1e-3}
+# GAR/LAT arithmetic on the recorded projections: float32 rounding, or two bf16 ulps
+# (a blend with the wrong weights or statistics is off by O(1)).
+PROJECTIONS = tolerance({"atol": 1e-5, "rtol": 1e-5}, {"atol": 2e-2, "rtol": 2e-2})
 
 
 def _stock_processors(engine: HamEngine) -> bool:
@@ -66,7 +70,8 @@ def test_all_modulation_off_matches_a_plain_diffusers_ddim_regeneration(
         text = model.encode_prompt([""])
         latents = result.content_terminal
         for t in scheduler.timesteps:
-            output = model.unet(latents, t, **text.unet_kwargs()).sample
+            # As the engine: the UNet in the model dtype, the DDIM arithmetic in float32.
+            output = model.unet(latents.to(model.dtype), t, **text.unet_kwargs()).sample.float()
             latents = scheduler.step(output, t, latents).prev_sample
     assert torch.equal(result.student, latents)
     # Nothing reads the style: it is neither inverted nor sampled.
@@ -114,7 +119,7 @@ def test_gar_gives_the_student_alpha_own_plus_adain_of_the_teachers_at_every_ste
         assert event.layout.branches == ("content_teacher", "style_teacher", "student")
         for before, after in zip(event.before, event.after, strict=True):
             content, style, student = before
-            torch.testing.assert_close(after[2], 0.6 * student + 0.4 * _adain(content, style), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(after[2], 0.6 * student + 0.4 * _adain(content, style), **PROJECTIONS)
             assert torch.equal(after[:2], before[:2])
 
 
@@ -132,7 +137,7 @@ def test_lat_gives_the_student_the_style_teachers_keys_and_values_and_a_blended_
         # The student's own (empty-prompt) keys differ from the prompted style teacher's.
         assert not torch.equal(k[2], k[1])
         assert torch.equal(k_after[2], k[1]) and torch.equal(v_after[2], v[1])
-        torch.testing.assert_close(q_after[2], 0.25 * q[2] + 0.75 * q[0])
+        torch.testing.assert_close(q_after[2], 0.25 * q[2] + 0.75 * q[0], **PROJECTIONS)
 
 
 def test_gar_and_lat_act_only_on_the_selected_layers_inside_the_step_window(
@@ -158,9 +163,13 @@ def test_step_window_leaves_the_teachers_out_of_steps_outside_it(
 
 
 def test_v_prediction_model_runs_the_full_method(tiny_v_engine: HamEngine, content_image: Image.Image) -> None:
-    result = HamEngine(tiny_v_engine.model).transfer(content_image, style_prompt="a watercolour", params=SMALL)
+    engine = HamEngine(tiny_v_engine.model)
+    latents = engine.transfer_latents(content_image, style_prompt="a watercolour", params=SMALL)
+    # Finite where it can still fail (uint8 pixels cannot hold a NaN), and not a constant picture.
+    assert torch.isfinite(latents.student).all() and latents.student.std() > 0.05
+    result = engine.transfer(content_image, style_prompt="a watercolour", params=SMALL)
     assert result.image.size == (64, 64) and result.image.mode == "RGB"
-    assert np.isfinite(_pixels(result.image)).all()
+    assert _pixels(result.image).std() > 1.0
 
 
 # -- guidance modes ----------------------------------------------------------------------
@@ -215,9 +224,9 @@ def test_text_guided_cfg_modulates_each_half_with_the_shared_content_teacher_row
             content, style, student = (layout.row(b, half) for b in layout.branches)
             if event.module == "gar":
                 want = 0.6 * q[student] + 0.4 * _adain(q[content], q[style])
-                torch.testing.assert_close(q_after[student], want, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(q_after[student], want, **PROJECTIONS)
             else:
-                torch.testing.assert_close(q_after[student], 0.25 * q[student] + 0.75 * q[content])
+                torch.testing.assert_close(q_after[student], 0.25 * q[student] + 0.75 * q[content], **PROJECTIONS)
                 assert torch.equal(k_after[student], k[style]) and torch.equal(v_after[student], v[style])
         # The prompted cond half and the empty uncond half give the student different keys.
         if event.module == "lat":
