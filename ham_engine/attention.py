@@ -1,4 +1,4 @@
-"""HAM's attention processors: GAR on self-attention, LAT on cross-attention (PAPER.md §2–§3).
+"""HAM's attention processors: GAR on self-attention, LAT on cross-attention (docs/method.md §3–§4).
 
 Both processors keep the mechanics of diffusers' stock ``AttnProcessor2_0`` line for line
 (norms, head split, ``F.scaled_dot_product_attention``, output projection, residual,

@@ -1,4 +1,4 @@
-"""HamEngine: one HAM style transfer end to end (PAPER.md §1–§7).
+"""HamEngine: one HAM style transfer end to end (docs/method.md).
 
 A transfer runs in four phases:
 
@@ -26,7 +26,7 @@ Under CFG (a text-guided style teacher) the student is guided too **[our reading
 LAT, its uncond half the empty prompt's, and ``uncond + g·(cond − uncond)`` carries the
 prompt into the student. With an image style and no style prompt, teacher and student
 share the empty prompt, so LAT's K/V transplant changes nothing and its query blend is
-what acts (a consequence of PAPER.md §4).
+what acts (docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class HamEngine:
     """A loaded diffusion model that runs HAM transfers, one at a time, request after request.
 
     ``transfer`` is thread-safe: a lock keeps two threads from sharing the UNet. The
-    style cache keeps what repeat image styles need (PAPER.md §7).
+    style cache keeps what repeat image styles need (docs/method.md §7).
     """
 
     def __init__(self, model: DiffusionModel, style_cache_bytes: int = DEFAULT_STYLE_CACHE_BYTES) -> None:
