@@ -166,6 +166,18 @@ def test_an_overflow_fails_the_job_with_numerical_error_not_a_black_image(redis_
         storage.get(result_key(job.id))
 
 
+def test_an_sdxl_worker_runs_image_and_image_plus_prompt_jobs(redis_client, storage, settings):
+    from ham_engine.engine import HamEngine
+
+    runner = make_runner(HamEngine.load("tiny-xl", device="cpu"), redis_client, storage, settings)
+    image_job = submit(runner)
+    text_job = submit(runner, style_prompt="an ink engraving")
+    assert [runner.run(image_job.id), runner.run(text_job.id)] == ["succeeded", "succeeded"]
+    done = runner.store.get(text_job.id)
+    assert (done.stats["family"], done.stats["mode"]) == ("sdxl", "image+text")
+    assert Image.open(io.BytesIO(storage.get(result_key(text_job.id)))).size == (64, 64)
+
+
 class _LibraryFailure:
     """An engine whose library raises a plain ValueError mid-transfer (not an input error of ours)."""
 
