@@ -26,10 +26,6 @@ class StableDiffusion(ModelFamily):
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **local)
         return cls([tokenizer], [text_encoder], dtype)
 
-    @classmethod
-    def check_unet(cls, config: Mapping[str, Any]) -> list[str]:
-        return []
-
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], size: tuple[int, int], device: torch.device) -> PromptEmbeddings:
         """``[B, 77, D]``: the text encoder's last hidden state, as ``StableDiffusionPipeline`` uses it."""
