@@ -14,7 +14,7 @@ from PIL import Image
 
 from ham_engine import TransferParams, tiny
 from ham_engine.attention import CROSS_ATTENTION, SELF_ATTENTION, AttentionEvent, attention_layers
-from ham_engine.engine import HamEngine
+from ham_engine.engine import HamEngine, TransferCancelled
 from ham_engine.families import PromptEmbeddings, UnsupportedModel
 from ham_engine.loading import load_model
 from tests.engine.conftest import TEST_DEVICE, tolerance
@@ -138,6 +138,22 @@ def test_sdxl_wide_output_conditions_every_unet_call_on_its_own_size(
     result = xl.transfer(wide, style_prompt="a mosaic", params=TransferParams(steps=1, size=128))
     assert result.image.size == (128, 64)
     assert seen and all(ids == [64, 128, 0, 0, 64, 128] for ids in seen)
+
+
+def test_sdxl_transfer_reports_progress_and_stops_when_cancelled(xl: HamEngine, content_image: Image.Image) -> None:
+    calls: list[tuple[int, int]] = []
+    xl.transfer(content_image, style_prompt="a mosaic", params=SMALL, progress=lambda s, t: calls.append((s, t)))
+    assert calls == [(s, 2 * STEPS) for s in range(1, 2 * STEPS + 1)]
+    steps: list[int] = []
+    with pytest.raises(TransferCancelled):
+        xl.transfer(
+            content_image,
+            style_prompt="a mosaic",
+            params=SMALL,
+            progress=lambda s, t: steps.append(s),
+            cancelled=lambda: len(steps) >= STEPS + 1,
+        )
+    assert steps == list(range(1, STEPS + 2))
 
 
 # -- attention selection and refusals --------------------------------------------------------
