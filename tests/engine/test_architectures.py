@@ -6,7 +6,7 @@ in ``HAM_ARCH_DIR``) with the real CLIP BPE tokenizer, loaded through
 image style cold and warm, text style under CFG. Minutes and gigabytes, so they run only
 with ``HAM_TEST_ARCHITECTURES=1`` (``.ci/run`` sets it). SD runs in float32 (~7 GB RSS);
 SDXL-base in float32 would hold ~14 GB, so it is stored and runs in bfloat16 (peak RSS of
-the whole module 9.1 GB): the compute dtype is stated per architecture below.
+the whole module 9.7 GB): the compute dtype is stated per architecture below.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ pytestmark = [
 # name -> (family, compute dtype, decoder self-attention layers, cross-attention width, steps).
 # One step keeps each architecture to a few minutes on 2 cores (SDXL-base in bf16 on a CPU
 # without bf16 units: ~20-30 s per UNet row at 64 px); the rows still scale as 5N / 3N / 6N.
-# Measured on a shared 2-core VM: 9 tests in 19 min at 2 steps for SD, peak RSS 9.1 GB.
+# Measured on a 2-core VM: the 9 tests in 2 min 52 s (builds cached), peak RSS 9.7 GB; the
+# first build of all three adds ~7-12 min and ~12 GB of disk under HAM_ARCH_DIR.
 EXPECTED = {
     "sd15": ("sd", "fp32", 9, 768, 1),
     "sd21-base": ("sd", "fp32", 9, 1024, 1),
