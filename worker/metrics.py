@@ -20,7 +20,13 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from service.core.jobs import ERROR_INPUTS_MISSING, ERROR_INTERNAL, ERROR_INVALID_INPUT, ERROR_TIMEOUT
+from service.core.jobs import (
+    ERROR_INPUTS_MISSING,
+    ERROR_INTERNAL,
+    ERROR_INVALID_INPUT,
+    ERROR_NUMERICAL,
+    ERROR_TIMEOUT,
+)
 
 log = logging.getLogger("ham.worker")
 
@@ -28,7 +34,7 @@ log = logging.getLogger("ham.worker")
 JOB_OUTCOMES = ("succeeded", "failed", "canceled", "lost")
 RECOVERY_ACTIONS = ("requeued", "failed", "canceled")
 # The error codes a job run can end with (worker_lost is recovery's, counted by ham_worker_recovered_jobs).
-RUN_ERROR_CODES = (ERROR_INVALID_INPUT, ERROR_INPUTS_MISSING, ERROR_TIMEOUT, ERROR_INTERNAL)
+RUN_ERROR_CODES = (ERROR_INVALID_INPUT, ERROR_INPUTS_MISSING, ERROR_TIMEOUT, ERROR_NUMERICAL, ERROR_INTERNAL)
 # Jobs take from well under a second (tiny model, CPU) to minutes (SD at 1024 px).
 _JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 # UNet batch rows of one job: about (2 inversions + 3..5 sampling rows) x steps, so 50 steps ≈ 300-350.
