@@ -51,6 +51,7 @@ class Session:
 
     page: object
     console_errors: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
 
     def unexpected_errors(self, allowed_statuses: tuple[int, ...] = ()) -> list[str]:
         """Console errors and uncaught exceptions, less the browser's own line for an expected HTTP status."""
@@ -98,6 +99,7 @@ def open_playground(browser: object, stack: Stack) -> Iterator:
         session = Session(page)
         page.on("console", lambda message: message.type == "error" and session.console_errors.append(message.text))
         page.on("pageerror", lambda exc: session.console_errors.append(f"uncaught: {exc}"))
+        page.on("request", lambda request: session.requests.append(request.url))
         page.add_init_script(RECORD_PROGRESS)
         page.goto(f"{stack.base_url}/")
         assert page.url == f"{stack.base_url}/playground/", "/ must redirect to the playground"
@@ -180,6 +182,11 @@ def test_playground_runs_a_transfer_and_downloads_it(open_playground, images, st
     assert seen[-1] == 100, seen
     assert any(0 < value < 100 for value in seen), f"the bar never showed a value between 0 and 100: {seen}"
     assert seen == sorted(seen), f"the bar went backwards: {seen}"
+    # The job was followed on its event stream where the server has one, else by polling.
+    with stack.client("alpha") as client:
+        has_events = "/v1/transfers/{job_id}/events" in client.get("/openapi.json").json()["paths"]
+    followed = [u for u in session.requests if "/v1/transfers/" in u and "limit=" not in u]
+    assert followed and all(u.endswith("/events") for u in followed) == has_events, followed
     assert page.locator("#before-img").get_attribute("src").startswith("blob:"), "the content is shown beside"
     assert page.locator("#compare").is_visible()
     assert page.locator("#cancel").is_hidden(), "nothing left to cancel"

@@ -62,7 +62,8 @@ def test_the_script_hard_codes_no_parameter() -> None:
 def test_config_lists_every_client_parameter_with_the_server_defaults_and_bounds(client: TestClient) -> None:
     config = client.get("/playground/config.json").json()
     assert config["auth_required"] is True and config["max_upload_bytes"] > 0
-    assert config["features"] == {"events": False, "styles": False}
+    paths = client.get("/openapi.json").json()["paths"]
+    assert config["features"] == {"events": "/v1/transfers/{job_id}/events" in paths, "styles": "/v1/styles" in paths}
     by_name = {p["name"]: p for p in config["params"]}
     assert set(by_name) == set(CLIENT_PARAMS) and len(config["params"]) == len(CLIENT_PARAMS)
     assert [p["name"] for p in config["params"] if p["main"]] == ["alpha", "beta", "gamma", "steps", "size", "seed"]
@@ -71,8 +72,12 @@ def test_config_lists_every_client_parameter_with_the_server_defaults_and_bounds
         if f.name in by_name:
             assert by_name[f.name]["default"] == getattr(defaults, f.name), f.name
     # The bounds are those this server publishes for the request body.
-    schema = client.get("/openapi.json").json()["paths"]["/v1/transfers"]["post"]["requestBody"]["content"][
-        "multipart/form-data"]["schema"]["properties"]
+    openapi = client.get("/openapi.json").json()
+    schema = openapi["paths"]["/v1/transfers"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    if "$ref" in schema:
+        schema = openapi["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    schema = {name: openapi["components"]["schemas"][p["$ref"].rsplit("/", 1)[1]] if "$ref" in p else p
+              for name, p in schema["properties"].items()}
     for name, param in by_name.items():
         published = next((c for c in schema[name].get("anyOf", [schema[name]]) if c.get("type") != "null"), {})
         for key in ("minimum", "maximum", "multipleOf"):

@@ -80,7 +80,8 @@ def _bounds(schema: dict[str, Any]) -> dict[str, Any]:
 def playground_config(app: FastAPI, auth_required: bool, max_upload_bytes: int) -> dict[str, Any]:
     """What the page needs to build its form (``GET /playground/config.json``)."""
     defaults = {f.name: getattr(TransferParams(), f.name) for f in fields(TransferParams)}
-    properties = _request_properties(app.openapi())
+    openapi = app.openapi()
+    properties = _request_properties(openapi)
     params = []
     for name, kind in CLIENT_PARAMS.items():
         schema = properties.get(name, {})
@@ -94,7 +95,7 @@ def playground_config(app: FastAPI, auth_required: bool, max_upload_bytes: int) 
             **_bounds(schema),
         })
     params.sort(key=lambda p: MAIN_PARAMS.index(p["name"]) if p["main"] else len(MAIN_PARAMS))
-    paths = {getattr(route, "path", None) for route in app.routes}
+    paths = set(openapi.get("paths", {}))
     return {
         "auth_required": auth_required,
         "max_upload_bytes": max_upload_bytes,
