@@ -131,8 +131,8 @@ class WorkerMetrics:
             elif hit is False:
                 misses.inc()
         peak = stats.get("peak_memory_bytes")
-        if isinstance(peak, (int, float)):
-            self.device_memory.labels(kind="peak").set(peak)
+        # The engine reports no accelerator peak on a CPU (None): the gauge says 0, as its help text does.
+        self.device_memory.labels(kind="peak").set(peak if isinstance(peak, (int, float)) else 0)
 
     def storage_changed(self, up: bool) -> None:
         """Count an outage of object storage when the worker's storage link first sees it."""
