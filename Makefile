@@ -40,10 +40,11 @@ system:
 	@command -v redis-server >/dev/null 2>&1 && $(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { \
 	  $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server python3-venv; }
 
-# The browser test drives Debian's Chromium (never a downloaded browser build).
+# The browser tests drive Debian's Chromium (never a downloaded browser build); the monitoring
+# tests run Debian's prometheus and promtool.
 system-test:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
+	@command -v chromium >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium prometheus; }
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

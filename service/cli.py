@@ -14,7 +14,6 @@ api`` and ``ham submit`` never import torch. Exit status: 0 success, 1 failure, 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -43,7 +42,9 @@ def _run_api(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"{PROG} api: error: invalid HAM_* settings: {exc.errors()[0]['msg']}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.core.logs import configure_logging, logging_config
+
+    configure_logging(settings, "api")
     uvicorn.run(
         "service.api.app:create_app",
         factory=True,
@@ -51,7 +52,9 @@ def _run_api(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level=settings.log_level.lower(),
-        # Job ids and tenants are logged by the app itself; the access log stays uvicorn's.
+        # uvicorn applies this in every process it starts: its own lines (access log included) go through
+        # our handler, so they are JSON under HAM_LOG_FORMAT=json and carry the request id.
+        log_config=logging_config(settings, "api"),
         proxy_headers=True,
     )
     return 0

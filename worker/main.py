@@ -42,6 +42,7 @@ from rq.serializers import JSONSerializer
 
 from service.core.config import Settings
 from service.core.jobs import JobStore
+from service.core.logs import configure_logging
 from service.core.redis_client import connect_redis
 from service.core.storage import open_storage
 from worker.metrics import MetricsServer, WorkerMetrics
@@ -77,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a worker until SIGTERM (or, with ``--burst``, until the queue is empty). Returns the exit code."""
     args = build_parser().parse_args(argv)
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(settings, "worker")
     name = args.name or default_worker_name()
     # RQ's idle BLPOP blocks up to worker_ttl - 15 s (worker_ttl below): this client's replies may take that long.
     # (RQ raises the timeout itself only for connections opened after SimpleWorker(); the webhook and
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("worker %s: metrics and probes on %s:%d", name, args.metrics_host, server.port)
     readiness = Readiness(server, args.ready_file)
     redis_link = redis_link_for(store, settings, on_change=readiness.set_redis_up)
-    storage_link = storage_link_for(storage, settings)
+    storage_link = storage_link_for(storage, settings, on_change=metrics.storage_changed)
     webhooks = _webhook_dispatcher(settings, redis)
     maintenance = Maintenance(store, storage, settings, name, metrics, webhooks, redis_link=redis_link)
     try:

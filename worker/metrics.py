@@ -20,10 +20,25 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from service.core.jobs import (
+    ERROR_INPUTS_MISSING,
+    ERROR_INTERNAL,
+    ERROR_INVALID_INPUT,
+    ERROR_NUMERICAL,
+    ERROR_TIMEOUT,
+)
+
 log = logging.getLogger("ham.worker")
 
+# What TransferRunner.run reports ("lost": the job stopped being ours mid-run) and what recovery does.
+JOB_OUTCOMES = ("succeeded", "failed", "canceled", "lost")
+RECOVERY_ACTIONS = ("requeued", "failed", "canceled")
+# The error codes a job run can end with (worker_lost is recovery's, counted by ham_worker_recovered_jobs).
+RUN_ERROR_CODES = (ERROR_INVALID_INPUT, ERROR_INPUTS_MISSING, ERROR_TIMEOUT, ERROR_NUMERICAL, ERROR_INTERNAL)
 # Jobs take from well under a second (tiny model, CPU) to minutes (SD at 1024 px).
 _JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+# UNet batch rows of one job: about (2 inversions + 3..5 sampling rows) x steps, so 50 steps ≈ 300-350.
+_ROW_BUCKETS = (10, 25, 50, 100, 200, 300, 400, 500, 750, 1000, 2000, 5000)
 
 
 class WorkerMetrics:
@@ -49,6 +64,22 @@ class WorkerMetrics:
         self.style_cache_misses = Counter(
             "ham_worker_style_cache_misses", "Jobs that computed their style statistics.", registry=r
         )
+        self.content_cache_hits = Counter(
+            "ham_worker_content_cache_hits", "Jobs whose content trajectory came from the cache.", registry=r
+        )
+        self.content_cache_misses = Counter(
+            "ham_worker_content_cache_misses", "Jobs that inverted their content image.", registry=r
+        )
+        self.unet_rows = Histogram(
+            "ham_worker_unet_rows_per_job",
+            "UNet batch rows one finished job computed (summed over its UNet calls).",
+            buckets=_ROW_BUCKETS,
+            registry=r,
+        )
+        self.storage_errors = Counter(
+            "ham_worker_storage_errors", "Outages of object storage this worker noticed (one per outage).",
+            registry=r,
+        )
         self.device_memory = Gauge(
             "ham_worker_device_memory_bytes",
             "Accelerator memory: 'allocated' now, 'peak' during the last job (0 on CPU).",
@@ -62,7 +93,21 @@ class WorkerMetrics:
             ["action"],
             registry=r,
         )
+        self.job_failures = Counter(
+            "ham_worker_job_failures",
+            "Jobs this worker failed, by error code (the job resource's error.code).",
+            ["code"],
+            registry=r,
+        )
         self.ready = Gauge("ham_worker_ready", "1 once the model is loaded and jobs are taken.", registry=r)
+        # Export every labelled series from the start at 0: rate() and increase() cannot see the
+        # first event of a series that appears with it (the first recovery would never alert).
+        for outcome in JOB_OUTCOMES:
+            self.job_seconds.labels(outcome=outcome)
+        for action in RECOVERY_ACTIONS:
+            self.jobs_recovered.labels(action=action)
+        for code in RUN_ERROR_CODES:
+            self.job_failures.labels(code=code)
 
     def observe_job(self, outcome: str, seconds: float, stats: dict[str, Any] | None) -> None:
         """Record one finished job attempt and what its engine stats say."""
@@ -75,14 +120,24 @@ class WorkerMetrics:
             self.steps.inc(steps)
             if isinstance(sample_seconds, (int, float)) and sample_seconds > 0:
                 self.steps_per_second.set(steps / sample_seconds)
-        hit = stats.get("style_cache_hit")
-        if hit is True:
-            self.style_cache_hits.inc()
-        elif hit is False:
-            self.style_cache_misses.inc()
+        rows = stats.get("unet_rows")
+        if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0:
+            self.unet_rows.observe(rows)
+        for key, hits, misses in (("style_cache_hit", self.style_cache_hits, self.style_cache_misses),
+                                  ("content_cache_hit", self.content_cache_hits, self.content_cache_misses)):
+            hit = stats.get(key)
+            if hit is True:
+                hits.inc()
+            elif hit is False:
+                misses.inc()
         peak = stats.get("peak_memory_bytes")
-        if isinstance(peak, (int, float)):
-            self.device_memory.labels(kind="peak").set(peak)
+        # The engine reports no accelerator peak on a CPU (None): the gauge says 0, as its help text does.
+        self.device_memory.labels(kind="peak").set(peak if isinstance(peak, (int, float)) else 0)
+
+    def storage_changed(self, up: bool) -> None:
+        """Count an outage of object storage when the worker's storage link first sees it."""
+        if not up:
+            self.storage_errors.inc()
 
     def set_allocated_memory(self, nbytes: int) -> None:
         self.device_memory.labels(kind="allocated").set(nbytes)

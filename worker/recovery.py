@@ -47,6 +47,7 @@ from redis import Redis
 
 from service.core.config import Settings
 from service.core.jobs import KEY_PREFIX, Job, JobStatus, JobStore
+from service.core.logs import log_context
 from service.core.redis_client import REDIS_UNAVAILABLE
 from service.core.storage import Storage, StorageError
 from worker.connectivity import Link
@@ -108,14 +109,15 @@ def recover_lost_jobs(
             continue  # it moved on meanwhile
         settled[job.id] = after.status.value
         action = "requeued" if after.status == JobStatus.QUEUED else after.status.value
-        log.warning(
-            "job %s: worker %s is gone (attempt %d of %d); %s",
-            job.id,
-            job.worker,
-            job.attempts,
-            settings.job_max_retries + 1,
-            action,
-        )
+        with log_context(request_id=job.request_id, job_id=job.id, tenant=job.tenant):
+            log.warning(
+                "job %s: worker %s is gone (attempt %d of %d); %s",
+                job.id,
+                job.worker,
+                job.attempts,
+                settings.job_max_retries + 1,
+                action,
+            )
         if metrics:
             metrics.jobs_recovered.labels(action=action).inc()
         if after.terminal and storage is not None:

@@ -55,6 +55,7 @@ from service.core.jobs import (
     JobStore,
     result_key,
 )
+from service.core.logs import bind, log_context
 from service.core.output import OutputSpec, encode
 from service.core.redis_client import REDIS_UNAVAILABLE
 from service.core.resource import job_resource
@@ -159,11 +160,17 @@ class TransferRunner:
         self.webhooks = webhooks
         self.progress_store = progress_store or store
         self.redis_link = redis_link or redis_link_for(store, settings)
-        self.storage_link = storage_link or storage_link_for(storage, settings)
+        self.storage_link = storage_link or storage_link_for(
+            storage, settings, metrics.storage_changed if metrics else None
+        )
         self.current_job: str | None = None
 
     def run(self, job_id: str) -> str:
         """Run one job; returns its outcome (``succeeded``, ``failed``, ``canceled``, ``queued``, ``skipped``)."""
+        with log_context(job_id=job_id):
+            return self._run(job_id)
+
+    def _run(self, job_id: str) -> str:
         # Claimed before the start, so no heartbeat after the start can deny running it.
         self.current_job = job_id
         job: Job | None = None
@@ -174,6 +181,7 @@ class TransferRunner:
                 self.current_job = None
         if job is None:
             return "skipped"
+        bind(tenant=job.tenant, request_id=job.request_id)
         began = time.monotonic()
         if self.metrics:
             self.metrics.jobs_in_progress.inc()
@@ -339,6 +347,8 @@ class TransferRunner:
         final = self._record(job, "failed", lambda: self.store.fail(job.id, code, message))
         if final is not None and final.status == JobStatus.FAILED:
             log.info("job %s: failed with %s: %s", job.id, code, message)
+            if self.metrics:
+                self.metrics.job_failures.labels(code=code).inc()
         return final
 
     def _record(self, job: Job, status: str, action: Callable[[], Job | None],
@@ -383,9 +393,11 @@ def redis_link_for(store: JobStore, settings: Settings, on_change: Callable[[boo
     return Link("Redis", store.redis.ping, REDIS_UNAVAILABLE, settings.worker_reconnect_max, on_change)
 
 
-def storage_link_for(storage: Storage, settings: Settings) -> Link:
-    """The worker's view of object storage."""
-    return Link("object storage", storage.ping, (StorageError,), settings.worker_reconnect_max)
+def storage_link_for(
+    storage: Storage, settings: Settings, on_change: Callable[[bool], None] | None = None
+) -> Link:
+    """The worker's view of object storage (``on_change(up)`` hears each change)."""
+    return Link("object storage", storage.ping, (StorageError,), settings.worker_reconnect_max, on_change)
 
 
 def notify_webhook(

@@ -19,8 +19,10 @@ from service.api.errors import error_response, install_error_handlers
 from service.api.metrics import ApiMetrics, MetricsMiddleware, QueueCollector
 from service.api.openapi import install_openapi, operation_id
 from service.api.ratelimit import RateLimiter
+from service.api.requestid import RequestIdMiddleware
 from service.api.routes import api_router
 from service.api.routes.docs import install_docs
+from service.api.routes.playground import install_playground
 from service.core.config import Settings, get_settings
 from service.core.jobs import JobStore
 from service.core.redis_client import REDIS_UNAVAILABLE, connect_async_redis, connect_redis
@@ -101,6 +103,7 @@ def _install_backend_handlers(app: FastAPI) -> None:
 
     async def storage_down(request: Request, exc: Exception) -> JSONResponse:
         log.error("storage unreachable on %s %s: %s", request.method, request.url.path, exc)
+        request.app.state.services.metrics.storage_errors.inc()
         return error_response(503, "unavailable", "object storage is unreachable; retry shortly",
                               headers={"Retry-After": "5"})
 
@@ -165,7 +168,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_backend_handlers(app)
     app.add_middleware(BodySizeLimit, limit=2 * settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every line of a request carries its id
     app.include_router(api_router())
     install_openapi(app, settings)
     install_docs(app)
+    install_playground(app)
     return app

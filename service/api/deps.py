@@ -19,6 +19,7 @@ from redis.asyncio import Redis as AsyncRedis
 from service.api.errors import ApiError
 from service.api.ratelimit import RateLimiter
 from service.core.config import LOCAL_TENANT, Settings
+from service.core.logs import bind
 
 if TYPE_CHECKING:
     from service.api.metrics import ApiMetrics
@@ -80,6 +81,7 @@ def authenticate(credentials: CredentialsDep, services: ServicesDep) -> str:
     """
     settings = services.settings
     if not settings.auth_enabled:
+        bind(tenant=LOCAL_TENANT)
         return LOCAL_TENANT
     key = _presented_key(credentials)
     if key is None:
@@ -88,6 +90,7 @@ def authenticate(credentials: CredentialsDep, services: ServicesDep) -> str:
     tenant = _tenant_for_key(settings, key)
     if tenant is None:
         raise ApiError(401, "unauthorized", "invalid API key", headers=_BEARER_CHALLENGE)
+    bind(tenant=tenant)
     return tenant
 
 

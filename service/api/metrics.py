@@ -94,6 +94,10 @@ class ApiMetrics:
             "ham_jobs_submitted", "Transfer jobs accepted by this API process (idempotent replays excluded).",
             registry=self.registry,
         )
+        self.storage_errors = Counter(
+            "ham_storage_errors", "Requests answered 503 because object storage was unreachable.",
+            registry=self.registry,
+        )
         if queue_collector is not None:
             self.registry.register(queue_collector)
 

@@ -116,6 +116,8 @@ class Job:
     finished_at: float | None = None
     worker: str | None = None
     stats: dict[str, Any] | None = None
+    # The X-Request-ID of the submission: the worker's log lines for this job carry it too.
+    request_id: str | None = None
     # Bumped by every transition and progress write; the id of the job's server-sent events.
     version: int = 0
 
@@ -154,6 +156,7 @@ class Job:
             "finished_at": None if self.finished_at is None else repr(float(self.finished_at)),
             "worker": self.worker,
             "stats": None if self.stats is None else json.dumps(self.stats, sort_keys=True),
+            "request_id": self.request_id,
             "version": str(int(self.version)),
         }
         return {k: v for k, v in raw.items() if v is not None}
@@ -187,6 +190,7 @@ class Job:
             finished_at=opt_float("finished_at"),
             worker=f.get("worker"),
             stats=json.loads(f["stats"]) if f.get("stats") else None,
+            request_id=f.get("request_id"),
             version=int(f.get("version") or 0),
         )
 

@@ -13,8 +13,9 @@ so the tests render the overlays with this. It implements only what the overlays
   found by kind and name (``$patch: delete`` removes the object). Built-in kinds merge lists
   of containers, env, volumes, … by their merge key and delete a key set to ``null``; custom
   resources (KEDA, Prometheus Operator) take JSON merge patch semantics, as in kustomize;
-- ``configMapGenerator`` / ``secretGenerator``: ``literals`` only, with
-  ``options.disableNameSuffixHash: true`` (no hash suffix, so no name-reference rewriting).
+- ``configMapGenerator`` / ``secretGenerator``: ``literals`` and ``files`` (keyed by file name,
+  read from the kustomization's own directory), with ``options.disableNameSuffixHash: true``
+  (no hash suffix, so no name-reference rewriting) and optional ``options.labels``.
 
 The order is kustomize's: resources, generators, patches, then namespace, labels and images.
 Where kubectl is installed, test_manifests checks the output equals ``kubectl kustomize``.
@@ -111,12 +112,12 @@ def _load_yaml_docs(path: Path) -> list[Doc]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def _generate(kind: str, spec: Doc) -> Doc:
-    unknown = set(spec) - {"name", "literals", "options"}
+def _generate(kind: str, spec: Doc, directory: Path) -> Doc:
+    unknown = set(spec) - {"name", "literals", "files", "options"}
     if unknown:
         raise UnsupportedKustomization(f"{kind} generator fields {sorted(unknown)} are outside the tested subset")
     options = spec.get("options") or {}
-    if set(options) != {"disableNameSuffixHash"} or options["disableNameSuffixHash"] is not True:
+    if set(options) - {"labels"} != {"disableNameSuffixHash"} or options["disableNameSuffixHash"] is not True:
         raise UnsupportedKustomization(f"{kind} generator {spec['name']!r} needs options.disableNameSuffixHash: true")
     data: dict[str, str] = {}
     for literal in spec.get("literals", []):
@@ -124,7 +125,17 @@ def _generate(kind: str, spec: Doc) -> Doc:
         if not sep:
             raise UnsupportedKustomization(f"generator literal {literal!r} is not KEY=VALUE")
         data[key] = value
+    for entry in spec.get("files", []):
+        if "=" in entry:
+            raise UnsupportedKustomization(f"generator file {entry!r}: KEY=PATH is outside the tested subset")
+        path = (directory / entry).resolve()
+        if not path.is_relative_to(directory.resolve()):
+            # kustomize's load restrictor: a kustomization reads files only under its own directory.
+            raise UnsupportedKustomization(f"generator file {entry!r} lies outside {directory}")
+        data[path.name] = path.read_text()
     doc: Doc = {"apiVersion": "v1", "kind": kind, "metadata": {"name": spec["name"]}}
+    if options.get("labels"):
+        doc["metadata"]["labels"] = dict(options["labels"])
     if kind == "Secret":
         doc["type"] = "Opaque"
         doc["data"] = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
@@ -214,7 +225,7 @@ def render(directory: Path) -> list[Doc]:
         path = (directory / resource).resolve()
         docs.extend(render(path) if path.is_dir() else _load_yaml_docs(path))
     for kind, field in (("ConfigMap", "configMapGenerator"), ("Secret", "secretGenerator")):
-        docs.extend(_generate(kind, spec) for spec in kustomization.get(field, []))
+        docs.extend(_generate(kind, spec, directory) for spec in kustomization.get(field, []))
     for patch in kustomization.get("patches", []):
         if set(patch) != {"path"}:
             raise UnsupportedKustomization(f"patch {patch} is outside the subset (path only)")

@@ -69,8 +69,8 @@ def test_schema_check_catches_a_misplaced_gpu_reservation(gpu: dict) -> None:
     assert not jsonschema.Draft201909Validator(SCHEMA).is_valid(broken)
 
 
-def test_stack_has_redis_s3_api_worker_and_prometheus(gpu: dict, cpu: dict) -> None:
-    assert set(gpu["services"]) == set(cpu["services"]) == {"redis", "s3", "api", "worker", "prometheus"}
+def test_stack_has_redis_s3_api_worker_prometheus_and_grafana(gpu: dict, cpu: dict) -> None:
+    assert set(gpu["services"]) == set(cpu["services"]) == {"redis", "s3", "api", "worker", "prometheus", "grafana"}
 
 
 def test_every_ham_variable_in_compose_is_a_settings_field(gpu: dict, cpu: dict) -> None:

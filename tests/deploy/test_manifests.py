@@ -32,6 +32,7 @@ CRD_SCHEMAS = {
     "ScaledObject": "keda-scaledobject.json",
     "TriggerAuthentication": "keda-triggerauthentication.json",
     "ServiceMonitor": "servicemonitor.json",
+    "PrometheusRule": "prometheusrule.json",
 }
 SETTINGS_ENV = {f"HAM_{name.upper()}" for name in Settings.model_fields}
 # Keys of `ham-secrets` the manifests read; the prod Secret is created by hand from docs/deploy.md.
@@ -126,6 +127,8 @@ def test_overlays_render_the_expected_objects() -> None:
         "TriggerAuthentication/ham-redis",
         "ServiceMonitor/ham-api",
         "ServiceMonitor/ham-worker",
+        "PrometheusRule/ham",
+        "ConfigMap/ham-grafana-dashboard",
         "NetworkPolicy/ham-redis",
         "NetworkPolicy/ham-worker",
     }

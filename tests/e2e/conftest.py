@@ -142,6 +142,11 @@ def _start_api(env: dict[str, str], workdir: Path, port: int) -> subprocess.Pope
 @pytest.fixture(scope="module")
 def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """API + one worker; tests may add, kill and replace workers through the :class:`Stack`."""
+    yield from run_stack(redis_url, tmp_path_factory)
+
+
+def run_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory, **extra_env: str) -> Iterator[Stack]:
+    """Start the stack (with ``extra_env`` on top of the shared settings), yield it, stop it."""
     workdir = tmp_path_factory.mktemp("e2e")
     port = free_port()
     url = _with_db(redis_url, E2E_REDIS_DB)
@@ -170,6 +175,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         # Two CPUs shared by the API, the workers and pytest: one torch thread each.
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
+        **extra_env,
     }
     (workdir / "storage").mkdir()
     api = _start_api(env, workdir, port)

@@ -139,7 +139,8 @@ def test_job_canceled_while_queued_is_skipped(engine, redis_client, storage, set
     [("corrupt_input", "invalid_input"), ("missing_input", "inputs_missing"), ("bad_params", "invalid_input")],
 )
 def test_bad_job_fails_with_a_code_and_the_worker_carries_on(engine, redis_client, storage, settings, case, code):
-    runner = make_runner(engine, redis_client, storage, settings)
+    metrics = WorkerMetrics()
+    runner = make_runner(engine, redis_client, storage, settings, metrics=metrics)
     if case == "corrupt_input":
         job = submit(runner, content=b"\x89PNG\r\n\x1a\nnot really")
     elif case == "missing_input":
@@ -150,6 +151,9 @@ def test_bad_job_fails_with_a_code_and_the_worker_carries_on(engine, redis_clien
     assert runner.run(job.id) == "failed"
     assert runner.store.get(job.id).error_code == code
     assert runner.run(submit(runner).id) == "succeeded"
+    failures = {s.labels["code"]: s.value for s in metrics.job_failures.collect()[0].samples
+                if s.name.endswith("_total")}
+    assert failures == {c: (1.0 if c == code else 0.0) for c in failures} and code in failures
 
 
 def test_an_overflow_fails_the_job_with_numerical_error_not_a_black_image(redis_client, storage, settings):
@@ -213,7 +217,8 @@ def test_storage_outage_past_the_deadline_requeues_the_job_without_charging_an_a
     engine, redis_client, storage
 ):
     settings = Settings(queue_name="ham-task", result_ttl=600, job_timeout=30, worker_outage_deadline=0.5)
-    runner = make_runner(engine, redis_client, storage, settings)
+    metrics = WorkerMetrics()
+    runner = make_runner(engine, redis_client, storage, settings, metrics=metrics)
     job = submit(runner)
     blocker = _block_results(storage)
     # More outages than retries allowed: none of them is the job's fault, so none counts.
@@ -223,6 +228,7 @@ def test_storage_outage_past_the_deadline_requeues_the_job_without_charging_an_a
         assert (record.status, record.attempts, record.error_code) == (JobStatus.QUEUED, 0, None)
         assert runner.store.queue_position(job.id) == 0
     assert not runner.storage_link.up  # the outage was noticed (and logged once)
+    assert metrics.registry.get_sample_value("ham_worker_storage_errors_total") >= 1  # counted per outage seen
     blocker.unlink()  # the outage ends: the next run succeeds on its first charged attempt
     assert runner.run(job.id) == "succeeded"
     assert runner.store.get(job.id).attempts == 1

@@ -36,6 +36,7 @@ from service.core.jobs import (
     new_job_id,
     style_key,
 )
+from service.core.logs import bind, current_context
 from service.core.resource import job_resource as public_job
 
 log = logging.getLogger("ham.api")
@@ -91,6 +92,8 @@ def job_resource(job: Job, services: Services) -> TransferJob:
 
 def owned_job(services: Services, tenant: str, job_id: str) -> Job:
     # Another tenant's job is indistinguishable from a missing one: never confirm existence.
+    if _JOB_ID.fullmatch(job_id):
+        bind(job_id=job_id)
     job = services.jobs.get(job_id) if _JOB_ID.fullmatch(job_id) else None
     if job is None or job.tenant != tenant:
         # Truncated: the id is client input, and a 5000-character path should not come back in full.
@@ -227,7 +230,10 @@ async def create_transfer(
     await run_in_threadpool(_check_backpressure, services, tenant)
     submission = await read_body(request, services)
     job = submission.job(new_job_id(), tenant)
+    context = current_context()
+    job.request_id = context.request_id if context else None
     stored, created = await run_in_threadpool(_store_and_submit, services, job, submission, idempotency_key)
+    bind(job_id=stored.id)
     if created:
         services.metrics.jobs_submitted.inc()
         log.info("job %s queued for tenant %s", stored.id, tenant)

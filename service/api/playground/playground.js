@@ -1,0 +1,539 @@
+// HAM playground: a plain browser client of the public API (/v1/transfers), no framework, no CDN.
+// Every parameter, default and bound comes from /playground/config.json (built by the server from
+// TransferParams and its published request schema); nothing about the engine is hard-coded here.
+"use strict";
+
+(() => {
+  const KEY_STORAGE = "ham.apiKey";
+  const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+  const POLL_START_MS = 400;
+  const POLL_MAX_MS = 2000;
+
+  const $ = (id) => document.getElementById(id);
+  const state = { config: null, job: null, contentUrl: null, abort: null, submitting: false };
+
+  // --- errors ------------------------------------------------------------------------------
+
+  class ApiProblem extends Error {
+    constructor(message, field = null, status = 0) {
+      super(message);
+      this.field = field;
+      this.status = status;
+    }
+  }
+
+  function showError(message, field = null) {
+    const box = $("error");
+    box.textContent = message;
+    box.hidden = false;
+    document.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
+    const target = field && (document.querySelector(`[data-field="${CSS.escape(field)}"]`) || $(field));
+    if (target) {
+      (target.closest(".param, .field, .drop") || target).classList.add("invalid");
+    }
+    box.scrollIntoView({ block: "nearest" });
+  }
+
+  function clearError() {
+    $("error").hidden = true;
+    $("error").textContent = "";
+    document.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
+  }
+
+  // The API answers every error as {"error": {"code", "message", "field"}}; say it in words.
+  async function problemFrom(response) {
+    let detail = {};
+    try {
+      detail = (await response.json()).error || {};
+    } catch (_) {
+      detail = {};
+    }
+    const message = detail.message || `${response.status} ${response.statusText}`.trim();
+    const retry = response.headers.get("Retry-After");
+    let text;
+    switch (response.status) {
+      case 401: text = `The API key was refused: ${message}`; break;
+      case 413: text = `Too large: ${message}`; break;
+      case 415: text = `Not an image the server accepts: ${message}`; break;
+      case 429: text = `Too many requests: ${message}.` + (retry ? ` Try again in ${retry} s.` : ""); break;
+      case 503: text = `The service is unavailable: ${message}.` + (retry ? ` Try again in ${retry} s.` : ""); break;
+      default: text = response.status >= 500 ? `Server error (${response.status}): ${message}` : message;
+    }
+    if (detail.field && !text.includes(detail.field)) text += ` (field: ${detail.field})`;
+    const problem = new ApiProblem(text, detail.field || null, response.status);
+    problem.retryAfter = retry ? Number(retry) : null;
+    return problem;
+  }
+
+  // --- API key -------------------------------------------------------------------------------
+
+  function apiKey() {
+    return sessionStorage.getItem(KEY_STORAGE);
+  }
+
+  function askForKey(reason) {
+    const dialog = $("key-dialog");
+    $("key-error").hidden = !reason;
+    $("key-error").textContent = reason || "";
+    $("api-key").value = "";
+    if (!dialog.open) dialog.showModal();
+    $("api-key").focus();
+    return new Promise((resolve) => {
+      dialog.addEventListener("close", () => resolve(apiKey()), { once: true });
+    });
+  }
+
+  async function api(path, options = {}) {
+    const headers = new Headers(options.headers || {});
+    const key = apiKey();
+    if (key) headers.set("Authorization", `Bearer ${key}`);
+    let response;
+    try {
+      response = await fetch(path, { ...options, headers });
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      throw new ApiProblem(`Could not reach the server (${err.message}). Is it running?`);
+    }
+    if (response.status === 401 && state.config.auth_required) {
+      sessionStorage.removeItem(KEY_STORAGE);
+      const problem = await problemFrom(response);
+      askForKey(problem.message);
+      throw problem;
+    }
+    return response;
+  }
+
+  async function apiJson(path, options) {
+    const response = await api(path, options);
+    if (!response.ok) throw await problemFrom(response);
+    return response.json();
+  }
+
+  // --- parameter controls ---------------------------------------------------------------------
+
+  function formatNumber(value) {
+    return Number.isInteger(value) ? String(value) : String(Number(value.toFixed(4)));
+  }
+
+  function buildParam(param) {
+    const wrap = document.createElement("div");
+    wrap.className = `param ${param.type}`;
+    wrap.dataset.field = param.name;
+    const id = `param-${param.name}`;
+    const label = document.createElement("label");
+    label.htmlFor = id;
+    label.textContent = param.label;
+    const row = document.createElement("div");
+    row.className = "row";
+    const help = document.createElement("span");
+    help.className = "default";
+    help.id = `${id}-help`;
+    const shownDefault = param.type === "boolean" ? (param.default ? "on" : "off") : formatNumber(param.default);
+    help.textContent = `${param.description ? param.description.replace(/\s*\(default[^)]*\)\.?$/, "") + ". " : ""}`
+      + `Default ${shownDefault}.`;
+
+    let input;
+    if (param.type === "boolean") {
+      input = document.createElement("input");
+      input.type = "checkbox";
+      input.checked = Boolean(param.default);
+      row.append(input, label);
+      wrap.append(row);
+    } else {
+      input = document.createElement("input");
+      input.type = "number";
+      if (param.minimum !== undefined) input.min = String(param.minimum);
+      // 2**63-1 (the seed's bound) is no exact JavaScript number: leave such a bound to the server.
+      if (param.maximum !== undefined && (param.type === "number" || Number.isSafeInteger(param.maximum))) {
+        input.max = String(param.maximum);
+      }
+      const bounded = param.type === "number" && param.minimum !== undefined && param.maximum !== undefined;
+      // Arrow keys step a blend by 1/100 of its range, an integer by 1, the size by its multiple.
+      input.step = param.multipleOf ? String(param.multipleOf)
+        : param.type === "integer" ? "1" : bounded ? String((param.maximum - param.minimum) / 100) : "any";
+      input.value = formatNumber(param.default);
+      if (bounded) {
+        // A slider for the blends in [0, 1]; the number box beside it is the same value, typed.
+        const slider = document.createElement("input");
+        slider.type = "range";
+        slider.min = String(param.minimum);
+        slider.max = String(param.maximum);
+        slider.step = String((param.maximum - param.minimum) / 100);
+        slider.value = String(param.default);
+        slider.setAttribute("aria-label", `${param.label} slider`);
+        slider.tabIndex = -1; // one tab stop per parameter: the number box (arrow keys step it)
+        slider.addEventListener("input", () => { input.value = formatNumber(Number(slider.value)); });
+        input.addEventListener("input", () => { if (input.value !== "") slider.value = input.value; });
+        row.append(slider);
+        input._slider = slider;
+      }
+      row.append(input);
+      wrap.append(label, row);
+    }
+    input.id = id;
+    input.name = param.name;
+    input.setAttribute("aria-describedby", help.id);
+    input._param = param;
+    wrap.append(help);
+    return wrap;
+  }
+
+  function buildControls(config) {
+    const main = $("main-params");
+    const more = $("more-params");
+    for (const param of config.params) {
+      (param.main ? main : more).append(buildParam(param));
+    }
+  }
+
+  function resetParams() {
+    for (const param of state.config.params) {
+      const input = $(`param-${param.name}`);
+      if (param.type === "boolean") input.checked = Boolean(param.default);
+      else {
+        input.value = formatNumber(param.default);
+        if (input._slider) input._slider.value = String(param.default);
+      }
+    }
+  }
+
+  function paramValue(param) {
+    const input = $(`param-${param.name}`);
+    if (param.type === "boolean") return input.checked ? "true" : "false";
+    const text = input.value.trim();
+    if (text === "") throw new ApiProblem(`${param.label}: enter a value (default ${formatNumber(param.default)})`, param.name);
+    return text;
+  }
+
+  // --- file pickers ---------------------------------------------------------------------------
+
+  function setupDrop(field) {
+    const zone = $(`${field}-drop`);
+    const input = $(field);
+    const preview = $(`${field}-preview`);
+    const show = () => {
+      const file = input.files[0];
+      if (preview.src) URL.revokeObjectURL(preview.src);
+      if (!file) { preview.hidden = true; preview.removeAttribute("src"); return; }
+      preview.src = URL.createObjectURL(file);
+      preview.hidden = false;
+      // A file the browser cannot draw is shown by the server's error on submit, not hidden here.
+      preview.onerror = () => { preview.hidden = true; };
+    };
+    input.addEventListener("change", () => { clearError(); show(); });
+    zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("over"); });
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", (event) => {
+      event.preventDefault();
+      zone.classList.remove("over");
+      if (event.dataTransfer && event.dataTransfer.files.length) {
+        input.files = event.dataTransfer.files;
+        clearError();
+        show();
+      }
+    });
+  }
+
+  // --- submitting and following a job ------------------------------------------------------------
+
+  function buildForm() {
+    const content = $("content").files[0];
+    if (!content) throw new ApiProblem("Choose a content photo first.", "content");
+    const style = $("style").files[0];
+    const prompt = $("style_prompt").value.trim();
+    const styleId = $("style_id").value;
+    if (!style && !prompt && !styleId) {
+      throw new ApiProblem("Give a style image, a style prompt, or both.", "style");
+    }
+    const limit = state.config.max_upload_bytes;
+    for (const [name, file] of [["content", content], ["style", style]]) {
+      if (file && file.size > limit) {
+        throw new ApiProblem(`${name}: ${file.name} is ${file.size} bytes; the server accepts at most ${limit}.`, name);
+      }
+    }
+    const form = new FormData();
+    form.append("content", content, content.name);
+    if (style) form.append("style", style, style.name);
+    if (prompt) form.append("style_prompt", prompt);
+    if (styleId) form.append("style_id", styleId);
+    for (const param of state.config.params) form.append(param.name, paramValue(param));
+    return { form, content };
+  }
+
+  function setProgress(job) {
+    const percent = Math.round(100 * (job.status === "succeeded" ? 1 : job.progress || 0));
+    $("progress").setAttribute("aria-valuenow", String(percent));
+    $("progress").setAttribute("aria-valuetext", `${percent}%`);
+    $("progress-fill").style.width = `${percent}%`;
+    let text;
+    if (job.status === "queued") {
+      text = job.queue_position == null ? "Queued…" : `Queued — position ${job.queue_position + 1} in line.`;
+    } else if (job.status === "running") {
+      text = `Running — ${percent}%`;
+    } else if (job.status === "succeeded") {
+      text = "Done.";
+    } else if (job.status === "failed") {
+      text = `Failed: ${job.error ? job.error.message : "unknown error"}`;
+    } else {
+      text = "Canceled.";
+    }
+    $("job-status").textContent = text;
+  }
+
+  const sleep = (ms, signal) => new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => { clearTimeout(timer); reject(new DOMException("aborted", "AbortError")); },
+      { once: true });
+  });
+
+  // The server's event stream when it has one (fetch, so the API key travels in a header), else polling.
+  async function followEvents(jobId, signal, onJob) {
+    const response = await api(`/v1/transfers/${encodeURIComponent(jobId)}/events`,
+      { headers: { Accept: "text/event-stream" }, signal });
+    if (!response.ok || !response.body) throw new ApiProblem(`event stream answered ${response.status}`);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return null;
+      buffer += value.replace(/\r\n/g, "\n");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+        if (!data) continue;
+        let job;
+        try { job = JSON.parse(data); } catch (_) { continue; }
+        if (job && job.job) job = job.job;
+        if (!job || typeof job.status !== "string") continue;
+        onJob(job);
+        if (TERMINAL.has(job.status)) { reader.cancel().catch(() => {}); return job; }
+      }
+    }
+  }
+
+  async function poll(jobId, signal, onJob) {
+    let delay = POLL_START_MS;
+    for (;;) {
+      const response = await api(`/v1/transfers/${encodeURIComponent(jobId)}`, { signal });
+      if (response.status === 429) {
+        // Rate limited while following: say so, wait as told, keep following.
+        const problem = await problemFrom(response);
+        $("job-status").textContent = problem.message;
+        await sleep(1000 * (problem.retryAfter || 5), signal);
+        continue;
+      }
+      if (!response.ok) throw await problemFrom(response);
+      const job = await response.json();
+      onJob(job);
+      if (TERMINAL.has(job.status)) return job;
+      await sleep(delay, signal);
+      delay = Math.min(POLL_MAX_MS, Math.round(delay * 1.25));
+    }
+  }
+
+  async function follow(jobId, signal, onJob) {
+    if (state.config.features.events) {
+      try {
+        const job = await followEvents(jobId, signal, onJob);
+        if (job) return job;
+      } catch (err) {
+        if (err.name === "AbortError") throw err;
+        // Fall through: polling works wherever the stream does not (proxies that buffer, old servers).
+      }
+    }
+    return poll(jobId, signal, onJob);
+  }
+
+  function showResult(job, contentUrl) {
+    const section = $("result");
+    const url = job.result_url;
+    const hasBefore = Boolean(contentUrl);
+    $("before-figure").hidden = !hasBefore;
+    $("compare-block").hidden = !hasBefore;
+    $("result-caption").textContent = `Result — α ${job.params.alpha}, β ${job.params.beta}, γ ${job.params.gamma}, `
+      + `${job.params.steps} steps, seed ${job.params.seed}`;
+    const img = $("result-img");
+    img.onload = () => {
+      const ratio = `${img.naturalWidth} / ${img.naturalHeight}`;
+      $("compare").style.aspectRatio = ratio;
+      $("result-caption").textContent += ` — ${img.naturalWidth}×${img.naturalHeight} px`;
+    };
+    img.src = url;
+    if (hasBefore) {
+      $("before-img").src = contentUrl;
+      $("compare-before").src = contentUrl;
+      $("compare-after").src = url;
+    }
+    const link = $("download");
+    link.href = url;
+    link.download = `ham-${job.id}.png`;
+    section.hidden = false;
+    section.scrollIntoView({ block: "start" });
+  }
+
+  async function submit(event) {
+    event.preventDefault();
+    if (state.submitting) return;
+    clearError();
+    if (state.config.auth_required && !apiKey()) {
+      await askForKey();
+      if (!apiKey()) return;
+    }
+    let built;
+    try {
+      built = buildForm();
+    } catch (err) {
+      showError(err.message, err.field);
+      return;
+    }
+    state.submitting = true;
+    $("submit").disabled = true;
+    $("submit").textContent = "Working…";
+    if (state.abort) state.abort.abort();
+    const controller = new AbortController();
+    state.abort = controller;
+    const contentUrl = URL.createObjectURL(built.content);
+    try {
+      const response = await api("/v1/transfers", { method: "POST", body: built.form, signal: controller.signal });
+      if (!response.ok) throw await problemFrom(response);
+      const job = await response.json();
+      state.job = job;
+      $("job").hidden = false;
+      $("result").hidden = true;
+      $("cancel").hidden = false;
+      setProgress(job);
+      $("job").scrollIntoView({ block: "nearest" }); // on a phone the form fills the screen
+      loadRecent();
+      const final = await follow(job.id, controller.signal, (update) => { state.job = update; setProgress(update); });
+      if (final.status === "succeeded") showResult(final, contentUrl);
+      else if (final.status === "failed") showError(`The job failed: ${final.error ? final.error.message : "no reason given"}`);
+    } catch (err) {
+      if (err.name !== "AbortError") showError(err.message, err.field);
+    } finally {
+      state.submitting = false;
+      $("submit").disabled = false;
+      $("submit").textContent = "Transfer style";
+      $("cancel").hidden = true;
+      loadRecent();
+    }
+  }
+
+  async function cancelJob() {
+    if (!state.job) return;
+    try {
+      const job = await apiJson(`/v1/transfers/${encodeURIComponent(state.job.id)}/cancel`, { method: "POST" });
+      setProgress(job);
+    } catch (err) {
+      showError(err.message, err.field);
+    }
+  }
+
+  // --- recent jobs -----------------------------------------------------------------------------
+
+  function recentItem(job) {
+    const li = document.createElement("li");
+    const thumb = document.createElement("img");
+    thumb.className = "thumb";
+    thumb.alt = job.status === "succeeded" ? "Result thumbnail" : "";
+    if (job.result_url) thumb.src = job.result_url;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    const status = document.createElement("strong");
+    status.className = `status-${job.status}`;
+    status.textContent = job.status + (job.status === "running" ? ` ${Math.round(100 * job.progress)}%` : "");
+    const when = new Date(job.created_at).toLocaleString();
+    const style = job.style_prompt ? `“${job.style_prompt}”` : (job.has_style ? "style image" : "");
+    meta.append(status, document.createTextNode(` · ${when} · ${job.params.steps} steps, α ${job.params.alpha}`
+      + `${style ? " · " + style : ""}`));
+    if (job.error) meta.append(document.createElement("br"), document.createTextNode(job.error.message));
+    li.append(thumb, meta);
+    if (job.status === "succeeded" && job.result_url) {
+      const view = document.createElement("button");
+      view.type = "button";
+      view.textContent = "View";
+      view.setAttribute("aria-label", `View result of job ${job.id}`);
+      view.addEventListener("click", () => showResult(job, null));
+      li.append(view);
+    } else {
+      li.append(document.createElement("span"));
+    }
+    return li;
+  }
+
+  let recentToken = 0;
+  async function loadRecent() {
+    if (state.config.auth_required && !apiKey()) return;
+    const token = ++recentToken;
+    try {
+      const page = await apiJson("/v1/transfers?limit=10");
+      if (token !== recentToken) return;
+      const list = $("recent-list");
+      list.replaceChildren(...page.items.map(recentItem));
+      $("recent-empty").hidden = page.items.length > 0;
+    } catch (err) {
+      if (err.status !== 401) showError(`Could not list recent jobs: ${err.message}`);
+    }
+  }
+
+  async function loadStyles() {
+    try {
+      const page = await apiJson("/v1/styles");
+      const items = Array.isArray(page) ? page : (page.items || []);
+      if (!items.length) return;
+      const select = $("style_id");
+      for (const item of items) {
+        const option = document.createElement("option");
+        option.value = item.id;
+        option.textContent = item.name || item.id;
+        select.append(option);
+      }
+      $("style-library").hidden = false;
+    } catch (_) {
+      // The library is optional; the pickers and the prompt still work.
+    }
+  }
+
+  // --- start ------------------------------------------------------------------------------------
+
+  async function start() {
+    try {
+      const response = await fetch("/playground/config.json");
+      if (!response.ok) throw await problemFrom(response);
+      state.config = await response.json();
+    } catch (err) {
+      showError(`The playground could not load its settings: ${err.message}`);
+      $("submit").disabled = true;
+      return;
+    }
+    buildControls(state.config);
+    setupDrop("content");
+    setupDrop("style");
+    $("transfer-form").addEventListener("submit", submit);
+    $("reset-params").addEventListener("click", resetParams);
+    $("cancel").addEventListener("click", cancelJob);
+    $("refresh-recent").addEventListener("click", loadRecent);
+    $("compare-slider").addEventListener("input", (event) => {
+      const at = Number(event.target.value);
+      $("compare-after").style.clipPath = `inset(0 0 0 ${at}%)`;
+      $("compare-line").style.left = `${at}%`;
+    });
+    $("key-form").addEventListener("submit", () => {
+      const key = $("api-key").value.trim();
+      if (key) sessionStorage.setItem(KEY_STORAGE, key);
+    });
+    $("key-dialog").addEventListener("close", () => {
+      if (apiKey()) { loadRecent(); if (state.config.features.styles) loadStyles(); }
+    });
+    if (state.config.auth_required) {
+      $("change-key").hidden = false;
+      $("change-key").addEventListener("click", () => askForKey());
+      if (!apiKey()) { askForKey(); return; }
+    }
+    loadRecent();
+    if (state.config.features.styles) loadStyles();
+  }
+
+  start();
+})();
