@@ -33,6 +33,8 @@ _EXAMPLE_PARAMS = {
     "lat_layers": ["up_blocks.*"],
     "step_start": 0.0,
     "step_end": 1.0,
+    "inversion": "target",
+    "teachers": "auto",
 }
 
 
@@ -226,6 +228,12 @@ class TransferForm(BaseModel):
     )
     step_start: float | None = Field(None, ge=0, le=1, description="GAR/LAT act from this fraction of the steps.")
     step_end: float | None = Field(None, ge=0, le=1, description="GAR/LAT act until this fraction of the steps.")
+    inversion: Literal["target", "source"] | None = Field(
+        None, description="DDIM inversion convention: model evaluated at the target (default) or source timestep."
+    )
+    teachers: Literal["auto", "live", "recorded"] | None = Field(
+        None, description="Teachers recorded during a 'source' inversion (auto, default), or always run live."
+    )
     webhook_url: str | None = Field(
         None,
         description="POSTed the job resource on a terminal state, signed in `X-HAM-Signature` "

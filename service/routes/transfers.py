@@ -94,6 +94,8 @@ def _coerce(name: str, kind: type, raw: str) -> Any:
         if text.lower() in _FALSE:
             return False
         raise ParamError(name, f"must be true or false, got {raw[:40]!r}")
+    if kind is str:
+        return text  # a choice: TransferParams names the allowed values
     if kind is int:
         if not _INT.fullmatch(text):
             raise ParamError(name, f"must be an integer, got {raw[:40]!r}")
