@@ -180,6 +180,7 @@ class TeacherRecording:
         if self.style is not None:
             self.style.gar.clear()
             self.style.lat.clear()
+            self.style.terminal_mean = self.style.terminal_std = None
 
     # -- what the processors see --------------------------------------------------------
 

@@ -38,3 +38,26 @@ def test_numpy_scalars_are_accepted_and_stored_as_python_numbers() -> None:
         TransferParams(alpha=np.float32("nan"))
     with pytest.raises(ParamError, match="steps"):
         TransferParams(steps=np.float64(30.0))  # a float is not a step count, whatever its type
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"inversion": "forward"}, "inversion"),
+        ({"inversion": 1}, "inversion"),
+        ({"teachers": "cached"}, "teachers"),
+        ({"teachers": "recorded"}, "teachers"),  # recording needs the source convention
+    ],
+)
+def test_inversion_and_teachers_outside_their_choices_are_param_errors_naming_the_field(
+    changes: dict, field: str
+) -> None:
+    with pytest.raises(ParamError, match=field) as info:
+        TransferParams(**changes)
+    assert info.value.field == field
+
+
+def test_recorded_teachers_with_the_source_inversion_round_trip_through_a_dict() -> None:
+    params = TransferParams(inversion="source", teachers="recorded")
+    assert TransferParams.from_dict(params.to_dict()) == params
+    assert (TransferParams().inversion, TransferParams().teachers) == ("target", "auto")
