@@ -35,7 +35,7 @@ def _run_api(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from service.config import get_settings
+    from service.core.config import get_settings
 
     try:
         settings = get_settings()
@@ -44,7 +44,7 @@ def _run_api(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
-        "service.app:create_app",
+        "service.api.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,

@@ -314,7 +314,7 @@ def run_stack(
     if stop_grace is None:
         from pydantic import ValidationError
 
-        from service.config import Settings
+        from service.core.config import Settings
 
         try:
             stop_grace = Settings().job_timeout + 30.0

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from service.cli import build_parser
-from service.config import Settings
+from service.core.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

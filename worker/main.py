@@ -33,9 +33,9 @@ from redis import Redis
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from service.config import Settings
-from service.jobs import JobStore
-from service.storage import open_storage
+from service.core.config import Settings
+from service.core.jobs import JobStore
+from service.core.storage import open_storage
 from worker.metrics import MetricsServer, WorkerMetrics
 from worker.recovery import Maintenance
 from worker.task import TransferRunner, install_runner
@@ -126,7 +126,7 @@ def _webhook_dispatcher(settings: Settings, redis: Redis):  # -> WebhookDispatch
     if not settings.webhook_secret:
         log.info("webhooks off (HAM_WEBHOOK_SECRET is empty)")
         return None
-    from service.webhooks import WebhookDispatcher
+    from service.core.webhooks import WebhookDispatcher
 
     dispatcher = WebhookDispatcher(settings, redis)
     dispatcher.start()

@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from service.config import Settings
-from service.jobs import KEY_PREFIX, Job, JobStatus, JobStore
-from service.storage import Storage
+from service.core.config import Settings
+from service.core.jobs import KEY_PREFIX, Job, JobStatus, JobStore
+from service.core.storage import Storage
 from worker.task import WebhookSink, notify_webhook
 
 if TYPE_CHECKING:

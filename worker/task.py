@@ -32,8 +32,8 @@ from PIL import Image
 from rq.timeouts import BaseTimeoutException
 
 from ham_engine.params import TransferParams
-from service.config import Settings
-from service.jobs import (
+from service.core.config import Settings
+from service.core.jobs import (
     ERROR_INPUTS_MISSING,
     ERROR_INTERNAL,
     ERROR_INVALID_INPUT,
@@ -45,8 +45,8 @@ from service.jobs import (
     JobStore,
     result_key,
 )
-from service.schemas import job_resource
-from service.storage import Storage, StorageError
+from service.core.resource import job_resource
+from service.core.storage import Storage, StorageError
 
 if TYPE_CHECKING:
     from ham_engine.engine import HamEngine
@@ -56,7 +56,7 @@ log = logging.getLogger("ham.worker")
 
 
 class WebhookSink(Protocol):
-    """What the runner needs from :class:`service.webhooks.WebhookDispatcher`."""
+    """What the runner needs from :class:`service.core.webhooks.WebhookDispatcher`."""
 
     def submit(self, url: str, payload: dict) -> None: ...
 

@@ -20,7 +20,7 @@ COPY ham_engine ./ham_engine
 COPY service ./service
 COPY worker ./worker
 # Base install only: the API never imports torch (ham_engine.params is torch-free).
-RUN pip install --no-deps . && python -c "import service.config, ham_engine.params"
+RUN pip install --no-deps . && python -c "import service.core.config, ham_engine.params"
 
 # --- runtime ---------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from service.config import Settings
+from service.core.config import Settings
 from tests.deploy.compose_files import (
     Stage,
     dockerignore_excludes,

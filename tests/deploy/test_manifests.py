@@ -19,7 +19,7 @@ import pytest
 import yaml
 from rq import Queue
 
-from service.config import Settings
+from service.core.config import Settings
 from tests.deploy.kustomize_subset import Doc, UnsupportedKustomization, render, split_image
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.webhooks import SIGNATURE_HEADER, verify
+from service.core.webhooks import SIGNATURE_HEADER, verify
 from tests.e2e.conftest import WEBHOOK_SECRET, Stack
 from tests.fixtures.servers import free_port
 

@@ -21,9 +21,9 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.config import Settings
-from service.jobs import JobStatus
+from service.api.app import create_app
+from service.core.config import Settings
+from service.core.jobs import JobStatus
 from tests.fixtures.servers import free_port
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -669,8 +669,8 @@ def test_api_process_never_imports_torch(tmp_path, redis_url):
     code = (
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
-        "from service.app import create_app\n"
-        "from service.config import Settings\n"
+        "from service.api.app import create_app\n"
+        "from service.core.config import Settings\n"
         f"app = create_app(Settings(redis_url={redis_url!r}, storage_url='file://{tmp_path}/s'))\n"
         "with TestClient(app) as c:\n"
         "    assert c.get('/readyz').status_code == 200\n"

@@ -19,10 +19,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.api.app import create_app
 from service.cli import main
-from service.config import Settings
-from service.webhooks import check_webhook_url
+from service.core.config import Settings
+from service.core.webhooks import check_webhook_url
 from tests.fixtures.servers import free_port
 from tests.service.test_api import make_settings
 from tests.service.test_cli import LiveApi

@@ -23,10 +23,10 @@ import redis
 import uvicorn
 from PIL import Image
 
-from service.app import create_app
+from service.api.app import create_app
 from service.cli import main
-from service.config import Settings
-from service.jobs import JobStore
+from service.core.config import Settings
+from service.core.jobs import JobStore
 from tests.fixtures.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from service.config import Settings
-from service.jobs import (
+from service.core.config import Settings
+from service.core.jobs import (
     ERROR_WORKER_LOST,
     TASK_FUNCTION,
     Job,

@@ -11,8 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from service.config import Settings
-from service.storage import FileStorage, S3Storage, StorageError, check_key, open_storage
+from service.core.config import Settings
+from service.core.storage import FileStorage, S3Storage, StorageError, check_key, open_storage
 
 KEY = "results/job123.png"
 

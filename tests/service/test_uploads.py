@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from service.config import Settings
-from service.uploads import ImageInfo, UploadError, read_image, sniff_format
+from service.api.uploads import ImageInfo, UploadError, read_image, sniff_format
+from service.core.config import Settings
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SETTINGS = Settings()

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from service.config import Settings
-from service.webhooks import (
+from service.core.config import Settings
+from service.core.webhooks import (
     DELIVERY_HEADER,
     REDIS_DATA_KEY,
     REDIS_DUE_KEY,

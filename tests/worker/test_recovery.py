@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.config import Settings
-from service.jobs import ERROR_WORKER_LOST, Job, JobStatus, JobStore, content_key, new_job_id, style_key
-from service.storage import FileStorage
+from service.core.config import Settings
+from service.core.jobs import ERROR_WORKER_LOST, Job, JobStatus, JobStore, content_key, new_job_id, style_key
+from service.core.storage import FileStorage
 from worker.recovery import (
     HEARTBEAT_MISSES,
     Maintenance,

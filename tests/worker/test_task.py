@@ -12,9 +12,9 @@ import pytest
 import redis
 from PIL import Image
 
-from service.config import Settings
-from service.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
-from service.storage import FileStorage
+from service.core.config import Settings
+from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
+from service.core.storage import FileStorage
 from worker.metrics import WorkerMetrics
 from worker.task import TransferRunner, install_runner, run_transfer
 

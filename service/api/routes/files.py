@@ -12,10 +12,10 @@ import mimetypes
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
 
-from service.deps import Services, get_services
-from service.errors import ApiError
-from service.schemas import ErrorResponse
-from service.storage import FileStorage
+from service.api.deps import Services, get_services
+from service.api.errors import ApiError
+from service.api.schemas import ErrorResponse
+from service.core.storage import FileStorage
 
 router = APIRouter(tags=["files"])
 

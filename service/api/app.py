@@ -17,16 +17,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.config import Settings, get_settings
-from service.deps import Services
-from service.errors import error_response, install_error_handlers
-from service.jobs import JobStore
-from service.metrics import ApiMetrics, MetricsMiddleware, QueueCollector
-from service.ratelimit import RateLimiter
-from service.routes import api_router
-from service.routes.docs import install_docs
-from service.storage import StorageError, open_storage
-from service.webhooks import WebhookDispatcher
+from service.api.deps import Services
+from service.api.errors import error_response, install_error_handlers
+from service.api.metrics import ApiMetrics, MetricsMiddleware, QueueCollector
+from service.api.ratelimit import RateLimiter
+from service.api.routes import api_router
+from service.api.routes.docs import install_docs
+from service.core.config import Settings, get_settings
+from service.core.jobs import JobStore
+from service.core.storage import StorageError, open_storage
+from service.core.webhooks import WebhookDispatcher
 
 log = logging.getLogger("ham.api")
 

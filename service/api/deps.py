@@ -1,6 +1,6 @@
 """FastAPI dependencies: the per-app clients, the caller's tenant, the rate limit.
 
-The clients (Redis, storage, job store) are built once by :func:`service.app.create_app` and
+The clients (Redis, storage, job store) are built once by :func:`service.api.app.create_app` and
 kept in :class:`Services` on ``app.state``; routes reach them only through these functions.
 """
 
@@ -15,15 +15,15 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
 
-from service.config import LOCAL_TENANT, Settings
-from service.errors import ApiError
-from service.ratelimit import RateLimiter
+from service.api.errors import ApiError
+from service.api.ratelimit import RateLimiter
+from service.core.config import LOCAL_TENANT, Settings
 
 if TYPE_CHECKING:
-    from service.jobs import JobStore
-    from service.metrics import ApiMetrics
-    from service.storage import Storage
-    from service.webhooks import WebhookDispatcher
+    from service.api.metrics import ApiMetrics
+    from service.core.jobs import JobStore
+    from service.core.storage import Storage
+    from service.core.webhooks import WebhookDispatcher
 
 _BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 

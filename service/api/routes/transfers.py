@@ -17,14 +17,14 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ham_engine.params import CLIENT_PARAMS, ParamError, TransferParams, check_style_reference
-from service.config import Settings
-from service.deps import Services, current_tenant, get_services
-from service.errors import ApiError
-from service.jobs import Job, JobConflict, JobStatus, QueueFull, content_key, new_job_id, style_key
-from service.schemas import ErrorResponse, TransferForm, TransferJob, TransferList
-from service.schemas import job_resource as public_job
-from service.uploads import UploadError, read_image
-from service.webhooks import check_webhook_url
+from service.api.deps import Services, current_tenant, get_services
+from service.api.errors import ApiError
+from service.api.schemas import ErrorResponse, TransferForm, TransferJob, TransferList
+from service.api.uploads import UploadError, read_image
+from service.core.config import Settings
+from service.core.jobs import Job, JobConflict, JobStatus, QueueFull, content_key, new_job_id, style_key
+from service.core.resource import job_resource as public_job
+from service.core.webhooks import check_webhook_url
 
 log = logging.getLogger("ham.api")
 

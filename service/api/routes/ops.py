@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import Services, get_services, operator_access
-from service.errors import error_body
-from service.schemas import ErrorResponse, Health
+from service.api.deps import Services, get_services, operator_access
+from service.api.errors import error_body
+from service.api.schemas import ErrorResponse, Health
 
 log = logging.getLogger("ham.api")
 

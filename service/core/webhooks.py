@@ -42,7 +42,7 @@ import httpx
 if TYPE_CHECKING:
     from redis import Redis
 
-    from service.config import Settings
+    from service.core.config import Settings
 
 log = logging.getLogger(__name__)
 

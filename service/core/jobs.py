@@ -35,7 +35,7 @@ from redis import Redis, WatchError
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from service.config import Settings
+from service.core.config import Settings
 
 TASK_FUNCTION = "worker.task.run_transfer"
 KEY_PREFIX = "ham"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.routes import files, ops, transfers
+from service.api.routes import files, ops, transfers
 
 
 def api_router() -> APIRouter:

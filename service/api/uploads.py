@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from service.core.config import Settings
 
 # Magic bytes → Pillow format name. WebP is a RIFF container whose form type sits at bytes 8..12.
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

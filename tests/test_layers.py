@@ -1,0 +1,39 @@
+"""The architecture's layering, checked by import-linter against the contracts in pyproject.toml."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("ham_engine", "service", "worker")
+
+
+def _lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).parent / "lint-imports"
+    return subprocess.run(
+        [str(script), "--config", str(cwd / "pyproject.toml"), "--no-cache"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(cwd)},
+    )
+
+
+def test_layer_contracts_are_kept() -> None:
+    done = _lint_imports(ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 kept, 0 broken" in done.stdout
+
+
+def test_a_worker_importing_the_http_layer_breaks_a_contract(tmp_path: Path) -> None:
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    (tmp_path / "worker" / "shortcut.py").write_text("from service.api.routes import transfers\n")
+    done = _lint_imports(tmp_path)
+    assert done.returncode != 0
+    assert "The worker never imports the HTTP layer BROKEN" in done.stdout
