@@ -46,6 +46,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from bench.unet import SD21_BASE_UNET
 from ham_engine import tiny
 from ham_engine.engine import HamEngine
 from ham_engine.loading import DiffusionModel, resolve_device
@@ -87,16 +88,7 @@ def sd21_base(device: torch.device) -> DiffusionModel:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=1024,
-            attention_head_dim=(5, 10, 20, 20),
-            use_linear_projection=True,
-        )
+        unet = UNet2DConditionModel(**SD21_BASE_UNET)
         vae = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ham_engine.params import ParamError, TransferParams, check_style_reference
+from ham_engine.params import INVERSIONS, TEACHERS, ParamError, TransferParams, check_style_reference
 
 PROG = "ham transfer"
 _DEFAULTS = TransferParams()
@@ -65,6 +65,14 @@ def add_transfer_parser(subparsers: Any) -> None:
     parser.add_argument("--no-lat", action="store_true", help="turn local attention transplantation off")
     parser.add_argument("--no-guide-student", action="store_true",
                         help="under CFG (style prompt alone), leave the student unguided")
+    parser.add_argument("--inversion", choices=INVERSIONS, default=_DEFAULTS.inversion,
+                        help=f"DDIM inversion convention (default {_DEFAULTS.inversion}); 'source' lets the "
+                        "teachers be recorded during inversion")
+    parser.add_argument("--teachers", choices=TEACHERS, default=_DEFAULTS.teachers,
+                        help=f"recorded or live teachers (default {_DEFAULTS.teachers})")
+    parser.add_argument("--record-bytes", type=int, default=os.environ.get("HAM_RECORD_BYTES") or None,
+                        help="bytes the teachers' recording may take (default: $HAM_RECORD_BYTES, else a share "
+                        "of the device's memory)")
     parser.add_argument("--stats", action="store_true", help="print the transfer's stats as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_transfer)
@@ -83,6 +91,8 @@ def _params(args: argparse.Namespace) -> TransferParams:
         gar=not args.no_gar,
         lat=not args.no_lat,
         guide_student=not args.no_guide_student,
+        inversion=args.inversion,
+        teachers=args.teachers,
     )
 
 
@@ -118,7 +128,7 @@ def _transfer(args: argparse.Namespace) -> None:
     try:
         content = open_image(args.content, field="content")
         style = open_image(args.style, field="style") if args.style is not None else None
-        engine = HamEngine.load(args.model, device=args.device)
+        engine = HamEngine.load(args.model, device=args.device, record_bytes=args.record_bytes)
     except ValueError as exc:
         raise _BadInput(str(exc)) from exc
 
