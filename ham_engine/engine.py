@@ -390,7 +390,7 @@ class HamEngine:
                 sini(content_terminal, *style_stats, request.params.gamma) if request.params.sini else content_terminal
             )
             recorded = recording if recording is not None and recording.active else None
-            recorded_style = recorded.style if recorded is not None else None
+            recorded_style = recorded.styles.get(1) if recorded is not None else None
             # The cold path of an image style records what a repeat of it will need: the
             # recorded steps' features came from the inversion, the others come live.
             style_record = None
@@ -461,7 +461,7 @@ class HamEngine:
             request.lat_layers,
             budget=self.record_bytes,
             content_row=0,
-            style_row=1 if invert_style and request.style_prompt is None else None,
+            style_rows=(1,) if invert_style and request.style_prompt is None else (),
         )
 
     @staticmethod
@@ -476,7 +476,7 @@ class HamEngine:
         if request.uses_style:
             if cached is not None:
                 style = "cached"
-            elif recorded is not None and recorded.style is not None:
+            elif recorded is not None and recorded.styles:
                 style = "recorded"
             else:
                 style = "live"

@@ -104,11 +104,11 @@ class ContentFeatures:
 class TeacherRecording:
     """What one "source" inversion records of its teachers, within ``budget`` bytes.
 
-    The inversion batch holds the content at ``content_row`` and, when the image style
-    teacher is recorded, the style at ``style_row`` (its features go into ``style``, a
-    :class:`StyleFeatures` that can then serve the style cache). ``steps`` are the sampling
-    steps to record (modulated, not the first). The engine calls :meth:`begin_call` with
-    the schedule index of each inversion call before it and :meth:`end_call` after it.
+    The inversion batch holds the content at ``content_row`` and each recorded image style
+    at one of ``style_rows`` (its features go into ``styles[row]``, a :class:`StyleFeatures`
+    that can then serve the style cache). ``steps`` are the sampling steps to record
+    (modulated, not the first). The engine calls :meth:`begin_call` with the schedule index
+    of each inversion call before it and :meth:`end_call` after it.
     """
 
     def __init__(
@@ -118,16 +118,15 @@ class TeacherRecording:
         lat_layers: tuple[str, ...],
         budget: int,
         content_row: int = 0,
-        style_row: int | None = None,
+        style_rows: tuple[int, ...] = (),
     ) -> None:
         self.steps = steps
         self.gar_layers = gar_layers
         self.lat_layers = lat_layers
         self.budget = budget
         self.content_row = content_row
-        self.style_row = style_row
         self.content = ContentFeatures()
-        self.style = StyleFeatures() if style_row is not None else None
+        self.styles: dict[int, StyleFeatures] = {row: StyleFeatures() for row in style_rows}
         self.fallback: str | None = None
         self.recorded_bytes = 0  # what the inversion recorded (kept after release, for stats)
         self._step: int | None = None  # the sampling step the current call is, when recorded
@@ -143,8 +142,7 @@ class TeacherRecording:
     @property
     def nbytes(self) -> int:
         """Bytes of tensor storage held now (content and style features)."""
-        style = self.style.tensors() if self.style is not None else []
-        return self.content.nbytes + _nbytes(style)
+        return self.content.nbytes + sum(_nbytes(style.tensors()) for style in self.styles.values())
 
     def begin_call(self, index: int, total: int) -> None:
         """Before the inversion call at schedule index ``index`` of ``total`` (``total``: the clean latent)."""
@@ -177,10 +175,10 @@ class TeacherRecording:
     def discard(self) -> None:
         """Free everything recorded (the transfer failed, or fell back to live teachers)."""
         self.content.clear()
-        if self.style is not None:
-            self.style.gar.clear()
-            self.style.lat.clear()
-            self.style.terminal_mean = self.style.terminal_std = None
+        for style in self.styles.values():
+            style.gar.clear()
+            style.lat.clear()
+            style.terminal_mean = style.terminal_std = None
 
     # -- what the processors see --------------------------------------------------------
 
@@ -191,30 +189,30 @@ class TeacherRecording:
         if self._step is None and not self._measuring:
             return
         content = hidden_states[self.content_row : self.content_row + 1]
-        style_rows = [x[self.style_row : self.style_row + 1] for x in (query, key, value)] if self.style else []
         if self._measuring:
-            # Two float32 statistics (mean, std) per channel of Q, K and V.
-            self._step_bytes += _nbytes([content]) + 2 * 4 * sum(x.shape[-1] for x in style_rows)
+            # Two float32 statistics (mean, std) per channel of Q, K and V, per style.
+            widths = query.shape[-1] + key.shape[-1] + value.shape[-1]
+            self._step_bytes += _nbytes([content]) + len(self.styles) * 2 * 4 * widths
             return
         # A copy, not a view: a view would keep the whole inversion batch alive.
         self.content.gar_inputs[(self._step, layer)] = content.clone()
-        if self.style is not None:
-            means, stds = zip(*(channel_stats(x, dim=1) for x in style_rows), strict=True)
-            self.style.gar[(self._step, layer)] = (torch.cat(means, -1), torch.cat(stds, -1))
+        for row, style in self.styles.items():
+            means, stds = zip(*(channel_stats(x[row : row + 1], dim=1) for x in (query, key, value)), strict=True)
+            style.gar[(self._step, layer)] = (torch.cat(means, -1), torch.cat(stds, -1))
 
     def see_cross_attention(self, layer: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """A LAT layer's inversion call: the content row's query, the style row's K/V (once)."""
         if self._step is None and not self._measuring:
             return
         content = query[self.content_row : self.content_row + 1]
-        style = [x[self.style_row : self.style_row + 1] for x in (key, value)] if self.style is not None else []
         if self._measuring:
             self._step_bytes += _nbytes([content])
-            self._once_bytes += _nbytes(style)
+            self._once_bytes += len(self.styles) * _nbytes([key[:1], value[:1]])
             return
         self.content.lat_queries[(self._step, layer)] = content.clone()
-        if self.style is not None and layer not in self.style.lat:
-            self.style.lat[layer] = (style[0].clone(), style[1].clone())
+        for row, style in self.styles.items():
+            if layer not in style.lat:
+                style.lat[layer] = (key[row : row + 1].clone(), value[row : row + 1].clone())
 
 
 class GarRecorder(HookedSdpaProcessor):

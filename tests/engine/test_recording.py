@@ -108,7 +108,7 @@ def _record(engine: HamEngine, content: Image.Image, style: Image.Image, params:
     text = model.encode_prompt([""]).expand(2, -1, -1)
     schedule = DdimSchedule.from_scheduler(model.scheduler, params.steps, model.device)
     recording = TeacherRecording(
-        request.recordable_steps, request.gar_layers, request.lat_layers, budget=2**40, style_row=1
+        request.recordable_steps, request.gar_layers, request.lat_layers, budget=2**40, style_rows=(1,)
     )
 
     def unet(latents: torch.Tensor, index: int, timestep: torch.Tensor) -> torch.Tensor:
@@ -146,14 +146,14 @@ def test_recorded_tensors_equal_what_the_live_teachers_compute_at_each_step(
                 projected = (attn.to_q(recorded), attn.to_k(recorded), attn.to_v(recorded))
             for live, again in zip((q, k, v), projected, strict=True):
                 torch.testing.assert_close(again, live[content : content + 1], **ROUNDING)
-            mean, std = recording.style.gar[(event.step, event.layer)]
+            mean, std = recording.styles[1].gar[(event.step, event.layer)]
             stats = [channel_stats(x[style : style + 1], dim=1) for x in (q, k, v)]
             torch.testing.assert_close(mean, torch.cat([m for m, _ in stats], -1), **ROUNDING)
             torch.testing.assert_close(std, torch.cat([s for _, s in stats], -1), **ROUNDING)
         else:
             recorded = recording.content.lat_queries[(event.step, event.layer)]
             torch.testing.assert_close(recorded, q[content : content + 1], **ROUNDING)
-            style_k, style_v = recording.style.lat[event.layer]
+            style_k, style_v = recording.styles[1].lat[event.layer]
             torch.testing.assert_close(style_k, k[style : style + 1], **ROUNDING)
             torch.testing.assert_close(style_v, v[style : style + 1], **ROUNDING)
         checked += 1
@@ -165,7 +165,7 @@ def test_record_bytes_count_every_tensor_the_recording_holds(
 ) -> None:
     params = _params(teachers="recorded")
     recording = _record(tiny_engine, content_image, style_image, params)
-    held = recording.content.tensors() + recording.style.tensors()
+    held = recording.content.tensors() + recording.styles[1].tensors()
     assert recording.nbytes == recording.recorded_bytes == sum(t.numel() * t.element_size() for t in held)
     # Independently, from the shapes a live run's layers see: per recorded step and GAR layer
     # the content's [L, C] input (C = the projections' width here) and 2 x 3C float32
@@ -268,7 +268,7 @@ def test_cancelling_frees_what_was_recorded(
     # The traceback keeps the transfer's frames, and so the recording, alive: it holds nothing.
     kept = _live_recordings()
     assert kept, "the traceback should still reference the recording"
-    assert all(r.nbytes == 0 and not r.content.gar_inputs and not r.style.gar for r in kept)
+    assert all(r.nbytes == 0 and not r.content.gar_inputs and not r.styles[1].gar for r in kept)
     del info, kept
     assert _live_recordings() == []
     assert len(engine.style_cache) == 0
