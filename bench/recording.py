@@ -1,6 +1,7 @@
 """Recorded teachers benchmark: UNet rows, wall time and memory of the teacher strategies.
 
     python -m bench.recording [--quick] [--out bench/results/recording.json] [--models random-small sd21-base]
+                              [--device cuda] [--size 512] [--steps 50] [--repeats 3]
 
 For each model it runs an image-style transfer in three ways, each cold (empty style cache)
 then warm (the same style again), interleaved over ``--repeats`` rounds:
@@ -276,11 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(FULL), default=list(FULL), help="models to measure")
     parser.add_argument("--device", default=None, help="torch device (default: HAM_DEVICE, else CUDA if available)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per model (default: the case's)")
+    parser.add_argument("--size", type=int, default=None, help="output size in px (default: the case's)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the case's)")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     cases = QUICK if args.quick else FULL
+    cases = {
+        name: Case(c.model, args.size or c.size, args.steps or c.steps, args.repeats or c.repeats)
+        for name, c in cases.items()
+    }
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
