@@ -13,10 +13,11 @@ then warm (the same style again), interleaved over ``--repeats`` rounds:
   teachers; after the first step the sampling batch is the student alone (3N+2 cold, 2N+1
   warm).
 
-It reports rows, the fastest repeat's wall time, the bytes recorded, the peak memory the
-transfer added (CUDA: max allocated; CPU: resident set sampled every 2 ms, over what the
-process held before), the recorded/live time ratio measured in the same run, and the
-largest difference between source/live and source/recorded (latents and 8-bit pixels).
+It reports rows, the fastest repeat's wall time and process CPU time (with one torch
+thread the CPU time is what the transfer itself took, whatever else loads the machine),
+the bytes recorded, the peak memory the transfer added (CUDA: max allocated; CPU: resident
+set sampled every 2 ms, over what the process held before), the recorded/live time ratio
+measured in the same run, and the largest difference between source/live and source/recorded (latents and 8-bit pixels).
 
 Models: ``random-small`` (``ham_engine.tiny``) and ``sd21-base``: the full Stable Diffusion
 2.1-base architecture (UNet, VAE, OpenCLIP-H text encoder from the published configs) with
@@ -57,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONTENT = REPO / "tests" / "data" / "content0.png"
 STYLE = REPO / "tests" / "data" / "style0.png"
 VARIANTS = (("target", "live"), ("source", "live"), ("source", "recorded"))
+MEASURED = ("student", "seconds", "cpu_seconds", "added_peak_memory_bytes")  # summarised over repeats
 
 
 @dataclass(frozen=True)
@@ -169,14 +171,15 @@ def added_peak_memory(device: torch.device, run: Callable[[], Any]) -> tuple[Any
 
 def _one(engine: HamEngine, content: Image.Image, style: Image.Image, params: TransferParams) -> dict[str, Any]:
     device = engine.model.device
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     result, added = added_peak_memory(
         device, lambda: engine.transfer_latents(content, style=style, params=params)
     )
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
     stats = result.stats
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "unet_rows": stats["unet_rows"],
         "unet_rows_by_phase": stats["unet_rows_by_phase"],
         "teachers": stats["teachers"],
@@ -215,9 +218,11 @@ def bench_model(case: Case, device: torch.device) -> dict[str, Any]:
     for name, repeats in runs.items():
         first = repeats[0]
         summary["runs"][name] = {
-            **{k: v for k, v in first.items() if k not in ("student", "seconds", "added_peak_memory_bytes")},
+            **{k: v for k, v in first.items() if k not in MEASURED},
             "seconds": min(r["seconds"] for r in repeats),
             "seconds_all": [r["seconds"] for r in repeats],
+            "cpu_seconds": min(r["cpu_seconds"] for r in repeats),
+            "cpu_seconds_all": [r["cpu_seconds"] for r in repeats],
             "added_peak_memory_bytes": max(r["added_peak_memory_bytes"] for r in repeats),
         }
     for warmth in ("cold", "warm"):
@@ -235,6 +240,8 @@ def bench_model(case: Case, device: torch.device) -> dict[str, Any]:
         for what, key, base in (
             ("seconds_recorded_vs_source_live", "seconds", "source/live"),
             ("seconds_recorded_vs_target_live", "seconds", "target/live"),
+            ("cpu_seconds_recorded_vs_source_live", "cpu_seconds", "source/live"),
+            ("cpu_seconds_recorded_vs_target_live", "cpu_seconds", "target/live"),
             ("rows_recorded_vs_live", "unet_rows", "source/live"),
         )
     }
@@ -243,7 +250,9 @@ def bench_model(case: Case, device: torch.device) -> dict[str, Any]:
 
 def print_table(results: dict[str, Any]) -> None:
     """A fixed-width table per model, then the ratios."""
-    header = f"{'model':<30} {'run':<22} {'rows':>5} {'seconds':>8} {'recorded MB':>12} {'added peak MB':>14}"
+    header = (
+        f"{'model':<30} {'run':<22} {'rows':>5} {'seconds':>8} {'CPU s':>8} {'recorded MB':>12} {'added peak MB':>14}"
+    )
     print(header)
     print("-" * len(header))
     for name, m in results["models"].items():
@@ -251,15 +260,17 @@ def print_table(results: dict[str, Any]) -> None:
         label = f"{name} {case['size']}px {case['steps']} steps"
         for run, s in m["runs"].items():
             print(
-                f"{label:<30} {run:<22} {s['unet_rows']:>5} {s['seconds']:8.2f} {s['record_bytes'] / 2**20:12.2f}"
+                f"{label:<30} {run:<22} {s['unet_rows']:>5} {s['seconds']:8.2f} {s['cpu_seconds']:8.2f}"
+                f" {s['record_bytes'] / 2**20:12.2f}"
                 f" {s['added_peak_memory_bytes'] / 2**20:14.1f}"
             )
             label = ""
         ratios = m["ratios"]
         print(
-            "  recorded / source-live seconds: cold {cold_seconds_recorded_vs_source_live:.3f},"
-            " warm {warm_seconds_recorded_vs_source_live:.3f};  rows: cold {cold_rows_recorded_vs_live:.3f},"
-            " warm {warm_rows_recorded_vs_live:.3f}".format(**ratios)
+            "  recorded / source-live: wall seconds cold {cold_seconds_recorded_vs_source_live:.3f},"
+            " warm {warm_seconds_recorded_vs_source_live:.3f}; CPU seconds cold"
+            " {cold_cpu_seconds_recorded_vs_source_live:.3f}, warm {warm_cpu_seconds_recorded_vs_source_live:.3f};"
+            "  rows cold {cold_rows_recorded_vs_live:.3f}, warm {warm_rows_recorded_vs_live:.3f}".format(**ratios)
         )
         print(
             f"  recorded vs live: latents max |diff| cold {m['cold_recorded_vs_live_latent_max_abs_diff']:.2e},"
