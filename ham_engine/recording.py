@@ -104,11 +104,12 @@ class ContentFeatures:
 class TeacherRecording:
     """What one "source" inversion records of its teachers, within ``budget`` bytes.
 
-    The inversion batch holds the content at ``content_row`` and each recorded image style
-    at one of ``style_rows`` (its features go into ``styles[row]``, a :class:`StyleFeatures`
-    that can then serve the style cache). ``steps`` are the sampling steps to record
-    (modulated, not the first). The engine calls :meth:`begin_call` with the schedule index
-    of each inversion call before it and :meth:`end_call` after it.
+    The inversion batch holds the content at ``content_row`` (None: the content is not
+    inverted here, so its teacher is not recorded) and each recorded image style at one
+    of ``style_rows`` (its features go into ``styles[row]``, a :class:`StyleFeatures` that
+    can then serve the style cache). ``steps`` are the sampling steps to record
+    (modulated, not the first). The engine calls :meth:`begin_call` with the schedule
+    index of each inversion call before it and :meth:`end_call` after it.
     """
 
     def __init__(
@@ -117,7 +118,7 @@ class TeacherRecording:
         gar_layers: tuple[str, ...],
         lat_layers: tuple[str, ...],
         budget: int,
-        content_row: int = 0,
+        content_row: int | None = 0,
         style_rows: tuple[int, ...] = (),
     ) -> None:
         self.steps = steps
@@ -157,7 +158,8 @@ class TeacherRecording:
             if needed > self.budget:
                 self._fall_back(f"the recording needs {needed} bytes, over the budget of {self.budget}")
         elif self._step is not None:
-            self.content.steps.add(self._step)
+            if self.content_row is not None:
+                self.content.steps.add(self._step)
             self.recorded_bytes = self.nbytes
             if self.recorded_bytes > self.budget:  # a safety net: the measured projection is exact
                 self._fall_back(f"the recording reached {self.recorded_bytes} bytes, over the budget of {self.budget}")
@@ -182,20 +184,26 @@ class TeacherRecording:
 
     # -- what the processors see --------------------------------------------------------
 
+    def _content_row(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The content's row of ``x`` as ``[1, ...]``, in a list; empty when the content is not recorded."""
+        row = self.content_row
+        return [] if row is None else [x[row : row + 1]]
+
     def see_self_attention(
         self, layer: str, hidden_states: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> None:
         """A GAR layer's inversion call: the content row's input, the style row's Q/K/V statistics."""
         if self._step is None and not self._measuring:
             return
-        content = hidden_states[self.content_row : self.content_row + 1]
+        content = self._content_row(hidden_states)
         if self._measuring:
             # Two float32 statistics (mean, std) per channel of Q, K and V, per style.
             widths = query.shape[-1] + key.shape[-1] + value.shape[-1]
-            self._step_bytes += _nbytes([content]) + len(self.styles) * 2 * 4 * widths
+            self._step_bytes += _nbytes(content) + len(self.styles) * 2 * 4 * widths
             return
         # A copy, not a view: a view would keep the whole inversion batch alive.
-        self.content.gar_inputs[(self._step, layer)] = content.clone()
+        for row in content:
+            self.content.gar_inputs[(self._step, layer)] = row.clone()
         for row, style in self.styles.items():
             means, stds = zip(*(channel_stats(x[row : row + 1], dim=1) for x in (query, key, value)), strict=True)
             style.gar[(self._step, layer)] = (torch.cat(means, -1), torch.cat(stds, -1))
@@ -204,12 +212,13 @@ class TeacherRecording:
         """A LAT layer's inversion call: the content row's query, the style row's K/V (once)."""
         if self._step is None and not self._measuring:
             return
-        content = query[self.content_row : self.content_row + 1]
+        content = self._content_row(query)
         if self._measuring:
-            self._step_bytes += _nbytes([content])
+            self._step_bytes += _nbytes(content)
             self._once_bytes += len(self.styles) * _nbytes([key[:1], value[:1]])
             return
-        self.content.lat_queries[(self._step, layer)] = content.clone()
+        for row in content:
+            self.content.lat_queries[(self._step, layer)] = row.clone()
         for row, style in self.styles.items():
             if layer not in style.lat:
                 style.lat[layer] = (key[row : row + 1].clone(), value[row : row + 1].clone())
