@@ -96,7 +96,9 @@ def test_a_recorded_cold_run_fills_the_style_cache_with_what_a_live_one_would(
         torch.testing.assert_close(recorded.lat[layer][1], v, **ROUNDING)
 
 
-def _record(engine: HamEngine, content: Image.Image, style: Image.Image, params: TransferParams) -> TeacherRecording:
+def _record(
+    engine: HamEngine, content: Image.Image, style: Image.Image, params: TransferParams, content_row: int | None = 0
+) -> TeacherRecording:
     """A source inversion of [content, style] as the engine runs it, recorded in full."""
     request = engine._validate(content, style, None, params)
     width, height = request.size
@@ -108,7 +110,12 @@ def _record(engine: HamEngine, content: Image.Image, style: Image.Image, params:
     text = model.encode_prompt([""]).expand(2, -1, -1)
     schedule = DdimSchedule.from_scheduler(model.scheduler, params.steps, model.device)
     recording = TeacherRecording(
-        request.recordable_steps, request.gar_layers, request.lat_layers, budget=2**40, style_rows=(1,)
+        request.recordable_steps,
+        request.gar_layers,
+        request.lat_layers,
+        budget=2**40,
+        content_row=content_row,
+        style_rows=(1,),
     )
 
     def unet(latents: torch.Tensor, index: int, timestep: torch.Tensor) -> torch.Tensor:
@@ -186,6 +193,17 @@ def test_record_bytes_count_every_tensor_the_recording_holds(
             expected += 2 * 3 * q.shape[-1] * 4
     stats = HamEngine(tiny_engine.model).transfer(content_image, style=style_image, params=params).stats
     assert stats["record_bytes"] == recording.nbytes == expected
+
+
+def test_a_recording_without_a_content_row_records_the_style_alone(
+    tiny_engine: HamEngine, content_image: Image.Image, style_image: Image.Image
+) -> None:
+    recording = _record(tiny_engine, content_image, style_image, _params(), content_row=None)
+    assert recording.content.tensors() == [] and not recording.content.holds(1)
+    style = recording.styles[1]
+    assert set(style.gar) == {(k, layer) for k in range(1, STEPS) for layer in recording.gar_layers}
+    assert set(style.lat) == set(recording.lat_layers)
+    assert recording.recorded_bytes == recording.nbytes > 0
 
 
 def test_a_recording_over_the_budget_falls_back_to_live_teachers_with_the_same_image(
