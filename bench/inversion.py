@@ -15,9 +15,10 @@ models take ~2 min, sd21-base ~10 min on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,19 +26,26 @@ from diffusers import UNet2DConditionModel
 
 from bench.unet import SD21_BASE_UNET, TEXT_TOKENS
 from ham_engine.engine import HamEngine
-from ham_engine.inversion import INVERSIONS, DdimSchedule, ddim_invert, ddim_step
+from ham_engine.inversion import INVERSIONS, DdimSchedule, ModelFn, ddim_invert, ddim_step
 from ham_engine.tiny import sd_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = {"tiny": (5, 10, 20, 50, 100), "tiny-v": (5, 10, 20, 50, 100), "sd21-base": (5, 10, 20, 50)}
 
 
-def unet_fn(unet: torch.nn.Module, text: torch.Tensor, scale: float):
-    """``unet`` with its output scaled by ``scale`` (on a copy), as a ``ModelFn`` conditioned on ``text``."""
-    unet = copy.deepcopy(unet)
-    unet.conv_out.weight.mul_(scale)
-    unet.conv_out.bias.mul_(scale)
-    return lambda latents, _, timestep: unet(latents, timestep, encoder_hidden_states=text).sample
+@contextmanager
+def scaled_output(unet: torch.nn.Module, text: torch.Tensor, scale: float) -> Iterator[ModelFn]:
+    """``unet`` with its output scaled by ``scale`` (in place, undone after), as a ``ModelFn`` on ``text``."""
+    original = unet.conv_out.weight.clone(), unet.conv_out.bias.clone()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(scale)
+        unet.conv_out.bias.mul_(scale)
+    try:
+        yield lambda latents, _, timestep: unet(latents, timestep, encoder_hidden_states=text).sample
+    finally:
+        with torch.no_grad():
+            unet.conv_out.weight.copy_(original[0])
+            unet.conv_out.bias.copy_(original[1])
 
 
 def model_under_test(name: str):
@@ -77,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         unet, text, scheduler = model_under_test(name)
         print(f"{name:<22} {'convention':<10} " + " ".join(f"{n:>8}" for n in STEPS[name]), flush=True)
         for scale, label in ((0.1, "damped"), (1.0, "as built")):
-            model = unet_fn(unet, text, scale)
             for convention in INVERSIONS:
-                with torch.inference_mode():
+                with scaled_output(unet, text, scale) as model, torch.inference_mode():
                     errors = [reconstruction_error(model, scheduler, clean, n, convention) for n in STEPS[name]]
                 results[f"{name} {label} {convention}"] = {"steps": list(STEPS[name]), "mean_abs_error": errors}
                 line = " ".join(f"{e:8.4f}" for e in errors)
