@@ -8,7 +8,7 @@ modulation, and prints the mean absolute error per N, for the random ``tiny`` (�
 ``tiny-v`` (v-prediction) UNets as built and "damped" (``conv_out`` scaled by 0.1: nearly
 the identity denoiser, so nearly invertible), and for ``sd21-base``: the full SD 2.1-base
 UNet (``bench/unet.py``'s config, random weights, a seeded stand-in for the empty
-prompt's embedding; ~3.5 GB RAM, 5–50 steps). A measurement, never a test; the tiny
+prompt's embedding; ~3.5 GB RAM, 5–20 steps). A measurement, never a test; the tiny
 models take ~2 min, sd21-base ~10 min on a 2-core CPU.
 """
 
@@ -30,7 +30,7 @@ from ham_engine.inversion import INVERSIONS, DdimSchedule, ModelFn, ddim_invert,
 from ham_engine.tiny import sd_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = {"tiny": (5, 10, 20, 50, 100), "tiny-v": (5, 10, 20, 50, 100), "sd21-base": (5, 10, 20, 50)}
+STEPS = {"tiny": (5, 10, 20, 50, 100), "tiny-v": (5, 10, 20, 50, 100), "sd21-base": (5, 10, 20)}
 
 
 @contextmanager
