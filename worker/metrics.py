@@ -49,6 +49,17 @@ class WorkerMetrics:
         self.style_cache_misses = Counter(
             "ham_worker_style_cache_misses", "Jobs that computed their style statistics.", registry=r
         )
+        self.teachers = Counter(
+            "ham_worker_teachers",
+            "Jobs by how each teacher served the student: live, recorded (during inversion) or cached.",
+            ["teacher", "served"],
+            registry=r,
+        )
+        self.record_fallbacks = Counter(
+            "ham_worker_record_fallbacks",
+            "Jobs whose teachers ran live because recording them would exceed HAM_RECORD_BYTES.",
+            registry=r,
+        )
         self.device_memory = Gauge(
             "ham_worker_device_memory_bytes",
             "Accelerator memory: 'allocated' now, 'peak' during the last job (0 on CPU).",
@@ -80,6 +91,13 @@ class WorkerMetrics:
             self.style_cache_hits.inc()
         elif hit is False:
             self.style_cache_misses.inc()
+        teachers = stats.get("teachers")
+        if isinstance(teachers, dict):
+            for teacher, served in teachers.items():
+                if isinstance(served, str):
+                    self.teachers.labels(teacher=teacher, served=served).inc()
+        if stats.get("record_fallback"):
+            self.record_fallbacks.inc()
         peak = stats.get("peak_memory_bytes")
         if isinstance(peak, (int, float)):
             self.device_memory.labels(kind="peak").set(peak)
