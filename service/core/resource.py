@@ -72,6 +72,8 @@ class TransferJob(BaseModel):
                     "params": _EXAMPLE_PARAMS,
                     "style_prompt": None,
                     "has_style": True,
+                    "output_format": "png",
+                    "output_quality": 90,
                 },
                 {
                     "id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
@@ -86,6 +88,8 @@ class TransferJob(BaseModel):
                     "params": _EXAMPLE_PARAMS,
                     "style_prompt": "an ukiyo-e woodblock print",
                     "has_style": False,
+                    "output_format": "webp",
+                    "output_quality": 85,
                 },
             ]
         }
@@ -98,7 +102,9 @@ class TransferJob(BaseModel):
         None, description="0-based position in the queue while `queued` (0: next to run); null otherwise."
     )
     result_url: str | None = Field(
-        None, description="Expiring download URL of the result PNG when `succeeded`; fetch the job again for a new one."
+        None,
+        description="Expiring download URL of the result (in `output_format`) when `succeeded`; fetch the job again "
+        "for a new one.",
     )
     error: JobError | None = Field(None, description="Why the job failed, when `failed`.")
     created_at: datetime = Field(description="ISO 8601, UTC.")
@@ -107,6 +113,8 @@ class TransferJob(BaseModel):
     params: dict[str, Any] = Field(description="The engine parameters in effect (defaults filled in).")
     style_prompt: str | None = Field(None, description="The text style reference, if one was given.")
     has_style: bool = Field(description="Whether a style image was given.")
+    output_format: Literal["png", "jpeg", "webp"] = Field(description="The result's file format.")
+    output_quality: int = Field(ge=1, le=100, description="Encoder quality of a jpeg or webp result.")
 
     @classmethod
     def from_job(cls, job: Job, queue_position: int | None = None, result_url: str | None = None) -> TransferJob:
@@ -125,6 +133,8 @@ class TransferJob(BaseModel):
             params=job.params,
             style_prompt=job.style_prompt,
             has_style=job.has_style,
+            output_format=job.output_format,
+            output_quality=job.output_quality,
         )
 
 
