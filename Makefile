@@ -9,15 +9,18 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# The real CLIP BPE vocabulary for the full-size architecture tests: open_clip (MIT) ships it.
+OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
+CLIP_VOCAB := .cache/clip/bpe_simple_vocab_16e6.txt.gz
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test lint bench system system-test setup clean
+.PHONY: up test lint bench system system-test setup clip-vocab clean
 
 up: setup
 	$(BIN)/ham up
 
-test: setup system-test
+test: setup system-test clip-vocab
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || { rc=$$?; \
 	  [ $$rc -eq 5 ] && echo "pytest collected no tests"; exit $$rc; }
@@ -52,6 +55,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# dependencies (docs/evaluation.md).
 	$(BIN)/pip install --quiet --no-deps "lpips==0.1.4" "pytorch-fid==0.3.0"
 	touch $@
+
+# Only the vocabulary file (and the licence) leaves the wheel; its torchvision dependency is never installed.
+clip-vocab: $(CLIP_VOCAB)
+
+$(CLIP_VOCAB): | $(VENV)/.installed
+	rm -rf .cache/clip/wheel && mkdir -p .cache/clip/wheel
+	$(BIN)/pip download --quiet --no-deps "$(OPEN_CLIP_SPEC)" -d .cache/clip/wheel
+	$(BIN)/python -c "import glob, shutil, zipfile; w = zipfile.ZipFile(glob.glob('.cache/clip/wheel/*.whl')[0]); \
+	  lic = [n for n in w.namelist() if n.endswith('/LICENSE')][0]; \
+	  open('.cache/clip/LICENSE.open_clip', 'wb').write(w.read(lic)); \
+	  open('$@.tmp', 'wb').write(w.read('open_clip/bpe_simple_vocab_16e6.txt.gz'))"
+	mv $@.tmp $@ && rm -rf .cache/clip/wheel
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

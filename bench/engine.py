@@ -229,7 +229,7 @@ def bench_model(case: BenchCase) -> dict[str, Any]:
     content, style = Image.open(CONTENT).convert("RGB"), Image.open(STYLE).convert("RGB")
     pipe = stock_pipeline(engine)
     with torch.inference_mode():
-        empty = engine.model.encode_prompt([""])
+        empty = engine.model.encode_prompt([""]).hidden_states
 
     # A short round first: on CPU the first call at each batch shape pays for kernel set-up.
     _one_round(engine, pipe, content, style, TransferParams(steps=2, size=case.size), empty)

@@ -1,4 +1,4 @@
-"""HAM's attention processors: GAR on self-attention, LAT on cross-attention (PAPER.md §2–§3).
+"""HAM's attention processors: GAR on self-attention, LAT on cross-attention (docs/method.md §3–§4).
 
 Both processors keep the mechanics of diffusers' stock ``AttnProcessor2_0`` line for line
 (norms, head split, ``F.scaled_dot_product_attention``, output projection, residual,
@@ -40,6 +40,7 @@ STYLE_TEACHER = "style_teacher"
 STUDENT = "student"
 BRANCHES = (CONTENT_TEACHER, STYLE_TEACHER, STUDENT)
 
+# Kinds of attention layer, named as SD's transformer blocks name them (selection is by type).
 SELF_ATTENTION = "attn1"
 CROSS_ATTENTION = "attn2"
 
@@ -187,11 +188,20 @@ class ModulationContext:
 
 
 def attention_layers(unet: torch.nn.Module, kind: str) -> list[str]:
-    """Names of the UNet's attention modules of ``kind`` ("attn1" self, "attn2" cross), in order."""
+    """Names of the UNet's attention modules of ``kind`` (self or cross attention), in order.
+
+    Selected by what a module is (``Attention.is_cross_attention``), not by its name, so a
+    UNet whose blocks name their attentions differently is read right. ``kind`` is
+    :data:`SELF_ATTENTION` ("attn1") or :data:`CROSS_ATTENTION` ("attn2"), the names SD's
+    transformer blocks give them.
+    """
+    if kind not in (SELF_ATTENTION, CROSS_ATTENTION):
+        raise ValueError(f"kind: {kind!r} is not {SELF_ATTENTION!r} (self) or {CROSS_ATTENTION!r} (cross)")
+    cross = kind == CROSS_ATTENTION
     return [
         name
         for name, module in unet.named_modules()
-        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] == kind
+        if isinstance(module, Attention) and bool(module.is_cross_attention) == cross
     ]
 
 

@@ -39,7 +39,7 @@ def add_transfer_parser(subparsers: Any) -> None:
         description=(
             "Restyle CONTENT with a style image and/or a style prompt (HAM, training-free). "
             "The default model 'tiny' is random and makes noise-like pictures; use a Stable Diffusion "
-            "1.x/2.x id or folder for real ones."
+            "1.x/2.x or SDXL id or folder for real ones (SDXL: --size 1024)."
         ),
     )
     parser.add_argument("content", help="the content image (PNG, JPEG, WebP, ...)")
@@ -49,7 +49,7 @@ def add_transfer_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--model",
         default=os.environ.get("HAM_MODEL") or "tiny",
-        help="'tiny', a diffusers model id or a local folder (default: $HAM_MODEL or tiny)",
+        help="'tiny', 'tiny-xl', an SD 1.x/2.x or SDXL model id or local folder (default: $HAM_MODEL or tiny)",
     )
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: $HAM_DEVICE or auto)")
     add_param_arguments(parser, server_defaults=False)

@@ -1,8 +1,9 @@
-"""HamEngine: one HAM style transfer end to end (PAPER.md §1–§7).
+"""HamEngine: one HAM style transfer end to end (docs/method.md).
 
 A transfer runs in four phases:
 
-1. **encode** – the prompts (each distinct one once) and the images (VAE, one batch);
+1. **encode** – the prompts (each distinct one once, by the model family's adapter) and
+   the images (VAE, each on its own, float32 latents);
 2. **invert** – DDIM inversion of the content latent, batched with the style latent when
    an image style teacher is needed and not cached: ``steps`` UNet calls. With the
    "source" convention (``params.inversion``) these calls are the teachers' own calls at
@@ -29,7 +30,7 @@ Under CFG (a text-guided style teacher) the student is guided too **[our reading
 LAT, its uncond half the empty prompt's, and ``uncond + g·(cond − uncond)`` carries the
 prompt into the student. With an image style and no style prompt, teacher and student
 share the empty prompt, so LAT's K/V transplant changes nothing and its query blend is
-what acts (a consequence of PAPER.md §4).
+what acts (docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ from ham_engine.attention import (
     modulated_attention,
     resolve_layers,
 )
+from ham_engine.families import PromptEmbeddings
 from ham_engine.inversion import DdimSchedule, ddim_invert, ddim_step
 from ham_engine.loading import DiffusionModel, load_model
 from ham_engine.modulation import channel_stats, sini
-from ham_engine.params import TransferParams, check_style_reference
+from ham_engine.params import DEFAULT_LAYERS, ParamError, TransferParams, check_style_reference
 from ham_engine.recording import TeacherRecording, check_record_bytes, default_record_bytes, recording_attention
 from ham_engine.style_cache import StyleCache, StyleFeatures, StyleKey
 
@@ -74,6 +76,15 @@ CancelledFn = Callable[[], bool]
 
 class TransferCancelled(Exception):
     """The caller's ``cancelled()`` returned True; the transfer stopped between two steps."""
+
+
+class NumericalError(RuntimeError):
+    """A latent, a UNet output or the decoded image stopped being finite (an overflow, usually fp16).
+
+    The transfer stops there instead of turning NaN into a black picture; the message
+    names the phase and step. Not the caller's fault: the worker fails the job with
+    ``numerical_error``.
+    """
 
 
 @dataclass
@@ -148,8 +159,8 @@ class _Counters:
 class _Text:
     """Encoded prompts: the empty one, and the style teacher's (the empty one when it has none)."""
 
-    empty: torch.Tensor
-    style: torch.Tensor
+    empty: PromptEmbeddings
+    style: PromptEmbeddings
 
 
 @dataclass
@@ -195,7 +206,7 @@ class HamEngine:
     """A loaded diffusion model that runs HAM transfers, one at a time, request after request.
 
     ``transfer`` is thread-safe: a lock keeps two threads from sharing the UNet. The
-    style cache keeps what repeat image styles need (PAPER.md §7). ``record_bytes``
+    style cache keeps what repeat image styles need (docs/method.md §7). ``record_bytes``
     bounds what one transfer may record of its teachers during inversion (None: a share of
     the device's memory, :func:`~ham_engine.recording.default_record_bytes`; 0: never
     record); a transfer whose recording would not fit runs its teachers live.
@@ -251,23 +262,28 @@ class HamEngine:
         ``stats`` holds: ``unet_calls``, ``unet_rows`` (batch rows summed over calls),
         ``unet_rows_by_phase``, ``seconds`` (encode, invert, sample, decode, total),
         ``style_cache_hit`` (None when no image style teacher is used), ``peak_memory_bytes``
-        (CUDA max allocated, else the process's peak RSS), ``steps``, ``size`` [w, h],
-        ``mode``, ``cfg``, ``device``, ``dtype``, ``model``, ``inversion``; ``teachers``:
-        how each teacher served the student ({"content_teacher": "live" | "recorded" | None,
-        "style_teacher": "live" | "recorded" | "cached" | None}; a recorded teacher still
-        runs live at the first step); ``record_bytes`` (bytes recorded during inversion),
-        ``record_budget_bytes`` and ``record_fallback`` (why a wanted recording was not
-        used, else None).
+        (on CUDA the most memory this transfer allocated; None on a CPU, where no
+        per-transfer figure exists), ``process_peak_rss_bytes`` (on a CPU: the process's
+        peak resident memory over its whole life, which never falls), ``steps``,
+        ``size`` [w, h], ``mode``, ``cfg``, ``device``, ``dtype``, ``model``, ``family``,
+        ``inversion``; ``teachers``: how each teacher served the student
+        ({"content_teacher": "live" | "recorded" | None, "style_teacher": "live" |
+        "recorded" | "cached" | None}; a recorded teacher still runs live at the first
+        step); ``record_bytes`` (bytes recorded during inversion), ``record_budget_bytes``
+        and ``record_fallback`` (why a wanted recording was not used, else None).
+        A latent or image that stops being finite raises :class:`NumericalError`.
         """
         with self._lock, torch.inference_mode():
             started_total = time.perf_counter()
             latents = self._run(content, style, style_prompt, params, progress, cancelled, recorder=None)
             started = time.perf_counter()
-            image = images.tensor_to_image(self.model.decode_latents(latents.student))
+            pixels = self.model.decode_latents(latents.student)
+            _check_finite(pixels, "the decoded image (VAE in float32 unless bf16 on a GPU)")
+            image = images.tensor_to_image(pixels)
             stats = latents.stats
             stats["seconds"]["decode"] = self._elapsed(started)
             stats["seconds"]["total"] = self._elapsed(started_total)
-            stats["peak_memory_bytes"] = self._peak_memory_bytes()
+            stats.update(self._memory_stats())
         return TransferResult(image=image, stats=stats)
 
     def transfer_latents(
@@ -298,24 +314,27 @@ class HamEngine:
         if params is None:
             params = TransferParams()
         if not isinstance(params, TransferParams):
-            raise ValueError(f"params: expected TransferParams, got {type(params).__name__}")
+            raise ParamError("params", f"expected TransferParams, got {type(params).__name__}")
         for name, callback in (("progress", progress), ("cancelled", cancelled)):
             if callback is not None and not callable(callback):
-                raise ValueError(f"{name}: must be a callable or None, got {type(callback).__name__}")
+                raise ParamError(name, f"must be a callable or None, got {type(callback).__name__}")
         if style is not None and not isinstance(style, Image.Image):
-            raise ValueError(f"style: expected an image, got {type(style).__name__}")
+            raise ParamError("style", f"expected an image, got {type(style).__name__}")
         prompt = check_style_reference(style is not None, style_prompt)
         content_rgb = images.to_rgb(content, field="content")
         style_rgb = images.to_rgb(style, field="style") if style is not None else None
         unet = self.model.unet
+        family = self.model.family
+        gar_patterns = family.default_layers if params.gar_layers == DEFAULT_LAYERS else params.gar_layers
+        lat_patterns = family.default_layers if params.lat_layers == DEFAULT_LAYERS else params.lat_layers
         return _Request(
             content=content_rgb,
             style=style_rgb,
             style_prompt=prompt,
             params=params,
             size=images.output_size(content_rgb.width, content_rgb.height, params.size),
-            gar_layers=resolve_layers(unet, params.gar_layers, SELF_ATTENTION, "gar_layers") if params.gar else (),
-            lat_layers=resolve_layers(unet, params.lat_layers, CROSS_ATTENTION, "lat_layers") if params.lat else (),
+            gar_layers=resolve_layers(unet, gar_patterns, SELF_ATTENTION, "gar_layers") if params.gar else (),
+            lat_layers=resolve_layers(unet, lat_patterns, CROSS_ATTENTION, "lat_layers") if params.lat else (),
         )
 
     def _style_key(self, request: _Request) -> StyleKey:
@@ -427,7 +446,7 @@ class HamEngine:
             "unet_rows_by_phase": dict(counters.rows_by_phase),
             "seconds": counters.seconds,
             "style_cache_hit": (cached is not None) if image_style else None,
-            "peak_memory_bytes": self._peak_memory_bytes(),
+            **self._memory_stats(),
             "steps": request.params.steps,
             "size": [width, height],
             "mode": "text" if request.text_guided else ("image+text" if request.style_prompt else "image"),
@@ -435,6 +454,7 @@ class HamEngine:
             "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."),
             "model": model.name,
+            "family": model.family.name,
             "inversion": request.params.inversion,
             "teachers": self._teacher_sources(request, cached, recorded),
             "record_bytes": recorded.recorded_bytes if recorded is not None else 0,
@@ -483,26 +503,35 @@ class HamEngine:
         return {CONTENT_TEACHER: content, STYLE_TEACHER: style}
 
     def _encode(self, request: _Request, invert_style: bool) -> tuple[torch.Tensor, _Text]:
-        """Clean latents [content(, style)] in one VAE batch, and each distinct prompt encoded once."""
+        """Float32 clean latents [content(, style)], each image encoded on its own, and each distinct prompt once.
+
+        Neither depends on what else is encoded alongside, so a warm (cached style)
+        transfer sees the same content latent as the cold one in every dtype.
+        """
         width, height = request.size
         pixels = [images.image_to_tensor(request.content, width, height)]
         if invert_style:
             pixels.append(images.image_to_tensor(request.style, width, height, fit="cover"))
         clean = self.model.encode_image(torch.cat(pixels))
+        _check_finite(clean, "the VAE encoding of the images")
         # The style teacher's text conditioning matters only where it runs in the sampling batch.
         style_runs = request.text_guided or (invert_style and bool(request.modulated_steps))
         prompts = [""] + ([request.style_prompt] if style_runs and request.style_prompt else [])
-        embeddings = self.model.encode_prompt(prompts)
+        embeddings = self.model.encode_prompt(prompts, size=request.size)
         return clean, _Text(empty=embeddings[:1], style=embeddings[1:] if len(prompts) > 1 else embeddings[:1])
 
     def _style_start(
         self, request: _Request, cached: StyleFeatures | None, style_trajectory: list[torch.Tensor] | None
     ) -> tuple[torch.Tensor | None, tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """The text style teacher's seeded noise (else None) and the statistics of z_T^s for SINI."""
+        """The text style teacher's seeded noise (else None) and the statistics of z_T^s for SINI.
+
+        The noise is drawn on a CPU generator and then moved, so a seed gives the same
+        z_T^s on every device (device generators differ from each other).
+        """
         if request.text_guided:
-            generator = torch.Generator(device=self.model.device).manual_seed(request.params.seed)
+            generator = torch.Generator(device="cpu").manual_seed(request.params.seed)
             shape = (1, self.model.unet.config.in_channels, *self._latent_size(request))
-            noise = torch.randn(shape, generator=generator, device=self.model.device, dtype=torch.float32)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.model.device)
             return noise, channel_stats(noise, dim=(2, 3))
         if cached is not None:
             return None, (cached.terminal_mean, cached.terminal_std)
@@ -528,7 +557,7 @@ class HamEngine:
         params = request.params
         modulated = request.modulated_steps
         last_modulated = max(modulated, default=-1)
-        conditioning: dict[BranchLayout, torch.Tensor] = {}
+        conditioning: dict[BranchLayout, PromptEmbeddings] = {}
         for k in range(params.steps):
             steps.check(k)
             modulating = k in modulated
@@ -583,17 +612,19 @@ class HamEngine:
         self,
         latents: torch.Tensor,
         timestep: torch.Tensor,
-        text: torch.Tensor,
+        text: PromptEmbeddings,
         counters: _Counters,
         phase: str,
     ) -> torch.Tensor:
-        """One UNet call on float32 latents; the output comes back as float32."""
+        """One UNet call on float32 latents; the output comes back as float32, checked finite."""
         model = self.model
-        output = model.unet(latents.to(model.dtype), timestep, encoder_hidden_states=text, return_dict=False)[0]
+        output = model.unet(latents.to(model.dtype), timestep, **text.unet_kwargs(), return_dict=False)[0]
         counters.unet_calls += 1
         counters.unet_rows += latents.shape[0]
         counters.rows_by_phase[phase] += latents.shape[0]
-        return output.float()
+        output = output.float()
+        _check_finite(output, f"the UNet output ({phase}, call {counters.unet_calls}, {model.dtype})")
+        return output
 
     @staticmethod
     def _layout(branches: tuple[str, ...], cfg: bool, modulating: bool) -> BranchLayout:
@@ -610,7 +641,7 @@ class HamEngine:
         return BranchLayout(branches, halves=2, shared=tuple(b for b in branches if b in shared))
 
     @staticmethod
-    def _conditioning(layout: BranchLayout, text: _Text) -> torch.Tensor:
+    def _conditioning(layout: BranchLayout, text: _Text) -> PromptEmbeddings:
         """Text conditioning rows for ``layout``: empty for the student and the content teacher.
 
         The style teacher gets the style prompt (the empty prompt for an image style
@@ -620,7 +651,7 @@ class HamEngine:
         for branch, half in layout.rows:
             uncond = layout.halves == 2 and half == 0
             rows.append(text.style if branch == STYLE_TEACHER and not uncond else text.empty)
-        return torch.cat(rows)
+        return PromptEmbeddings.cat(rows)
 
     @staticmethod
     def _guided(output: torch.Tensor, layout: BranchLayout, branch: str, guidance: float) -> torch.Tensor:
@@ -639,9 +670,19 @@ class HamEngine:
             torch.cuda.synchronize(self.model.device)
         return time.perf_counter() - started
 
-    def _peak_memory_bytes(self) -> int:
+    def _memory_stats(self) -> dict[str, int | None]:
+        """``peak_memory_bytes`` of this transfer (CUDA only) and, on a CPU, the process's lifetime peak RSS."""
         if self.model.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.model.device))
+            return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.model.device))}
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         # ru_maxrss is in kilobytes on Linux, bytes on macOS.
-        return int(peak if sys.platform == "darwin" else peak * 1024)
+        rss = int(peak if sys.platform == "darwin" else peak * 1024)
+        return {"peak_memory_bytes": None, "process_peak_rss_bytes": rss}
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise :class:`NumericalError` naming ``what`` when ``tensor`` holds a NaN or an infinity."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise NumericalError(
+            f"{what} is not finite (NaN or inf): the computation overflowed; on fp16 try HAM_DTYPE=bf16 or fp32"
+        )

@@ -2,7 +2,8 @@
 
 Every image a user hands in passes :func:`to_rgb` first, so alpha, palettes, 16-bit
 greyscale, CMYK and EXIF rotation are handled in one place; an image that cannot be
-used raises ``ValueError`` naming the field ("content" or "style").
+used raises :class:`~ham_engine.params.ParamError` (a ``ValueError``) naming the field
+("content" or "style").
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from ham_engine.params import ParamError
+
 FITS = ("resize", "cover")
 
 # PIL's own decompression-bomb limit (twice MAX_IMAGE_PIXELS): an image handed in as an
@@ -28,13 +31,13 @@ def open_image(source: str | Path | bytes, field: str = "content") -> Image.Imag
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source).expanduser().open("rb")
     except OSError as exc:
-        raise ValueError(f"{field}: cannot read {str(source)!r}: {exc.strerror or exc}") from exc
+        raise ParamError(field, f"cannot read {str(source)!r}: {exc.strerror or exc}") from exc
     with handle:
         try:
             image = Image.open(handle)
             image.load()
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
-            raise ValueError(f"{field}: not a readable image ({type(exc).__name__}: {exc})") from exc
+            raise ParamError(field, f"not a readable image ({type(exc).__name__}: {exc})") from exc
     return image
 
 
@@ -70,12 +73,13 @@ def to_rgb(image: Image.Image, field: str = "content") -> Image.Image:
     for an empty, unconvertible or too large (over ``MAX_PIXELS``) image.
     """
     if not isinstance(image, Image.Image):
-        raise ValueError(f"{field}: expected an image, got {type(image).__name__}")
+        raise ParamError(field, f"expected an image, got {type(image).__name__}")
     if image.width < 1 or image.height < 1:
-        raise ValueError(f"{field}: the image is empty ({image.width}x{image.height} pixels)")
+        raise ParamError(field, f"the image is empty ({image.width}x{image.height} pixels)")
     if image.width * image.height > MAX_PIXELS:
-        raise ValueError(
-            f"{field}: {image.width}x{image.height} is too large ({image.width * image.height} pixels, "
+        raise ParamError(
+            field,
+            f"{image.width}x{image.height} is too large ({image.width * image.height} pixels, "
             f"at most {MAX_PIXELS}); downscale it first"
         )
     try:
@@ -88,7 +92,7 @@ def to_rgb(image: Image.Image, field: str = "content") -> Image.Image:
             return _high_bit_depth_to_l(image).convert("RGB")
         return image.convert("RGB")
     except (ValueError, OSError) as exc:
-        raise ValueError(f"{field}: cannot convert a {image.mode} image to RGB ({exc})") from exc
+        raise ParamError(field, f"cannot convert a {image.mode} image to RGB ({exc})") from exc
 
 
 def _readable_rgb(image: Image.Image, field: str) -> Image.Image:
@@ -109,9 +113,9 @@ def output_size(width: int, height: int, size: int, multiple: int = 64) -> tuple
     the aspect ratio is kept up to that rounding.
     """
     if width < 1 or height < 1:
-        raise ValueError(f"content: the image is empty ({width}x{height} pixels)")
+        raise ParamError("content", f"the image is empty ({width}x{height} pixels)")
     if size < multiple or size % multiple:
-        raise ValueError(f"size: must be a positive multiple of {multiple}, got {size}")
+        raise ParamError("size", f"must be a positive multiple of {multiple}, got {size}")
     longer, shorter = max(width, height), min(width, height)
     # Half up (not Python's round-half-even): 16:9 at 512 gives 512x320, not 512x256.
     short_side = max(multiple, math.floor(size * shorter / longer / multiple + 0.5) * multiple)
@@ -126,9 +130,9 @@ def image_to_tensor(image: Image.Image, width: int, height: int, fit: str = "res
     (the style: any aspect ratio, nothing distorted).
     """
     if fit not in FITS:
-        raise ValueError(f"fit: must be one of {', '.join(FITS)}, got {fit!r}")
+        raise ParamError("fit", f"must be one of {', '.join(FITS)}, got {fit!r}")
     if width < 1 or height < 1:
-        raise ValueError(f"size: width and height must be positive, got {width}x{height}")
+        raise ParamError("size", f"width and height must be positive, got {width}x{height}")
     rgb = _readable_rgb(image, field="content")
     if fit == "cover":
         rgb = ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
@@ -142,10 +146,10 @@ def tensor_to_image(pixels: torch.Tensor) -> Image.Image:
     """An RGB image from ``[1, 3, H, W]`` or ``[3, H, W]`` pixels in [-1, 1] (values outside are clipped)."""
     if pixels.dim() == 4:
         if pixels.shape[0] != 1:
-            raise ValueError(f"pixels: expected one image, got a batch of {pixels.shape[0]}")
+            raise ParamError("pixels", f"expected one image, got a batch of {pixels.shape[0]}")
         pixels = pixels[0]
     if pixels.dim() != 3 or pixels.shape[0] != 3:
-        raise ValueError(f"pixels: expected shape [3, H, W] or [1, 3, H, W], got {list(pixels.shape)}")
+        raise ParamError("pixels", f"expected shape [3, H, W] or [1, 3, H, W], got {list(pixels.shape)}")
     array = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(array.permute(1, 2, 0).numpy())
 

@@ -8,20 +8,22 @@ scheduler config so its noise schedule and prediction type are the model's.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
-from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
 from ham_engine import tiny
+from ham_engine.families import ModelFamily, PromptEmbeddings, family_for
 
 _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -44,18 +46,30 @@ class DiffusionModel:
     """The parts of a latent-diffusion pipeline HAM needs, on one device, frozen.
 
     ``name`` is what the user asked for ("tiny", an HF id, a folder); caches key on it.
-    The VAE may run in float32 while the rest is float16 (SD's VAE overflows in fp16);
-    :meth:`encode_image` and :meth:`decode_latents` handle the casts.
+    ``family`` (:mod:`ham_engine.families`) owns the text encoders, prompt encoding and
+    the extra conditioning of each UNet call. The VAE runs in :attr:`vae_dtype`, which
+    cannot overflow (float32 unless the model dtype is bfloat16 on a GPU);
+    :meth:`encode_image` and :meth:`decode_latents` handle the casts and always hand
+    float32 to the caller.
     """
 
     name: str
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    family: ModelFamily
     scheduler: DDIMScheduler
     device: torch.device
     dtype: torch.dtype
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The (first) text encoder."""
+        return self.family.text_encoders[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        """The (first) tokenizer."""
+        return self.family.tokenizers[0]
 
     @property
     def prediction_type(self) -> str:
@@ -67,33 +81,37 @@ class DiffusionModel:
         """How many pixels one latent cell spans per side (8 for SD)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The dtype the VAE runs in."""
+        return self.vae.dtype
+
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings ``[B, 77, D]`` in the model dtype (the last hidden state, as SD uses)."""
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(self.device)
-        embeddings = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
-        return embeddings.to(self.dtype)
+    def encode_prompt(self, prompts: list[str], size: tuple[int, int] | None = None) -> PromptEmbeddings:
+        """Conditioning rows for ``prompts`` in the model dtype, for an output ``size`` (width, height).
+
+        ``size`` matters only to families that condition on it (SDXL's ``time_ids``); it
+        defaults to the family's square default size.
+        """
+        if size is None:
+            size = (self.family.default_size, self.family.default_size)
+        return self.family.encode_prompt(list(prompts), size, self.device)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Latents of images ``[B, 3, H, W]`` in [-1, 1]: the posterior mean times the scaling factor."""
+        """Float32 latents of images ``[B, 3, H, W]`` in [-1, 1]: the posterior mean times the scaling factor.
+
+        Each image is encoded on its own, so a latent does not depend on what else is in
+        the batch (batched convolutions may round differently from single ones).
+        """
         pixels = pixels.to(device=self.device, dtype=self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
-        return latents.to(self.dtype)
+        latents = [self.vae.encode(one[None]).latent_dist.mean for one in pixels]
+        return torch.cat(latents).float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Pixels ``[B, 3, H, W]`` in [-1, 1], float32, from latents."""
-        latents = latents.to(device=self.device, dtype=self.vae.dtype) / self.vae.config.scaling_factor
+        """Pixels ``[B, 3, H, W]`` in [-1, 1], float32, from latents (NaN stays NaN for the caller to see)."""
+        latents = (latents.float() / self.vae.config.scaling_factor).to(device=self.device, dtype=self.vae.dtype)
         pixels = self.vae.decode(latents).sample
         return pixels.float().clamp(-1.0, 1.0)
 
@@ -111,7 +129,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """The argument, else ``HAM_DTYPE``, else float16 on CUDA and float32 elsewhere."""
+    """The argument, else ``HAM_DTYPE``, else float16 on CUDA and float32 elsewhere.
+
+    On a CPU float32 is the default and the advice: bfloat16 runs there, but without bf16
+    matrix units (AMX / AVX512-BF16) it measured 26-84x slower than float32 (3x3
+    convolutions dominate); it halves the memory, which is all it buys on such a CPU.
+    """
     choice = dtype or os.environ.get("HAM_DTYPE") or None
     if choice is None:
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -125,7 +148,10 @@ def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) 
     if resolved not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype: {resolved} is not one of fp32, fp16, bf16")
     if resolved == torch.float16 and device.type == "cpu":
-        raise ValueError("dtype: fp16 is not supported on CPU; use fp32 (or bf16)")
+        raise ValueError(
+            "dtype: fp16 is not supported on CPU; use fp32 (bf16 works but is many times slower "
+            "than fp32 on a CPU without bf16 matrix units)"
+        )
     return resolved
 
 
@@ -133,14 +159,14 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _not_found(model: str, cause: Exception) -> ValueError:
+def _not_found(
+    model: str, cause: Exception, text_parts: tuple[str, ...] = ("text_encoder", "tokenizer")
+) -> ValueError:
     reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     folder = Path(model).expanduser()
     if folder.is_dir():
-        return ValueError(
-            f"model: {model!r} is not a diffusers Stable Diffusion folder "
-            f"(needs unet/, vae/, text_encoder/, tokenizer/, scheduler/): {reason}"
-        )
+        parts = ", ".join(f"{p}/" for p in ("unet", "vae", *text_parts, "scheduler"))
+        return ValueError(f"model: {model!r} is not a diffusers Stable Diffusion folder (needs {parts}): {reason}")
     if model.startswith((".", "/", "~")):
         return ValueError(f"model: folder {model!r} does not exist")
     if _hub_offline():
@@ -169,24 +195,49 @@ def _quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _read_json(source: str, name: str, local: dict[str, Any]) -> dict[str, Any]:
+    """``name`` from a model folder or the HF cache/Hub; {} when the model has none."""
+    folder = Path(source)
+    if folder.is_dir():
+        path = folder / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source, name, **local)).read_text(encoding="utf-8"))
+    except Exception:  # an optional file: the components' own loading reports a missing model
+        return {}
+
+
+def vae_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The VAE's dtype: float32, except bfloat16 on a GPU (bf16 has float32's range; fp16 overflows).
+
+    SD's and SDXL's VAEs overflow in float16 at high resolution (black or NaN images);
+    on a CPU bfloat16 is many times slower than float32 and saves little for the VAE.
+    """
+    return dtype if (dtype == torch.bfloat16 and device.type != "cpu") else torch.float32
+
+
 def load_model(
     model: str,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> DiffusionModel:
-    """Load ``model`` for HAM: "tiny", "tiny-v", "random-small", an HF id or a local folder.
+    """Load ``model`` for HAM: a random preset ("tiny", "tiny-v", "tiny-xl", "random-small"), an HF id or a folder.
 
     Random presets (:mod:`ham_engine.tiny`, noise-like pictures) are built offline on
     first use and loaded back from their cache folder. An HF id is read from the local
     Hugging Face cache (``HF_HUB_OFFLINE=1`` is respected) or downloaded when online.
-    Raises ``ValueError`` with what to do when the model cannot be found.
+    The model family (SD 1.x/2.x or SDXL) is read from the UNet's config, and a UNet HAM
+    cannot run is refused before any weight is read
+    (:class:`~ham_engine.families.UnsupportedModel`). Raises ``ValueError`` with what to
+    do when the model cannot be found.
     """
     if not isinstance(model, str) or not model.strip():
         raise ValueError("model: give 'tiny', a Hugging Face model id or a local folder")
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(resolved_device, dtype)
-    # SD's VAE overflows in fp16 at high resolution; float32 costs ~160 MB and avoids black images.
-    vae_dtype = torch.float32 if resolved_dtype == torch.float16 else resolved_dtype
+    vae_dtype = vae_dtype_for(resolved_dtype, resolved_device)
     with _quiet_loading():
         source = str(tiny.ensure_preset(model)) if model in tiny.PRESETS else model
         if Path(source).expanduser().is_dir():
@@ -194,17 +245,20 @@ def load_model(
         # Offline, go straight to the local cache instead of failing a Hub call per component.
         local = {"local_files_only": True} if _hub_offline() else {}
         try:
+            unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **local)
+            vae_config = AutoencoderKL.load_config(source, subfolder="vae", **local)
+        except (OSError, ValueError) as exc:
+            raise _not_found(model, exc) from exc
+        family_type = family_for(unet_config, int(vae_config.get("latent_channels", 4)), model)
+        try:
             config = DDIMScheduler.load_config(source, subfolder="scheduler", **local)
             scheduler = DDIMScheduler.from_config(config, **SD_SCHEDULER_FIXES)
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **local)
-            text_encoder = CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", dtype=resolved_dtype, **local
-            )
+            family = family_type.load(source, resolved_dtype, local, _read_json(source, "model_index.json", local))
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype, **local)
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=resolved_dtype, **local)
         except (OSError, ValueError) as exc:
-            raise _not_found(model, exc) from exc
-    for part in (unet, vae, text_encoder):
+            raise _not_found(model, exc, family_type.text_parts) from exc
+    for part in (unet, vae, *family.modules()):
         part.eval()
         part.requires_grad_(False)
         part.to(resolved_device)
@@ -214,8 +268,7 @@ def load_model(
         name=model,
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        family=family,
         scheduler=scheduler,
         device=resolved_device,
         dtype=resolved_dtype,

@@ -1,4 +1,4 @@
-"""The paper's formulas (PAPER.md §1–§3), each written once.
+"""The paper's formulas (docs/method.md §2–§4), each written once.
 
 Statistics are taken in float32 whatever the model dtype, and results are cast back to
 the input's dtype. Standard deviations are population ones (``correction=0``); AdaIN only
@@ -68,7 +68,7 @@ def sini(
     style_std: torch.Tensor,
     gamma: float,
 ) -> torch.Tensor:
-    """Style-injected noise initialisation (PAPER.md §1), on latents ``[B, C, H, W]``.
+    """Style-injected noise initialisation (docs/method.md §2), on latents ``[B, C, H, W]``.
 
         A     = AdaIN(z_T^c, z_T^s)
         z_T^m = γ · (z_T^c − A) + A          (= γ·z_T^c + (1−γ)·A)
@@ -90,7 +90,7 @@ def gar_blend(
     style_std: torch.Tensor,
     alpha: float,
 ) -> torch.Tensor:
-    """Global attention regulation of one projection (PAPER.md §2), features ``[B, L, C]``.
+    """Global attention regulation of one projection (docs/method.md §3), features ``[B, L, C]``.
 
         X^cs = AdaIN(X^c, X^s)               (per channel over tokens, per sample)
         X̂^m  = α · X^m + (1 − α) · X^cs      for X in {Q, K, V}
@@ -108,7 +108,7 @@ def gar_blend(
 
 
 def lat_query(own: torch.Tensor, content: torch.Tensor, beta: float) -> torch.Tensor:
-    """Query protection of local attention transplantation (PAPER.md §3).
+    """Query protection of local attention transplantation (docs/method.md §4).
 
         Q̂^m = β · Q^m + (1 − β) · Q^c
 

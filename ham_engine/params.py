@@ -3,7 +3,7 @@
 The HTTP API imports this module to validate requests before they are queued, so it
 must never import torch, diffusers or anything heavy.
 
-Defaults are the paper's (PAPER.md): 50 DDIM steps, 512 px, alpha=0.75 (GAR),
+Defaults are the paper's (docs/method.md): 50 DDIM steps, 512 px, alpha=0.75 (GAR),
 beta=0.25 (LAT), gamma=0.5 (SINI), CFG 7.5 for a text-guided style teacher. Choices the
 paper leaves open are marked "our reading" and kept as named parameters.
 """
@@ -29,7 +29,7 @@ MAX_LAYER_PATTERNS = 64
 INVERSIONS = ("target", "source")
 TEACHERS = ("auto", "live", "recorded")
 
-# Our reading (PAPER.md §5): every transformer block of the UNet decoder.
+# Our reading (docs/method.md §6): every transformer block of the UNet decoder.
 DEFAULT_LAYERS: tuple[str, ...] = ("up_blocks.*",)
 
 
@@ -200,7 +200,7 @@ class TransferParams:
         _check_layers("gar_layers", self.gar_layers)
         _check_layers("lat_layers", self.lat_layers)
         # Like a layer pattern that matches nothing, a window between two steps would turn
-        # GAR and LAT into a silent no-op (PAPER.md §5): refuse it.
+        # GAR and LAT into a silent no-op (docs/method.md §6): refuse it.
         if (self.gar or self.lat) and not any(self.modulates_step(k) for k in range(self.steps)):
             raise ParamError(
                 "step_start",

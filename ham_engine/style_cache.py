@@ -1,4 +1,4 @@
-"""What the student needs from an image style teacher, and a byte-bounded LRU of it (PAPER.md §7).
+"""What the student needs from an image style teacher, and a byte-bounded LRU of it (docs/method.md §7).
 
 An image style teacher is re-anchored to its inverted trajectory, so everything it feeds
 the student is fixed by the style image, the size, the schedule, the layers and its text

@@ -1,8 +1,9 @@
-"""Random SD-shaped pipelines built offline: ``tiny`` for tests and demos, ``random-small`` for the bench.
+"""Random SD-shaped pipelines built offline: ``tiny``/``tiny-xl`` for tests and demos, ``random-small`` for the bench.
 
 Nothing here downloads anything. A preset is built from a fixed seed (so its weights are
 the same on every machine), written to disk in the layout of a diffusers Stable Diffusion
-repository (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) and then
+repository (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; SDXL's
+``tiny-xl`` adds ``text_encoder_2/`` and ``tokenizer_2/``) and then
 loaded back by :func:`ham_engine.loading.load_model` through the same ``from_pretrained``
 path a real model takes.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 # Bump when the saved layout or any preset changes: the cache folder name carries it, so
 # an old cache is rebuilt instead of being loaded with the wrong shapes.
@@ -55,6 +56,9 @@ class RandomPipelineConfig:
 
     The UNet always has cross-attention transformer blocks in the decoder (``up_blocks.*``
     with ``attn1``/``attn2``), like SD, so every HAM layer pattern has something to match.
+    ``family="sdxl"`` builds an SDXL-shaped pipeline: two CLIP text encoders (the second
+    with a projection whose pooled output is ``text_embeds``), cross-attention over both
+    encoders' channels, and the UNet's ``text_time`` added embedding.
     """
 
     unet_channels: tuple[int, ...]
@@ -71,6 +75,8 @@ class RandomPipelineConfig:
     sample_size: int
     prediction_type: str = "epsilon"
     seed: int = 0
+    family: str = "sd"
+    addition_time_embed_dim: int = 8  # SDXL only (SDXL-base: 256)
 
 
 TINY = RandomPipelineConfig(
@@ -105,8 +111,19 @@ RANDOM_SMALL = RandomPipelineConfig(
     sample_size=32,
 )
 
+# SDXL's layout at tiny scale: no attention in the first level, decoder attention first.
+TINY_XL = RandomPipelineConfig(
+    **{
+        **TINY.__dict__,
+        "unet_down_blocks": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "unet_up_blocks": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "family": "sdxl",
+    }
+)
+
 PRESETS: dict[str, RandomPipelineConfig] = {
     "tiny": TINY,
+    "tiny-xl": TINY_XL,
     "tiny-v": RandomPipelineConfig(**{**TINY.__dict__, "prediction_type": "v_prediction"}),
     "random-small": RANDOM_SMALL,
 }
@@ -168,13 +185,43 @@ def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     )
 
 
+def _text_config(config: RandomPipelineConfig, vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.text_hidden,
+        intermediate_size=config.text_hidden * 4,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        projection_dim=config.text_hidden,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
 def build_random_pipeline(config: RandomPipelineConfig, folder: Path) -> None:
-    """Build a seeded random SD-shaped pipeline and save it into ``folder`` (diffusers layout).
+    """Build a seeded random SD- or SDXL-shaped pipeline and save it into ``folder`` (diffusers layout).
 
     The global torch RNG is left untouched.
     """
+    if config.family not in ("sd", "sdxl"):
+        raise ValueError(f"family: {config.family!r} is not 'sd' or 'sdxl'")
+    xl = config.family == "sdxl"
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tokenizer(folder / "tokenizer")
+    if xl:
+        write_tokenizer(folder / "tokenizer_2")
+    unet_extra = {}
+    if xl:
+        # Cross-attention reads both encoders' hidden states side by side; the added
+        # embedding takes the pooled text (projection_dim) and six size numbers.
+        unet_extra = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": config.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": config.text_hidden + 6 * config.addition_time_embed_dim,
+            "use_linear_projection": True,
+        }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         unet = UNet2DConditionModel(
@@ -185,9 +232,10 @@ def build_random_pipeline(config: RandomPipelineConfig, folder: Path) -> None:
             layers_per_block=config.unet_layers_per_block,
             down_block_types=config.unet_down_blocks,
             up_block_types=config.unet_up_blocks,
-            cross_attention_dim=config.text_hidden,
+            cross_attention_dim=config.text_hidden * (2 if xl else 1),
             attention_head_dim=config.attention_head_dim,
             norm_num_groups=config.unet_norm_groups,
+            **unet_extra,
         )
         vae = AutoencoderKL(
             in_channels=3,
@@ -199,38 +247,47 @@ def build_random_pipeline(config: RandomPipelineConfig, folder: Path) -> None:
             latent_channels=4,
             norm_num_groups=config.vae_norm_groups,
             sample_size=config.sample_size * 2 ** (len(config.vae_channels) - 1),
-            scaling_factor=0.18215,
+            scaling_factor=0.13025 if xl else 0.18215,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab_size,
-                hidden_size=config.text_hidden,
-                intermediate_size=config.text_hidden * 4,
-                num_hidden_layers=config.text_layers,
-                num_attention_heads=config.text_heads,
-                max_position_embeddings=TOKENIZER_MAX_LENGTH,
-                projection_dim=config.text_hidden,
-                bos_token_id=vocab_size - 2,
-                eos_token_id=vocab_size - 1,
-                pad_token_id=vocab_size - 1,
-            )
-        )
+        text_encoder = CLIPTextModel(_text_config(config, vocab_size))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(config, vocab_size)) if xl else None
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text_encoder.save_pretrained(folder / "text_encoder")
+    if text_encoder_2 is not None:
+        text_encoder_2.save_pretrained(folder / "text_encoder_2")
     sd_scheduler(config.prediction_type).save_pretrained(folder / "scheduler")
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
+    write_model_index(folder, xl)
+
+
+def write_model_index(folder: Path, xl: bool) -> None:
+    """``model_index.json`` of a StableDiffusion(XL)Pipeline folder with DDIM and no safety checker."""
+    if xl:
+        model_index = {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": "0.42.1",
+            "force_zeros_for_empty_prompt": True,
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+    else:
+        model_index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.42.1",
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
 
 

@@ -13,8 +13,10 @@ A job's life here:
 3. Run the engine; every step writes progress and polls the cancel flag and the
    deadline (``settings.job_timeout``), which the engine honours between steps.
 4. Write ``results/{id}.png``, then the terminal state: succeeded; failed with
-   ``invalid_input`` (engine ``ValueError``), ``inputs_missing``, ``timeout`` or
-   ``internal_error`` (logged with the job id); or canceled. Each transition is logged
+   ``invalid_input`` (the engine's own input errors, :class:`~ham_engine.params.ParamError`),
+   ``numerical_error`` (the engine's ``NumericalError``: an overflow), ``inputs_missing``,
+   ``timeout`` or ``internal_error`` (anything else, a library's ``ValueError`` included;
+   logged with the job id); or canceled. Each transition is logged
    once it is recorded.
 5. Delete the inputs, fire the webhook (background thread, never blocks).
 
@@ -39,12 +41,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import Image
 from rq.timeouts import BaseTimeoutException
 
-from ham_engine.params import TransferParams
+from ham_engine.params import ParamError, TransferParams
 from service.core.config import Settings
 from service.core.jobs import (
     ERROR_INPUTS_MISSING,
     ERROR_INTERNAL,
     ERROR_INVALID_INPUT,
+    ERROR_NUMERICAL,
     ERROR_TIMEOUT,
     Job,
     JobConflict,
@@ -214,7 +217,7 @@ class TransferRunner:
         return job
 
     def _execute(self, job: Job, began: float) -> tuple[Job | None, dict[str, Any] | None]:
-        from ham_engine.engine import TransferCancelled  # torch: only ever imported in a worker
+        from ham_engine.engine import NumericalError, TransferCancelled  # torch: only ever imported in a worker
 
         watch = _Watch(self.progress_store, self.redis_link, job.id, deadline=began + self.settings.job_timeout,
                        on_progress=self._progress_webhook(job))
@@ -249,8 +252,11 @@ class TransferRunner:
                 message = f"the job ran longer than the limit of {self.settings.job_timeout}s"
                 return self._finish_fail(job, ERROR_TIMEOUT, message), None
             return self._record(job, "canceled", lambda: self._cancel_if_still_ours(job.id)), None
-        except ValueError as exc:
+        except ParamError as exc:  # the engine refused the inputs; a library's ValueError is a bug
             return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc)), None
+        except NumericalError as exc:
+            log.warning("job %s: numerical error: %s", job.id, exc)
+            return self._finish_fail(job, ERROR_NUMERICAL, str(exc)), None
         except BaseTimeoutException:
             # RQ's hard limit (job_timeout + margin) fired inside a step that never returned.
             message = f"the job ran longer than the limit of {self.settings.job_timeout}s"

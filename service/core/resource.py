@@ -47,7 +47,8 @@ class JobError(BaseModel):
     """Why a job failed."""
 
     code: str = Field(
-        description="`invalid_input`, `inputs_missing`, `timeout`, `worker_lost` or `internal_error`."
+        description="`invalid_input`, `inputs_missing`, `timeout`, `worker_lost`, `numerical_error` "
+        "or `internal_error`."
     )
     message: str
 

@@ -1,7 +1,13 @@
-"""Shared engine fixtures: the tiny models loaded once per session, the small test images."""
+"""Shared engine fixtures: the tiny models loaded once per session, the small test images.
+
+The engine tests run on ``HAM_TEST_DEVICE`` (default cpu) in ``HAM_TEST_DTYPE`` (default
+fp32); CI runs them once more in bf16 on the CPU. Tests whose tolerance depends on the
+dtype read it from :func:`tolerance`.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,13 +23,22 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 # make each UNet call 10-50x slower. One thread keeps the engine tests fast and steady.
 torch.set_num_threads(1)
 
+TEST_DEVICE = os.environ.get("HAM_TEST_DEVICE") or "cpu"
+TEST_DTYPE = os.environ.get("HAM_TEST_DTYPE") or "fp32"
+FULL_PRECISION = TEST_DTYPE in ("fp32", "float32")
+
+
+def tolerance(fp32: dict[str, float], reduced: dict[str, float]) -> dict[str, float]:
+    """``assert_close`` tolerances for the dtype under test: ``fp32`` in float32, else ``reduced``."""
+    return fp32 if FULL_PRECISION else reduced
+
 
 def _load_engine(name: str, tmp_path_factory: pytest.TempPathFactory) -> HamEngine:
     # A private preset folder keeps the session hermetic (no reliance on ~/.cache).
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HAM_TINY_DIR", str(tmp_path_factory.mktemp("ham-tiny")))
         patch.delenv("HAM_DTYPE", raising=False)
-        return HamEngine.load(name, device="cpu")
+        return HamEngine.load(name, device=TEST_DEVICE, dtype=TEST_DTYPE)
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +51,12 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> HamEngine:
 def tiny_v_engine(tmp_path_factory: pytest.TempPathFactory) -> HamEngine:
     """The v-prediction tiny model (CPU, fp32), shared by the whole session."""
     return _load_engine("tiny-v", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_engine(tmp_path_factory: pytest.TempPathFactory) -> HamEngine:
+    """The SDXL-shaped tiny model (two text encoders, text_time embedding), shared by the session."""
+    return _load_engine("tiny-xl", tmp_path_factory)
 
 
 @pytest.fixture

@@ -39,14 +39,19 @@ def test_inverse_step_undoes_the_sampling_step_for_a_fixed_noise_prediction() ->
 
 
 def _damped_unet_fn(engine: HamEngine, scale: float):
-    """The tiny UNet with its output scaled down: nearly the identity denoiser, so nearly invertible."""
-    unet = copy.deepcopy(engine.model.unet)
+    """The tiny UNet with its output scaled down: nearly the identity denoiser, so nearly invertible.
+
+    Always float32 on the CPU, whatever HAM_TEST_DTYPE / HAM_TEST_DEVICE say: these tests
+    pin the DDIM arithmetic.
+    """
+    unet = copy.deepcopy(engine.model.unet).float().cpu()
     unet.conv_out.weight.mul_(scale)
     unet.conv_out.bias.mul_(scale)
-    text = engine.model.encode_prompt([""])
+    empty = engine.model.encode_prompt([""])
+    text = type(empty)(empty.hidden_states.float().cpu(), {k: v.float().cpu() for k, v in empty.added.items()})
 
     def model(latents: torch.Tensor, _: int, timestep: torch.Tensor) -> torch.Tensor:
-        return unet(latents, timestep, encoder_hidden_states=text).sample
+        return unet(latents, timestep, **text.unet_kwargs()).sample
 
     return model
 

@@ -125,7 +125,7 @@ def test_tokenizer_pads_to_77_and_applies_merges(model: DiffusionModel) -> None:
 
 
 def test_encode_prompt_gives_77_token_embeddings_that_depend_on_the_text(model: DiffusionModel) -> None:
-    embeddings = model.encode_prompt(["an oil painting", "an ink engraving", "an oil painting"])
+    embeddings = model.encode_prompt(["an oil painting", "an ink engraving", "an oil painting"]).hidden_states
     assert embeddings.shape == (3, 77, model.text_encoder.config.hidden_size)
     assert embeddings.dtype == model.dtype
     assert torch.equal(embeddings[0], embeddings[2])

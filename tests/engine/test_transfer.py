@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 from ham_engine import ParamError, TransferParams
 from ham_engine.attention import AttentionEvent
 from ham_engine.engine import HamEngine, TransferCancelled
+from tests.engine.conftest import tolerance
 
 STEPS = 4
 SMALL = TransferParams(steps=STEPS, size=64)
@@ -43,6 +45,9 @@ def _adain(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
 # latents of magnitude ~4. Paths that batch differently are compared at this tolerance;
 # the attention-level tests pin the maths at the same batch bit for bit.
 BATCH_NOISE = {"atol": 3e-3, "rtol": 1e-3}
+# GAR/LAT arithmetic on the recorded projections: float32 rounding, or two bf16 ulps
+# (a blend with the wrong weights or statistics is off by O(1)).
+PROJECTIONS = tolerance({"atol": 1e-5, "rtol": 1e-5}, {"atol": 2e-2, "rtol": 2e-2})
 
 
 def _stock_processors(engine: HamEngine) -> bool:
@@ -65,7 +70,8 @@ def test_all_modulation_off_matches_a_plain_diffusers_ddim_regeneration(
         text = model.encode_prompt([""])
         latents = result.content_terminal
         for t in scheduler.timesteps:
-            output = model.unet(latents, t, encoder_hidden_states=text).sample
+            # As the engine: the UNet in the model dtype, the DDIM arithmetic in float32.
+            output = model.unet(latents.to(model.dtype), t, **text.unet_kwargs()).sample.float()
             latents = scheduler.step(output, t, latents).prev_sample
     assert torch.equal(result.student, latents)
     # Nothing reads the style: it is neither inverted nor sampled.
@@ -84,9 +90,11 @@ def test_sini_student_start_has_gamma_interpolated_statistics(engine: HamEngine,
     params = _params(gamma=0.3, seed=11, gar=False, lat=False)
     result = engine.transfer_latents(content_image, style_prompt="an ink engraving", params=params)
     # A text style teacher starts from seeded noise: that is z_T^s.
+    # Drawn on a CPU generator whatever the device (HAM_TEST_DEVICE): a seed is one z_T^s everywhere.
     noise = torch.randn(result.content_terminal.shape, generator=torch.Generator().manual_seed(11))
-    (c_mean, c_std), (s_mean, s_std) = _stats(result.content_terminal, (2, 3)), _stats(noise, (2, 3))
-    m_mean, m_std = _stats(result.student_terminal, (2, 3))
+    content, student = result.content_terminal.cpu(), result.student_terminal.cpu()
+    (c_mean, c_std), (s_mean, s_std) = _stats(content, (2, 3)), _stats(noise, (2, 3))
+    m_mean, m_std = _stats(student, (2, 3))
     torch.testing.assert_close(m_mean, 0.3 * c_mean + 0.7 * s_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(m_std, 0.3 * c_std + 0.7 * s_std, atol=1e-5, rtol=1e-5)
 
@@ -113,7 +121,7 @@ def test_gar_gives_the_student_alpha_own_plus_adain_of_the_teachers_at_every_ste
         assert event.layout.branches == ("content_teacher", "style_teacher", "student")
         for before, after in zip(event.before, event.after, strict=True):
             content, style, student = before
-            torch.testing.assert_close(after[2], 0.6 * student + 0.4 * _adain(content, style), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(after[2], 0.6 * student + 0.4 * _adain(content, style), **PROJECTIONS)
             assert torch.equal(after[:2], before[:2])
 
 
@@ -131,7 +139,7 @@ def test_lat_gives_the_student_the_style_teachers_keys_and_values_and_a_blended_
         # The student's own (empty-prompt) keys differ from the prompted style teacher's.
         assert not torch.equal(k[2], k[1])
         assert torch.equal(k_after[2], k[1]) and torch.equal(v_after[2], v[1])
-        torch.testing.assert_close(q_after[2], 0.25 * q[2] + 0.75 * q[0])
+        torch.testing.assert_close(q_after[2], 0.25 * q[2] + 0.75 * q[0], **PROJECTIONS)
 
 
 def test_gar_and_lat_act_only_on_the_selected_layers_inside_the_step_window(
@@ -157,9 +165,13 @@ def test_step_window_leaves_the_teachers_out_of_steps_outside_it(
 
 
 def test_v_prediction_model_runs_the_full_method(tiny_v_engine: HamEngine, content_image: Image.Image) -> None:
-    result = HamEngine(tiny_v_engine.model).transfer(content_image, style_prompt="a watercolour", params=SMALL)
+    engine = HamEngine(tiny_v_engine.model)
+    latents = engine.transfer_latents(content_image, style_prompt="a watercolour", params=SMALL)
+    # Finite where it can still fail (uint8 pixels cannot hold a NaN), and not a constant picture.
+    assert torch.isfinite(latents.student).all() and latents.student.std() > 0.05
+    result = engine.transfer(content_image, style_prompt="a watercolour", params=SMALL)
     assert result.image.size == (64, 64) and result.image.mode == "RGB"
-    assert np.isfinite(_pixels(result.image)).all()
+    assert _pixels(result.image).std() > 1.0
 
 
 # -- guidance modes ----------------------------------------------------------------------
@@ -214,9 +226,9 @@ def test_text_guided_cfg_modulates_each_half_with_the_shared_content_teacher_row
             content, style, student = (layout.row(b, half) for b in layout.branches)
             if event.module == "gar":
                 want = 0.6 * q[student] + 0.4 * _adain(q[content], q[style])
-                torch.testing.assert_close(q_after[student], want, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(q_after[student], want, **PROJECTIONS)
             else:
-                torch.testing.assert_close(q_after[student], 0.25 * q[student] + 0.75 * q[content])
+                torch.testing.assert_close(q_after[student], 0.25 * q[student] + 0.75 * q[content], **PROJECTIONS)
                 assert torch.equal(k_after[student], k[style]) and torch.equal(v_after[student], v[style])
         # The prompted cond half and the empty uncond half give the student different keys.
         if event.module == "lat":
@@ -437,9 +449,21 @@ def test_concurrent_transfers_share_the_model_safely(
 def test_stats_report_counts_phases_and_memory(
     engine: HamEngine, content_image: Image.Image, style_image: Image.Image
 ) -> None:
+    rss_before = _current_rss_bytes()
     stats = engine.transfer(content_image, style=style_image, params=SMALL).stats
     assert set(stats["seconds"]) == {"encode", "invert", "sample", "decode", "total"}
     assert stats["seconds"]["total"] >= stats["seconds"]["sample"] > 0
     assert stats["unet_rows"] == sum(stats["unet_rows_by_phase"].values())
-    assert stats["peak_memory_bytes"] > 0
-    assert (stats["steps"], stats["size"], stats["device"], stats["dtype"]) == (STEPS, [64, 64], "cpu", "float32")
+    # A CPU has no per-transfer figure: peak_memory_bytes says so, and the process's lifetime
+    # peak RSS carries its own name. It is about the RSS before or more (in bytes, not kilobytes;
+    # the kernel updates its high-water mark lazily, so allow a little slack).
+    assert stats["peak_memory_bytes"] is None
+    assert stats["process_peak_rss_bytes"] >= 0.9 * rss_before > 0
+    assert (stats["steps"], stats["size"], stats["device"], stats["family"]) == (STEPS, [64, 64], "cpu", "sd")
+
+
+def _current_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")

@@ -171,6 +171,55 @@ def test_bad_job_fails_with_a_code_and_the_worker_carries_on(engine, redis_clien
     assert runner.run(submit(runner).id) == "succeeded"
 
 
+def test_an_overflow_fails_the_job_with_numerical_error_not_a_black_image(redis_client, storage, settings):
+    import torch
+
+    from ham_engine.engine import HamEngine
+
+    broken = HamEngine.load("tiny", device="cpu")
+    with torch.no_grad():
+        broken.model.unet.conv_in.weight.mul_(1e30)  # the first GroupNorm's variance overflows to inf
+    runner = make_runner(broken, redis_client, storage, settings)
+    job = submit(runner)
+    assert runner.run(job.id) == "failed"
+    failed = runner.store.get(job.id)
+    assert failed.error_code == "numerical_error" and "not finite" in failed.error_message
+    with pytest.raises(KeyError):
+        storage.get(result_key(job.id))
+
+
+def test_an_sdxl_worker_runs_image_and_image_plus_prompt_jobs(redis_client, storage, settings):
+    from ham_engine.engine import HamEngine
+
+    runner = make_runner(HamEngine.load("tiny-xl", device="cpu"), redis_client, storage, settings)
+    image_job = submit(runner)
+    text_job = submit(runner, style_prompt="an ink engraving")
+    assert [runner.run(image_job.id), runner.run(text_job.id)] == ["succeeded", "succeeded"]
+    done = runner.store.get(text_job.id)
+    assert (done.stats["family"], done.stats["mode"]) == ("sdxl", "image+text")
+    assert Image.open(io.BytesIO(storage.get(result_key(text_job.id)))).size == (64, 64)
+
+
+class _LibraryFailure:
+    """An engine whose library raises a plain ValueError mid-transfer (not an input error of ours)."""
+
+    def __init__(self, engine) -> None:
+        self.model = engine.model
+
+    def transfer(self, *args, **kwargs):
+        raise ValueError("cannot reshape tensor of 0 elements")
+
+
+def test_a_value_error_from_inside_a_library_is_an_internal_error_not_invalid_input(
+    engine, redis_client, storage, settings
+):
+    runner = make_runner(_LibraryFailure(engine), redis_client, storage, settings)
+    job = submit(runner)
+    assert runner.run(job.id) == "failed"
+    failed = runner.store.get(job.id)
+    assert failed.error_code == "internal_error" and job.id in failed.error_message
+
+
 def _block_results(storage: FileStorage) -> Path:
     """A file where the results folder goes: every result write fails (as root, chmod would not)."""
     blocker = storage.root / "results"
