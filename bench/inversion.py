@@ -34,14 +34,14 @@ STEPS = {"tiny": (5, 10, 20, 50, 100), "tiny-v": (5, 10, 20, 50, 100), "sd21-bas
 
 
 @contextmanager
-def scaled_output(unet: torch.nn.Module, text: torch.Tensor, scale: float) -> Iterator[ModelFn]:
-    """``unet`` with its output scaled by ``scale`` (in place, undone after), as a ``ModelFn`` on ``text``."""
+def scaled_output(unet: torch.nn.Module, text: dict, scale: float) -> Iterator[ModelFn]:
+    """``unet`` with its output scaled by ``scale`` (in place, undone after), as a ``ModelFn`` on ``text`` kwargs."""
     original = unet.conv_out.weight.clone(), unet.conv_out.bias.clone()
     with torch.no_grad():
         unet.conv_out.weight.mul_(scale)
         unet.conv_out.bias.mul_(scale)
     try:
-        yield lambda latents, _, timestep: unet(latents, timestep, encoder_hidden_states=text).sample
+        yield lambda latents, _, timestep: unet(latents, timestep, **text).sample
     finally:
         with torch.no_grad():
             unet.conv_out.weight.copy_(original[0])
@@ -49,17 +49,17 @@ def scaled_output(unet: torch.nn.Module, text: torch.Tensor, scale: float) -> It
 
 
 def model_under_test(name: str):
-    """(UNet, empty-prompt embedding, scheduler) of ``name``."""
+    """(UNet, its keyword arguments for the empty prompt, scheduler) of ``name``."""
     if name == "sd21-base":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             unet = UNet2DConditionModel(**SD21_BASE_UNET).eval().requires_grad_(False)
             text = torch.randn(1, TEXT_TOKENS, SD21_BASE_UNET["cross_attention_dim"])
-        return unet, text, sd_scheduler()
+        return unet, {"encoder_hidden_states": text}, sd_scheduler()
     engine = HamEngine.load(name, device="cpu")
     with torch.inference_mode():
         text = engine.model.encode_prompt([""])
-    return engine.model.unet, text, engine.model.scheduler
+    return engine.model.unet, text.unet_kwargs(), engine.model.scheduler
 
 
 def reconstruction_error(model, scheduler, clean: torch.Tensor, steps: int, convention: str) -> float:

@@ -20,8 +20,9 @@ set sampled every 2 ms, over what the process held before), the recorded/live ti
 measured in the same run, and the largest difference between source/live and source/recorded (latents and 8-bit pixels).
 
 Models: ``random-small`` (``ham_engine.tiny``) and ``sd21-base``: the full Stable Diffusion
-2.1-base architecture (UNet, VAE, OpenCLIP-H text encoder from the published configs) with
-random weights, built in memory — no download; ~5.5 GB RSS in fp32. A measurement, never a test.
+2.1-base architecture (``ham_engine.architectures``: UNet, VAE, OpenCLIP-H text encoder from
+the published configs, random weights; built once, needs ``make clip-vocab``; ~5.5 GB RSS in
+fp32). A measurement, never a test.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -43,15 +43,11 @@ from typing import Any
 import diffusers
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from bench.unet import SD21_BASE_UNET
-from ham_engine import tiny
+from ham_engine.architectures import ensure_architecture
 from ham_engine.engine import HamEngine
-from ham_engine.loading import DiffusionModel, resolve_device
+from ham_engine.loading import resolve_device
 from ham_engine.params import TransferParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,60 +77,11 @@ QUICK = {
 }
 
 
-def sd21_base(device: torch.device) -> DiffusionModel:
-    """Stable Diffusion 2.1-base's architecture from its published configs, random weights, fp32.
-
-    UNet 865M parameters (320/640/1280/1280 channels, linear projections, heads of 64
-    channels, 1024-wide cross-attention), the 84M-parameter VAE and the 340M-parameter
-    OpenCLIP ViT-H/14 text encoder (23 layers). The tokenizer is the offline byte-level one
-    of the random presets (the real 49408-token vocabulary is not needed for timing).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SD21_BASE_UNET)
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=23,
-                num_attention_heads=16,
-                max_position_embeddings=77,
-                hidden_act="gelu",
-                projection_dim=512,
-            )
-        )
-    with tempfile.TemporaryDirectory() as folder:
-        tiny.write_tokenizer(Path(folder))
-        tokenizer = CLIPTokenizer.from_pretrained(folder)
-    for part in (unet, vae, text_encoder):
-        part.eval().requires_grad_(False).to(device)
-    unet.set_attn_processor(AttnProcessor2_0())
-    return DiffusionModel(
-        name="sd21-base-architecture",
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=tiny.sd_scheduler(),
-        device=device,
-        dtype=torch.float32,
-    )
-
-
 def load(name: str, device: torch.device) -> HamEngine:
-    """The engine for ``name``: a random preset through ``HamEngine.load``, or the in-memory SD 2.1-base."""
+    """The engine for ``name``: a random preset, or SD 2.1-base's architecture (``ham_engine.architectures``)."""
     if name == "sd21-base":
-        return HamEngine(sd21_base(device))
+        # Built once (~2.5 GB under HAM_ARCH_DIR; needs `make clip-vocab`), loaded like a real model.
+        return HamEngine.load(str(ensure_architecture("sd21-base")), device=device, dtype="fp32")
     return HamEngine.load(name, device=device)
 
 

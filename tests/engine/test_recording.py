@@ -107,7 +107,7 @@ def _record(
     )
     model = engine.model
     clean = model.encode_image(pixels)
-    text = model.encode_prompt([""]).expand(2, -1, -1)
+    text = model.encode_prompt([""], size=request.size).expand(2, -1, -1)
     schedule = DdimSchedule.from_scheduler(model.scheduler, params.steps, model.device)
     recording = TeacherRecording(
         request.recordable_steps,
@@ -120,7 +120,7 @@ def _record(
 
     def unet(latents: torch.Tensor, index: int, timestep: torch.Tensor) -> torch.Tensor:
         recording.begin_call(index, schedule.steps)
-        output = model.unet(latents, timestep, encoder_hidden_states=text).sample
+        output = model.unet(latents.to(model.dtype), timestep, **text.unet_kwargs()).sample.float()
         recording.end_call()
         return output
 
