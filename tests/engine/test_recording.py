@@ -305,3 +305,18 @@ def test_default_budget_is_a_share_of_the_device_memory(tiny_engine: HamEngine) 
     budget = HamEngine(tiny_engine.model).record_bytes
     assert 2**20 < budget < 2**50
     assert HamEngine(tiny_engine.model, record_bytes=123).record_bytes == 123
+
+
+def test_recorded_teachers_work_for_the_sdxl_family(
+    tiny_xl_engine: HamEngine, content_image: Image.Image, style_image: Image.Image
+) -> None:
+    results = {}
+    for teachers in ("live", "recorded"):
+        engine = HamEngine(tiny_xl_engine.model)
+        params = _params(teachers=teachers)
+        results[teachers] = [engine.transfer_latents(content_image, style=style_image, params=params) for _ in "cw"]
+    for recorded, live in zip(results["recorded"], results["live"], strict=True):
+        torch.testing.assert_close(recorded.student, live.student, **ROUNDING)
+    cold, warm = results["recorded"]
+    assert (cold.stats["unet_rows"], warm.stats["unet_rows"]) == (3 * N + 2, 2 * N + 1)
+    assert cold.stats["teachers"] == {"content_teacher": "recorded", "style_teacher": "recorded"}
