@@ -8,9 +8,11 @@ hook returns its inputs untouched, so the result is bitwise the stock one.
 
 Which batch rows belong to which branch, in which CFG half, is described by a
 :class:`BranchLayout` (a branch can run once and serve both halves); all
-per-transfer state (layout, step, α/β, cached style features, recorders) travels in a
-:class:`ModulationContext` that the engine owns and updates before each UNet call. The
-processors are installed and the originals restored by :func:`modulated_attention`.
+per-transfer state (layout, step, α/β, cached style features, recorded teachers,
+recorders) travels in a :class:`ModulationContext` that the engine owns and updates before
+each UNet call. The processors are installed and the originals restored by
+:func:`modulated_attention`. A teacher absent from the batch is read from what stands in for
+it: the style cache's features, or what :mod:`ham_engine.recording` kept during inversion.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,9 @@ from diffusers.models.attention_processor import Attention
 from ham_engine.modulation import channel_stats, gar_blend, lat_query
 from ham_engine.params import ParamError
 from ham_engine.style_cache import StyleFeatures
+
+if TYPE_CHECKING:
+    from ham_engine.recording import ContentFeatures
 
 CONTENT_TEACHER = "content_teacher"
 STYLE_TEACHER = "style_teacher"
@@ -137,9 +143,10 @@ class ModulationContext:
     """Per-transfer state shared by the installed processors (never global).
 
     The engine calls :meth:`begin_step` before each UNet call. Where the batch has no
-    style teacher, ``cached_style`` stands in for it; where it has one and
-    ``style_record`` is set, what the student takes from it is written there (the cold
-    path filling the style cache).
+    style teacher, ``cached_style`` stands in for it (the style cache's features, or those
+    recorded during inversion); where it has one and ``style_record`` is set, what the
+    student takes from it is written there (the cold path filling the style cache). Where
+    the batch has no content teacher, ``recorded_content`` stands in for it.
     """
 
     alpha: float
@@ -148,17 +155,31 @@ class ModulationContext:
     lat_layers: tuple[str, ...] = ()
     cached_style: StyleFeatures | None = None
     style_record: StyleFeatures | None = None
+    recorded_content: ContentFeatures | None = None
     recorder: AttentionRecorder | None = None
     layout: BranchLayout = field(default_factory=lambda: BranchLayout((STUDENT,)))
     step: int = 0
     modulating: bool = False
 
+    def content_held(self, step: int) -> bool:
+        """Whether recorded content-teacher features stand in for its row at ``step``."""
+        return self.recorded_content is not None and self.recorded_content.holds(step)
+
+    def style_held(self, step: int) -> bool:
+        """Whether cached or recorded style features cover every modulated layer at ``step``."""
+        style = self.cached_style
+        return style is not None and all((step, layer) in style.gar for layer in self.gar_layers) and all(
+            layer in style.lat for layer in self.lat_layers
+        )
+
     def begin_step(self, step: int, layout: BranchLayout, modulating: bool) -> None:
         """Describe the next UNet call: its sampling step, its rows, and whether GAR/LAT act."""
-        if modulating and not (layout.has(STUDENT) and layout.has(CONTENT_TEACHER)):
-            raise ValueError(f"a modulated step needs student and content teacher rows, got {layout.branches}")
-        if modulating and not layout.has(STYLE_TEACHER) and self.cached_style is None:
-            raise ValueError("a modulated step needs a style teacher row or cached style features")
+        if modulating and not layout.has(STUDENT):
+            raise ValueError(f"a modulated step needs student rows, got {layout.branches}")
+        if modulating and not layout.has(CONTENT_TEACHER) and not self.content_held(step):
+            raise ValueError(f"step {step}: a modulated step needs a content teacher row or recorded features")
+        if modulating and not layout.has(STYLE_TEACHER) and not self.style_held(step):
+            raise ValueError(f"step {step}: a modulated step needs a style teacher row or held style features")
         if modulating and STUDENT in layout.shared:
             raise ValueError("a modulated step needs the student's own row in each half: its halves differ")
         self.step = step
@@ -201,36 +222,23 @@ def resolve_layers(unet: torch.nn.Module, patterns: Sequence[str], kind: str, fi
     return selected
 
 
-class _SdpaProcessor:
-    """diffusers' ``AttnProcessor2_0`` with a hook on the Q/K/V projections.
+class HookedSdpaProcessor:
+    """diffusers' ``AttnProcessor2_0`` with one hook on the Q/K/V projections.
 
-    Subclasses override :meth:`modulate`; everything else must stay identical to the
-    stock processor so that an unmodulated call is bitwise the stock one.
+    Subclasses override :meth:`hook`; everything else must stay identical to the stock
+    processor so that a call whose hook returns its inputs is bitwise the stock one.
     """
 
-    module = ""
-
-    def __init__(self, layer: str, context: ModulationContext) -> None:
-        self.layer = layer
-        self.context = context
-
-    def modulate(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    def hook(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """See the projections (``hidden_states`` is the input of ``to_q``); return those to attend with."""
         raise NotImplementedError
-
-    def _modulate_and_record(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ctx = self.context
-        if not ctx.modulating:
-            return query, key, value
-        if ctx.recorder is None:
-            return self.modulate(query, key, value)
-        before = (query.clone(), key.clone(), value.clone())
-        after = self.modulate(query, key, value)
-        ctx.recorder(AttentionEvent(self.layer, self.module, ctx.step, ctx.layout, before, after))
-        return after
 
     def __call__(
         self,
@@ -273,8 +281,8 @@ class _SdpaProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        # The only departure from the stock processor: HAM rewrites the student's projections.
-        query, key, value = self._modulate_and_record(query, key, value)
+        # The only departure from the stock processor: a hook sees (and may rewrite) the projections.
+        query, key, value = self.hook(attn, hidden_states, query, key, value)
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -310,24 +318,64 @@ class _SdpaProcessor:
         return hidden_states
 
 
-class GarProcessor(_SdpaProcessor):
+class _ModulatingProcessor(HookedSdpaProcessor):
+    """A hooked processor whose hook is HAM's rewrite of the student's projections."""
+
+    module = ""
+
+    def __init__(self, layer: str, context: ModulationContext) -> None:
+        self.layer = layer
+        self.context = context
+
+    def modulate(
+        self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def hook(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx = self.context
+        if not ctx.modulating:
+            return query, key, value
+        if ctx.recorder is None:
+            return self.modulate(attn, query, key, value)
+        before = (query.clone(), key.clone(), value.clone())
+        after = self.modulate(attn, query, key, value)
+        ctx.recorder(AttentionEvent(self.layer, self.module, ctx.step, ctx.layout, before, after))
+        return after
+
+
+class GarProcessor(_ModulatingProcessor):
     """Self-attention with global attention regulation of the student's Q, K and V.
 
     Q̂^m = α·Q^m + (1−α)·AdaIN(Q^c, Q^s), likewise K and V; statistics per channel over
     tokens, separately per CFG half (a content teacher row shared by both halves gives
     both the same statistics). The style statistics come from the style teacher's rows
-    when present (and are recorded for the cache), else from the cached features.
+    when present (and are recorded for the cache), else from the cached features. The
+    content teacher's Q, K, V come from its row, else are re-projected from its recorded
+    attention input.
     """
 
     module = "gar"
 
     def modulate(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+        self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx = self.context
         layout = ctx.layout
         projections = (query, key, value)
         widths = [x.shape[-1] for x in projections]
+        if layout.has(CONTENT_TEACHER):
+            contents = [layout.take(x, CONTENT_TEACHER) for x in projections]
+        else:
+            recorded = ctx.recorded_content.gar_inputs[(ctx.step, self.layer)]
+            contents = [attn.to_q(recorded), attn.to_k(recorded), attn.to_v(recorded)]
         if layout.has(STYLE_TEACHER):
             style_stats = [channel_stats(layout.take(x, STYLE_TEACHER), dim=1) for x in projections]
             if ctx.style_record is not None:
@@ -338,24 +386,24 @@ class GarProcessor(_SdpaProcessor):
             style_stats = list(zip(mean.split(widths, dim=-1), std.split(widths, dim=-1), strict=True))
         # Q, K and V one by one on views of the batch: joining them along the channels
         # first would copy every branch's features for nothing.
-        for x, (style_mean, style_std) in zip(projections, style_stats, strict=True):
-            own, content = layout.take(x, STUDENT), layout.take(x, CONTENT_TEACHER)
+        for x, content, (style_mean, style_std) in zip(projections, contents, style_stats, strict=True):
+            own = layout.take(x, STUDENT)
             layout.put(x, STUDENT, gar_blend(own, content, style_mean, style_std, ctx.alpha))
         return query, key, value
 
 
-class LatProcessor(_SdpaProcessor):
+class LatProcessor(_ModulatingProcessor):
     """Cross-attention with local attention transplantation into the student.
 
     K^m, V^m ← K^s, V^s (the style teacher's, live or cached) and
     Q̂^m = β·Q^m + (1−β)·Q^c, separately per CFG half (Q^c from the content teacher's
-    row for that half, which under CFG is its one row serving both).
+    row for that half, which under CFG is its one row serving both; else its recorded Q^c).
     """
 
     module = "lat"
 
     def modulate(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+        self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx = self.context
         layout = ctx.layout
@@ -366,11 +414,37 @@ class LatProcessor(_SdpaProcessor):
                 ctx.style_record.lat[self.layer] = (style_key.clone(), style_value.clone())
         else:
             style_key, style_value = ctx.cached_style.lat[self.layer]
+        if layout.has(CONTENT_TEACHER):
+            content_query = layout.take(query, CONTENT_TEACHER)
+        else:
+            content_query = ctx.recorded_content.lat_queries[(ctx.step, self.layer)]
         own_query = layout.take(query, STUDENT)
-        layout.put(query, STUDENT, lat_query(own_query, layout.take(query, CONTENT_TEACHER), ctx.beta))
+        layout.put(query, STUDENT, lat_query(own_query, content_query, ctx.beta))
         layout.put(key, STUDENT, style_key)
         layout.put(value, STUDENT, style_value)
         return query, key, value
+
+
+@contextmanager
+def installed_processors(unet: torch.nn.Module, processors: dict[str, object]) -> Iterator[None]:
+    """Set ``processors`` (attention module name → processor) for the block, then put the originals back.
+
+    The originals are restored also when the block raises; a name that is not an attention
+    module of ``unet`` is an error.
+    """
+    modules = dict(unet.named_modules())
+    originals: dict[str, object] = {}
+    try:
+        for name, processor in processors.items():
+            module = modules.get(name)
+            if not isinstance(module, Attention):
+                raise ValueError(f"{name!r} is not an attention module of this UNet")
+            originals[name] = module.processor
+            module.set_processor(processor)
+        yield
+    finally:
+        for name, processor in originals.items():
+            modules[name].set_processor(processor)
 
 
 @contextmanager
@@ -383,17 +457,7 @@ def modulated_attention(unet: torch.nn.Module, context: ModulationContext) -> It
     overlap = set(context.gar_layers) & set(context.lat_layers)
     if overlap:
         raise ValueError(f"layers selected for both GAR and LAT: {sorted(overlap)}")
-    modules = dict(unet.named_modules())
-    originals: dict[str, object] = {}
-    try:
-        for names, processor_type in ((context.gar_layers, GarProcessor), (context.lat_layers, LatProcessor)):
-            for name in names:
-                module = modules.get(name)
-                if not isinstance(module, Attention):
-                    raise ValueError(f"{name!r} is not an attention module of this UNet")
-                originals[name] = module.processor
-                module.set_processor(processor_type(name, context))
+    processors: dict[str, object] = {name: GarProcessor(name, context) for name in context.gar_layers}
+    processors.update({name: LatProcessor(name, context) for name in context.lat_layers})
+    with installed_processors(unet, processors):
         yield context
-    finally:
-        for name, processor in originals.items():
-            modules[name].set_processor(processor)

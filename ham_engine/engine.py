@@ -5,7 +5,10 @@ A transfer runs in four phases:
 1. **encode** – the prompts (each distinct one once, by the model family's adapter) and
    the images (VAE, each on its own, float32 latents);
 2. **invert** – DDIM inversion of the content latent, batched with the style latent when
-   an image style teacher is needed and not cached: ``steps`` UNet calls;
+   an image style teacher is needed and not cached: ``steps`` UNet calls. With the
+   "source" convention (``params.inversion``) these calls are the teachers' own calls at
+   the sampling steps after the first, and what GAR and LAT read from them is recorded
+   (:mod:`ham_engine.recording`, within the engine's ``record_bytes``);
 3. **sample** – ``steps`` UNet calls, each one batch holding the branches the step needs
    (content teacher, style teacher, student; as [uncond | cond] halves under CFG). The
    teachers are re-anchored to their trajectories; the student starts from SINI and is
@@ -13,7 +16,8 @@ A transfer runs in four phases:
 4. **decode** – the student's final latent through the VAE.
 
 A branch that nothing reads at a step is left out of that step's batch: outside the
-step window the student runs alone, and a cached image style never runs at all. Under
+step window the student runs alone, a cached image style never runs at all, and a
+recorded teacher runs only at the first step (see :meth:`HamEngine._live_teachers`). Under
 CFG a branch whose uncond and cond rows would be identical runs once and serves both
 halves: the content teacher always (its re-anchored latent, the timestep and the empty
 prompt are the same in both), and the student outside the step window while the text
@@ -36,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +65,7 @@ from ham_engine.inversion import DdimSchedule, ddim_invert, ddim_step
 from ham_engine.loading import DiffusionModel, load_model
 from ham_engine.modulation import channel_stats, sini
 from ham_engine.params import DEFAULT_LAYERS, ParamError, TransferParams, check_style_reference
+from ham_engine.recording import TeacherRecording, check_record_bytes, default_record_bytes, recording_attention
 from ham_engine.style_cache import StyleCache, StyleFeatures, StyleKey
 
 DEFAULT_STYLE_CACHE_BYTES = 256 * 2**20
@@ -133,6 +139,13 @@ class _Request:
         """Whether anything reads the style teacher (SINI, or GAR/LAT at some step)."""
         return self.params.sini or bool(self.modulated_steps)
 
+    @property
+    def recordable_steps(self) -> frozenset[int]:
+        """Modulated steps whose teacher calls a "source" inversion makes: all but the first."""
+        if self.params.inversion != "source" or self.params.teachers == "live":
+            return frozenset()
+        return frozenset(k for k in self.modulated_steps if k > 0)
+
 
 @dataclass
 class _Counters:
@@ -193,12 +206,22 @@ class HamEngine:
     """A loaded diffusion model that runs HAM transfers, one at a time, request after request.
 
     ``transfer`` is thread-safe: a lock keeps two threads from sharing the UNet. The
-    style cache keeps what repeat image styles need (docs/method.md §7).
+    style cache keeps what repeat image styles need (docs/method.md §7). ``record_bytes``
+    bounds what one transfer may record of its teachers during inversion (None: a share of
+    the device's memory, :func:`~ham_engine.recording.default_record_bytes`; 0: never
+    record); a transfer whose recording would not fit runs its teachers live.
     """
 
-    def __init__(self, model: DiffusionModel, style_cache_bytes: int = DEFAULT_STYLE_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        model: DiffusionModel,
+        style_cache_bytes: int = DEFAULT_STYLE_CACHE_BYTES,
+        record_bytes: int | None = None,
+    ) -> None:
         self.model = model
         self.style_cache = StyleCache(style_cache_bytes)
+        budget = check_record_bytes(record_bytes)
+        self.record_bytes = default_record_bytes(model.device) if budget is None else budget
         self._lock = threading.Lock()
 
     @classmethod
@@ -208,9 +231,15 @@ class HamEngine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         style_cache_bytes: int = DEFAULT_STYLE_CACHE_BYTES,
+        record_bytes: int | None = None,
     ) -> HamEngine:
         """Load ``model`` ("tiny", "tiny-v", an HF id or a local folder) and wrap it in an engine."""
-        return cls(load_model(model, device=device, dtype=dtype), style_cache_bytes=style_cache_bytes)
+        check_record_bytes(record_bytes)  # before the load, which takes long
+        return cls(
+            load_model(model, device=device, dtype=dtype),
+            style_cache_bytes=style_cache_bytes,
+            record_bytes=record_bytes,
+        )
 
     def transfer(
         self,
@@ -236,7 +265,12 @@ class HamEngine:
         (on CUDA the most memory this transfer allocated; None on a CPU, where no
         per-transfer figure exists), ``process_peak_rss_bytes`` (on a CPU: the process's
         peak resident memory over its whole life, which never falls), ``steps``,
-        ``size`` [w, h], ``mode``, ``cfg``, ``device``, ``dtype``, ``model``, ``family``.
+        ``size`` [w, h], ``mode``, ``cfg``, ``device``, ``dtype``, ``model``, ``family``,
+        ``inversion``; ``teachers``: how each teacher served the student
+        ({"content_teacher": "live" | "recorded" | None, "style_teacher": "live" |
+        "recorded" | "cached" | None}; a recorded teacher still runs live at the first
+        step); ``record_bytes`` (bytes recorded during inversion), ``record_budget_bytes``
+        and ``record_fallback`` (why a wanted recording was not used, else None).
         A latent or image that stops being finite raises :class:`NumericalError`.
         """
         with self._lock, torch.inference_mode():
@@ -315,6 +349,7 @@ class HamEngine:
             style_prompt=request.style_prompt,
             dtype=str(self.model.dtype),
             device=str(self.model.device),
+            inversion=request.params.inversion,
         )
 
     def _run(
@@ -344,41 +379,62 @@ class HamEngine:
         clean, text = self._encode(request, invert_style)
         schedule = DdimSchedule.from_scheduler(model.scheduler, request.params.steps, model.device)
         counters.seconds["encode"] = self._elapsed(started)
+        recording = self._recording(request, invert_style)
+        try:
+            # Content and style are inverted together: one batch, empty prompt, no CFG.
+            started = time.perf_counter()
+            inversion_text = text.empty.expand(clean.shape[0], -1, -1)
 
-        # Content and style are inverted together: one batch, empty prompt, no CFG.
-        started = time.perf_counter()
-        inversion_text = text.empty.expand(clean.shape[0], -1, -1)
+            def invert_model(latents: torch.Tensor, index: int, timestep: torch.Tensor) -> torch.Tensor:
+                if recording is not None:
+                    recording.begin_call(index, schedule.steps)
+                output = self._predict(latents, timestep, inversion_text, counters, "invert")
+                if recording is not None:
+                    recording.end_call()
+                steps.done()
+                return output
 
-        def invert_model(latents: torch.Tensor, _: int, timestep: torch.Tensor) -> torch.Tensor:
-            output = self._predict(latents, timestep, inversion_text, counters, "invert")
-            steps.done()
-            return output
+            with recording_attention(model.unet, recording) if recording is not None else nullcontext():
+                trajectory = ddim_invert(
+                    invert_model, clean, schedule, before_step=steps.check, convention=request.params.inversion
+                )
+            content_trajectory = [z[:1] for z in trajectory]
+            style_trajectory = [z[1:] for z in trajectory] if invert_style else None
+            counters.seconds["invert"] = self._elapsed(started)
 
-        trajectory = ddim_invert(invert_model, clean, schedule, before_step=steps.check)
-        content_trajectory = [z[:1] for z in trajectory]
-        style_trajectory = [z[1:] for z in trajectory] if invert_style else None
-        counters.seconds["invert"] = self._elapsed(started)
-
-        started = time.perf_counter()
-        style_latent, style_stats = self._style_start(request, cached, style_trajectory)
-        content_terminal = content_trajectory[0]
-        student_terminal = (
-            sini(content_terminal, *style_stats, request.params.gamma) if request.params.sini else content_terminal
-        )
-        # The cold path of an image style records what a repeat of it will need.
-        style_record = StyleFeatures(*style_stats) if invert_style else None
-        context = ModulationContext(
-            alpha=request.params.alpha,
-            beta=request.params.beta,
-            gar_layers=request.gar_layers,
-            lat_layers=request.lat_layers,
-            cached_style=cached,
-            style_record=style_record,
-            recorder=recorder,
-        )
-        branches = _Branches(student_terminal, content_trajectory, style_trajectory, style_latent)
-        with modulated_attention(model.unet, context):
-            student = self._sample(request, schedule, context, branches, text, counters, steps)
+            started = time.perf_counter()
+            style_latent, style_stats = self._style_start(request, cached, style_trajectory)
+            content_terminal = content_trajectory[0]
+            student_terminal = (
+                sini(content_terminal, *style_stats, request.params.gamma) if request.params.sini else content_terminal
+            )
+            recorded = recording if recording is not None and recording.active else None
+            recorded_style = recorded.styles.get(1) if recorded is not None else None
+            # The cold path of an image style records what a repeat of it will need: the
+            # recorded steps' features came from the inversion, the others come live.
+            style_record = None
+            if invert_style:
+                style_record = recorded_style if recorded_style is not None else StyleFeatures()
+                style_record.terminal_mean, style_record.terminal_std = style_stats
+            context = ModulationContext(
+                alpha=request.params.alpha,
+                beta=request.params.beta,
+                gar_layers=request.gar_layers,
+                lat_layers=request.lat_layers,
+                cached_style=cached if cached is not None else recorded_style,
+                style_record=style_record,
+                recorded_content=recorded.content if recorded is not None else None,
+                recorder=recorder,
+            )
+            branches = _Branches(student_terminal, content_trajectory, style_trajectory, style_latent)
+            with modulated_attention(model.unet, context):
+                student = self._sample(request, schedule, context, branches, text, counters, steps)
+        except BaseException:
+            if recording is not None:
+                recording.discard()  # a cancelled or failed transfer keeps nothing it recorded
+            raise
+        if recording is not None:
+            recording.release()
         if style_record is not None:
             self.style_cache.put(key, style_record)
         counters.seconds["sample"] = self._elapsed(started)
@@ -399,10 +455,52 @@ class HamEngine:
             "dtype": str(model.dtype).removeprefix("torch."),
             "model": model.name,
             "family": model.family.name,
+            "inversion": request.params.inversion,
+            "teachers": self._teacher_sources(request, cached, recorded),
+            "record_bytes": recorded.recorded_bytes if recorded is not None else 0,
+            "record_budget_bytes": self.record_bytes,
+            "record_fallback": recording.fallback if recording is not None else None,
         }
         return TransferLatents(
             student=student, content_terminal=content_terminal, student_terminal=student_terminal, stats=stats
         )
+
+    def _recording(self, request: _Request, invert_style: bool) -> TeacherRecording | None:
+        """What to record of the teachers during inversion, or None when nothing will be.
+
+        The content teacher is recorded at every recordable step; an image style teacher
+        only when inverted now (not cached) and without a style prompt (its sampling calls
+        would be conditioned on the prompt, the inversion's are not).
+        """
+        steps = request.recordable_steps
+        if not steps:
+            return None
+        return TeacherRecording(
+            steps,
+            request.gar_layers,
+            request.lat_layers,
+            budget=self.record_bytes,
+            content_row=0,
+            style_rows=(1,) if invert_style and request.style_prompt is None else (),
+        )
+
+    @staticmethod
+    def _teacher_sources(
+        request: _Request, cached: StyleFeatures | None, recorded: TeacherRecording | None
+    ) -> dict[str, str | None]:
+        """How each teacher served the student: "live", "recorded", "cached", or None (not read)."""
+        content = None
+        if request.modulated_steps:
+            content = "recorded" if recorded is not None else "live"
+        style = None
+        if request.uses_style:
+            if cached is not None:
+                style = "cached"
+            elif recorded is not None and recorded.styles:
+                style = "recorded"
+            else:
+                style = "live"
+        return {CONTENT_TEACHER: content, STYLE_TEACHER: style}
 
     def _encode(self, request: _Request, invert_style: bool) -> tuple[torch.Tensor, _Text]:
         """Float32 clean latents [content(, style)], each image encoded on its own, and each distinct prompt once.
@@ -463,11 +561,9 @@ class HamEngine:
         for k in range(params.steps):
             steps.check(k)
             modulating = k in modulated
-            # A text style teacher walks its own trajectory up to the last step that reads it;
-            # an image style teacher runs only where it is read and not cached.
-            style_live = (request.text_guided and k <= last_modulated) or (modulating and context.cached_style is None)
-            names = ((CONTENT_TEACHER,) if modulating else ()) + ((STYLE_TEACHER,) if style_live else ())
-            layout = self._layout((*names, STUDENT), cfg=request.cfg and style_live, modulating=modulating)
+            teachers = self._live_teachers(request, context, k, modulating, last_modulated)
+            style_live = STYLE_TEACHER in teachers
+            layout = self._layout((*teachers, STUDENT), cfg=request.cfg and style_live, modulating=modulating)
             context.begin_step(k, layout, modulating)
 
             latents = torch.cat([branches.latent(branch, k) for branch, _ in layout.rows])
@@ -495,6 +591,22 @@ class HamEngine:
         return branches.student
 
     # -- helpers ----------------------------------------------------------------------
+
+    @staticmethod
+    def _live_teachers(
+        request: _Request, context: ModulationContext, k: int, modulating: bool, last_modulated: int
+    ) -> tuple[str, ...]:
+        """The teachers step ``k`` runs in its batch.
+
+        A text style teacher walks its own trajectory up to the last step that reads it.
+        The content and an image style teacher run only where they are read and nothing
+        stands in for them: cached style features, or features recorded during inversion.
+        """
+        content = modulating and not context.content_held(k)
+        style = (request.text_guided and k <= last_modulated) or (
+            not request.text_guided and modulating and not context.style_held(k)
+        )
+        return ((CONTENT_TEACHER,) if content else ()) + ((STYLE_TEACHER,) if style else ())
 
     def _predict(
         self,

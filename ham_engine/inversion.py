@@ -4,8 +4,13 @@ The arithmetic mirrors ``diffusers.DDIMScheduler.step`` operation for operation 
 float32 tensor scalars, same order), so a HAM student with all modulation off reproduces
 a stock diffusers DDIM loop exactly. Model outputs of "epsilon", "v_prediction" and
 "sample" models are converted to (x̂0, ε̂) first; inversion holds ε̂ fixed and moves the
-latent one step up the schedule (the usual DDIM inversion approximation, as diffusers'
-``DDIMInverseScheduler``).
+latent one step up the schedule (the usual DDIM inversion approximation).
+
+Two inversion conventions differ in where that ε̂ is evaluated (docs/method.md):
+
+* ``"target"`` – at the timestep the step moves to, as diffusers' ``DDIMInverseScheduler``;
+* ``"source"`` – at the latent's own timestep: the DDIM update run upwards, and exactly the
+  call a re-anchored teacher makes at the sampling step that starts from that latent.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import torch
 from diffusers import DDIMScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+INVERSIONS = ("target", "source")
 
-# (latents [B, C, H, W] float32, timestep index k, timestep) -> model output, float32
+# (latents [B, C, H, W] float32, timestep index k, timestep) -> model output, float32. The
+# index is that of ``timestep`` in ``DdimSchedule.timesteps``; ``steps`` stands for the clean
+# latent's own level below the schedule (the first "source" inversion call).
 ModelFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
 
@@ -62,6 +70,13 @@ class DdimSchedule:
     def alpha(self, timestep: int) -> torch.Tensor:
         """ᾱ at ``timestep``; below 0 the schedule's final ᾱ (as ``DDIMScheduler``)."""
         return self.alphas_cumprod[timestep] if timestep >= 0 else self.final_alpha_cumprod
+
+    def timestep_tensor(self, k: int) -> torch.Tensor:
+        """The timestep of schedule index ``k``; ``k == steps`` is the clean latent's level,
+        ``timesteps[-1] - stride`` clamped to 0 (a UNet has no negative timestep)."""
+        if k < self.steps:
+            return self.timesteps[k]
+        return torch.full_like(self.timesteps[-1], max(self.timestep_values[-1] - self.stride, 0))
 
     def alphas_of_step(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ᾱ at step ``k``'s timestep, ᾱ where sampling step ``k`` lands)."""
@@ -122,11 +137,27 @@ def ddim_inverse_step(
     return alpha_prod_to ** (0.5) * pred_original_sample + (1 - alpha_prod_to) ** (0.5) * pred_epsilon
 
 
+def ddim_source_inverse_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_prod_from: torch.Tensor,
+    alpha_prod_to: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """One DDIM inversion step, ᾱ_from → ᾱ_to, the model evaluated at the *source* timestep.
+
+    The sampling update itself run upwards, (x̂0, ε̂) read at the latent's own level:
+    x_to = √ᾱ_to · x̂0 + √(1 − ᾱ_to) · ε̂,   x̂0 = (x − √(1 − ᾱ_from) · ε̂) / √ᾱ_from
+    """
+    return ddim_step(model_output, sample, alpha_prod_from, alpha_prod_to, prediction_type)
+
+
 def ddim_invert(
     model: ModelFn,
     latents: torch.Tensor,
     schedule: DdimSchedule,
     before_step: Callable[[int], None] | None = None,
+    convention: str = "target",
 ) -> list[torch.Tensor]:
     """Invert clean ``latents`` along ``schedule``: ``schedule.steps`` model calls.
 
@@ -134,16 +165,26 @@ def ddim_invert(
     ``schedule.timesteps[k]`` (entry 0 is z_T), i.e. exactly what sampling step ``k``
     starts from. ``before_step(i)`` runs before inversion step ``i`` (0-based; for
     progress and cancellation). Latents are float32.
+
+    ``convention`` "target" calls ``model(x, k, timesteps[k])`` on the latent below entry
+    ``k`` to produce entry ``k``; "source" calls ``model(entry[k+1], k + 1, timesteps[k+1])``
+    (the first call, on the clean latent, at index ``steps``): every call after the first
+    is then sampling step ``k + 1``'s teacher call on its re-anchored latent.
     """
+    if convention not in INVERSIONS:
+        raise ValueError(f"inversion: must be one of {INVERSIONS}, got {convention!r}")
     sample = latents.float()
     trajectory: list[torch.Tensor] = [sample] * schedule.steps
     for i in range(schedule.steps):
         if before_step is not None:
             before_step(i)
         k = schedule.steps - 1 - i
-        timestep = schedule.timesteps[k]
         alpha_to, alpha_from = schedule.alphas_of_step(k)
-        output = model(sample, k, timestep)
-        sample = ddim_inverse_step(output, sample, alpha_from, alpha_to, schedule.prediction_type)
+        if convention == "target":
+            output = model(sample, k, schedule.timesteps[k])
+            sample = ddim_inverse_step(output, sample, alpha_from, alpha_to, schedule.prediction_type)
+        else:
+            output = model(sample, k + 1, schedule.timestep_tensor(k + 1))
+            sample = ddim_source_inverse_step(output, sample, alpha_from, alpha_to, schedule.prediction_type)
         trajectory[k] = sample
     return trajectory

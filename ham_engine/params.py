@@ -26,6 +26,8 @@ MIN_GUIDANCE = 1.0
 MAX_GUIDANCE = 30.0
 MAX_PROMPT_CHARS = 1000
 MAX_LAYER_PATTERNS = 64
+INVERSIONS = ("target", "source")
+TEACHERS = ("auto", "live", "recorded")
 
 # Our reading (docs/method.md §6): every transformer block of the UNet decoder.
 DEFAULT_LAYERS: tuple[str, ...] = ("up_blocks.*",)
@@ -52,6 +54,12 @@ def _check_int(name: str, value: int, low: int, high: int) -> None:
         raise ParamError(name, f"must be an integer in [{low}, {high}], got {value!r}")
     if not low <= value <= high:
         raise ParamError(name, f"must be an integer in [{low}, {high}], got {value}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ParamError(name, f"must be one of {allowed}, got {str(value)[:40]!r}")
 
 
 def _check_layers(name: str, patterns: tuple[str, ...]) -> None:
@@ -106,6 +114,15 @@ class TransferParams:
         lat_layers: fnmatch patterns over cross-attention (``attn2``) module names.
         step_start, step_end: GAR/LAT act at step i (0-based, of ``steps``) when
             step_start <= i/steps < step_end; fractions in [0, 1]. Our reading.
+        inversion: where a DDIM inversion step evaluates the model: "target", at the
+            timestep it moves to (diffusers' ``DDIMInverseScheduler``, the default), or
+            "source", at the latent's own timestep, which is exactly each sampling step's
+            teacher call, so the teachers can be recorded (docs/method.md).
+        teachers: "auto" records the content and image style teachers during a
+            "source" inversion when the recording fits the engine's byte budget, else
+            runs them live; "live" always runs them in the sampling batch; "recorded" is
+            "auto" that refuses the "target" inversion. Same result either way, up to
+            float rounding.
     """
 
     steps: int = _param(50, "DDIM steps, inversion and sampling", MIN_STEPS, MAX_STEPS, example=30)
@@ -130,6 +147,14 @@ class TransferParams:
     step_end: float = _param(
         1.0, "GAR/LAT act until this fraction of the steps; step_start < step_end, and the window must hold "
         "at least one step when GAR or LAT is on", 0.0, 1.0,
+    )
+    inversion: str = _param(
+        "target", "where a DDIM inversion step evaluates the model: at the timestep it moves to, or at the "
+        "latent's own (which lets the teachers be recorded; docs/method.md)", choices=INVERSIONS,
+    )
+    teachers: str = _param(
+        "auto", "auto: with inversion=source the teachers are recorded during inversion when the recording fits "
+        "the worker's HAM_RECORD_BYTES, else run live; live; recorded (needs inversion=source)", choices=TEACHERS,
     )
 
     def __post_init__(self) -> None:
@@ -164,6 +189,14 @@ class TransferParams:
         for name in ("sini", "gar", "lat", "guide_student"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"must be true or false, got {getattr(self, name)!r}")
+        _check_choice("inversion", self.inversion, INVERSIONS)
+        _check_choice("teachers", self.teachers, TEACHERS)
+        if self.teachers == "recorded" and self.inversion != "source":
+            raise ParamError(
+                "teachers",
+                f"'recorded' needs inversion='source' (only its inversion calls are the teachers' calls), "
+                f"got inversion={self.inversion!r}",
+            )
         _check_layers("gar_layers", self.gar_layers)
         _check_layers("lat_layers", self.lat_layers)
         # Like a layer pattern that matches nothing, a window between two steps would turn

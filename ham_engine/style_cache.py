@@ -34,6 +34,7 @@ class StyleKey:
     style_prompt: str | None
     dtype: str
     device: str
+    inversion: str = "target"  # the convention fixes the style's trajectory, so its features
 
 
 @dataclass

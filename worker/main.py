@@ -6,7 +6,7 @@ Start-up order, and what each step is for:
 2. The metrics/probe server on ``settings.worker_metrics_port`` (``/readyz`` answers 503
    until step 5) and the maintenance thread: heartbeat, recovery of jobs left behind by
    dead workers (runs once right away), expiry sweep — see :mod:`worker.recovery`.
-3. ``HamEngine.load(settings.model, device=settings.device, dtype=settings.dtype)`` — once.
+3. ``HamEngine.load(settings.model, device=..., dtype=..., record_bytes=...)`` — once.
 4. The webhook dispatcher (when ``HAM_WEBHOOK_SECRET`` is set).
 5. Ready: ``/readyz`` turns 200 and ``--ready-file`` (if given) is written. Kubernetes
    probes either; neither exists before the model is loaded, and both turn false while
@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("worker %s: loading model %r on %s", name, settings.model, settings.device or "auto")
         from ham_engine.engine import HamEngine  # torch: imported once the cheap checks passed
 
-        engine = HamEngine.load(settings.model, device=settings.device, dtype=settings.dtype)
+        engine = HamEngine.load(
+            settings.model, device=settings.device, dtype=settings.dtype, record_bytes=settings.record_bytes
+        )
         model = engine.model
         log.info("worker %s: model loaded (%s, %s)", name, model.device, str(model.dtype).removeprefix("torch."))
         runner = TransferRunner(

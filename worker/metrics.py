@@ -80,6 +80,17 @@ class WorkerMetrics:
             "ham_worker_storage_errors", "Outages of object storage this worker noticed (one per outage).",
             registry=r,
         )
+        self.teachers = Counter(
+            "ham_worker_teachers",
+            "Jobs by how each teacher served the student: live, recorded (during inversion) or cached.",
+            ["teacher", "served"],
+            registry=r,
+        )
+        self.record_fallbacks = Counter(
+            "ham_worker_record_fallbacks",
+            "Jobs whose teachers ran live because recording them would exceed HAM_RECORD_BYTES.",
+            registry=r,
+        )
         self.device_memory = Gauge(
             "ham_worker_device_memory_bytes",
             "Accelerator memory: 'allocated' now, 'peak' during the last job (0 on CPU).",
@@ -130,6 +141,13 @@ class WorkerMetrics:
                 hits.inc()
             elif hit is False:
                 misses.inc()
+        teachers = stats.get("teachers")
+        if isinstance(teachers, dict):
+            for teacher, served in teachers.items():
+                if isinstance(served, str):
+                    self.teachers.labels(teacher=teacher, served=served).inc()
+        if stats.get("record_fallback"):
+            self.record_fallbacks.inc()
         peak = stats.get("peak_memory_bytes")
         # The engine reports no accelerator peak on a CPU (None): the gauge says 0, as its help text does.
         self.device_memory.labels(kind="peak").set(peak if isinstance(peak, (int, float)) else 0)

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     dtype: str | None = Field(
         None, description="Worker compute dtype: fp16, bf16 or fp32; unset: fp16 on CUDA, fp32 on CPU."
     )
+    record_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Bytes one transfer may record of its teachers during a 'source' inversion (0: never); "
+        "unset: a quarter of the GPU's memory, an eighth of RAM on CPU.",
+    )
 
     # --- auth ----------------------------------------------------------------------
     api_keys: str = Field(

@@ -34,6 +34,8 @@ _EXAMPLE_PARAMS = {
     "lat_layers": ["up_blocks.*"],
     "step_start": 0.0,
     "step_end": 1.0,
+    "inversion": "target",
+    "teachers": "auto",
 }
 
 

@@ -33,6 +33,8 @@ HEARTBEAT = 1  # seconds; a SIGKILLed worker is declared dead after 3 of these
 START_TIMEOUT = 90.0
 # A separate Redis database, so unit tests flushing db 0 never touch the running stack.
 E2E_REDIS_DB = 7
+# The workers' HAM_RECORD_BYTES: far above what a 64 px tiny transfer records, and not the default.
+E2E_RECORD_BYTES = 123_456_789
 
 
 def _with_db(url: str, db: int) -> str:
@@ -172,6 +174,7 @@ def run_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory, **extra_
         "HAM_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "HAM_WEBHOOK_ALLOW_PRIVATE": "true",
         "HAM_WEBHOOK_TIMEOUT": "5",
+        "HAM_RECORD_BYTES": str(E2E_RECORD_BYTES),
         # Two CPUs shared by the API, the workers and pytest: one torch thread each.
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from service.core.webhooks import SIGNATURE_HEADER, verify
-from tests.e2e.conftest import WEBHOOK_SECRET, Stack
+from tests.e2e.conftest import E2E_RECORD_BYTES, WEBHOOK_SECRET, Stack
 from tests.fixtures.servers import free_port
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -140,6 +140,16 @@ def test_text_guided_job_succeeds_without_a_style_image(alpha: httpx.Client):
     final = wait_for(alpha, job["id"], TERMINAL)
     assert final["status"] == "succeeded", final
     assert download_png(final["result_url"]).size == (64, 64)
+
+
+def test_recorded_teachers_run_in_the_worker_within_its_record_budget(stack: Stack, alpha: httpx.Client):
+    job = submitted(submit(alpha, inversion="source", teachers="recorded"))
+    assert wait_for(alpha, job["id"], TERMINAL)["status"] == "succeeded"
+    stats = json.loads(stack.redis.hget(f"ham:job:{job['id']}", "stats"))
+    assert stats["teachers"] == {"content_teacher": "recorded", "style_teacher": "recorded"}
+    assert stats["record_budget_bytes"] == E2E_RECORD_BYTES  # HAM_RECORD_BYTES reached the engine
+    assert 0 < stats["record_bytes"] <= E2E_RECORD_BYTES
+    assert stats["unet_rows"] == 3 * int(QUICK["steps"]) + 2
 
 
 def test_tampered_result_url_is_refused(alpha: httpx.Client):

@@ -29,6 +29,7 @@ def cli_env(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HAM_TINY_DIR", str(tiny_dir))
     monkeypatch.delenv("HAM_MODEL", raising=False)
     monkeypatch.delenv("HAM_DEVICE", raising=False)
+    monkeypatch.delenv("HAM_RECORD_BYTES", raising=False)
     return tiny_dir
 
 
@@ -62,6 +63,21 @@ def test_transfer_with_a_style_prompt_only(cli_env: Path, tmp_path: Path, capsys
     assert capsys.readouterr().err == ""
 
 
+def test_transfer_records_the_teachers_within_the_budget_it_is_given(
+    cli_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["transfer", CONTENT, "--style", STYLE, "-o", str(tmp_path / "o.png"), "--size", "64", "--steps", "3"]
+    argv += ["--inversion", "source", "--teachers", "recorded", "--stats", "--quiet"]
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["teachers"] == {"content_teacher": "recorded", "style_teacher": "recorded"}
+    assert stats["unet_rows"] == 3 * 3 + 2
+    monkeypatch.setenv("HAM_RECORD_BYTES", "1000")  # too small: the teachers run live
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["record_budget_bytes"], stats["teachers"]["content_teacher"]) == (1000, "live")
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -72,6 +88,8 @@ def test_transfer_with_a_style_prompt_only(cli_env: Path, tmp_path: Path, capsys
         (["--style", STYLE, "--steps", "0"], "steps: must be an integer in [1, 1000], got 0"),
         (["--style", STYLE, "--model", "./no-such-model"], "model: folder './no-such-model' does not exist"),
         (["--style", STYLE, "--device", "gpu"], "device: 'gpu'"),
+        (["--style", STYLE, "--teachers", "recorded"], "teachers: 'recorded' needs inversion='source'"),
+        (["--style", STYLE, "--record-bytes", "-1"], "record_bytes: must be an integer >= 0"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(cli_env, tmp_path, capsys, extra: list[str], message: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from ham_engine.engine import HamEngine
-from ham_engine.inversion import DdimSchedule, ddim_inverse_step, ddim_invert, ddim_step
+from ham_engine.inversion import DdimSchedule, ddim_inverse_step, ddim_invert, ddim_source_inverse_step, ddim_step
 from ham_engine.tiny import sd_scheduler
 
 
@@ -130,3 +130,59 @@ def test_v_prediction_inversion_reads_v_at_the_timestep_the_model_was_called_wit
             latents = ddim_step(output, latents, *schedule.alphas_of_step(k), "v_prediction")
         theirs = float((latents - clean).abs().mean())
     assert ours < 0.25 * theirs, (ours, theirs)
+
+
+def test_source_inversion_calls_the_model_on_each_latent_at_its_own_timestep() -> None:
+    schedule = DdimSchedule.from_scheduler(sd_scheduler(), 5, "cpu")
+    calls: list[tuple[int, int, torch.Tensor]] = []
+
+    def model(latents: torch.Tensor, index: int, timestep: torch.Tensor) -> torch.Tensor:
+        calls.append((index, int(timestep), latents))
+        return 0.1 * latents
+
+    clean = _latents(7)
+    trajectory = ddim_invert(model, clean, schedule, convention="source")
+    # The first call is on the clean latent, at the level below the schedule (clamped to 0)...
+    assert (calls[0][0], calls[0][1]) == (5, max(schedule.timestep_values[-1] - schedule.stride, 0))
+    assert torch.equal(calls[0][2], clean)
+    # ... every other one on trajectory entry k at timesteps[k]: sampling step k's teacher call.
+    assert [(i, t) for i, t, _ in calls[1:]] == [(k, schedule.timestep_values[k]) for k in range(4, 0, -1)]
+    for index, _, latents in calls[1:]:
+        assert torch.equal(latents, trajectory[index])
+
+
+def test_source_inverse_step_is_the_sampling_step_run_upwards() -> None:
+    schedule = DdimSchedule.from_scheduler(sd_scheduler("v_prediction"), 10, "cpu")
+    sample, output = _latents(8), _latents(9)
+    for k in range(schedule.steps):
+        alpha_t, alpha_prev = schedule.alphas_of_step(k)
+        up = ddim_source_inverse_step(output, sample, alpha_prev, alpha_t, "v_prediction")
+        assert torch.equal(up, ddim_step(output, sample, alpha_prev, alpha_t, "v_prediction"))
+
+
+def _reconstruction_errors(engine: HamEngine, convention: str, steps: tuple[int, ...]) -> list[float]:
+    model = _damped_unet_fn(engine, 0.1)
+    schedule_of = {n: DdimSchedule.from_scheduler(engine.model.scheduler, n, "cpu") for n in steps}
+    clean, errors = _latents(5), []
+    with torch.inference_mode():
+        for n in steps:
+            schedule = schedule_of[n]
+            latents = ddim_invert(model, clean, schedule, convention=convention)[0]
+            for k in range(n):
+                output = model(latents, k, schedule.timesteps[k])
+                latents = ddim_step(output, latents, *schedule.alphas_of_step(k), schedule.prediction_type)
+            errors.append(float((latents - clean).abs().mean()))
+    return errors
+
+
+@pytest.mark.parametrize("which", ["tiny_engine", "tiny_v_engine"])
+def test_source_inversion_reconstruction_error_falls_as_steps_rise(which: str, request: pytest.FixtureRequest) -> None:
+    errors = _reconstruction_errors(request.getfixturevalue(which), "source", (5, 10, 20))
+    # A trend, not a threshold (docs/method.md quotes the measured values).
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_unknown_inversion_convention_is_a_value_error() -> None:
+    schedule = DdimSchedule.from_scheduler(sd_scheduler(), 2, "cpu")
+    with pytest.raises(ValueError, match="inversion"):
+        ddim_invert(lambda x, k, t: x, _latents(), schedule, convention="sideways")

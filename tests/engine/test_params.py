@@ -53,6 +53,13 @@ def test_param_specs_match_validation() -> None:
         assert getattr(TransferParams(), spec.name) == spec.default
         if spec.kind is bool:
             continue
+        if spec.choices is not None:
+            for choice in spec.choices:  # each allowed (with the source convention recording needs)
+                TransferParams(**{"inversion": "source", spec.name: choice})
+            with pytest.raises(ParamError) as refused:
+                TransferParams(**{spec.name: "none of the choices"})
+            assert refused.value.field == spec.name
+            continue
         step = 1 if spec.kind is int else 1e-6
         for bound, outside in (("minimum", -step), ("maximum", step)):
             value = getattr(spec, bound)
@@ -61,3 +68,26 @@ def test_param_specs_match_validation() -> None:
             with pytest.raises(ParamError) as refused:
                 TransferParams(**{spec.name: spec.kind(value + outside)})
             assert refused.value.field in (spec.name, "step_start"), spec.name
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"inversion": "forward"}, "inversion"),
+        ({"inversion": 1}, "inversion"),
+        ({"teachers": "cached"}, "teachers"),
+        ({"teachers": "recorded"}, "teachers"),  # recording needs the source convention
+    ],
+)
+def test_inversion_and_teachers_outside_their_choices_are_param_errors_naming_the_field(
+    changes: dict, field: str
+) -> None:
+    with pytest.raises(ParamError, match=field) as info:
+        TransferParams(**changes)
+    assert info.value.field == field
+
+
+def test_recorded_teachers_with_the_source_inversion_round_trip_through_a_dict() -> None:
+    params = TransferParams(inversion="source", teachers="recorded")
+    assert TransferParams.from_dict(params.to_dict()) == params
+    assert (TransferParams().inversion, TransferParams().teachers) == ("target", "auto")

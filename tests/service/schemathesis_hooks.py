@@ -7,6 +7,8 @@ as *valid* are touched, and only where the schema's words cannot carry the rule:
   a data: URI of it the drawn ``content_url``/``style_url`` (the fuzz server fetches no URLs);
 - ``step_start < step_end`` with at least one of ``steps`` inside the window while GAR or LAT is on
   (documented on the fields): the window is reset to the default;
+- ``teachers=recorded`` needs ``inversion=source`` (documented on the field): the inversion is set
+  to ``source`` when the case drew recorded teachers;
 - a webhook URL must be reachable in principle: a fixed loopback URL replaces the drawn one;
 - a style image, a style prompt or both (said in words: an object-level ``anyOf`` would leave
   generated clients without a body model): a prompt is added when the case drew neither.
@@ -55,6 +57,8 @@ def map_case(ctx, case):
     if "step_start" in body or "step_end" in body:
         body.pop("step_start", None)
         body.pop("step_end", None)
+    if body.get("teachers") == "recorded":
+        body["inversion"] = "source"
     if "webhook_url" in body:
         body["webhook_url"] = WEBHOOK
     if not {"style", "style_url", "style_prompt"} & set(body):

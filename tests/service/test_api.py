@@ -130,6 +130,7 @@ def test_submit_returns_202_queued_job_with_location_and_stores_inputs(client, r
     assert job["has_style"] is True and job["style_prompt"] is None
     assert job["params"]["steps"] == 12 and job["params"]["alpha"] == 0.5 and job["params"]["sini"] is False
     assert job["params"]["size"] == 512  # defaults filled in
+    assert (job["params"]["inversion"], job["params"]["teachers"]) == ("target", "auto")
     assert job["result_url"] is None and job["error"] is None and job["started_at"] is None
     assert job["created_at"].endswith("Z")
     assert queue_ids(redis_client) == [job["id"]]
@@ -258,6 +259,8 @@ _BAD_INPUTS = {
     "gamma_nan": (dict(gamma="nan"), 422, "invalid_parameter", "gamma"),
     "sini_maybe": (dict(sini="maybe"), 422, "invalid_parameter", "sini"),
     "window_inverted": (dict(step_start="0.9", step_end="0.1"), 422, "invalid_parameter", "step_start"),
+    "inversion_unknown": (dict(inversion="backwards"), 422, "invalid_parameter", "inversion"),
+    "recorded_needs_source": (dict(teachers="recorded"), 422, "invalid_parameter", "teachers"),
     "prompt_too_long": (dict(style=False, style_prompt="x" * 1001), 422, "invalid_parameter", "style_prompt"),
     "unknown_field": (dict(stepz="10"), 422, "unknown_field", "stepz"),
     "layer_patterns_are_server_side": (dict(gar_layers="down_blocks.*"), 422, "unknown_field", "gar_layers"),
@@ -280,6 +283,12 @@ def _post_files(client, content: tuple | None, style: tuple | None = None, data:
     if style is not None:
         files["style"] = style
     return client.post("/v1/transfers", files=files, data=data or {"style_prompt": "ink"}, headers=AUTH_A)
+
+
+def test_inversion_and_teachers_are_form_fields_kept_in_the_job(client):
+    response = submit(client, inversion=" source ", teachers="recorded")
+    assert response.status_code == 202, response.text
+    assert (response.json()["params"]["inversion"], response.json()["params"]["teachers"]) == ("source", "recorded")
 
 
 def test_gif_is_415_even_when_named_png(client, redis_client):

@@ -24,7 +24,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 REQUESTS = 220
 
 _FIELDS = ["content", "style", "style_prompt", "steps", "seed", "size", "alpha", "beta", "gamma", "guidance",
-           "sini", "gar", "lat", "step_start", "step_end", "webhook_url"]
+           "sini", "gar", "lat", "step_start", "step_end", "inversion", "teachers", "webhook_url"]
 _WEIRD_NAMES = ["", "stepz", "gar_layers", "Content", "a" * 300, "na\"me", "é", "steps[]", "__proto__"]
 
 

@@ -186,6 +186,14 @@ def test_submit_posts_polls_and_downloads_the_result(live_api, tmp_path, capsys)
     assert job.params["steps"] == 5 and job.params["gar"] is False and job.has_style
 
 
+def test_submit_sends_the_inversion_convention_and_teachers(live_api, tmp_path, capsys):
+    extra = ("--style-prompt", "x", "--inversion", "source", "--teachers", "recorded")
+    assert main(_submit_args(live_api, tmp_path / "out.png", *extra)) == 0
+    job_id = capsys.readouterr().err.split(":")[0].strip()
+    job = live_api.jobs.get(job_id)
+    assert (job.params["inversion"], job.params["teachers"]) == ("source", "recorded")
+
+
 def test_submit_text_only_style(live_api, tmp_path, capsys):
     status = main(_submit_args(live_api, tmp_path / "out.png", "--style-prompt", "charcoal sketch", "-q"))
     assert status == 0

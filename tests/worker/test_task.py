@@ -83,6 +83,25 @@ def test_successful_job_stores_the_png_deletes_inputs_records_stats_and_sends_th
     text = metrics.render().decode()
     assert 'ham_worker_job_seconds_count{outcome="succeeded"} 1.0' in text
     assert "ham_worker_steps_total 3.0" in text and "ham_worker_style_cache_misses_total 1.0" in text
+    assert 'ham_worker_teachers_total{served="live",teacher="content_teacher"} 1.0' in text
+    assert "ham_worker_record_fallbacks_total 0.0" in text
+
+
+def test_recorded_teachers_and_budget_fallbacks_are_counted(engine, redis_client, storage, settings):
+    metrics = WorkerMetrics()
+    runner = make_runner(engine, redis_client, storage, settings, metrics=metrics)
+    recorded = {"steps": 3, "size": 64, "inversion": "source", "teachers": "recorded"}
+    assert runner.run(submit(runner, params=recorded).id) == "succeeded"
+    budget, engine.record_bytes = engine.record_bytes, 0  # nothing fits: the teachers run live
+    try:
+        assert runner.run(submit(runner, params=recorded).id) == "succeeded"
+    finally:
+        engine.record_bytes = budget
+    text = metrics.render().decode()
+    assert 'ham_worker_teachers_total{served="recorded",teacher="content_teacher"} 1.0' in text
+    assert 'ham_worker_teachers_total{served="cached",teacher="style_teacher"} 1.0' in text  # the repeat style
+    assert 'ham_worker_teachers_total{served="live",teacher="content_teacher"} 1.0' in text
+    assert "ham_worker_record_fallbacks_total 1.0" in text
 
 
 def test_progress_is_written_every_step_and_rises(engine, redis_client, storage, settings):
