@@ -44,7 +44,6 @@ ERROR_INVALID_INPUT = "invalid_input"
 ERROR_INPUTS_MISSING = "inputs_missing"
 ERROR_INTERNAL = "internal_error"
 ERROR_NUMERICAL = "numerical_error"
-ERROR_STORAGE = "storage_unavailable"
 ERROR_TIMEOUT = "timeout"
 ERROR_WORKER_LOST = "worker_lost"
 # RQ's hard time limit is a backstop behind the worker's own cooperative timeout.
