@@ -128,7 +128,8 @@
     const help = document.createElement("span");
     help.className = "default";
     help.id = `${id}-help`;
-    const shownDefault = param.type === "boolean" ? (param.default ? "on" : "off") : formatNumber(param.default);
+    const shownDefault = param.type === "boolean" ? (param.default ? "on" : "off")
+      : param.type === "string" ? String(param.default) : formatNumber(param.default);
     help.textContent = `${param.description ? param.description.replace(/\s*\(default[^)]*\)\.?$/, "") + ". " : ""}`
       + `Default ${shownDefault}.`;
 
@@ -139,6 +140,18 @@
       input.checked = Boolean(param.default);
       row.append(input, label);
       wrap.append(row);
+    } else if (param.type === "string") {
+      // A choice among the values the server publishes (e.g. the inversion convention).
+      input = document.createElement("select");
+      for (const choice of param.enum || [param.default]) {
+        const option = document.createElement("option");
+        option.value = choice;
+        option.textContent = choice;
+        input.append(option);
+      }
+      input.value = param.default;
+      row.append(input);
+      wrap.append(label, row);
     } else {
       input = document.createElement("input");
       input.type = "number";
@@ -190,6 +203,7 @@
     for (const param of state.config.params) {
       const input = $(`param-${param.name}`);
       if (param.type === "boolean") input.checked = Boolean(param.default);
+      else if (param.type === "string") input.value = param.default;
       else {
         input.value = formatNumber(param.default);
         if (input._slider) input._slider.value = String(param.default);
@@ -200,6 +214,7 @@
   function paramValue(param) {
     const input = $(`param-${param.name}`);
     if (param.type === "boolean") return input.checked ? "true" : "false";
+    if (param.type === "string") return input.value;
     const text = input.value.trim();
     if (text === "") throw new ApiProblem(`${param.label}: enter a value (default ${formatNumber(param.default)})`, param.name);
     return text;

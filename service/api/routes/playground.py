@@ -44,7 +44,7 @@ LABELS = {
 }
 EVENTS_PATH = "/v1/transfers/{job_id}/events"
 STYLES_PATH = "/v1/styles"
-_JSON_TYPES = {int: "integer", float: "number", bool: "boolean"}
+_JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
 # Same-origin scripts and styles only; result images may come from an S3 endpoint elsewhere.
 _CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob: http: https:; "
         "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
@@ -68,10 +68,10 @@ def _resolve(openapi: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bounds(schema: dict[str, Any]) -> dict[str, Any]:
-    """minimum/maximum/multipleOf of a field, looking inside ``anyOf: [{…}, {type: null}]``."""
+    """minimum/maximum/multipleOf (or the enum of a choice) of a field, looking inside ``anyOf``."""
     out: dict[str, Any] = {}
     for candidate in [schema, *schema.get("anyOf", [])]:
-        for key in ("minimum", "maximum", "multipleOf"):
+        for key in ("minimum", "maximum", "multipleOf", "enum"):
             if key in candidate:
                 out.setdefault(key, candidate[key])
     return out
