@@ -376,6 +376,9 @@ def test_two_dispatchers_on_one_redis_deliver_once(receiver: Receiver, dispatche
     # schedule means no attempt is in flight: any duplicate would have arrived by then.
     _wait(lambda: redis_client.zcard(REDIS_DUE_KEY) == 0, 5, "redis schedule to empty")
     assert sorted(json.loads(r.body)["n"] for r in receiver.requests) == [0, 1, 2, 3, 4]
+    # A dispatcher counts a delivery just after it leaves the schedule: wait for the count, which
+    # can only reach 5 and stay there if nothing was delivered twice.
+    _wait(lambda: sum(d.counts["delivered"] for d in dispatchers) == 5, 5, "5 deliveries counted")
     assert sum(d.counts["delivered"] for d in dispatchers) == 5
 
 
