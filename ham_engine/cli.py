@@ -63,8 +63,9 @@ def add_transfer_parser(subparsers: Any) -> None:
     parser.add_argument("--no-sini", action="store_true", help="turn style-injected noise initialisation off")
     parser.add_argument("--no-gar", action="store_true", help="turn global attention regulation off")
     parser.add_argument("--no-lat", action="store_true", help="turn local attention transplantation off")
-    parser.add_argument("--no-guide-student", action="store_true",
-                        help="under CFG (style prompt alone), leave the student unguided")
+    parser.add_argument(
+        "--no-guide-student", action="store_true", help="under CFG (style prompt alone), leave the student unguided"
+    )
     parser.add_argument("--stats", action="store_true", help="print the transfer's stats as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_transfer)
