@@ -320,7 +320,7 @@ class HamEngine:
         process's peak RSS), ``steps``, ``size`` [w, h], ``mode``, ``cfg``, ``device``,
         ``dtype``, ``model``.
         """
-        self._validate_style(style, style_prompt)
+        self._validate_style(style)
         batch = self._transfer([Style(style, style_prompt)], content, params, progress, cancelled)
         stats = batch.stats
         only = stats.pop("styles")[0]
@@ -359,7 +359,11 @@ class HamEngine:
                 specs.append(Style(prompt=spec))
             else:
                 raise ParamError(f"styles[{i}]", f"expected an image, a prompt or a Style, got {type(spec).__name__}")
-            self._validate_style(specs[-1].image, specs[-1].prompt, f"styles[{i}]")
+            self._validate_style(specs[-1].image, f"styles[{i}]")
+            try:
+                check_style_reference(specs[-1].image is not None, specs[-1].prompt)
+            except ParamError as exc:
+                raise ParamError(f"styles[{i}]", exc.reason) from exc
         return self._transfer(specs, content, params, progress, cancelled)
 
     def transfer_latents(
@@ -373,7 +377,7 @@ class HamEngine:
         recorder: AttentionRecorder | None = None,
     ) -> TransferLatents:
         """:meth:`transfer` without the VAE decode, returning latents; ``recorder`` sees each modulated layer call."""
-        self._validate_style(style, style_prompt)
+        self._validate_style(style)
         with self._lock, torch.inference_mode():
             students, content_terminal, student_terminals, stats = self._run(
                 content, [Style(style, style_prompt)], params, progress, cancelled, recorder
@@ -408,9 +412,9 @@ class HamEngine:
     # -- the phases -------------------------------------------------------------------
 
     @staticmethod
-    def _validate_style(style: Image.Image | None, style_prompt: str | None, field_name: str = "style") -> None:
+    def _validate_style(style: Image.Image | None, field_name: str = "style") -> None:
         if style is not None and not isinstance(style, Image.Image):
-            raise ValueError(f"{field_name}: expected an image, got {type(style).__name__}")
+            raise ParamError(field_name, f"expected an image, got {type(style).__name__}")
 
     def _validate(
         self,
@@ -429,12 +433,7 @@ class HamEngine:
                 raise ValueError(f"{name}: must be a callable or None, got {type(callback).__name__}")
         validated = []
         for i, spec in enumerate(styles):
-            try:
-                prompt = check_style_reference(spec.image is not None, spec.prompt)
-            except ParamError as exc:
-                if len(styles) == 1:
-                    raise
-                raise ParamError(f"styles[{i}]", exc.reason) from exc
+            prompt = check_style_reference(spec.image is not None, spec.prompt)
             field_name = "style" if len(styles) == 1 else f"styles[{i}]"
             image = images.to_rgb(spec.image, field=field_name) if spec.image is not None else None
             validated.append(_StyleRequest(image=image, prompt=prompt, guidance=params.guidance))
