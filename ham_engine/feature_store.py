@@ -32,6 +32,16 @@ class FeatureStore(Protocol):
         ...
 
 
+def style_prefix(image_digest: str) -> str:
+    """The folder every feature blob of one style image lives in (``style/{digest}/``)."""
+    return check_key(f"style/{image_digest}") + "/"
+
+
+def content_prefix(image_digest: str) -> str:
+    """The folder every trajectory blob of one content image lives in (``content/{digest}/``)."""
+    return check_key(f"content/{image_digest}") + "/"
+
+
 def check_key(key: str) -> str:
     """``key`` if it is a well-formed store key (no absolute paths, no ``..``), else ValueError."""
     if not isinstance(key, str) or not _KEY.fullmatch(key) or ".." in key.split("/"):

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ham_engine.feature_store import content_prefix, style_prefix
 from ham_engine.style_cache import ContentKey, ContentTrajectory, StyleFeatures, StyleKey
 
 FORMAT = "ham-features"
@@ -84,7 +85,8 @@ def store_key(header: Header) -> str:
     """
     request = {k: v for k, v in header.items() if k not in ("format", "version", "fingerprint", "checksum")}
     digest = hashlib.blake2b(json.dumps(request, sort_keys=True).encode(), digest_size=16).hexdigest()
-    return f"{header['kind']}/{header['image_digest']}/{digest}.safetensors"
+    prefix = style_prefix if header["kind"] == "style" else content_prefix
+    return f"{prefix(header['image_digest'])}{digest}.safetensors"
 
 
 def encode_style(features: StyleFeatures, header: Header) -> bytes:

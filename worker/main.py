@@ -6,7 +6,9 @@ Start-up order, and what each step is for:
 2. The metrics/probe server on ``settings.worker_metrics_port`` (``/readyz`` answers 503
    until step 5) and the maintenance thread: heartbeat, recovery of jobs left behind by
    dead workers (runs once right away), expiry sweep — see :mod:`worker.recovery`.
-3. ``HamEngine.load(settings.model, device=settings.device, dtype=settings.dtype)`` — once.
+3. ``HamEngine.load(settings.model, device=settings.device, dtype=settings.dtype)`` — once,
+   with the shared feature store on the job storage (``features/``) unless
+   ``HAM_FEATURE_STORE`` is false: a style or content any worker computed is warm on all.
 4. The webhook dispatcher (when ``HAM_WEBHOOK_SECRET`` is set).
 5. Ready: ``/readyz`` turns 200 and ``--ready-file`` (if given) is written. Kubernetes
    probes either; neither exists before the model is loaded.
@@ -34,6 +36,7 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from service.core.config import Settings
+from service.core.feature_store import StorageFeatureStore
 from service.core.jobs import JobStore
 from service.core.storage import open_storage
 from worker.metrics import MetricsServer, WorkerMetrics
@@ -91,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("worker %s: loading model %r on %s", name, settings.model, settings.device or "auto")
         from ham_engine.engine import HamEngine  # torch: imported once the cheap checks passed
 
-        engine = HamEngine.load(settings.model, device=settings.device, dtype=settings.dtype)
+        # The fleet-wide second tier behind each engine's in-process caches: features/ on the job storage.
+        features = StorageFeatureStore(storage) if settings.feature_store else None
+        engine = HamEngine.load(settings.model, device=settings.device, dtype=settings.dtype, feature_store=features)
+        metrics.feature_store = features
         model = engine.model
         log.info("worker %s: model loaded (%s, %s)", name, model.device, str(model.dtype).removeprefix("torch."))
         runner = TransferRunner(engine, store, storage, settings, name, metrics, webhooks)

@@ -49,6 +49,23 @@ class WorkerMetrics:
         self.style_cache_misses = Counter(
             "ham_worker_style_cache_misses", "Jobs that computed their style statistics.", registry=r
         )
+        self.feature_hits = Counter(
+            "ham_worker_feature_hits",
+            "Inputs whose features were re-used, by kind (style, content) and tier (memory, store).",
+            ["kind", "tier"],
+            registry=r,
+        )
+        self.feature_misses = Counter(
+            "ham_worker_feature_misses", "Inputs whose features were computed, by kind.", ["kind"], registry=r
+        )
+        self.feature_store_bytes = Gauge(
+            "ham_worker_feature_store_bytes", "Bytes in the shared feature store at the last sweep.", registry=r
+        )
+        self.feature_store_bytes_written = Counter(
+            "ham_worker_feature_store_written_bytes", "Bytes this worker wrote to the shared feature store.", registry=r
+        )
+        self.feature_store: Any = None  # the worker's StorageFeatureStore, read when a job finishes
+        self._bytes_written_seen = 0
         self.device_memory = Gauge(
             "ham_worker_device_memory_bytes",
             "Accelerator memory: 'allocated' now, 'peak' during the last job (0 on CPU).",
@@ -75,11 +92,23 @@ class WorkerMetrics:
             self.steps.inc(steps)
             if isinstance(sample_seconds, (int, float)) and sample_seconds > 0:
                 self.steps_per_second.set(steps / sample_seconds)
-        hit = stats.get("style_cache_hit")
-        if hit is True:
-            self.style_cache_hits.inc()
-        elif hit is False:
-            self.style_cache_misses.inc()
+        for style in stats.get("styles") or [stats]:
+            hit = style.get("style_cache_hit")
+            if hit is True:
+                self.style_cache_hits.inc()
+                self.feature_hits.labels(kind="style", tier=style.get("style_cache_tier") or "memory").inc()
+            elif hit is False:
+                self.style_cache_misses.inc()
+                self.feature_misses.labels(kind="style").inc()
+        content_hit = stats.get("content_cache_hit")
+        if content_hit is True:
+            self.feature_hits.labels(kind="content", tier=stats.get("content_cache_tier") or "memory").inc()
+        elif content_hit is False:
+            self.feature_misses.labels(kind="content").inc()
+        written = getattr(self.feature_store, "bytes_written", 0)
+        if written > self._bytes_written_seen:
+            self.feature_store_bytes_written.inc(written - self._bytes_written_seen)
+            self._bytes_written_seen = written
         peak = stats.get("peak_memory_bytes")
         if isinstance(peak, (int, float)):
             self.device_memory.labels(kind="peak").set(peak)

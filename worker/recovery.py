@@ -21,7 +21,9 @@ Instead, every ``ham worker`` runs a :class:`Maintenance` thread that
 - re-queues "orphans": jobs still queued in their record but no longer in RQ's list for
   ``HEARTBEAT_MISSES`` beats (a worker died between popping the id and starting it);
 - once per sweep interval (one worker at a time, by a Redis lock) deletes stored inputs
-  and results older than ``settings.result_ttl``.
+  and results older than ``settings.result_ttl``, and keeps the shared feature store
+  (``features/``) within ``settings.feature_ttl`` and ``settings.feature_store_bytes``.
+  Style library images (``styles/``) live until their style is deleted.
 
 So recovery runs wherever a worker runs — and jobs only run where a worker runs. With
 every worker dead, nothing is lost: the first worker to start recovers the jobs before
@@ -41,7 +43,8 @@ from typing import TYPE_CHECKING
 from redis import Redis
 
 from service.core.config import Settings
-from service.core.jobs import KEY_PREFIX, Job, JobStatus, JobStore
+from service.core.feature_store import sweep_features
+from service.core.jobs import JOB_FOLDERS, KEY_PREFIX, Job, JobStatus, JobStore
 from service.core.storage import Storage
 from worker.task import WebhookSink, notify_webhook
 
@@ -178,9 +181,23 @@ class Maintenance:
         recover_lost_jobs(self.store, self.storage, self.webhooks, self.metrics)
         requeue_orphans(self.store, grace=HEARTBEAT_MISSES * self.settings.worker_heartbeat)
         if self.store.redis.set(_SWEEP_LOCK_KEY, self.worker_name, nx=True, ex=self.sweep_interval):
-            deleted = self.storage.delete_expired(self.settings.result_ttl)
+            settings = self.settings
+            # Job inputs and results expire with the job; the style library stays until deleted;
+            # feature blobs have their own TTL and byte budget.
+            deleted = self.storage.delete_expired(settings.result_ttl, prefixes=JOB_FOLDERS)
             if deleted:
-                log.info("expiry sweep deleted %d stored object(s) older than %ds", deleted, self.settings.result_ttl)
+                log.info("expiry sweep deleted %d stored object(s) older than %ds", deleted, settings.result_ttl)
+            swept = sweep_features(self.storage, settings.feature_ttl, settings.feature_store_bytes, time.time())
+            if swept.expired or swept.evicted:
+                log.info(
+                    "feature sweep: %d expired, %d evicted over the %d-byte budget; %d bytes kept",
+                    swept.expired,
+                    swept.evicted,
+                    settings.feature_store_bytes,
+                    swept.bytes_kept,
+                )
+            if self.metrics:
+                self.metrics.feature_store_bytes.set(swept.bytes_kept)
 
     def start(self) -> None:
         """Beat and recover once synchronously (before any job is taken), then keep going in the background."""

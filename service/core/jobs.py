@@ -174,6 +174,10 @@ class Job:
         )
 
 
+# The storage folders a job's own objects live in (the expiry sweep's scope).
+JOB_FOLDERS = ("inputs", "results")
+
+
 def content_key(job_id: str) -> str:
     """Storage key of a job's (normalised PNG) content image."""
     return f"inputs/{job_id}/content.png"
