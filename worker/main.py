@@ -39,6 +39,7 @@ from service.core.config import Settings
 from service.core.feature_store import StorageFeatureStore
 from service.core.jobs import JobStore
 from service.core.storage import open_storage
+from service.core.styles import StyleStore
 from worker.metrics import MetricsServer, WorkerMetrics
 from worker.recovery import Maintenance
 from worker.task import TransferRunner, install_runner
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.feature_store = features
         model = engine.model
         log.info("worker %s: model loaded (%s, %s)", name, model.device, str(model.dtype).removeprefix("torch."))
-        runner = TransferRunner(engine, store, storage, settings, name, metrics, webhooks)
+        runner = TransferRunner(engine, store, storage, settings, name, metrics, webhooks, StyleStore(redis))
         install_runner(runner)
         maintenance.current_job = lambda: runner.current_job
         worker = SimpleWorker(

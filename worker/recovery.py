@@ -115,9 +115,8 @@ def recover_lost_jobs(
         if metrics:
             metrics.jobs_recovered.labels(action=action).inc()
         if after.terminal and storage is not None:
-            for key in (after.content_key, after.style_key):
-                if key:
-                    storage.delete(key)
+            for key in after.input_keys:
+                storage.delete(key)
             notify_webhook(after, storage, settings, webhooks)
     return settled
 

@@ -12,7 +12,8 @@ A job's life here:
 2. Read the normalised input PNGs from storage.
 3. Run the engine; every step writes progress and polls the cancel flag and the
    deadline (``settings.job_timeout``), which the engine honours between steps.
-4. Write ``results/{id}.png``, then the terminal state: succeeded; failed with
+4. Write ``results/{id}.png`` (a multi-style job: ``results/{id}-{i}.png`` for style
+   ``i`` >= 1, through one ``transfer_batch``), then the terminal state: succeeded; failed with
    ``invalid_input`` (engine ``ValueError``), ``inputs_missing``, ``timeout`` or
    ``internal_error`` (logged with the job id); or canceled.
 5. Delete the inputs, fire the webhook (background thread, never blocks).
@@ -47,6 +48,7 @@ from service.core.jobs import (
 )
 from service.core.resource import job_resource
 from service.core.storage import Storage, StorageError
+from service.core.styles import StyleStore
 
 if TYPE_CHECKING:
     from ham_engine.engine import HamEngine
@@ -106,8 +108,10 @@ class TransferRunner:
         worker_name: str,
         metrics: WorkerMetrics | None = None,
         webhooks: WebhookSink | None = None,
+        styles: StyleStore | None = None,
     ) -> None:
         self.engine = engine
+        self.styles = styles
         self.store = store
         self.storage = storage
         self.settings = settings
@@ -163,7 +167,7 @@ class TransferRunner:
         try:
             params = TransferParams.from_dict(job.params)
             content = _open_png(self.storage.get(job.content_key))
-            style = _open_png(self.storage.get(job.style_key)) if job.style_key else None
+            styles = self._load_styles(job)
         except KeyError as exc:
             return self._finish_fail(job, ERROR_INPUTS_MISSING, f"input {exc.args[0]} is gone (expired?)"), None
         except StorageError as exc:
@@ -173,20 +177,29 @@ class TransferRunner:
         except Exception as exc:
             return self._internal_error(job, exc), None
         try:
-            result = self.engine.transfer(
-                content,
-                style=style,
-                style_prompt=job.style_prompt,
-                params=params,
-                progress=watch.progress,
-                cancelled=watch.cancelled,
-            )
-            buffer = io.BytesIO()
-            result.image.save(buffer, format="PNG")
-            self.storage.put(result_key(job.id), buffer.getvalue(), "image/png")
-            return self._transition(job.id, lambda: self.store.succeed(job.id, result_key(job.id), result.stats)), (
-                result.stats
-            )
+            if len(styles) == 1:
+                style, prompt = styles[0]
+                single = self.engine.transfer(
+                    content, style=style, style_prompt=prompt, params=params,
+                    progress=watch.progress, cancelled=watch.cancelled,
+                )  # fmt: skip
+                pictures, stats = [single.image], single.stats
+            else:
+                from ham_engine.engine import Style
+
+                batch = self.engine.transfer_batch(
+                    content, [Style(image, prompt) for image, prompt in styles], params=params,
+                    progress=watch.progress, cancelled=watch.cancelled,
+                )  # fmt: skip
+                pictures, stats = batch.images, batch.stats
+            self._record_style_digests(job, styles)
+            keys = [result_key(job.id, i) for i in range(len(pictures))]
+            for key, picture in zip(keys, pictures, strict=True):
+                buffer = io.BytesIO()
+                picture.save(buffer, format="PNG")
+                self.storage.put(key, buffer.getvalue(), "image/png")
+            many = keys if job.styles else None
+            return self._transition(job.id, lambda: self.store.succeed(job.id, keys[0], stats, many)), stats
         except TransferCancelled:
             if watch.timed_out:
                 message = f"the job ran longer than the limit of {self.settings.job_timeout}s"
@@ -202,6 +215,33 @@ class TransferRunner:
             return self._finish_fail(job, ERROR_TIMEOUT, message), None
         except Exception as exc:
             return self._internal_error(job, exc), None
+
+    def _load_styles(self, job: Job) -> list[tuple[Image.Image | None, str | None]]:
+        """(image, prompt) per style, in order; ``KeyError`` names a missing input or deleted library style."""
+        if not job.styles:
+            return [(_open_png(self.storage.get(job.style_key)) if job.style_key else None, job.style_prompt)]
+        out = []
+        for style in job.styles:
+            key = style.get("key")
+            try:
+                image = _open_png(self.storage.get(key)) if key else None
+            except KeyError:
+                raise KeyError(f"style {style['style_id']} (deleted?)" if style.get("style_id") else key) from None
+            out.append((image, style.get("prompt")))
+        return out
+
+    def _record_style_digests(self, job: Job, styles: list[tuple[Image.Image | None, str | None]]) -> None:
+        """Tell each library style where its features live, so deleting the style can remove them."""
+        if self.styles is None:
+            return
+        from ham_engine.images import image_digest
+
+        for style, (image, _) in zip(job.styles or [], styles, strict=False):
+            if style.get("style_id") and image is not None:
+                try:
+                    self.styles.set_field(style["style_id"], "image_digest", image_digest(image))
+                except Exception:  # bookkeeping only: the feature TTL still bounds what is left behind
+                    log.warning("job %s: could not record the digest of style %s", job.id, style["style_id"])
 
     def _retry_or_fail(self, job: Job, exc: StorageError) -> Job | None:
         """A storage outage is transient: back to the queue after a pause, up to the retry limit."""
@@ -240,7 +280,7 @@ class TransferRunner:
             return None
 
     def _after_terminal(self, job: Job) -> None:
-        for key in (job.content_key, job.style_key):
+        for key in job.input_keys:
             if key:
                 try:
                     self.storage.delete(key)

@@ -26,6 +26,7 @@ from service.api.routes.docs import install_docs
 from service.core.config import Settings, get_settings
 from service.core.jobs import JobStore
 from service.core.storage import StorageError, open_storage
+from service.core.styles import StyleStore
 from service.core.webhooks import WebhookDispatcher
 
 log = logging.getLogger("ham.api")
@@ -132,6 +133,7 @@ def build_services(settings: Settings) -> Services:
         redis=redis,
         storage=open_storage(settings),
         jobs=jobs,
+        styles=StyleStore(redis),
         limiter=RateLimiter(redis, settings.rate_limit_per_minute),
         metrics=ApiMetrics(_queue_collector(jobs)),
         webhooks=WebhookDispatcher(settings, redis),

@@ -6,6 +6,7 @@ are the public shapes, translated in :mod:`service.api.routes.transfers`.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -84,6 +85,11 @@ class TransferForm(BaseModel):
         None, max_length=1000, description="Text style reference (used alone it drives a text-guided style teacher).",
         examples=["an oil painting in the style of Van Gogh"],
     )
+    style_id: str | None = Field(
+        None,
+        description="A style of your library (`POST /v1/styles`) instead of an upload. `style` and `style_id` "
+        "may be repeated, up to HAM_MAX_STYLES_PER_JOB in all: one result per style, in the order given.",
+    )
     steps: int | None = Field(None, ge=1, le=1000, description="DDIM steps (default 50).", examples=[30])
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for every random draw (default 0).")
     size: int | None = Field(
@@ -109,3 +115,23 @@ class TransferForm(BaseModel):
         "private/loopback addresses are refused unless HAM_WEBHOOK_ALLOW_PRIVATE.",
         examples=["https://example.com/hooks/ham"],
     )
+
+
+class StyleResource(BaseModel):
+    """A style of your library: refer to it as `style_id` in `POST /v1/transfers`."""
+
+    id: str = Field(description="Style id; the resource lives at `/v1/styles/{id}`.")
+    name: str | None = Field(None, description="Your label for it.")
+    style_prompt: str | None = Field(None, description="The text style reference, if one was given.")
+    has_image: bool = Field(description="Whether it has a style image.")
+    created_at: datetime = Field(description="ISO 8601, UTC.")
+    warm_job_id: str | None = Field(
+        None, description="The feature-building job `warm` queued (a transfer job: poll `/v1/transfers/{id}`)."
+    )
+
+
+class StyleList(BaseModel):
+    """One page of your styles, newest first."""
+
+    items: list[StyleResource]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last page.")

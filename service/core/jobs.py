@@ -109,10 +109,30 @@ class Job:
     finished_at: float | None = None
     worker: str | None = None
     stats: dict[str, Any] | None = None
+    # A job with a library style or several styles lists them here, in order; each entry
+    # {"key": storage key of its PNG or None, "prompt": str or None, "style_id": str or None}.
+    # None: the one style of has_style / style_prompt.
+    styles: list[dict[str, Any]] | None = None
+    result_keys: list[str] | None = None  # one per style once succeeded (the first is result_key)
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def style_ids(self) -> list[str]:
+        """The library styles this job uses, in order."""
+        return [s["style_id"] for s in self.styles or [] if s.get("style_id")]
+
+    @property
+    def input_keys(self) -> list[str]:
+        """Every stored input of this job (never a library style's image: that outlives the job)."""
+        keys = [self.content_key] + ([self.style_key] if self.style_key else [])
+        for style in self.styles or []:
+            key = style.get("key")
+            if key and key.startswith(f"inputs/{self.id}/") and key not in keys:
+                keys.append(key)
+        return keys
 
     @property
     def content_key(self) -> str:
@@ -142,6 +162,8 @@ class Job:
             "finished_at": None if self.finished_at is None else repr(float(self.finished_at)),
             "worker": self.worker,
             "stats": None if self.stats is None else json.dumps(self.stats, sort_keys=True),
+            "styles": None if self.styles is None else json.dumps(self.styles, sort_keys=True),
+            "result_keys": None if self.result_keys is None else json.dumps(self.result_keys),
         }
         return {k: v for k, v in raw.items() if v is not None}
 
@@ -171,6 +193,8 @@ class Job:
             finished_at=opt_float("finished_at"),
             worker=f.get("worker"),
             stats=json.loads(f["stats"]) if f.get("stats") else None,
+            styles=json.loads(f["styles"]) if f.get("styles") else None,
+            result_keys=json.loads(f["result_keys"]) if f.get("result_keys") else None,
         )
 
 
@@ -188,9 +212,14 @@ def style_key(job_id: str) -> str:
     return f"inputs/{job_id}/style.png"
 
 
-def result_key(job_id: str) -> str:
-    """Storage key of a job's result PNG."""
-    return f"results/{job_id}.png"
+def result_key(job_id: str, index: int = 0) -> str:
+    """Storage key of a job's result PNG (``index``: the style's place in a multi-style job)."""
+    return f"results/{job_id}.png" if index == 0 else f"results/{job_id}-{index}.png"
+
+
+def extra_style_key(job_id: str, index: int) -> str:
+    """Storage key of the (normalised PNG) style image number ``index`` >= 1 uploaded with a job."""
+    return f"inputs/{job_id}/style-{index}.png"
 
 
 def _text(value: Any) -> Any:
@@ -529,13 +558,14 @@ class JobStore:
         """Record progress in [0, 1] of a running job (ignored once it is not running)."""
         self._progress(keys=[self.job_key(job_id)], args=[repr(min(1.0, max(0.0, float(progress))))])
 
-    def succeed(self, job_id: str, result_key: str, stats: dict[str, Any]) -> Job:
-        """→ succeeded with the stored result. :class:`JobConflict` if already terminal."""
-        return self._terminal(
-            job_id,
-            JobStatus.SUCCEEDED,
-            {"result_key": result_key, "stats": json.dumps(stats, sort_keys=True, default=str), "progress": "1.0"},
-        )
+    def succeed(
+        self, job_id: str, result_key: str, stats: dict[str, Any], result_keys: list[str] | None = None
+    ) -> Job:
+        """→ succeeded with the stored result(s). :class:`JobConflict` if already terminal."""
+        fields = {"result_key": result_key, "stats": json.dumps(stats, sort_keys=True, default=str), "progress": "1.0"}
+        if result_keys is not None:
+            fields["result_keys"] = json.dumps(result_keys)
+        return self._terminal(job_id, JobStatus.SUCCEEDED, fields)
 
     def fail(self, job_id: str, code: str, message: str) -> Job:
         """→ failed with an error code and a message for the client."""

@@ -20,9 +20,18 @@ from ham_engine.params import CLIENT_PARAMS, ParamError, TransferParams, check_s
 from service.api.deps import Services, current_tenant, get_services
 from service.api.errors import ApiError
 from service.api.schemas import ErrorResponse, TransferForm, TransferJob, TransferList
-from service.api.uploads import UploadError, read_image
+from service.api.uploads import read_upload
 from service.core.config import Settings
-from service.core.jobs import Job, JobConflict, JobStatus, QueueFull, content_key, new_job_id, style_key
+from service.core.jobs import (
+    Job,
+    JobConflict,
+    JobStatus,
+    QueueFull,
+    content_key,
+    extra_style_key,
+    new_job_id,
+    style_key,
+)
 from service.core.resource import job_resource as public_job
 from service.core.webhooks import check_webhook_url
 
@@ -32,7 +41,9 @@ router = APIRouter(prefix="/v1/transfers", tags=["transfers"])
 
 PARAM_FIELDS = CLIENT_PARAMS
 FILE_FIELDS = ("content", "style")
-TEXT_FIELDS = ("style_prompt", "webhook_url")
+TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url")
+# May be given several times: the job then carries several styles, in the order given.
+STYLE_FIELDS = ("style", "style_id")
 KNOWN_FIELDS = frozenset(PARAM_FIELDS) | frozenset(FILE_FIELDS) | frozenset(TEXT_FIELDS)
 
 MAX_TEXT_FIELD_BYTES = 64 * 1024
@@ -60,6 +71,7 @@ _SUBMIT_ERRORS = {
     200: {"model": TransferJob, "description": "Idempotent replay: the job this `Idempotency-Key` already created."},
     400: {"model": ErrorResponse, "description": "Malformed multipart body."},
     413: {"model": ErrorResponse, "description": "Upload larger than the limit, or image with too many pixels."},
+    404: {"model": ErrorResponse, "description": "A `style_id` names no style of yours."},
     415: {"model": ErrorResponse, "description": "Not multipart/form-data, or an image that is not PNG/JPEG/WebP."},
     422: {
         "model": ErrorResponse,
@@ -113,15 +125,34 @@ def _form_fields(form: FormData) -> dict[str, str | UploadFile]:
                 422, "unknown_field", f"unknown form field {name[:80]!r}; known: {', '.join(sorted(KNOWN_FIELDS))}",
                 field=name[:80],
             )
-        if name in values:
+        if name in values and name not in STYLE_FIELDS:
             raise ApiError(422, "duplicate_field", f"form field {name!r} given more than once", field=name)
         # An empty text value means "not given" (what HTML forms and Swagger UI send for blanks).
         if isinstance(value, str) and value.strip() == "":
             continue
         if isinstance(value, UploadFile) and name in FILE_FIELDS and not value.filename and value.size == 0:
             continue
-        values[name] = value
+        values.setdefault(name, value)
     return values
+
+
+def _style_fields(form: FormData, limit: int) -> list[tuple[str, str | UploadFile]]:
+    """The ``style`` files and ``style_id``s, in the order given (blanks skipped); 422 above ``limit``."""
+    refs: list[tuple[str, str | UploadFile]] = []
+    for name, value in form.multi_items():
+        if name not in STYLE_FIELDS:
+            continue
+        if isinstance(value, str) and value.strip() == "":
+            continue
+        if isinstance(value, UploadFile) and not value.filename and value.size == 0:
+            continue
+        refs.append((name, value))
+    if len(refs) > limit:
+        raise ApiError(
+            422, "too_many_styles", f"at most {limit} styles per job (style files and style_ids), got {len(refs)}",
+            field="style",
+        )
+    return refs
 
 
 def _text(values: dict[str, str | UploadFile], name: str) -> str | None:
@@ -175,27 +206,16 @@ async def _check_webhook(services: Services, url: str | None) -> str | None:
 async def _read_upload(services: Services, values: dict[str, str | UploadFile], name: str) -> bytes | None:
     """The normalised PNG of an uploaded image, or None when the field is absent."""
     upload = values.get(name)
-    if upload is None:
-        return None
-    if not isinstance(upload, UploadFile):
-        raise ApiError(422, "invalid_field", f"{name} must be an image file upload, not text", field=name)
-    limit = services.settings.max_upload_bytes
-    data = await upload.read(limit + 1)  # never more than the limit (+1 to detect "over")
-    if len(data) > limit:
-        raise ApiError(413, "upload_too_large", f"{name}: larger than {limit} bytes", field=name)
-    try:
-        info = await run_in_threadpool(read_image, name, data, services.settings)
-    except UploadError as exc:
-        raise ApiError(exc.status, exc.code, str(exc.message), field=exc.field or name) from None
-    return info.normalized_png
+    return None if upload is None else await read_upload(upload, name, services.settings)
 
 
-async def _parse_form(request: Request) -> FormData:
+async def _parse_form(request: Request, settings: Settings) -> FormData:
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send the transfer as multipart/form-data")
+    styles = settings.max_styles_per_job
     try:
-        return await request.form(max_files=len(FILE_FIELDS) + 2, max_fields=len(KNOWN_FIELDS) + 8,
+        return await request.form(max_files=len(FILE_FIELDS) + styles + 2, max_fields=len(KNOWN_FIELDS) + styles + 8,
                                   max_part_size=MAX_TEXT_FIELD_BYTES)
     except StarletteHTTPException as exc:
         raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from None
@@ -220,16 +240,38 @@ def _check_backpressure(services: Services, tenant: str) -> None:
         raise _queue_full(settings, "global")
 
 
+async def _library_and_uploaded_styles(
+    services: Services, tenant: str, job_id: str, refs: list[tuple[str, str | UploadFile]]
+) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]]]:
+    """Uploads to store and the job's ``styles`` for a job naming library styles or several images."""
+    uploads: list[tuple[str, bytes]] = []
+    styles: list[dict[str, Any]] = []
+    for index, (name, value) in enumerate(refs):
+        if name == "style_id":
+            if not isinstance(value, str):
+                raise ApiError(422, "invalid_field", "style_id must be a text field, not a file", field="style_id")
+            record = await run_in_threadpool(services.styles.get, tenant, value.strip())
+            if record is None:
+                raise ApiError(404, "style_not_found", f"no style {value.strip()[:80]!r}", field="style_id")
+            styles.append({"key": record.image_key, "prompt": record.style_prompt, "style_id": record.id})
+            continue
+        png = await _read_upload(services, {"style": value}, "style")
+        key = style_key(job_id) if not uploads else extra_style_key(job_id, index)
+        uploads.append((key, png))
+        styles.append({"key": key, "prompt": None, "style_id": None})
+    return uploads, styles
+
+
 def _store_and_submit(
-    services: Services, job: Job, content_png: bytes, style_png: bytes | None, idempotency_key: str | None
+    services: Services, job: Job, content_png: bytes, uploads: list[tuple[str, bytes]], idempotency_key: str | None
 ) -> tuple[Job, bool]:
     written: list[str] = []
     try:
         services.storage.put(content_key(job.id), content_png, "image/png")
         written.append(content_key(job.id))
-        if style_png is not None:
-            services.storage.put(style_key(job.id), style_png, "image/png")
-            written.append(style_key(job.id))
+        for key, png in uploads:
+            services.storage.put(key, png, "image/png")
+            written.append(key)
         settings = services.settings
         stored, created = services.jobs.submit(
             job, idempotency_key, settings.max_queued_per_tenant, settings.max_queue_length
@@ -295,33 +337,49 @@ async def create_transfer(
             response.status_code = 200
             response.headers["Location"] = f"/v1/transfers/{existing.id}"
             return await run_in_threadpool(job_resource, existing, services)
-    form = await _parse_form(request)
+    form = await _parse_form(request, services.settings)
+    job_id = new_job_id()
     try:
         values = _form_fields(form)
+        refs = _style_fields(form, services.settings.max_styles_per_job)
+        one_upload = len(refs) <= 1 and all(name == "style" for name, _ in refs)
         try:
             params = _parse_params(values)
-            style_prompt = check_style_reference(values.get("style") is not None, _text(values, "style_prompt"))
+            if one_upload:
+                style_prompt = check_style_reference(values.get("style") is not None, _text(values, "style_prompt"))
+            elif _text(values, "style_prompt") is not None:
+                raise ParamError(
+                    "style_prompt",
+                    "with a style_id or several styles, give each its prompt through the style library",
+                )
         except ParamError as exc:
             raise ApiError(422, "invalid_parameter", str(exc), field=exc.field) from None
         if values.get("content") is None:
             raise ApiError(422, "missing_field", "content: the content image is required", field="content")
         webhook_url = await _check_webhook(services, _text(values, "webhook_url"))
         content_png = await _read_upload(services, values, "content")
-        style_png = await _read_upload(services, values, "style")
+        if one_upload:
+            style_png = await _read_upload(services, values, "style")
+            uploads = [(style_key(job_id), style_png)] if style_png is not None else []
+            styles = None
+        else:
+            style_prompt = None
+            uploads, styles = await _library_and_uploaded_styles(services, tenant, job_id, refs)
     finally:
         await form.close()
 
     await run_in_threadpool(_check_backpressure, services, tenant)
     job = Job(
-        id=new_job_id(),
+        id=job_id,
         tenant=tenant,
         params=params.to_dict(),
         style_prompt=style_prompt,
-        has_style=style_png is not None,
+        has_style=bool(uploads) or any(s["key"] for s in styles or []),
         webhook_url=webhook_url,
+        styles=styles,
     )
     stored, created = await run_in_threadpool(
-        _store_and_submit, services, job, content_png, style_png, idempotency_key
+        _store_and_submit, services, job, content_png, uploads, idempotency_key
     )
     if created:
         services.metrics.jobs_submitted.inc()
