@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -139,12 +140,12 @@ def _start_api(env: dict[str, str], workdir: Path, port: int) -> subprocess.Pope
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """API + one worker; tests may add, kill and replace workers through the :class:`Stack`."""
-    workdir = tmp_path_factory.mktemp("e2e")
+@contextmanager
+def running_stack(redis_url: str, workdir: Path, storage_url: str | None = None, **extra: str) -> Iterator[Stack]:
+    """The API and one worker on ``redis_url`` (database :data:`E2E_REDIS_DB`) and ``storage_url``
+    (default: files in ``workdir``); ``extra`` adds or overrides ``HAM_*`` variables."""
     port = free_port()
-    url = _with_db(redis_url, E2E_REDIS_DB)
+    url = _with_db(redis_url, int(extra.pop("redis_db", E2E_REDIS_DB)))
     client = redis.Redis.from_url(url)
     client.flushdb()
     env = {
@@ -152,7 +153,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_OFFLINE": "1",
         "HAM_REDIS_URL": url,
-        "HAM_STORAGE_URL": f"file://{workdir / 'storage'}",
+        "HAM_STORAGE_URL": storage_url or f"file://{workdir / 'storage'}",
         "HAM_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "HAM_URL_SIGNING_KEY": "e2e-url-signing-key",
         "HAM_API_KEYS": ",".join(f"{t}:{k}" for t, k in TENANTS.items()),
@@ -170,6 +171,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         # Two CPUs shared by the API, the workers and pytest: one torch thread each.
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
+        **extra,
     }
     (workdir / "storage").mkdir()
     api = _start_api(env, workdir, port)
@@ -187,3 +189,10 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             api.wait()
         client.flushdb()
         client.close()
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """API + one worker; tests may add, kill and replace workers through the :class:`Stack`."""
+    with running_stack(redis_url, tmp_path_factory.mktemp("e2e")) as running:
+        yield running
