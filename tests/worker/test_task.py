@@ -83,7 +83,10 @@ def test_successful_job_stores_the_png_deletes_inputs_records_stats_and_sends_th
 
 
 def test_progress_is_written_every_step_and_rises(engine, redis_client, storage, settings):
-    runner = make_runner(engine, redis_client, storage, settings)
+    from ham_engine.engine import HamEngine
+
+    # Empty caches: a cold job inverts, so its steps are inversion + sampling.
+    runner = make_runner(HamEngine(engine.model), redis_client, storage, settings)
     job = submit(runner, params={"steps": 5, "size": 64})
     written: list[float] = []
     original = runner.store.set_progress
