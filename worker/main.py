@@ -97,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
 
         # The fleet-wide second tier behind each engine's in-process caches: features/ on the job storage.
         features = StorageFeatureStore(storage) if settings.feature_store else None
-        engine = HamEngine.load(settings.model, device=settings.device, dtype=settings.dtype, feature_store=features)
+        engine = HamEngine.load(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            feature_store=features,
+            max_styles=settings.max_styles_per_job,
+        )
         metrics.feature_store = features
         model = engine.model
         log.info("worker %s: model loaded (%s, %s)", name, model.device, str(model.dtype).removeprefix("torch."))
