@@ -198,6 +198,7 @@ def _one_round(
     assert cold.stats["style_cache_hit"] is False and warm.stats["style_cache_hit"] is True
     pixel_diff = np.abs(np.asarray(cold.image, dtype=np.int16) - np.asarray(warm.image, dtype=np.int16)).max()
     unet = engine.model.unet
+    engine.content_cache.clear()  # "off" inverts its content too, as a stock run would
     with unet_clock(unet) as off_unet_seconds:
         off_latents = engine.transfer_latents(content, style=style, params=off)
     off_loop = off_latents.stats["seconds"]["invert"] + off_latents.stats["seconds"]["sample"]
