@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             max_styles=settings.max_styles_per_job,
         )
         metrics.feature_store = features
+        if features is not None:
+            log.info("worker %s: model fingerprint %s (checked on every stored feature)", name, engine.fingerprint())
         model = engine.model
         log.info("worker %s: model loaded (%s, %s)", name, model.device, str(model.dtype).removeprefix("torch."))
         runner = TransferRunner(engine, store, storage, settings, name, metrics, webhooks, StyleStore(redis))
