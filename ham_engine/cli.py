@@ -66,6 +66,12 @@ def add_transfer_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--no-guide-student", action="store_true", help="under CFG (style prompt alone), leave the student unguided"
     )
+    parser.add_argument(
+        "--feature-store",
+        metavar="DIR",
+        help="keep style features and content inversions in DIR: a later run with the same style or content "
+        "skips that work",
+    )
     parser.add_argument("--stats", action="store_true", help="print the transfer's stats as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_transfer)
@@ -119,8 +125,8 @@ def _transfer(args: argparse.Namespace) -> None:
     try:
         content = open_image(args.content, field="content")
         style = open_image(args.style, field="style") if args.style is not None else None
-        engine = HamEngine.load(args.model, device=args.device)
-    except ValueError as exc:
+        engine = HamEngine.load(args.model, device=args.device, feature_store=args.feature_store)
+    except (ValueError, OSError) as exc:
         raise _BadInput(str(exc)) from exc
 
     started = time.perf_counter()
