@@ -86,7 +86,7 @@ class StyleRecord:
             style_prompt=f.get("style_prompt"),
             has_image=f.get("has_image") == "1",
             created_at=float(f["created_at"]),
-            warm_job_id=f.get("warm_job_id"),
+            warm_job_id=f.get("warm_job_id") or None,
             image_digest=f.get("image_digest"),
         )
 
