@@ -42,11 +42,15 @@ system-test:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e ".[engine,test]"
+	# ham eval: the LPIPS heads shipped in the lpips wheel; lpips's and pytorch-fid's code as the
+	# tests' references. Both need torchvision, which would replace our torch: never their
+	# dependencies (docs/evaluation.md).
+	$(BIN)/pip install --quiet --no-deps "lpips==0.1.4" "pytorch-fid==0.3.0"
 	touch $@
 
 clean:

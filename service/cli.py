@@ -1,6 +1,7 @@
 """The ``ham`` command: one console script for every part of HAM.
 
     ham transfer CONTENT --style S -o OUT.png     one transfer in this process (needs the engine)
+    ham eval --content DIR --style DIR            the paper's metrics table over a benchmark (needs the engine)
     ham api [--host H] [--port P] [--workers N]   the HTTP API (uvicorn)
     ham worker [...]                              a GPU worker (needs the engine)
     ham up [--host H] [--port P]                  Redis + API + one worker on this machine
@@ -279,10 +280,12 @@ _DELEGATED = {"worker": _run_worker}
 def build_parser() -> argparse.ArgumentParser:
     """The ``ham`` argument parser (imports no engine code)."""
     from ham_engine.cli import add_transfer_parser  # torch-free at import time
+    from ham_engine.evaluation.cli import add_eval_parser  # torch-free at import time
 
     parser = argparse.ArgumentParser(prog=PROG, description="HAM style transfer: engine, HTTP service, workers.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_transfer_parser(subparsers)
+    add_eval_parser(subparsers)
 
     api = subparsers.add_parser("api", help="serve the HTTP API (settings from HAM_* variables)")
     api.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
