@@ -183,3 +183,29 @@ def test_run_transfer_needs_an_installed_runner(engine, redis_client, storage, s
         assert run_transfer(submit(runner).id) == "succeeded"
     finally:
         install_runner(None)
+
+
+def test_metrics_count_feature_hits_per_kind_and_tier_for_one_and_several_styles():
+    from worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    one = {"steps": 3, "style_cache_hit": True, "style_cache_tier": "store", "content_cache_hit": False}
+    batch = {
+        "steps": 3,
+        "content_cache_hit": True,
+        "content_cache_tier": "memory",
+        "styles": [
+            {"style_cache_hit": True, "style_cache_tier": "memory"},
+            {"style_cache_hit": False, "style_cache_tier": None},
+            {"style_cache_hit": None, "style_cache_tier": None},  # a text style: nothing to cache
+        ],
+    }
+    metrics.observe_job("succeeded", 1.0, one)
+    metrics.observe_job("succeeded", 1.0, batch)
+    text = metrics.render().decode()
+    assert 'ham_worker_feature_hits_total{kind="style",tier="store"} 1.0' in text
+    assert 'ham_worker_feature_hits_total{kind="style",tier="memory"} 1.0' in text
+    assert 'ham_worker_feature_hits_total{kind="content",tier="memory"} 1.0' in text
+    assert 'ham_worker_feature_misses_total{kind="style"} 1.0' in text
+    assert 'ham_worker_feature_misses_total{kind="content"} 1.0' in text
+    assert "ham_worker_style_cache_hits_total 2.0" in text
