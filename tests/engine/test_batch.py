@@ -76,6 +76,13 @@ def test_a_mixed_batch_of_image_text_and_image_with_prompt_styles_matches_each_a
     ]
     for i, single in enumerate([*alone, alone[0]]):
         assert _max_diff(batch.images[i], single.image) <= PIXEL_BOUND, i
+    # Again with the image styles cached: their students share one row across the CFG halves
+    # beside the text style's two, and the content comes from the cache (no inversion).
+    warm = engine.transfer_batch(content_image, styles, params=SMALL)
+    assert [s["style_cache_hit"] for s in warm.stats["styles"]] == [True, None, True, True]
+    assert warm.stats["unet_rows_by_phase"] == {"invert": 0, "sample": (1 + 1 + 4 + 1 + 1) * STEPS}
+    for i, single in enumerate([*alone, alone[0]]):
+        assert _max_diff(warm.images[i], single.image) <= PIXEL_BOUND, i
 
 
 def test_one_style_batch_is_the_one_style_transfer(tiny_engine: HamEngine, content_image: Image.Image) -> None:
