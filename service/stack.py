@@ -14,10 +14,12 @@ and one URL-signing key (the worker signs result URLs in webhooks that the API m
 Children's output is shown with a ``api |`` / ``worker |`` prefix; Redis logs to a file.
 
 Start-up waits for Redis to answer, the API's ``/readyz`` and the worker's ready file; a
-child that exits meanwhile ends ``ham up`` with status 1 and its last lines. Ctrl-C or
-SIGTERM stops everything: the worker gets a warm shutdown (finishes its job), the API a
-graceful one, Redis last. A second Ctrl-C makes the shutdown cold; children still alive
-after that are killed.
+child that exits meanwhile ends ``ham up`` with status 1 and its last lines. Once up, ``ham up``
+supervises: a child that dies is started again, after 1 s, then 2, 4, … up to 30 s while it
+keeps dying quickly, and the console says so each time (the API and the worker ride through a
+Redis restart on their own). Ctrl-C or SIGTERM stops everything: the worker gets a warm
+shutdown (finishes its job), the API a graceful one, Redis last. A second Ctrl-C makes the
+shutdown cold; children still alive after that are killed.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ import httpx
 DEFAULT_DATA_DIR = Path("ham-data")
 DEFAULT_REDIS_PORT = 6379
 _POLL = 0.1
+# Supervision: the first restart of a dead child waits RESTART_BASE seconds, each further one
+# twice as long up to RESTART_MAX; a child that ran STABLE_RUN seconds starts over at the base.
+RESTART_BASE = 1.0
+RESTART_MAX = 30.0
+STABLE_RUN = 60.0
 
 
 class StackError(RuntimeError):
@@ -51,12 +58,18 @@ class StackError(RuntimeError):
 
 @dataclass
 class _Child:
-    """One child process and the tail of its output."""
+    """One child process, how to start it again, and the tail of its output."""
 
     name: str
     proc: subprocess.Popen
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=40))
     log_file: Path | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    # Restarts in a row without a stable run in between (each doubles the next pause).
+    restarts: int = 0
+    restart_at: float | None = None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -138,17 +151,41 @@ class _Stack:
     # -- children --
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], log_file: Path | None = None) -> _Child:
+        child = _Child(name, self._popen(argv, env, log_file), argv=argv, env=env, log_file=log_file)
+        self._pump_output(child)
+        self.children.append(child)
+        return child
+
+    def _popen(self, argv: list[str], env: dict[str, str], log_file: Path | None) -> subprocess.Popen:
         common = {"env": env, "stdin": subprocess.DEVNULL, "start_new_session": True, "preexec_fn": self.preexec}
         if log_file is not None:
             with log_file.open("ab") as log:
-                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **common)
-            child = _Child(name, proc, log_file=log_file)
-        else:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **common)
-            child = _Child(name, proc)
-            threading.Thread(target=_pump, args=(child, proc.stdout, self.out), daemon=True).start()
-        self.children.append(child)
-        return child
+                return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **common)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **common)
+
+    def _pump_output(self, child: _Child) -> None:
+        if child.log_file is None:
+            threading.Thread(target=_pump, args=(child, child.proc.stdout, self.out), daemon=True).start()
+
+    def supervise(self, now: float | None = None) -> None:
+        """Restart children that died since start-up, with a pause that doubles per quick death."""
+        now = time.monotonic() if now is None else now
+        for child in self.children:
+            if child.alive():
+                if child.restarts and now - child.started_at > STABLE_RUN:
+                    child.restarts = 0  # it has run fine for a while: the next death starts over
+                continue
+            if child.restart_at is None:
+                pause = min(RESTART_MAX, RESTART_BASE * 2**child.restarts)
+                child.restart_at = now + pause
+                self.say(f"ham up: {child.name} exited with status {child.proc.returncode}; "
+                         f"restarting it in {pause:.0f}s")
+            elif now >= child.restart_at:
+                child.proc = self._popen(child.argv, child.env, child.log_file)
+                child.started_at, child.restart_at = now, None
+                child.restarts += 1
+                self._pump_output(child)
+                self.say(f"ham up: {child.name} restarted (pid {child.proc.pid}, restart {child.restarts})")
 
     def check_children(self) -> None:
         for child in self.children:
@@ -303,8 +340,8 @@ def run_stack(
 
     ``data_dir`` (default ``./ham-data``) holds Redis' data, file storage and logs.
     ``stop_grace`` is how long the worker may take to finish its job on shutdown (default:
-    ``HAM_JOB_TIMEOUT`` + 30 s). Returns 0 after a requested stop, 1 if a part fails to start
-    or dies while running.
+    ``HAM_JOB_TIMEOUT`` + 30 s). Returns 0 after a requested stop, 1 if a part fails to start.
+    A part that dies while running is restarted (with backoff).
     """
     out = out or sys.stdout
     if not 0 < port < 65536:
@@ -331,7 +368,7 @@ def run_stack(
         env = stack.start(dict(os.environ))
         stack.say(_banner(stack, env))
         while not stack.signals:
-            stack.check_children()
+            stack.supervise()
             time.sleep(_POLL)
         stack.say("ham up: stopping (Ctrl-C again to stop without waiting for the running job)")
     except KeyboardInterrupt:

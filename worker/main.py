@@ -11,9 +11,16 @@ Start-up order, and what each step is for:
    ``HAM_FEATURE_STORE`` is false: a style or content any worker computed is warm on all.
 4. The webhook dispatcher (when ``HAM_WEBHOOK_SECRET`` is set).
 5. Ready: ``/readyz`` turns 200 and ``--ready-file`` (if given) is written. Kubernetes
-   probes either; neither exists before the model is loaded.
-6. An RQ ``SimpleWorker`` (JSON serializer) on ``settings.queue_name``. It runs each job
-   in this process — no fork per job, so CUDA state stays valid.
+   probes either; neither exists before the model is loaded, and both turn false while
+   Redis is unreachable (``/healthz`` stays 200: the process is fine, it is waiting).
+6. An RQ ``SimpleWorker`` (JSON serializer) on ``settings.queue_name``, made to outlive
+   Redis outages (:mod:`worker.rq_loop`). It runs each job in this process — no fork per
+   job, so CUDA state stays valid.
+
+Redis clients come from :func:`service.core.redis_client.connect_redis` (bounded retries
+with backoff and jitter). A worker started while Redis is away waits for it; one that loses
+Redis between jobs waits and reconnects with backoff, logging once when Redis is lost and
+once when it is back.
 
 Signals: the first SIGTERM/SIGINT is a warm shutdown — the current job finishes, then
 the worker exits 0 (Kubernetes: give ``terminationGracePeriodSeconds`` more than
@@ -28,21 +35,23 @@ import logging
 import os
 import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
 
 from redis import Redis
-from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from service.core.config import Settings
 from service.core.feature_store import StorageFeatureStore
 from service.core.jobs import JobStore
+from service.core.redis_client import connect_redis
 from service.core.storage import open_storage
 from service.core.styles import StyleStore
 from worker.metrics import MetricsServer, WorkerMetrics
 from worker.recovery import Maintenance
-from worker.task import TransferRunner, install_runner
+from worker.rq_loop import ResilientWorker
+from worker.task import TransferRunner, install_runner, redis_link_for, storage_link_for
 
 log = logging.getLogger("ham.worker")
 
@@ -76,21 +85,28 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     name = args.name or default_worker_name()
-    # RQ's idle BLPOP blocks up to worker_ttl - 15 s (worker_ttl below). redis-py's default socket timeout is
-    # 5 s and RQ raises it only for connections opened after SimpleWorker() (the webhook and maintenance
-    # threads open theirs earlier), so without this the worker quits idle after 5 s on "Redis connection timeout".
-    redis = Redis.from_url(settings.redis_url, socket_timeout=max(60, 6 * settings.worker_heartbeat) + 10)
+    # RQ's idle BLPOP blocks up to worker_ttl - 15 s (worker_ttl below): this client's replies may take that long.
+    # (RQ raises the timeout itself only for connections opened after SimpleWorker(); the webhook and
+    # maintenance threads open theirs earlier.)
+    worker_ttl = max(60, 6 * settings.worker_heartbeat)
+    redis = connect_redis(settings, socket_timeout=worker_ttl + 10)
     storage = open_storage(settings)
     store = JobStore(redis, settings)
+    # Per-step progress and cancel polls: one quick reconnect, never a long retry inside the engine.
+    progress_store = JobStore(connect_redis(settings, retries=1), settings)
     metrics = WorkerMetrics()
     server = None
     if settings.worker_metrics_port:
         server = MetricsServer(metrics, args.metrics_host, settings.worker_metrics_port)
         server.start()
         log.info("worker %s: metrics and probes on %s:%d", name, args.metrics_host, server.port)
+    readiness = Readiness(server, args.ready_file)
+    redis_link = redis_link_for(store, settings, on_change=readiness.set_redis_up)
+    storage_link = storage_link_for(storage, settings)
     webhooks = _webhook_dispatcher(settings, redis)
-    maintenance = Maintenance(store, storage, settings, name, metrics, webhooks)
+    maintenance = Maintenance(store, storage, settings, name, metrics, webhooks, redis_link=redis_link)
     try:
+        redis_link.wait_until_up()  # started while Redis is away: wait for it (/healthz answers meanwhile)
         maintenance.start()
         log.info("worker %s: loading model %r on %s", name, settings.model, settings.device or "auto")
         from ham_engine.engine import HamEngine  # torch: imported once the cheap checks passed
@@ -109,30 +125,67 @@ def main(argv: list[str] | None = None) -> int:
             log.info("worker %s: model fingerprint %s (checked on every stored feature)", name, engine.fingerprint())
         model = engine.model
         log.info("worker %s: model loaded (%s, %s)", name, model.device, str(model.dtype).removeprefix("torch."))
-        runner = TransferRunner(engine, store, storage, settings, name, metrics, webhooks, StyleStore(redis))
+        runner = TransferRunner(
+            engine, store, storage, settings, name, metrics, webhooks, StyleStore(redis),
+            progress_store=progress_store, redis_link=redis_link, storage_link=storage_link,
+        )
         install_runner(runner)
         maintenance.current_job = lambda: runner.current_job
-        worker = SimpleWorker(
+        worker = ResilientWorker(
             [store.queue],
             connection=redis,
             name=name,
             serializer=JSONSerializer,
             # RQ's idle BLPOP wakes up this often to refresh its own registration.
-            worker_ttl=max(60, 6 * settings.worker_heartbeat),
+            worker_ttl=worker_ttl,
+            redis_link=redis_link,
         )
-        _set_ready(server, args.ready_file, True)
+        readiness.set_model_loaded(True)
         log.info("worker %s: ready, serving queue %r", name, settings.queue_name)
         worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level.upper())
         log.info("worker %s: stopped", name)
         return 0
     finally:
-        _set_ready(server, args.ready_file, False)
+        readiness.set_model_loaded(False)
         install_runner(None)
         maintenance.stop()
         if webhooks is not None:
             webhooks.stop()
         if server is not None:
             server.stop()
+
+
+class Readiness:
+    """``/readyz`` and ``--ready-file``: true while the model is loaded and Redis answers."""
+
+    def __init__(self, server: MetricsServer | None, ready_file: Path | None) -> None:
+        self.server = server
+        self.ready_file = ready_file
+        self.model_loaded = False
+        self.redis_up = True
+        self._lock = threading.Lock()
+
+    def set_model_loaded(self, loaded: bool) -> None:
+        with self._lock:
+            self.model_loaded = loaded
+            self._apply()
+
+    def set_redis_up(self, up: bool) -> None:
+        with self._lock:
+            self.redis_up = up
+            self._apply()
+
+    def _apply(self) -> None:
+        ready = self.model_loaded and self.redis_up
+        if self.server is not None:
+            self.server.set_ready(ready)
+        if self.ready_file is None:
+            return
+        if ready:
+            self.ready_file.parent.mkdir(parents=True, exist_ok=True)
+            self.ready_file.write_text(f"{os.getpid()}\n")
+        else:
+            self.ready_file.unlink(missing_ok=True)
 
 
 def _webhook_dispatcher(settings: Settings, redis: Redis):  # -> WebhookDispatcher | None
@@ -144,18 +197,6 @@ def _webhook_dispatcher(settings: Settings, redis: Redis):  # -> WebhookDispatch
     dispatcher = WebhookDispatcher(settings, redis)
     dispatcher.start()
     return dispatcher
-
-
-def _set_ready(server: MetricsServer | None, ready_file: Path | None, ready: bool) -> None:
-    if server is not None:
-        server.set_ready(ready)
-    if ready_file is None:
-        return
-    if ready:
-        ready_file.parent.mkdir(parents=True, exist_ok=True)
-        ready_file.write_text(f"{os.getpid()}\n")
-    else:
-        ready_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ Instead, every ``ham worker`` runs a :class:`Maintenance` thread that
   (``features/``) within ``settings.feature_ttl`` and ``settings.feature_store_bytes``.
   Style library images (``styles/``) live until their style is deleted.
 
+While Redis is away the thread keeps trying every beat (the worker's Redis link logs the
+outage once). Once Redis is back it recovers nothing for ``HEARTBEAT_MISSES`` beats: a
+restarted Redis has dropped the heartbeat keys whose TTL ran out during the outage, and the
+live workers need a beat or two to write theirs again — their jobs are not lost.
+
 So recovery runs wherever a worker runs — and jobs only run where a worker runs. With
 every worker dead, nothing is lost: the first worker to start recovers the jobs before
 it takes new ones. A SIGKILLed worker's job is settled within about
@@ -45,7 +50,9 @@ from redis import Redis
 from service.core.config import Settings
 from service.core.feature_store import sweep_features
 from service.core.jobs import JOB_FOLDERS, KEY_PREFIX, Job, JobStatus, JobStore
-from service.core.storage import Storage
+from service.core.redis_client import REDIS_UNAVAILABLE
+from service.core.storage import Storage, StorageError
+from worker.connectivity import Link
 from worker.task import WebhookSink, notify_webhook
 
 if TYPE_CHECKING:
@@ -157,6 +164,7 @@ class Maintenance:
         worker_name: str,
         metrics: WorkerMetrics | None = None,
         webhooks: WebhookSink | None = None,
+        redis_link: Link | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -167,6 +175,11 @@ class Maintenance:
         # Set by ``ham worker`` to the runner's current job; beats carry it.
         self.current_job: Callable[[], str | None] = lambda: None
         self.sweep_interval = max(settings.worker_heartbeat, min(MAX_SWEEP_INTERVAL, settings.result_ttl // 10))
+        self.redis_link = redis_link
+        # After an outage, other live workers' heartbeat keys may have expired meanwhile (a restarted
+        # Redis drops keys whose TTL ran out while it was down): no job is declared lost until they
+        # had HEARTBEAT_MISSES beats to write them again.
+        self._recover_after = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker-maintenance", daemon=True)
 
@@ -177,16 +190,25 @@ class Maintenance:
     def run_once(self) -> None:
         """One pass: beat, recover, orphans, and the sweep when it is due."""
         self.beat()
-        recover_lost_jobs(self.store, self.storage, self.webhooks, self.metrics)
-        requeue_orphans(self.store, grace=HEARTBEAT_MISSES * self.settings.worker_heartbeat)
+        if time.monotonic() >= self._recover_after:
+            recover_lost_jobs(self.store, self.storage, self.webhooks, self.metrics)
+            requeue_orphans(self.store, grace=HEARTBEAT_MISSES * self.settings.worker_heartbeat)
         if self.store.redis.set(_SWEEP_LOCK_KEY, self.worker_name, nx=True, ex=self.sweep_interval):
             settings = self.settings
             # Job inputs and results expire with the job; the style library stays until deleted;
             # feature blobs have their own TTL and byte budget.
-            deleted = self.storage.delete_expired(settings.result_ttl, prefixes=JOB_FOLDERS)
+            try:
+                deleted = self.storage.delete_expired(settings.result_ttl, prefixes=JOB_FOLDERS)
+            except StorageError as exc:  # storage away: the next sweep (any worker's) catches up
+                log.warning("expiry sweep skipped: %s", exc)
+                return
             if deleted:
                 log.info("expiry sweep deleted %d stored object(s) older than %ds", deleted, settings.result_ttl)
-            swept = sweep_features(self.storage, settings.feature_ttl, settings.feature_store_bytes, time.time())
+            try:
+                swept = sweep_features(self.storage, settings.feature_ttl, settings.feature_store_bytes, time.time())
+            except StorageError as exc:
+                log.warning("feature sweep skipped: %s", exc)
+                return
             if swept.expired or swept.evicted:
                 log.info(
                     "feature sweep: %d expired, %d evicted over the %d-byte budget; %d bytes kept",
@@ -200,15 +222,33 @@ class Maintenance:
 
     def start(self) -> None:
         """Beat and recover once synchronously (before any job is taken), then keep going in the background."""
-        self.run_once()
+        try:
+            self.run_once()
+        except REDIS_UNAVAILABLE as exc:  # lost again already: the background loop carries on
+            if self.redis_link is not None:
+                self.redis_link.failed(exc)
         self._thread.start()
 
     def _loop(self) -> None:
+        grace = HEARTBEAT_MISSES * self.settings.worker_heartbeat
+        failed = False
         while not self._stop.wait(self.settings.worker_heartbeat):
+            if failed:
+                self._recover_after = time.monotonic() + grace
             try:
                 self.run_once()
-            except Exception:  # Redis blip: keep beating; a missed beat or two is within the TTL
+            except REDIS_UNAVAILABLE as exc:  # an outage: keep beating; the link logs it once
+                failed = True
+                if self.redis_link is not None:
+                    self.redis_link.failed(exc)
+                else:
+                    log.warning("worker maintenance pass failed: Redis unreachable (%s)", exc)
+                continue
+            except Exception:
                 log.warning("worker maintenance pass failed", exc_info=True)
+            failed = False
+            if self.redis_link is not None:
+                self.redis_link.recovered()
 
     def stop(self) -> None:
         """Stop beating and remove the heartbeat (a clean exit leaves no job behind)."""

@@ -15,8 +15,15 @@ A job's life here:
 4. Write ``results/{id}.png`` (a multi-style job: ``results/{id}-{i}.png`` for style
    ``i`` >= 1, through one ``transfer_batch``), then the terminal state: succeeded; failed with
    ``invalid_input`` (engine ``ValueError``), ``inputs_missing``, ``timeout`` or
-   ``internal_error`` (logged with the job id); or canceled.
+   ``internal_error`` (logged with the job id); or canceled. Each transition is logged
+   once it is recorded.
 5. Delete the inputs, fire the webhook (background thread, never blocks).
+
+Outages are not the job's fault. Progress and cancel polls are best-effort while Redis is
+away. Reading the inputs, uploading the result and recording the terminal state are retried
+(backoff with jitter) for ``settings.worker_outage_deadline`` seconds; past that the job goes
+back to the queue with its attempt refunded (:meth:`TransferRunner._hand_back`). Only the
+job's own faults fail it; only repeated worker deaths use up its retries (``worker.recovery``).
 
 RQ always sees the call succeed: the outcome lives in the job record, not in RQ.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,7 +46,6 @@ from service.core.jobs import (
     ERROR_INPUTS_MISSING,
     ERROR_INTERNAL,
     ERROR_INVALID_INPUT,
-    ERROR_STORAGE,
     ERROR_TIMEOUT,
     Job,
     JobConflict,
@@ -46,9 +53,11 @@ from service.core.jobs import (
     JobStore,
     result_key,
 )
+from service.core.redis_client import REDIS_UNAVAILABLE
 from service.core.resource import job_resource
 from service.core.storage import Storage, StorageError
 from service.core.styles import StyleStore
+from worker.connectivity import Link, OutageTooLong, outlast
 
 if TYPE_CHECKING:
     from ham_engine.engine import HamEngine
@@ -68,36 +77,57 @@ def webhook_payload(job: Job, storage: Storage, settings: Settings) -> dict[str,
     return job_resource(job, storage, settings.url_ttl).model_dump(mode="json")
 
 
+# While Redis is away, the per-step progress write and cancel poll are skipped for this long
+# after a failure, so the engine keeps its pace instead of paying a timeout every step.
+BEST_EFFORT_PAUSE = 1.0
+
+
 @dataclass
 class _Watch:
-    """The per-job callbacks the engine calls between steps."""
+    """The per-job callbacks the engine calls between steps. Both are best-effort: a Redis
+    outage never stops the engine (the deadline still applies; a cancel is seen once Redis is back)."""
 
     store: JobStore
+    link: Link
     job_id: str
     deadline: float
     timed_out: bool = False
     last_progress: float = field(default=-1.0)
+    quiet_until: float = 0.0
 
     def progress(self, step: int, total: int) -> None:
         # Keep 1.0 for "succeeded": the decode and upload still follow the last step.
         fraction = 0.99 * step / max(total, 1)
         if fraction > self.last_progress:
             self.last_progress = fraction
-            self.store.set_progress(self.job_id, fraction)
+            self._best_effort(lambda: self.store.set_progress(self.job_id, fraction))
 
     def cancelled(self) -> bool:
         if time.monotonic() > self.deadline:
             self.timed_out = True
             return True
-        return self.store.cancel_requested(self.job_id)
+        return bool(self._best_effort(lambda: self.store.cancel_requested(self.job_id)))
 
-
-STORAGE_RETRY_BASE = 2.0
-STORAGE_RETRY_MAX = 30.0
+    def _best_effort(self, call: Callable[[], Any]) -> Any:
+        if time.monotonic() < self.quiet_until:
+            return None
+        try:
+            result = call()
+        except REDIS_UNAVAILABLE as exc:
+            self.link.failed(exc)
+            self.quiet_until = time.monotonic() + BEST_EFFORT_PAUSE
+            return None
+        self.link.recovered()
+        return result
 
 
 class TransferRunner:
-    """Runs jobs by id on a preloaded engine. One per worker process."""
+    """Runs jobs by id on a preloaded engine. One per worker process.
+
+    ``progress_store`` (default ``store``) carries the per-step writes; ``ham worker`` gives it
+    a client that fails fast instead of retrying. ``redis_link`` and ``storage_link`` are
+    shared with the rest of the worker, so an outage seen here shows in ``/readyz``.
+    """
 
     def __init__(
         self,
@@ -109,6 +139,10 @@ class TransferRunner:
         metrics: WorkerMetrics | None = None,
         webhooks: WebhookSink | None = None,
         styles: StyleStore | None = None,
+        *,
+        progress_store: JobStore | None = None,
+        redis_link: Link | None = None,
+        storage_link: Link | None = None,
     ) -> None:
         self.engine = engine
         self.styles = styles
@@ -118,22 +152,22 @@ class TransferRunner:
         self.worker_name = worker_name
         self.metrics = metrics
         self.webhooks = webhooks
+        self.progress_store = progress_store or store
+        self.redis_link = redis_link or redis_link_for(store, settings)
+        self.storage_link = storage_link or storage_link_for(storage, settings)
         self.current_job: str | None = None
-        # Seconds before a job hit by a storage outage goes back to the queue (doubles per attempt).
-        self.storage_retry_base = STORAGE_RETRY_BASE
 
     def run(self, job_id: str) -> str:
-        """Run one job; returns its outcome (``succeeded``, ``failed``, ``canceled``, ``skipped``)."""
+        """Run one job; returns its outcome (``succeeded``, ``failed``, ``canceled``, ``queued``, ``skipped``)."""
         # Claimed before the start, so no heartbeat after the start can deny running it.
         self.current_job = job_id
         job: Job | None = None
         try:
-            job = self.store.start(job_id, self.worker_name)
+            job = self._start(job_id)
         finally:
-            if job is None:  # skipped, or Redis failed: not ours to run
+            if job is None:  # skipped, or Redis stayed away: not ours to run
                 self.current_job = None
         if job is None:
-            log.info("job %s: not runnable any more (canceled, finished or taken); skipped", job_id)
             return "skipped"
         began = time.monotonic()
         if self.metrics:
@@ -143,9 +177,13 @@ class TransferRunner:
             log.info("job %s: started (attempt %d, tenant %s)", job_id, job.attempts, job.tenant)
             final, stats = self._execute(job, began)
         except BaseException:
-            # Cold shutdown (second SIGTERM, Ctrl-C) mid-job: hand the job back now
-            # instead of waiting for the heartbeat to expire.
-            self.store.requeue(job_id, expected_worker=self.worker_name)
+            # Cold shutdown (second SIGTERM, Ctrl-C) mid-job: hand the job back now instead of
+            # waiting for the heartbeat to expire. Not the job's doing: the attempt is not charged.
+            try:
+                self.store.requeue(job_id, expected_worker=self.worker_name, refund_attempt=True)
+                log.warning("job %s: interrupted; back in the queue, attempt not charged", job_id)
+            except REDIS_UNAVAILABLE:  # the other workers' recovery settles it
+                log.warning("job %s: interrupted and Redis unreachable; left to recovery", job_id)
             raise
         finally:
             self.current_job = None
@@ -160,18 +198,33 @@ class TransferRunner:
         log.info("job %s: %s in %.2fs", job_id, outcome, time.monotonic() - began)
         return outcome
 
+    def _start(self, job_id: str) -> Job | None:
+        deadline = time.monotonic() + self.settings.worker_outage_deadline
+        try:
+            job = outlast(f"job {job_id}: start", lambda: self.store.start(job_id, self.worker_name),
+                          self.redis_link, deadline)
+        except OutageTooLong as exc:
+            # Still queued in its record: the orphan check puts it back in RQ's list.
+            log.warning("job %s: not started, %s; left queued", job_id, exc)
+            return None
+        if job is None:
+            log.info("job %s: not runnable any more (canceled, finished or taken); skipped", job_id)
+        return job
+
     def _execute(self, job: Job, began: float) -> tuple[Job | None, dict[str, Any] | None]:
         from ham_engine.engine import TransferCancelled  # torch: only ever imported in a worker
 
-        watch = _Watch(self.store, job.id, deadline=began + self.settings.job_timeout)
+        watch = _Watch(self.progress_store, self.redis_link, job.id, deadline=began + self.settings.job_timeout)
+        outage_deadline = time.monotonic() + self.settings.worker_outage_deadline
         try:
             params = TransferParams.from_dict(job.params)
-            content = _open_png(self.storage.get(job.content_key))
-            styles = self._load_styles(job)
+            content = _open_png(self._read(job.content_key, outage_deadline))
+            styles = self._load_styles(job, outage_deadline)
         except KeyError as exc:
-            return self._finish_fail(job, ERROR_INPUTS_MISSING, f"input {exc.args[0]} is gone (expired?)"), None
-        except StorageError as exc:
-            return self._retry_or_fail(job, exc), None
+            message = f"input {exc.args[0]} is gone (expired?)"
+            return self._finish_fail(job, ERROR_INPUTS_MISSING, message), None
+        except OutageTooLong as exc:
+            return self._hand_back(job, exc), None
         except (ValueError, OSError) as exc:  # bad params in the record, or an unreadable input PNG
             return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc)), None
         except Exception as exc:
@@ -192,39 +245,51 @@ class TransferRunner:
                     progress=watch.progress, cancelled=watch.cancelled,
                 )  # fmt: skip
                 pictures, stats = batch.images, batch.stats
-            self._record_style_digests(job, styles)
-            keys = [result_key(job.id, i) for i in range(len(pictures))]
-            for key, picture in zip(keys, pictures, strict=True):
+            encoded = []
+            for picture in pictures:
                 buffer = io.BytesIO()
                 picture.save(buffer, format="PNG")
-                self.storage.put(key, buffer.getvalue(), "image/png")
-            many = keys if job.styles else None
-            return self._transition(job.id, lambda: self.store.succeed(job.id, keys[0], stats, many)), stats
+                encoded.append(buffer.getvalue())
         except TransferCancelled:
             if watch.timed_out:
                 message = f"the job ran longer than the limit of {self.settings.job_timeout}s"
                 return self._finish_fail(job, ERROR_TIMEOUT, message), None
-            return self._transition(job.id, lambda: self._cancel_if_still_ours(job.id)), None
-        except StorageError as exc:  # the result could not be written
-            return self._retry_or_fail(job, exc), None
+            return self._record(job, "canceled", lambda: self._cancel_if_still_ours(job.id)), None
         except ValueError as exc:
             return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc)), None
         except BaseTimeoutException:
             # RQ's hard limit (job_timeout + margin) fired inside a step that never returned.
             message = f"the job ran longer than the limit of {self.settings.job_timeout}s"
             return self._finish_fail(job, ERROR_TIMEOUT, message), None
+        except (*REDIS_UNAVAILABLE, StorageError) as exc:  # an outage is never the job's fault
+            return self._hand_back(job, exc), None
         except Exception as exc:
             return self._internal_error(job, exc), None
+        # The engine's work is done: from here on an outage is waited out, up to the deadline.
+        outage_deadline = time.monotonic() + self.settings.worker_outage_deadline
+        keys = [result_key(job.id, i) for i in range(len(encoded))]
+        try:
+            for key, data in zip(keys, encoded, strict=True):
+                outlast(f"job {job.id}: result upload",
+                        lambda key=key, data=data: self.storage.put(key, data, "image/png"),
+                        self.storage_link, outage_deadline)
+        except OutageTooLong as exc:
+            return self._hand_back(job, exc), stats
+        self._record_style_digests(job, styles)
+        many = keys if job.styles else None
+        return self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], stats, many),
+                            outage_deadline), stats
 
-    def _load_styles(self, job: Job) -> list[tuple[Image.Image | None, str | None]]:
+    def _load_styles(self, job: Job, deadline: float) -> list[tuple[Image.Image | None, str | None]]:
         """(image, prompt) per style, in order; ``KeyError`` names a missing input or deleted library style."""
         if not job.styles:
-            return [(_open_png(self.storage.get(job.style_key)) if job.style_key else None, job.style_prompt)]
+            style = _open_png(self._read(job.style_key, deadline)) if job.style_key else None
+            return [(style, job.style_prompt)]
         out = []
         for style in job.styles:
             key = style.get("key")
             try:
-                image = _open_png(self.storage.get(key)) if key else None
+                image = _open_png(self._read(key, deadline)) if key else None
             except KeyError:
                 raise KeyError(f"style {style['style_id']} (deleted?)" if style.get("style_id") else key) from None
             out.append((image, style.get("prompt")))
@@ -243,15 +308,26 @@ class TransferRunner:
                 except Exception:  # bookkeeping only: the feature TTL still bounds what is left behind
                     log.warning("job %s: could not record the digest of style %s", job.id, style["style_id"])
 
-    def _retry_or_fail(self, job: Job, exc: StorageError) -> Job | None:
-        """A storage outage is transient: back to the queue after a pause, up to the retry limit."""
-        if job.attempts > self.settings.job_max_retries:
-            message = f"object storage unavailable on all {job.attempts} attempts: {exc}"
-            return self._finish_fail(job, ERROR_STORAGE, message)
-        delay = min(STORAGE_RETRY_MAX, self.storage_retry_base * 2 ** (job.attempts - 1))
-        log.warning("job %s: storage unavailable (%s); back to the queue in %.1fs", job.id, exc, delay)
-        time.sleep(delay)  # the outage blocks every job alike; pausing this worker is no loss
-        return self.store.requeue(job.id, expected_worker=self.worker_name, at_front=False)
+    def _read(self, key: str, deadline: float) -> bytes:
+        return outlast(f"reading {key}", lambda: self.storage.get(key), self.storage_link, deadline)
+
+    def _hand_back(self, job: Job, cause: BaseException) -> Job | None:
+        """An outage outlasted the deadline: the job goes back to the queue, its attempt refunded.
+
+        The requeue needs Redis; while Redis is away it waits (the worker can do nothing else).
+        """
+        log.warning("job %s: %s; handing it back to the queue", job.id, cause)
+        while True:
+            try:
+                back = self.store.requeue(job.id, expected_worker=self.worker_name, refund_attempt=True)
+            except REDIS_UNAVAILABLE as exc:
+                self.redis_link.failed(exc)
+                self.redis_link.wait_until_up()
+                continue
+            self.redis_link.recovered()
+            if back is not None:
+                log.info("job %s: back in the queue (attempt not charged)", job.id)
+            return back
 
     def _internal_error(self, job: Job, exc: Exception) -> Job | None:
         log.error("job %s: internal error", job.id, exc_info=exc)
@@ -268,15 +344,36 @@ class TransferRunner:
         return self.store.mark_canceled(job_id)
 
     def _finish_fail(self, job: Job, code: str, message: str) -> Job | None:
-        log.info("job %s: failed with %s: %s", job.id, code, message)
-        return self._transition(job.id, lambda: self.store.fail(job.id, code, message))
+        final = self._record(job, "failed", lambda: self.store.fail(job.id, code, message))
+        if final is not None and final.status == JobStatus.FAILED:
+            log.info("job %s: failed with %s: %s", job.id, code, message)
+        return final
 
-    def _transition(self, job_id: str, action: Any) -> Job | None:
+    def _record(self, job: Job, status: str, action: Callable[[], Job | None],
+                deadline: float | None = None) -> Job | None:
+        """Record a terminal state, retrying through a Redis outage until the deadline.
+
+        Past it the job is handed back (its attempt refunded). A refusal because the job is
+        already in that state *on this worker* is a retry whose first reply was lost: done.
+        """
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.worker_outage_deadline
         try:
-            return action()
+            return outlast(f"job {job.id}: recording {status}", action, self.redis_link, deadline)
+        except OutageTooLong as exc:
+            return self._hand_back(job, exc)
         except (JobConflict, KeyError) as exc:
+            current = self._quietly(lambda: self.store.get(job.id))
+            if current is not None and current.status.value == status and current.worker == self.worker_name:
+                return current
             # Finished elsewhere meanwhile (recovered and re-run, or expired): nothing to do.
-            log.warning("job %s: terminal transition refused: %s", job_id, exc)
+            log.warning("job %s: terminal transition refused: %s", job.id, exc)
+            return None
+
+    def _quietly(self, call: Callable[[], Job | None]) -> Job | None:
+        try:
+            return call()
+        except REDIS_UNAVAILABLE:
             return None
 
     def _after_terminal(self, job: Job) -> None:
@@ -287,6 +384,16 @@ class TransferRunner:
                 except Exception:  # the expiry sweep deletes it later
                     log.warning("job %s: could not delete input %s", job.id, key, exc_info=True)
         notify_webhook(job, self.storage, self.settings, self.webhooks)
+
+
+def redis_link_for(store: JobStore, settings: Settings, on_change: Callable[[bool], None] | None = None) -> Link:
+    """The worker's view of Redis, probed with ``PING`` on the store's client."""
+    return Link("Redis", store.redis.ping, REDIS_UNAVAILABLE, settings.worker_reconnect_max, on_change)
+
+
+def storage_link_for(storage: Storage, settings: Settings) -> Link:
+    """The worker's view of object storage."""
+    return Link("object storage", storage.ping, (StorageError,), settings.worker_reconnect_max)
 
 
 def notify_webhook(job: Job, storage: Storage, settings: Settings, webhooks: WebhookSink | None) -> None:

@@ -12,9 +12,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from redis import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import Services
@@ -25,6 +22,7 @@ from service.api.routes import api_router
 from service.api.routes.docs import install_docs
 from service.core.config import Settings, get_settings
 from service.core.jobs import JobStore
+from service.core.redis_client import REDIS_UNAVAILABLE, connect_redis
 from service.core.storage import StorageError, open_storage
 from service.core.styles import StyleStore
 from service.core.webhooks import WebhookDispatcher
@@ -107,8 +105,8 @@ def _install_backend_handlers(app: FastAPI) -> None:
     async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return error_response(413, "request_too_large", str(exc))
 
-    app.add_exception_handler(RedisConnectionError, redis_down)
-    app.add_exception_handler(RedisTimeoutError, redis_down)
+    for error in REDIS_UNAVAILABLE:
+        app.add_exception_handler(error, redis_down)
     app.add_exception_handler(StorageError, storage_down)
     app.add_exception_handler(BodyTooLarge, body_too_large)
 
@@ -124,9 +122,7 @@ def _queue_collector(jobs: JobStore) -> QueueCollector:
 
 def build_services(settings: Settings) -> Services:
     """The clients one app uses (connections open lazily, so an unreachable Redis shows in /readyz)."""
-    redis = Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
-    )
+    redis = connect_redis(settings)
     jobs = JobStore(redis, settings)
     return Services(
         settings=settings,

@@ -29,6 +29,22 @@ class Settings(BaseSettings):
     )
     queue_name: str = Field("ham", description="RQ queue name; the Redis list is rq:queue:<name>.")
 
+    # --- redis connections (see service.core.redis_client) ---------------------------
+    redis_socket_timeout: float = Field(
+        5.0, gt=0, description="Seconds a Redis reply may take before the command counts as timed out."
+    )
+    redis_connect_timeout: float = Field(2.0, gt=0, description="Seconds to open a Redis connection.")
+    redis_health_check_interval: int = Field(
+        15, ge=0, description="Seconds a pooled Redis connection may idle before it is PINGed before use (0: never)."
+    )
+    redis_retries: int = Field(
+        6, ge=0, description="Retries of a Redis command on a connection error or timeout (backoff with jitter)."
+    )
+    redis_retry_base: float = Field(
+        0.05, ge=0, description="Seconds before the first Redis retry; doubles per retry, half of it random jitter."
+    )
+    redis_retry_cap: float = Field(1.0, ge=0, description="Longest pause between two Redis retries, in seconds.")
+
     # --- engine --------------------------------------------------------------------
     model: str = Field("tiny", description="Diffusers model id, local folder, or 'tiny' (offline demo).")
     device: str | None = Field(None, description="Torch device for the worker (cuda, cuda:1, cpu); auto if unset.")
@@ -85,6 +101,15 @@ class Settings(BaseSettings):
     # --- worker --------------------------------------------------------------------
     worker_metrics_port: int = Field(9100, ge=0, le=65535, description="Worker Prometheus port (0: off).")
     worker_heartbeat: int = Field(10, gt=0, description="Seconds between worker heartbeats.")
+    worker_outage_deadline: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds a worker retries a job's reads, result upload and final status through an outage "
+        "before it hands the job back to the queue (no attempt charged).",
+    )
+    worker_reconnect_max: float = Field(
+        15.0, gt=0, description="Longest pause between a worker's tries to reach Redis or storage again."
+    )
 
     log_level: str = Field("INFO", description="Python logging level.")
 

@@ -249,6 +249,10 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
 _START = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing'} end
+-- Already running on this worker: a retry of this very call whose first reply was lost.
+if st == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[2] then
+  return {'ok', redis.call('HGETALL', KEYS[1])}
+end
 if st ~= 'queued' then return {'skip', st} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3], 'progress', '0.0')
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -584,14 +588,17 @@ class JobStore:
         return self._result(job_id, out, f"mark it {status.value}")
 
     # --- recovery --------------------------------------------------------------
-    def requeue(self, job_id: str, expected_worker: str | None = None, at_front: bool = True) -> Job | None:
+    def requeue(
+        self, job_id: str, expected_worker: str | None = None, at_front: bool = True, refund_attempt: bool = False
+    ) -> Job | None:
         """running → queued and back into RQ's list (front by default: it has waited already).
 
         Only if the job is still running (on ``expected_worker`` when given); otherwise
         returns ``None`` and changes nothing. Progress resets; ``attempts`` is kept so
-        the retry limit holds across re-runs.
+        the retry limit holds across re-runs, unless ``refund_attempt``: the run ended for a
+        reason that was not the job's (an outage, a shutdown), so it does not count.
         """
-        return self.recover(job_id, expected_worker, max_retries=None, at_front=at_front)
+        return self.recover(job_id, expected_worker, max_retries=None, at_front=at_front, refund=refund_attempt)
 
     def requeue_queued(self, job_id: str) -> bool:
         """Put a queued job whose id is missing from RQ's list back at its front.
@@ -616,13 +623,19 @@ class JobStore:
                     continue
 
     def recover(
-        self, job_id: str, dead_worker: str | None, max_retries: int | None, at_front: bool = True
+        self,
+        job_id: str,
+        dead_worker: str | None,
+        max_retries: int | None,
+        at_front: bool = True,
+        refund: bool = False,
     ) -> Job | None:
         """Settle a job whose worker died mid-run, in one transaction.
 
         Still running on ``dead_worker``: canceled if a cancel was requested; else queued
-        again while ``attempts <= max_retries`` (``None``: always); else failed with
-        ``worker_lost``. Returns the new job, or ``None`` if the job moved on meanwhile.
+        again while ``attempts <= max_retries`` (``None``: always; ``refund`` takes back the
+        attempt of the run that ended); else failed with ``worker_lost``. Returns the new job,
+        or ``None`` if the job moved on meanwhile.
         """
         jkey = self.job_key(job_id)
         wip_key = self.queue.started_job_registry.key
@@ -673,6 +686,8 @@ class JobStore:
                     else:
                         pipe.hset(jkey, mapping={"status": JobStatus.QUEUED.value, "progress": "0.0"})
                         pipe.hdel(jkey, "started_at", "worker", "cancel")
+                        if refund and job.attempts > 0:
+                            pipe.hincrby(jkey, "attempts", -1)
                         pipe.zadd(self.queued_key(), {job_id: job.created_at})
                         pipe.zadd(self.queued_key(job.tenant), {job_id: job.created_at})
                         self._enqueue(pipe, job_id, at_front=at_front)

@@ -45,8 +45,7 @@ class JobError(BaseModel):
     """Why a job failed."""
 
     code: str = Field(
-        description="`invalid_input`, `inputs_missing`, `timeout`, `worker_lost`, `storage_unavailable` "
-        "or `internal_error`."
+        description="`invalid_input`, `inputs_missing`, `timeout`, `worker_lost` or `internal_error`."
     )
     message: str
 

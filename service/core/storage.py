@@ -21,6 +21,7 @@ This module is torch-free; the API and the worker both import it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -112,7 +113,10 @@ class FileStorage:
         self.root = Path(root).resolve()
         self.public_url = public_url.rstrip("/")
         self._signing_key = signing_key
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Unusable right now (an unmounted volume, say): every call reports it as a StorageError and
+        # ping() fails readiness, so a process started during a storage outage waits it out.
+        with contextlib.suppress(OSError):
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, key: str) -> Path:
         """The file that holds ``key``; ``ValueError`` for a key that would leave the root."""
@@ -153,6 +157,8 @@ class FileStorage:
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            if not self.root.is_dir():  # the whole store is gone (unmounted?): an outage, not a missing key
+                raise StorageError(f"cannot read {key!r}: storage root {self.root} is not a directory") from None
             raise KeyError(key) from None
         except OSError as exc:
             raise StorageError(f"cannot read {key!r} under {self.root}: {exc}") from exc

@@ -297,6 +297,7 @@ class WebhookDispatcher:
         self._poll_interval = poll_interval
         self._memory = _MemorySchedule()
         self._shared = _RedisSchedule(redis, lease=settings.webhook_timeout + 30) if redis is not None else None
+        self._schedule_failing = False
         self._wakeup = threading.Condition()
         self._generation = 0  # bumped by every submit, under _wakeup
         self._stopping = threading.Event()
@@ -368,8 +369,13 @@ class WebhookDispatcher:
             try:
                 delivery = self._shared.claim(now)
             except Exception as exc:
-                log.warning("cannot read webhook schedule from Redis: %s", exc)
+                if not self._schedule_failing:  # once per outage, not once per poll
+                    log.warning("cannot read webhook schedule from Redis: %s", exc)
+                    self._schedule_failing = True
                 return None
+            if self._schedule_failing:
+                log.warning("webhook schedule in Redis readable again")
+                self._schedule_failing = False
             if delivery is not None:
                 return delivery, self._shared
         return None

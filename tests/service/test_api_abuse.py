@@ -8,22 +8,24 @@ afterwards, and ``ham submit`` failing in one line instead of a traceback.
 from __future__ import annotations
 
 import shutil
-import subprocess
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
+import uvicorn
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.cli import main
 from service.core.config import Settings
 from service.core.webhooks import check_webhook_url
-from tests.fixtures.servers import free_port
+from tests.fixtures.servers import RedisServer, free_port
 from tests.service.test_api import make_settings
 from tests.service.test_cli import LiveApi
 
@@ -148,55 +150,12 @@ def test_concurrent_submits_with_one_idempotency_key_create_one_job(client: Test
 # --- outages ---------------------------------------------------------------------------------------
 
 
-class PrivateRedis:
-    """A redis-server of this test's own, to stop and start without disturbing the shared one."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server not installed")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-def test_redis_stopped_mid_run_answers_503_then_recovers(tmp_path: Path, private_redis: PrivateRedis) -> None:
-    with TestClient(create_app(_settings(tmp_path, private_redis.url)), raise_server_exceptions=False) as client:
+def test_redis_stopped_mid_run_answers_503_then_recovers(tmp_path: Path, restartable_redis: RedisServer) -> None:
+    # One retry per command: the 503s come after a short wait, not the full default budget.
+    settings = _settings(tmp_path, restartable_redis.url, redis_retries=1)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         job_id = _submit(client).json()["id"]
-        private_redis.stop()
+        restartable_redis.stop()
         answers = {
             "submit": _submit(client),
             "replay": client.post("/v1/transfers", headers={**AUTH, "Idempotency-Key": "k"}, files=_files()),
@@ -213,7 +172,7 @@ def test_redis_stopped_mid_run_answers_503_then_recovers(tmp_path: Path, private
         # Nothing was half-written while Redis was away: the refused submits left no inputs behind.
         assert sorted(p.name for p in (tmp_path / "storage" / "inputs").iterdir()) == [job_id]
 
-        private_redis.start()  # a fresh, empty Redis on the same port
+        restartable_redis.start()  # back on the same port
         assert client.get("/readyz").status_code == 200
         assert _submit(client).status_code == 202
 
@@ -229,6 +188,60 @@ def test_unwritable_storage_answers_503_and_queues_nothing(client: TestClient, t
     assert client.get("/v1/transfers", headers=AUTH).json()["items"] == []
     inputs.unlink()
     assert _submit(client).status_code == 202
+
+
+# --- cheap refusals ------------------------------------------------------------------------------
+
+
+def _send_partial_upload(port: int, declared: int, sent: int) -> tuple[bytes, bool]:
+    """POST a multipart upload declaring ``declared`` body bytes but sending only ``sent``; the reply.
+
+    Returns what the server answered (read while the rest of the body is still unsent) and
+    whether the server then closed the connection instead of waiting for the rest.
+    """
+    boundary = "ham-boundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="content"; filename="big.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode()
+    request = (f"POST /v1/transfers HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+               f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {declared}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request.encode() + head + b"\x89PNG" + b"\0" * (sent - len(head) - 4))
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)  # times out (fails the test) if the server waits for the body
+            if not chunk:
+                break
+            reply += chunk
+        closed = sock.recv(65536) == b""
+    return reply, closed
+
+
+def test_a_full_queue_answers_429_before_reading_a_large_upload(tmp_path: Path, redis_url: str, redis_client) -> None:
+    settings = _settings(tmp_path, redis_url, max_queued_per_tenant=1)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=10) as client:
+            deadline = time.monotonic() + 30
+            while not server.started:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            files = _files()
+            first = client.post("/v1/transfers", files=files, data={"steps": "1", "size": "64"})
+            assert first.status_code == 202
+            # 20 MB declared, 64 KiB sent: the answer comes while the client is still "uploading".
+            reply, closed = _send_partial_upload(port, declared=20 * 1024 * 1024, sent=64 * 1024)
+            assert reply.startswith(b"HTTP/1.1 429"), reply[:300]
+            assert b"tenant_queue_full" in reply and b"retry-after: 10" in reply.lower()
+            assert closed  # the server hangs up rather than swallow the rest of the body
+            # Below the limits the same route still reads and accepts uploads.
+            assert client.post(f"/v1/transfers/{first.json()['id']}/cancel").status_code == 200
+            assert client.post("/v1/transfers", files=files, data={"steps": "1", "size": "64"}).status_code == 202
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 # --- ham submit ------------------------------------------------------------------------------------

@@ -160,6 +160,26 @@ def test_start_runs_a_queued_job_once_and_counts_the_attempt(store):
     assert store.start(job.id, "w2") is None  # a second start is refused
 
 
+def test_a_repeated_start_by_the_same_worker_is_the_same_start(store):
+    # A retried call whose first reply was lost: no second attempt, no refusal.
+    job = make_job()
+    store.submit(job)
+    first = store.start(job.id, "w1")
+    again = store.start(job.id, "w1")
+    assert again is not None and (again.attempts, again.started_at) == (1, first.started_at)
+    assert store.start(job.id, "w2") is None  # another worker still cannot take it
+
+
+def test_requeue_with_a_refund_gives_the_attempt_back(store):
+    job = make_job()
+    store.submit(job)
+    store.start(job.id, "w1")
+    back = store.requeue(job.id, expected_worker="w1", refund_attempt=True)
+    assert (back.status, back.attempts, store.queue_position(job.id)) == (JobStatus.QUEUED, 0, 0)
+    store.start(job.id, "w1")
+    assert store.requeue(job.id, expected_worker="w1").attempts == 1  # without a refund it counts
+
+
 def test_cancel_while_queued_removes_it_from_the_queue_and_start_skips_it(store, redis_client, settings):
     job, _ = store.submit(make_job())
     canceled = store.request_cancel(job.id)

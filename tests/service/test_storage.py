@@ -147,6 +147,21 @@ def test_file_ping_fails_when_root_is_gone(files: FileStorage) -> None:
         files.ping()
 
 
+def test_file_store_whose_root_is_gone_is_an_outage_not_missing_keys(tmp_path: Path) -> None:
+    root = tmp_path / "volume"
+    root.write_text("not mounted")  # a file where the store belongs: it cannot even be created
+    store = FileStorage(root, "http://127.0.0.1:1", b"k")  # starts anyway; ping and every call say why
+    with pytest.raises(StorageError):
+        store.ping()
+    with pytest.raises(StorageError, match="not a directory"):
+        store.get("inputs/x/content.png")
+    root.unlink()
+    store.put("inputs/x/content.png", b"png")  # the volume is back: the store works without a restart
+    assert store.get("inputs/x/content.png") == b"png"
+    with pytest.raises(KeyError):
+        store.get("inputs/y/content.png")
+
+
 def test_open_storage_file_url_shares_signing_key_from_settings(tmp_path: Path) -> None:
     settings = Settings(storage_url=f"file://{tmp_path}/s", public_url="http://h:1", url_signing_key="shared")
     first, second = open_storage(settings), open_storage(settings)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from service.core.config import Settings
 from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
+from service.core.redis_client import connect_redis
 from service.core.storage import FileStorage
 from worker.metrics import WorkerMetrics
 from worker.task import TransferRunner, install_runner, run_transfer
@@ -152,25 +153,88 @@ def test_bad_job_fails_with_a_code_and_the_worker_carries_on(engine, redis_clien
     assert runner.run(submit(runner).id) == "succeeded"
 
 
-def test_storage_outage_requeues_the_job_then_fails_it_after_the_retry_limit(engine, redis_client, storage, settings):
-    runner = make_runner(engine, redis_client, storage, settings)
-    runner.storage_retry_base = 0.01
-    job = submit(runner)
+def _block_results(storage: FileStorage) -> Path:
+    """A file where the results folder goes: every result write fails (as root, chmod would not)."""
     blocker = storage.root / "results"
-    blocker.write_bytes(b"")  # a file where the results folder goes: every result write fails
-    assert runner.run(job.id) == "queued"
-    record = runner.store.get(job.id)
-    assert (record.status, record.attempts, record.error_code) == (JobStatus.QUEUED, 1, None)
-    assert runner.store.queue_position(job.id) == 0
-    blocker.unlink()  # the outage ends: the re-run succeeds
-    assert runner.run(job.id) == "succeeded"
-
-    doomed = submit(runner)
-    shutil.rmtree(blocker)
+    shutil.rmtree(blocker, ignore_errors=True)
     blocker.write_bytes(b"")
-    outcomes = [runner.run(doomed.id) for _ in range(settings.job_max_retries + 1)]
-    assert outcomes == ["queued"] * settings.job_max_retries + ["failed"]
-    assert runner.store.get(doomed.id).error_code == "storage_unavailable"
+    return blocker
+
+
+def test_storage_outage_past_the_deadline_requeues_the_job_without_charging_an_attempt(
+    engine, redis_client, storage
+):
+    settings = Settings(queue_name="ham-task", result_ttl=600, job_timeout=30, worker_outage_deadline=0.5)
+    runner = make_runner(engine, redis_client, storage, settings)
+    job = submit(runner)
+    blocker = _block_results(storage)
+    # More outages than retries allowed: none of them is the job's fault, so none counts.
+    for _ in range(settings.job_max_retries + 2):
+        assert runner.run(job.id) == "queued"
+        record = runner.store.get(job.id)
+        assert (record.status, record.attempts, record.error_code) == (JobStatus.QUEUED, 0, None)
+        assert runner.store.queue_position(job.id) == 0
+    assert not runner.storage_link.up  # the outage was noticed (and logged once)
+    blocker.unlink()  # the outage ends: the next run succeeds on its first charged attempt
+    assert runner.run(job.id) == "succeeded"
+    assert runner.store.get(job.id).attempts == 1
+    assert runner.storage_link.up
+
+
+def test_storage_outage_shorter_than_the_deadline_is_waited_out_within_the_run(engine, redis_client, storage):
+    settings = Settings(queue_name="ham-task", result_ttl=600, job_timeout=30, worker_outage_deadline=60)
+    runner = make_runner(engine, redis_client, storage, settings)
+    job = submit(runner)
+    blocker = _block_results(storage)
+
+    def end_outage() -> None:
+        deadline = time.monotonic() + 30
+        while runner.storage_link.up:  # until the runner has hit the outage
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        blocker.unlink()
+
+    healer = threading.Thread(target=end_outage)
+    healer.start()
+    assert runner.run(job.id) == "succeeded"
+    healer.join()
+    done = runner.store.get(job.id)
+    assert (done.status, done.attempts) == (JobStatus.SUCCEEDED, 1)
+    assert Image.open(io.BytesIO(storage.get(result_key(job.id)))).size == (64, 64)
+
+
+def test_a_recorded_success_whose_reply_was_lost_is_taken_as_done(engine, redis_client, storage, settings):
+    # Redis recorded the transition, then the connection dropped before the reply came back.
+    hooks = Hooks()
+    runner = make_runner(engine, redis_client, storage, settings, hooks)
+    job = submit(runner, webhook_url="https://example.com/hook")
+    original = runner.store.succeed
+    calls: list[str] = []
+
+    def succeed_then_lose_the_reply(job_id, key, stats):
+        calls.append(job_id)
+        done = original(job_id, key, stats)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Connection closed by server.")
+        return done
+
+    runner.store.succeed = succeed_then_lose_the_reply
+    assert runner.run(job.id) == "succeeded"
+    assert len(calls) == 2  # retried, refused as already succeeded — by this worker: done
+    done = runner.store.get(job.id)
+    assert (done.status, done.attempts) == (JobStatus.SUCCEEDED, 1)
+    assert [payload["status"] for _, payload in hooks.sent] == ["succeeded"]
+
+
+def test_progress_and_cancel_polls_never_stop_the_engine_while_redis_is_away(engine, redis_client, storage, settings):
+    runner = make_runner(engine, redis_client, storage, settings)
+    job = submit(runner, params={"steps": 8, "size": 64})
+    down = connect_redis(Settings(redis_url="redis://127.0.0.1:1/0"), retries=0)  # nothing listens there
+    runner.progress_store = JobStore(down, settings)
+    outcome = runner.run(job.id)
+    assert outcome == "succeeded", runner.store.get(job.id)
+    assert runner.redis_link.outages == 1  # noticed (and logged once); the job went on regardless
+    assert runner.store.get(job.id).status is JobStatus.SUCCEEDED
 
 
 def test_run_transfer_needs_an_installed_runner(engine, redis_client, storage, settings):

@@ -1,8 +1,9 @@
 """``/v1/transfers``: submit, read, list and cancel transfer jobs.
 
-The handlers translate HTTP to the job store and back. A submission is validated in full
-(form shape, parameters, style reference, idempotency key, webhook URL, both images) before
-anything is written; then the normalised inputs go to storage and the job to the queue.
+The handlers translate HTTP to the job store and back. A submission is refused as cheaply as
+possible first (auth, rate limit, queue capacity: before the body is read), then validated in
+full (form shape, parameters, style reference, idempotency key, webhook URL, both images)
+before anything is written; then the normalised inputs go to storage and the job to the queue.
 """
 
 from __future__ import annotations
@@ -232,7 +233,11 @@ def _queue_full(settings: Settings, scope: str) -> ApiError:
 
 
 def _check_backpressure(services: Services, tenant: str) -> None:
-    # A cheap early answer before the uploads are stored; JobStore.submit enforces the limits atomically.
+    """Refuse a submit to a full queue before its body is read (two ZCARDs, no parsing, no decoding).
+
+    A flood of refused uploads then costs the API almost nothing; ``JobStore.submit`` checks the
+    limits again, atomically, when the job is enqueued.
+    """
     settings = services.settings
     if services.jobs.queued_count(tenant) >= settings.max_queued_per_tenant:
         raise _queue_full(settings, "tenant")
@@ -337,6 +342,8 @@ async def create_transfer(
             response.status_code = 200
             response.headers["Location"] = f"/v1/transfers/{existing.id}"
             return await run_in_threadpool(job_resource, existing, services)
+    # Auth and the rate limit ran as dependencies; capacity is the last check that needs no body.
+    await run_in_threadpool(_check_backpressure, services, tenant)
     form = await _parse_form(request, services.settings)
     job_id = new_job_id()
     try:
@@ -368,7 +375,6 @@ async def create_transfer(
     finally:
         await form.close()
 
-    await run_in_threadpool(_check_backpressure, services, tenant)
     job = Job(
         id=job_id,
         tenant=tenant,

@@ -1,0 +1,185 @@
+"""A real ``ham worker`` process riding through Redis restarts and outages.
+
+Each test has its own persistent ``redis-server`` (``restartable_redis``) that it stops and
+starts on the same port, and a worker subprocess on the tiny model. Jobs are submitted
+through the job store, as the API does; storage is a folder. Retry budgets are shortened
+through the settings so every test is bounded to a few tens of seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.core.config import Settings
+from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, style_key
+from service.core.storage import FileStorage
+from tests.fixtures.servers import RedisServer, free_port, log_tail, terminate
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data"
+START_TIMEOUT = 120.0
+JOB_TIMEOUT = 120.0
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen
+    log: Path
+    ready_file: Path
+    metrics_port: int
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def ready(self) -> bool:
+        """What the worker's ``/readyz`` answers."""
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_for(what: str, condition: Callable[[], bool], worker: Worker, timeout: float = JOB_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        exited = f"the worker exited ({worker.proc.returncode}) while waiting for {what}"
+        assert worker.alive, f"{exited}:\n{log_tail(worker.log)}"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s:\n{log_tail(worker.log)}"
+        time.sleep(0.05)
+
+
+def hold_down(redis_server: RedisServer, worker: Worker, seconds: float) -> None:
+    """Keep Redis stopped for ``seconds`` while checking that the worker stays up and turns unready."""
+    redis_server.stop()
+    wait_for("/readyz to turn 503", lambda: not worker.ready(), worker, timeout=30)
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:  # the outage itself lasts this long; the worker must live through it
+        assert worker.alive, f"the worker exited during the outage:\n{log_tail(worker.log)}"
+        time.sleep(0.1)
+    redis_server.start()
+
+
+@pytest.fixture
+def settings(restartable_redis: RedisServer, tmp_path: Path) -> Settings:
+    return Settings(
+        redis_url=restartable_redis.url,
+        storage_url=f"file://{tmp_path / 'storage'}",
+        queue_name="ham-outages",
+        url_signing_key="k",
+        worker_heartbeat=1,
+        # A short retry budget per command (well under the outages below) and quick reconnects.
+        redis_retries=2,
+        redis_retry_base=0.05,
+        redis_retry_cap=0.2,
+        worker_reconnect_max=0.5,
+        worker_outage_deadline=60,
+        job_timeout=300,
+    )
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[JobStore]:
+    client = redis.Redis.from_url(settings.redis_url)
+    yield JobStore(client, settings)
+    client.close()
+
+
+@pytest.fixture
+def worker(settings: Settings, tmp_path: Path) -> Iterator[Worker]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAM_")}
+    fields = settings.model_dump().items()
+    env.update({f"HAM_{name.upper()}": str(value) for name, value in fields if value is not None})
+    env.update(HAM_MODEL="tiny", HAM_DEVICE="cpu", HAM_WORKER_METRICS_PORT=str(port), HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    log, ready = tmp_path / "worker.log", tmp_path / "worker.ready"
+    cmd = [sys.executable, "-m", "service.cli", "worker", "--name", "outage-worker", "--ready-file", str(ready),
+           "--metrics-host", "127.0.0.1"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    handle = Worker(proc, log, ready, port)
+    try:
+        wait_for("the worker to be ready", ready.exists, handle, timeout=START_TIMEOUT)
+        yield handle
+    finally:
+        terminate(proc, timeout=30)
+
+
+def submit(store: JobStore, settings: Settings, steps: int) -> str:
+    storage = FileStorage(Path(settings.storage_url.removeprefix("file://")), "http://127.0.0.1:1", b"k")
+    job = Job(id=new_job_id(), tenant="t", params={"steps": steps, "size": 64}, has_style=True)
+    storage.put(content_key(job.id), (DATA / "content0.png").read_bytes())
+    storage.put(style_key(job.id), (DATA / "style0.png").read_bytes())
+    store.submit(job)
+    return job.id
+
+
+def status(store: JobStore, job_id: str) -> JobStatus | None:
+    """The job's status; ``None`` while Redis does not answer."""
+    try:
+        job = store.get(job_id)
+    except redis.ConnectionError:
+        return None
+    return job.status if job else None
+
+
+def finished(store: JobStore, job_id: str) -> Callable[[], bool]:
+    return lambda: status(store, job_id) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+def test_redis_restart_while_a_job_runs_costs_neither_the_job_nor_the_worker_nor_an_attempt(
+    restartable_redis: RedisServer, settings: Settings, store: JobStore, worker: Worker
+) -> None:
+    job_id = submit(store, settings, steps=150)
+    wait_for("the job to make progress", lambda: store.get(job_id).progress > 0.05, worker)
+    restartable_redis.restart()
+    assert store.get(job_id).status is JobStatus.RUNNING  # the restart happened mid-job
+    wait_for("the job to finish", finished(store, job_id), worker)
+    done = store.get(job_id)
+    assert (done.status, done.attempts, done.error_code) == (JobStatus.SUCCEEDED, 1, None), done
+    assert worker.alive
+    wait_for("/readyz to be 200", worker.ready, worker, timeout=30)
+
+
+def test_outages_longer_than_the_retry_budget_mid_job_and_between_jobs_lose_nothing(
+    restartable_redis: RedisServer, settings: Settings, store: JobStore, worker: Worker
+) -> None:
+    # Mid-job: the running job rides through, the queued one waits; both succeed on one attempt.
+    running = submit(store, settings, steps=300)
+    queued = submit(store, settings, steps=2)
+    wait_for("the first job to make progress", lambda: store.get(running).progress > 0.05, worker)
+    hold_down(restartable_redis, worker, seconds=4)
+    for job_id in (running, queued):
+        wait_for(f"job {job_id} to finish", finished(store, job_id), worker)
+        done = store.get(job_id)
+        assert (done.status, done.attempts) == (JobStatus.SUCCEEDED, 1), done
+    wait_for("/readyz to be 200 again", worker.ready, worker, timeout=30)
+
+    # Between jobs: the idle worker waits for Redis instead of exiting, then serves new work.
+    hold_down(restartable_redis, worker, seconds=3)
+    wait_for("/readyz to be 200 after the idle outage", worker.ready, worker, timeout=30)
+    after = submit(store, settings, steps=2)
+    wait_for("the job submitted after the outage to finish", finished(store, after), worker)
+    assert store.get(after).status is JobStatus.SUCCEEDED
+
+    # Logged once per change of state, not once per retry.
+    text = worker.log_text()
+    assert text.count("Redis unreachable") == 2, text
+    assert text.count("Redis reachable again") == 2, text
+    assert "quitting" not in text
