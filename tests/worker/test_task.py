@@ -211,9 +211,9 @@ def test_a_recorded_success_whose_reply_was_lost_is_taken_as_done(engine, redis_
     original = runner.store.succeed
     calls: list[str] = []
 
-    def succeed_then_lose_the_reply(job_id, key, stats):
+    def succeed_then_lose_the_reply(job_id, key, stats, result_keys=None):
         calls.append(job_id)
-        done = original(job_id, key, stats)
+        done = original(job_id, key, stats, result_keys)
         if len(calls) == 1:
             raise redis.ConnectionError("Connection closed by server.")
         return done
