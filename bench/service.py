@@ -22,6 +22,12 @@ dir, API keys on, queue and rate limits raised so that 429s do not dominate). Th
     stalled server cannot hide queueing (no coordinated omission). Then ``GET
     /v1/transfers/{id}`` of those (queued) jobs at a fixed rate. 429s are counted apart.
 
+(c) **Result detection** — how long after a job finished (the server's ``finished_at``) a
+    client knows, by each way of following a job: polling ``GET /v1/transfers/{id}`` once a
+    second (what a hand-written client does), one long poll with ``Prefer: wait=60``, and the
+    server-sent events of ``GET /v1/transfers/{id}/events``. Same jobs as (a), run one by one,
+    alternating the method. Also the requests each method sent per job.
+
 A table goes to stdout, everything to JSON. This is a measurement, never a test. The whole
 run takes about 2-3 minutes on 2 CPUs (``--quick``: under a minute).
 """
@@ -308,6 +314,65 @@ def bench_overhead(stack: Stack, plan: Plan, poll: float, files: Files) -> dict[
     }
 
 
+# --- (c) result detection: polling, Prefer: wait, server-sent events ----------------------------
+
+DETECT_POLL_SECONDS = 1.0
+
+
+def _follow_by_poll(client: httpx.Client, job_id: str) -> tuple[dict[str, Any], int]:
+    requests = 0
+    while True:
+        job = client.get(f"/v1/transfers/{job_id}").json()
+        requests += 1
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return job, requests
+        time.sleep(DETECT_POLL_SECONDS)
+
+
+def _follow_by_prefer_wait(client: httpx.Client, job_id: str) -> tuple[dict[str, Any], int]:
+    requests = 0
+    while True:
+        job = client.get(f"/v1/transfers/{job_id}", headers={"Prefer": "wait=60"}).json()
+        requests += 1
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return job, requests
+
+
+def _follow_by_events(client: httpx.Client, job_id: str) -> tuple[dict[str, Any], int]:
+    data = None
+    with client.stream("GET", f"/v1/transfers/{job_id}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                data = json.loads(line[6:])
+                if data["status"] in ("succeeded", "failed", "canceled"):
+                    return data, 1
+    raise RuntimeError(f"event stream of {job_id} ended without a terminal event (last: {data})")
+
+
+def bench_detection(stack: Stack, plan: Plan, files: Files) -> dict[str, Any]:
+    methods = {"poll 1 s": _follow_by_poll, "Prefer: wait=60": _follow_by_prefer_wait,
+               "events (SSE)": _follow_by_events}
+    lags: dict[str, list[float]] = {name: [] for name in methods}
+    requests: dict[str, list[int]] = {name: [] for name in methods}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=stack.api_url, headers=headers, timeout=120) as client:
+        for n in range(plan.jobs * len(methods)):
+            name = list(methods)[n % len(methods)]
+            response = client.post("/v1/transfers", data=JOB_PARAMS, files=files)
+            if response.status_code != 202:
+                raise RuntimeError(f"submit answered {response.status_code}: {response.text[:300]}")
+            job, sent = methods[name](client, response.json()["id"])
+            seen = time.time()
+            lags[name].append(seen - _iso_seconds(job["finished_at"]))
+            requests[name].append(sent)
+    return {
+        "poll_interval_ms": DETECT_POLL_SECONDS * 1000,
+        "params": JOB_PARAMS,
+        "detect_ms": {name: summary_ms(values) for name, values in lags.items()},
+        "requests_per_job": {name: statistics.fmean(values) for name, values in requests.items()},
+    }
+
+
 # --- (b) submit and read at a fixed offered load -----------------------------------------------
 
 
@@ -416,6 +481,16 @@ def print_table(result: dict[str, Any]) -> None:
     if "overhead" in result:
         _print_overhead(result["overhead"])
     _print_load(result["load"])
+    if "detection" in result:
+        _print_detection(result["detection"])
+
+
+def _print_detection(c: dict[str, Any]) -> None:
+    print("\n(c) result detection: finished_at (server) to the client knowing, per way of following a job")
+    print(f"{'method':<20}{'jobs':>6}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}{'requests/job':>14}")
+    for name, s in c["detect_ms"].items():
+        print(f"{name:<20}{s['n']:>6}{s['p50']:>9.1f}{s['p95']:>9.1f}{s['max']:>9.1f}"
+              f"{c['requests_per_job'][name]:>14.1f}")
 
 
 def _print_overhead(a: dict[str, Any]) -> None:
@@ -477,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.start_worker()
             print(f"{plan.warmup_jobs + plan.jobs} sequential jobs ...", file=sys.stderr)
             result["overhead"] = bench_overhead(stack, plan, args.poll_ms / 1000.0, files)
+            print(f"{3 * plan.jobs} jobs followed by poll, Prefer: wait and events ...", file=sys.stderr)
+            result["detection"] = bench_detection(stack, plan, files)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     result["seconds"] = time.monotonic() - began
     print_table(result)

@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ham_engine.params import ParamError, TransferParams, check_style_reference
+from ham_engine.params import PARAM_SPECS, ParamError, ParamSpec, TransferParams, check_style_reference
 
 PROG = "ham transfer"
-_DEFAULTS = TransferParams()
 
 
 class _BadInput(Exception):
@@ -53,19 +52,7 @@ def add_transfer_parser(subparsers: Any) -> None:
         help="'tiny', a diffusers model id or a local folder (default: $HAM_MODEL or tiny)",
     )
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: $HAM_DEVICE or auto)")
-    parser.add_argument("--steps", type=int, default=_DEFAULTS.steps, help=f"DDIM steps (default {_DEFAULTS.steps})")
-    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help=f"random seed (default {_DEFAULTS.seed})")
-    parser.add_argument("--size", type=int, default=_DEFAULTS.size, help="longer output side in px, multiple of 64")
-    parser.add_argument("--alpha", type=float, default=_DEFAULTS.alpha, help="GAR blend α in [0, 1]")
-    parser.add_argument("--beta", type=float, default=_DEFAULTS.beta, help="LAT query blend β in [0, 1]")
-    parser.add_argument("--gamma", type=float, default=_DEFAULTS.gamma, help="SINI blend γ in [0, 1]")
-    parser.add_argument("--guidance", type=float, default=_DEFAULTS.guidance, help="CFG scale for a style prompt")
-    parser.add_argument("--no-sini", action="store_true", help="turn style-injected noise initialisation off")
-    parser.add_argument("--no-gar", action="store_true", help="turn global attention regulation off")
-    parser.add_argument("--no-lat", action="store_true", help="turn local attention transplantation off")
-    parser.add_argument(
-        "--no-guide-student", action="store_true", help="under CFG (style prompt alone), leave the student unguided"
-    )
+    add_param_arguments(parser, server_defaults=False)
     parser.add_argument(
         "--feature-store",
         metavar="DIR",
@@ -77,20 +64,35 @@ def add_transfer_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run_transfer)
 
 
+def add_param_arguments(
+    parser: argparse.ArgumentParser, server_defaults: bool, specs: tuple[ParamSpec, ...] = PARAM_SPECS
+) -> None:
+    """One flag per client parameter (:data:`ham_engine.params.PARAM_SPECS`): ``--steps``, ``--no-gar``, ...
+
+    With ``server_defaults`` (``ham submit``) an unset flag is ``None``, leaving the choice to the
+    server; otherwise (``ham transfer``) it is the parameter's default.
+    """
+    group = parser.add_argument_group("HAM parameters")
+    for spec in specs:
+        flag = spec.name.replace("_", "-")
+        if spec.kind is bool:
+            # Every switch is on by default: its flag turns it off.
+            group.add_argument(f"--no-{flag}", dest=spec.name, action="store_const", const=False,
+                               default=None if server_defaults else spec.default, help=f"turn off: {spec.help}")
+        else:
+            default = "the server's" if server_defaults else repr(spec.default)
+            group.add_argument(f"--{flag}", dest=spec.name, type=spec.kind, choices=spec.choices,
+                               default=None if server_defaults else spec.default,
+                               help=f"{spec.help}; {spec.allowed()} (default: {default})")
+
+
+def params_from_args(args: argparse.Namespace, specs: tuple[ParamSpec, ...] = PARAM_SPECS) -> dict[str, Any]:
+    """The parameters of ``specs`` set on the command line (``None``: not given)."""
+    return {spec.name: getattr(args, spec.name) for spec in specs if getattr(args, spec.name, None) is not None}
+
+
 def _params(args: argparse.Namespace) -> TransferParams:
-    return TransferParams(
-        steps=args.steps,
-        seed=args.seed,
-        size=args.size,
-        alpha=args.alpha,
-        beta=args.beta,
-        gamma=args.gamma,
-        guidance=args.guidance,
-        sini=not args.no_sini,
-        gar=not args.no_gar,
-        lat=not args.no_lat,
-        guide_student=not args.no_guide_student,
-    )
+    return TransferParams(**{spec.name: getattr(args, spec.name) for spec in PARAM_SPECS})
 
 
 def _check_output(path: Path) -> None:

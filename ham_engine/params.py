@@ -64,6 +64,26 @@ def _check_layers(name: str, patterns: tuple[str, ...]) -> None:
             raise ParamError(name, f"each pattern must be a non-empty string, got {p!r}")
 
 
+def _param(
+    default: Any,
+    help: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    multiple_of: int | None = None,
+    choices: tuple[str, ...] | None = None,
+    example: Any = None,
+) -> Any:
+    """A client-settable field of :class:`TransferParams`: its default and what a client may send.
+
+    The bounds here are the ones the API schema, the CLI flags and the docs table show; the
+    checks in ``__post_init__`` enforce them (``test_param_specs_match_validation`` keeps both equal).
+    """
+    spec = {"help": help, "minimum": minimum, "maximum": maximum, "multiple_of": multiple_of,
+            "choices": choices, "example": example}
+    return field(default=default, metadata={"client": spec})
+
+
 @dataclass(frozen=True)
 class TransferParams:
     """Everything that shapes one HAM transfer besides the images and the prompt.
@@ -88,21 +108,29 @@ class TransferParams:
             step_start <= i/steps < step_end; fractions in [0, 1]. Our reading.
     """
 
-    steps: int = 50
-    seed: int = 0
-    size: int = 512
-    alpha: float = 0.75
-    beta: float = 0.25
-    gamma: float = 0.5
-    guidance: float = 7.5
-    sini: bool = True
-    gar: bool = True
-    lat: bool = True
-    guide_student: bool = True
+    steps: int = _param(50, "DDIM steps, inversion and sampling", MIN_STEPS, MAX_STEPS, example=30)
+    seed: int = _param(0, "seed for every random draw", 0, MAX_SEED)
+    size: int = _param(
+        512, "the output's longer side in pixels; the shorter follows the content's aspect ratio",
+        MIN_SIZE, MAX_SIZE, multiple_of=SIZE_MULTIPLE, example=512,
+    )
+    alpha: float = _param(0.75, "GAR blend", 0.0, 1.0, example=0.75)
+    beta: float = _param(0.25, "LAT query blend", 0.0, 1.0)
+    gamma: float = _param(0.5, "SINI blend", 0.0, 1.0)
+    guidance: float = _param(7.5, "CFG scale, used only for a text-only style", MIN_GUIDANCE, MAX_GUIDANCE)
+    sini: bool = _param(True, "style-injected noise initialisation on/off")
+    gar: bool = _param(True, "Global Attention Regulation on/off")
+    lat: bool = _param(True, "Local Attention Transplantation on/off")
+    guide_student: bool = _param(
+        True, "under CFG (text-only style) guide the student too; false: it follows its conditional half (our reading)"
+    )
     gar_layers: tuple[str, ...] = field(default=DEFAULT_LAYERS)
     lat_layers: tuple[str, ...] = field(default=DEFAULT_LAYERS)
-    step_start: float = 0.0
-    step_end: float = 1.0
+    step_start: float = _param(0.0, "GAR/LAT act from this fraction of the steps (our reading)", 0.0, 1.0)
+    step_end: float = _param(
+        1.0, "GAR/LAT act until this fraction of the steps; step_start < step_end, and the window must hold "
+        "at least one step when GAR or LAT is on", 0.0, 1.0,
+    )
 
     def __post_init__(self) -> None:
         # Accept lists for the layer patterns (JSON has no tuples).
@@ -168,11 +196,70 @@ class TransferParams:
         return cls(**dict(data))
 
 
-# Parameters a client may set per request (HTTP form fields, `ham submit` flags), with their
-# types; the layer patterns stay server-side because they name modules of one particular UNet.
-CLIENT_PARAMS: dict[str, type] = {
-    f.name: type(f.default) for f in fields(TransferParams) if f.name not in ("gar_layers", "lat_layers")
-}
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter a client may set per request: the single source of the API's form fields and
+    JSON properties, their OpenAPI schema, the ``ham transfer``/``ham submit`` flags and the docs table."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    multiple_of: int | None = None
+    choices: tuple[str, ...] | None = None
+    example: Any = None
+
+    def json_schema(self) -> dict[str, Any]:
+        """This parameter as a JSON Schema (an OpenAPI 3.1 property)."""
+        types = {bool: "boolean", int: "integer", float: "number", str: "string"}
+        schema: dict[str, Any] = {"type": types[self.kind], "default": self.default, "description": self.help}
+        if self.minimum is not None:
+            schema["minimum"] = self.kind(self.minimum) if self.kind is not bool else self.minimum
+        if self.maximum is not None:
+            schema["maximum"] = self.kind(self.maximum) if self.kind is not bool else self.maximum
+        if self.multiple_of is not None:
+            schema["multipleOf"] = self.multiple_of
+        if self.choices is not None:
+            schema["enum"] = list(self.choices)
+        if self.example is not None:
+            schema["examples"] = [self.example]
+        return schema
+
+    def allowed(self) -> str:
+        """The allowed values in words, for help texts and the docs table."""
+        if self.kind is bool:
+            return "true or false"
+        if self.choices is not None:
+            return ", ".join(self.choices)
+        text = f"{_number(self.minimum)}..{_number(self.maximum)}"
+        return f"{text}, a multiple of {self.multiple_of}" if self.multiple_of else text
+
+
+def _number(value: float | None) -> str:
+    if value == MAX_SEED:
+        return "2**63-1"
+    return "" if value is None else repr(value)
+
+
+# Parameters a client may set per request; the layer patterns stay server-side because they
+# name modules of one particular UNet.
+PARAM_SPECS: tuple[ParamSpec, ...] = tuple(
+    ParamSpec(name=f.name, kind=type(f.default), default=f.default, **f.metadata["client"])
+    for f in fields(TransferParams)
+    if "client" in f.metadata
+)
+CLIENT_PARAMS: dict[str, type] = {spec.name: spec.kind for spec in PARAM_SPECS}
+
+
+def params_table(specs: tuple[ParamSpec, ...] = PARAM_SPECS) -> str:
+    """The Markdown table of ``specs`` that docs/api.md carries (a test keeps them equal)."""
+    rows = ["| Parameter | Type | Default | Allowed | What |", "|---|---|---|---|---|"]
+    for spec in specs:
+        default = str(spec.default).lower() if spec.kind is bool else f"`{spec.default}`"
+        rows.append(f"| `{spec.name}` | {spec.kind.__name__} | {default} | {spec.allowed()} | {spec.help} |")
+    return "\n".join(rows) + "\n"
 
 
 def check_style_reference(has_style_image: bool, style_prompt: str | None) -> str | None:

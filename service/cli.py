@@ -20,13 +20,13 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
-from ham_engine.params import CLIENT_PARAMS
+from ham_engine.cli import add_param_arguments, params_from_args
+from ham_engine.params import PARAM_SPECS
+from service.core.output import OUTPUT_SPECS
 
 PROG = "ham"
 DEFAULT_API = "http://127.0.0.1:8000"
-_TERMINAL = ("succeeded", "failed", "canceled")
 
 
 # --- ham api -------------------------------------------------------------------------------------
@@ -83,46 +83,6 @@ class SubmitError(Exception):
     """A failure ``ham submit`` reports as one line."""
 
 
-def _error_line(response: Any) -> str:
-    try:
-        error = response.json()["error"]
-        field = f" [{error['field']}]" if error.get("field") else ""
-        return f"HTTP {response.status_code} {error['code']}{field}: {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}"
-
-
-def _job_json(response: Any, api: str) -> dict:
-    """The job resource of a 200/202 answer; anything else means ``--api`` is not a HAM API."""
-    try:
-        job = response.json()
-        if isinstance(job, dict) and isinstance(job.get("id"), str) and isinstance(job.get("status"), str):
-            return job
-    except ValueError:
-        pass
-    raise SubmitError(f"{api} answered HTTP {response.status_code} without a transfer job; is --api the HAM API?")
-
-
-def _form_fields(args: argparse.Namespace) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for name in CLIENT_PARAMS:
-        value = getattr(args, name)
-        if value is not None:  # unset: the server's default
-            fields[name] = str(value).lower() if isinstance(value, bool) else str(value)
-    if args.style_prompt:
-        fields["style_prompt"] = args.style_prompt
-    if args.webhook_url:
-        fields["webhook_url"] = args.webhook_url
-    return fields
-
-
-def _read_file(path: str, what: str) -> tuple[str, bytes]:
-    try:
-        return Path(path).name, Path(path).read_bytes()
-    except OSError as exc:
-        raise SubmitError(f"{what}: cannot read {path!r}: {exc.strerror}") from None
-
-
 class _Progress:
     """One status line, redrawn in place on a terminal, printed on change otherwise."""
 
@@ -131,43 +91,50 @@ class _Progress:
         self.tty = sys.stderr.isatty()
         self.last = ""
 
-    def show(self, job: dict) -> None:
+    def show(self, job: Any) -> None:
         if self.quiet:
             return
-        if job["status"] == "queued":
-            position = job.get("queue_position")
-            line = "queued" if position is None else f"queued (position {position + 1})"
-        elif job["status"] == "running":
-            line = f"running {job.get('progress', 0.0) * 100:5.1f}%"
+        if job.status == "queued":
+            line = "queued" if job.queue_position is None else f"queued (position {job.queue_position + 1})"
+        elif job.status == "running":
+            line = f"running {job.progress * 100:5.1f}%"
         else:
-            line = job["status"]
+            line = job.status
         if line == self.last:
             return
         self.last = line
         if self.tty:
-            print(f"\r{job['id']}: {line:<30}", end="", file=sys.stderr, flush=True)
+            print(f"\r{job.id}: {line:<30}", end="", file=sys.stderr, flush=True)
         else:
-            print(f"{job['id']}: {line}", file=sys.stderr, flush=True)
+            print(f"{job.id}: {line}", file=sys.stderr, flush=True)
 
     def done(self) -> None:
         if self.tty and self.last and not self.quiet:
             print(file=sys.stderr)
 
 
+def _image_argument(value: str, what: str) -> str | bytes:
+    """A URL or data: URI as given (the server fetches it); a path is read here."""
+    if value.startswith(("http://", "https://", "data:")):
+        return value
+    try:
+        return Path(value).expanduser().read_bytes()
+    except OSError as exc:
+        raise SubmitError(f"{what}: cannot read {value!r}: {exc.strerror}") from None
+
+
 def _submit(args: argparse.Namespace) -> int:
     import httpx
+
+    from ham_client import ApiError, Client, JobFailed, NotTheApi, Unreachable, WaitTimeout
 
     if not args.style and not args.style_prompt:
         raise SubmitError("give --style, --style-prompt, or both")
     output = Path(args.output).expanduser()
     if not output.parent.is_dir():
         raise SubmitError(f"output: folder {str(output.parent)!r} does not exist")
-    files = {"content": _read_file(args.content, "content")}
-    if args.style:
-        files["style"] = _read_file(args.style, "style")
-    headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
-    if args.idempotency_key:
-        headers["Idempotency-Key"] = args.idempotency_key
+    content = _image_argument(args.content, "content")
+    style = _image_argument(args.style, "style") if args.style else None
     for option, value in (("--key", args.key), ("--idempotency-key", args.idempotency_key)):
         # HTTP headers are ASCII: refuse here rather than let the client library raise mid-request.
         if value and not value.isascii():
@@ -178,59 +145,52 @@ def _submit(args: argparse.Namespace) -> int:
     except httpx.InvalidURL as exc:
         raise SubmitError(f"--api: not a valid URL {api!r}: {exc}") from None
     progress = _Progress(args.quiet)
-    with httpx.Client(base_url=api, headers=headers, timeout=httpx.Timeout(60.0, connect=10.0)) as client:
+    params = params_from_args(args, PARAM_SPECS + OUTPUT_SPECS)
+    events = args.webhook_events.split(",") if args.webhook_events else None
+    job = None
+    with Client(api, api_key=args.key) as client:
         try:
-            response = client.post("/v1/transfers", data=_form_fields(args), files=files)
-        except httpx.TransportError as exc:
-            raise SubmitError(f"cannot reach the API at {api}: {exc}") from None
-        if response.status_code not in (200, 202):
-            raise SubmitError(_error_line(response))
-        job = _job_json(response, api)
-        location = response.headers.get("Location", f"/v1/transfers/{job['id']}")
-        deadline = time.monotonic() + args.timeout
-        try:
-            while True:
+            job = client.submit(content, style, args.style_prompt, webhook_url=args.webhook_url,
+                                webhook_events=events, idempotency_key=args.idempotency_key, **params)
+            progress.show(job)
+            deadline = time.monotonic() + args.timeout
+            while not job.terminal:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SubmitError(f"job {job.id} not finished after {args.timeout}s (still {job.status})")
+                # Plain polls so the status line moves (wait() would block until the end).
+                time.sleep(min(args.poll_interval, left))
+                job = client.get(job.id)
                 progress.show(job)
-                if job["status"] in _TERMINAL:
-                    break
-                if time.monotonic() > deadline:
-                    raise SubmitError(f"job {job['id']} not finished after {args.timeout}s (still {job['status']})")
-                time.sleep(args.poll_interval)
-                try:
-                    response = client.get(location)
-                except httpx.TransportError as exc:
-                    raise SubmitError(f"lost the API at {api} while waiting for job {job['id']}: {exc}") from None
-                if response.status_code == 429:
-                    time.sleep(float(response.headers.get("Retry-After", "1")))
-                    continue
-                if response.status_code != 200:
-                    raise SubmitError(_error_line(response))
-                job = _job_json(response, api)
+            progress.done()
+            data = client.download(job)
         except KeyboardInterrupt:
             progress.done()
-            print(f"{PROG} submit: interrupted; job {job['id']} continues on the server "
-                  f"(cancel: POST {api}/v1/transfers/{job['id']}/cancel)", file=sys.stderr)
+            if job is None:
+                raise
+            print(f"{PROG} submit: interrupted; job {job.id} continues on the server "
+                  f"(cancel: POST {api}/v1/transfers/{job.id}/cancel)", file=sys.stderr)
             return 130
-        progress.done()
-        if job["status"] != "succeeded":
-            error = job.get("error") or {}
-            raise SubmitError(f"job {job['id']} {job['status']}: {error.get('code', '')} {error.get('message', '')}"
-                              .rstrip(": "))
-        # result_url is absolute; a relative one is resolved against the API.
-        result_url = urljoin(api + "/", job["result_url"])
-        try:
-            download = client.get(result_url)
-        except httpx.TransportError as exc:
-            # The URL is built from HAM_PUBLIC_URL (or the S3 endpoint), which may not be reachable from here.
-            raise SubmitError(f"downloading the result from {result_url}: {exc}") from None
-        if download.status_code != 200:
-            raise SubmitError(f"downloading the result: {_error_line(download)}")
+        except (ApiError, JobFailed, WaitTimeout) as exc:
+            progress.done()
+            raise SubmitError(str(exc)) from None
+        except NotTheApi as exc:
+            raise SubmitError(str(exc).replace("is it the HAM API?", "is --api the HAM API?")) from None
+        except Unreachable as exc:
+            progress.done()
+            if job is not None and job.terminal:
+                # The URL comes from HAM_PUBLIC_URL (or the S3 endpoint), which may not be reachable from here.
+                raise SubmitError(f"downloading the result from {job.result_url}: {exc}") from None
+            raise SubmitError(str(exc)) from None
+        except httpx.HTTPError as exc:
+            where = f"downloading the result of job {job.id}" if job is not None and job.terminal else api
+            raise SubmitError(f"{where}: {type(exc).__name__}: {exc}") from None
     try:
-        output.write_bytes(download.content)
+        output.write_bytes(data)
     except OSError as exc:
         raise SubmitError(f"output: cannot write {str(output)!r}: {exc.strerror}") from None
     if not args.quiet:
-        print(f"{job['id']}: wrote {output}", file=sys.stderr)
+        print(f"{job.id}: wrote {output}", file=sys.stderr)
     return 0
 
 
@@ -248,25 +208,21 @@ def _add_submit_parser(subparsers: Any) -> None:
         help="send a transfer to a running API, wait for it, download the result",
         description="POST a transfer job to the API, show its progress, and save the result.",
     )
-    parser.add_argument("content", help="the content image (PNG, JPEG or WebP)")
-    parser.add_argument("--style", help="the style image")
+    parser.add_argument("content", help="the content image (PNG, JPEG or WebP): a path, an http(s) URL or a data: URI")
+    parser.add_argument("--style", help="the style image (a path, an http(s) URL or a data: URI)")
     parser.add_argument("--style-prompt", help="a text describing the style (with or without --style)")
-    parser.add_argument("-o", "--output", required=True, help="where to write the result PNG")
+    parser.add_argument("-o", "--output", required=True, help="where to write the result (see --output-format)")
     parser.add_argument("--api", default=os.environ.get("HAM_API_URL", DEFAULT_API),
                         help=f"API base URL (default: $HAM_API_URL or {DEFAULT_API})")
     parser.add_argument("--key", default=os.environ.get("HAM_API_KEY"), help="API key (default: $HAM_API_KEY)")
-    # The same parameters the API accepts as form fields (docs/api.md); switches are on by default.
-    for name, kind in CLIENT_PARAMS.items():
-        flag = name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(f"--no-{flag}", dest=name, action="store_const", const=False,
-                                help=f"turn {name} off (default: on)")
-        else:
-            parser.add_argument(f"--{flag}", dest=name, type=kind, help="engine parameter (default: the server's)")
-    parser.add_argument("--webhook-url", help="URL the server POSTs the finished job to")
+    # The same parameters the API accepts (docs/api.md), from one list: ham_engine.params.PARAM_SPECS.
+    add_param_arguments(parser, server_defaults=True, specs=PARAM_SPECS + OUTPUT_SPECS)
+    parser.add_argument("--webhook-url", help="URL the server POSTs the job to (see --webhook-events)")
+    parser.add_argument("--webhook-events", help="comma-separated: start, progress, completed (default completed)")
     parser.add_argument("--idempotency-key", help="retry-safe submission key")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the result (default 1800)")
-    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between status checks")
+    parser.add_argument("--poll-interval", type=float, default=1.0,
+                        help="seconds between status checks")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     parser.set_defaults(handler=_run_submit)
 

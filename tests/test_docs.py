@@ -33,3 +33,23 @@ def test_readme_commands_exist_in_the_cli() -> None:
     for command in ("up", "api", "worker", "transfer", "submit"):
         assert f"`ham {command}" in readme
         assert command in subcommands
+
+
+def test_the_api_docs_carry_the_parameter_table_of_the_code() -> None:
+    from ham_engine.params import params_table
+    from service.api.submission import REQUEST_SPECS
+
+    assert params_table(REQUEST_SPECS) in (ROOT / "docs" / "api.md").read_text()
+
+
+def test_every_request_parameter_is_a_flag_of_ham_submit_and_an_engine_one_of_ham_transfer() -> None:
+    from ham_engine.params import PARAM_SPECS
+    from service.api.submission import REQUEST_SPECS
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for command, specs in (("submit", REQUEST_SPECS), ("transfer", PARAM_SPECS)):
+        flags = {option for action in commands[command]._actions for option in action.option_strings}
+        for spec in specs:
+            flag = spec.name.replace("_", "-")
+            assert (f"--no-{flag}" if spec.kind is bool else f"--{flag}") in flags, (command, spec.name)

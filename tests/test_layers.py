@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ham_engine", "service", "worker")
+PACKAGES = ("ham_engine", "service", "worker", "ham_client")
 
 
 def _lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -26,7 +26,7 @@ def _lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_layer_contracts_are_kept() -> None:
     done = _lint_imports(ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "4 kept, 0 broken" in done.stdout
+    assert "5 kept, 0 broken" in done.stdout
 
 
 def test_a_worker_importing_the_http_layer_breaks_a_contract(tmp_path: Path) -> None:
@@ -37,3 +37,13 @@ def test_a_worker_importing_the_http_layer_breaks_a_contract(tmp_path: Path) -> 
     done = _lint_imports(tmp_path)
     assert done.returncode != 0
     assert "The worker never imports the HTTP layer BROKEN" in done.stdout
+
+
+def test_a_client_importing_the_server_breaks_a_contract(tmp_path: Path) -> None:
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    (tmp_path / "ham_client" / "shortcut.py").write_text("from service.core.resource import TransferJob\n")
+    done = _lint_imports(tmp_path)
+    assert done.returncode != 0
+    assert "The Python client talks to the API only over HTTP, without torch BROKEN" in done.stdout

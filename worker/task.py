@@ -53,6 +53,7 @@ from service.core.jobs import (
     JobStore,
     result_key,
 )
+from service.core.output import OutputSpec, encode
 from service.core.redis_client import REDIS_UNAVAILABLE
 from service.core.resource import job_resource
 from service.core.storage import Storage, StorageError
@@ -69,7 +70,7 @@ log = logging.getLogger("ham.worker")
 class WebhookSink(Protocol):
     """What the runner needs from :class:`service.core.webhooks.WebhookDispatcher`."""
 
-    def submit(self, url: str, payload: dict) -> None: ...
+    def submit(self, url: str, payload: dict, event: str = "completed") -> None: ...
 
 
 def webhook_payload(job: Job, storage: Storage, settings: Settings) -> dict[str, Any]:
@@ -80,6 +81,8 @@ def webhook_payload(job: Job, storage: Storage, settings: Settings) -> dict[str,
 # While Redis is away, the per-step progress write and cancel poll are skipped for this long
 # after a failure, so the engine keeps its pace instead of paying a timeout every step.
 BEST_EFFORT_PAUSE = 1.0
+# Seconds between two `progress` webhooks of one job (the issue's "at most 1 per second per job").
+PROGRESS_WEBHOOK_INTERVAL = 1.0
 
 
 @dataclass
@@ -94,6 +97,7 @@ class _Watch:
     timed_out: bool = False
     last_progress: float = field(default=-1.0)
     quiet_until: float = 0.0
+    on_progress: Callable[[], None] | None = None
 
     def progress(self, step: int, total: int) -> None:
         # Keep 1.0 for "succeeded": the decode and upload still follow the last step.
@@ -101,6 +105,8 @@ class _Watch:
         if fraction > self.last_progress:
             self.last_progress = fraction
             self._best_effort(lambda: self.store.set_progress(self.job_id, fraction))
+            if self.on_progress is not None:
+                self.on_progress()
 
     def cancelled(self) -> bool:
         if time.monotonic() > self.deadline:
@@ -214,7 +220,9 @@ class TransferRunner:
     def _execute(self, job: Job, began: float) -> tuple[Job | None, dict[str, Any] | None]:
         from ham_engine.engine import TransferCancelled  # torch: only ever imported in a worker
 
-        watch = _Watch(self.progress_store, self.redis_link, job.id, deadline=began + self.settings.job_timeout)
+        watch = _Watch(self.progress_store, self.redis_link, job.id, deadline=began + self.settings.job_timeout,
+                       on_progress=self._progress_webhook(job))
+        self._event_webhook(job, "start")
         outage_deadline = time.monotonic() + self.settings.worker_outage_deadline
         try:
             params = TransferParams.from_dict(job.params)
@@ -225,7 +233,7 @@ class TransferRunner:
             return self._finish_fail(job, ERROR_INPUTS_MISSING, message), None
         except OutageTooLong as exc:
             return self._hand_back(job, exc), None
-        except (ValueError, OSError) as exc:  # bad params in the record, or an unreadable input PNG
+        except (ValueError, OSError) as exc:  # bad params or output format in the record, or an unreadable PNG
             return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc)), None
         except Exception as exc:
             return self._internal_error(job, exc), None
@@ -245,11 +253,8 @@ class TransferRunner:
                     progress=watch.progress, cancelled=watch.cancelled,
                 )  # fmt: skip
                 pictures, stats = batch.images, batch.stats
-            encoded = []
-            for picture in pictures:
-                buffer = io.BytesIO()
-                picture.save(buffer, format="PNG")
-                encoded.append(buffer.getvalue())
+            output = OutputSpec(job.output_format, job.output_quality)
+            encoded = [encode(picture, output) for picture in pictures]
         except TransferCancelled:
             if watch.timed_out:
                 message = f"the job ran longer than the limit of {self.settings.job_timeout}s"
@@ -267,11 +272,11 @@ class TransferRunner:
             return self._internal_error(job, exc), None
         # The engine's work is done: from here on an outage is waited out, up to the deadline.
         outage_deadline = time.monotonic() + self.settings.worker_outage_deadline
-        keys = [result_key(job.id, i) for i in range(len(encoded))]
+        keys = [result_key(job.id, output.extension, index) for index in range(len(encoded))]
         try:
             for key, data in zip(keys, encoded, strict=True):
                 outlast(f"job {job.id}: result upload",
-                        lambda key=key, data=data: self.storage.put(key, data, "image/png"),
+                        lambda key=key, data=data: self.storage.put(key, data, output.content_type),
                         self.storage_link, outage_deadline)
         except OutageTooLong as exc:
             return self._hand_back(job, exc), stats
@@ -279,7 +284,6 @@ class TransferRunner:
         many = keys if job.styles else None
         return self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], stats, many),
                             outage_deadline), stats
-
     def _load_styles(self, job: Job, deadline: float) -> list[tuple[Image.Image | None, str | None]]:
         """(image, prompt) per style, in order; ``KeyError`` names a missing input or deleted library style."""
         if not job.styles:
@@ -307,6 +311,28 @@ class TransferRunner:
                     self.styles.set_field(style["style_id"], "image_digest", image_digest(image))
                 except Exception:  # bookkeeping only: the feature TTL still bounds what is left behind
                     log.warning("job %s: could not record the digest of style %s", job.id, style["style_id"])
+
+    def _event_webhook(self, job: Job, event: str) -> None:
+        """A ``start`` or ``progress`` webhook with the job as it stands, if the job asked for that event."""
+        if not job.webhook_url or event not in job.webhook_events:
+            return
+        current = self._quietly(lambda: self.store.get(job.id)) or job
+        notify_webhook(current, self.storage, self.settings, self.webhooks, event)
+
+    def _progress_webhook(self, job: Job) -> Callable[[], None] | None:
+        """The per-step hook that sends ``progress`` webhooks, at most one per ``PROGRESS_WEBHOOK_INTERVAL``."""
+        if "progress" not in job.webhook_events or not job.webhook_url:
+            return None
+        last_sent = -PROGRESS_WEBHOOK_INTERVAL
+
+        def on_progress() -> None:
+            nonlocal last_sent
+            now = time.monotonic()
+            if now - last_sent >= PROGRESS_WEBHOOK_INTERVAL:
+                last_sent = now
+                self._event_webhook(job, "progress")
+
+        return on_progress
 
     def _read(self, key: str, deadline: float) -> bytes:
         return outlast(f"reading {key}", lambda: self.storage.get(key), self.storage_link, deadline)
@@ -396,12 +422,14 @@ def storage_link_for(storage: Storage, settings: Settings) -> Link:
     return Link("object storage", storage.ping, (StorageError,), settings.worker_reconnect_max)
 
 
-def notify_webhook(job: Job, storage: Storage, settings: Settings, webhooks: WebhookSink | None) -> None:
-    """Hand the job resource to the webhook dispatcher, if the job asked for one."""
-    if not job.webhook_url or webhooks is None:
+def notify_webhook(
+    job: Job, storage: Storage, settings: Settings, webhooks: WebhookSink | None, event: str = "completed"
+) -> None:
+    """Hand the job resource to the webhook dispatcher, if the job asked for one and for this ``event``."""
+    if not job.webhook_url or webhooks is None or event not in job.webhook_events:
         return
     try:
-        webhooks.submit(job.webhook_url, webhook_payload(job, storage, settings))
+        webhooks.submit(job.webhook_url, webhook_payload(job, storage, settings), event=event)
     except Exception:  # a webhook must never fail the job
         log.warning("job %s: webhook not queued", job.id, exc_info=True)
 

@@ -17,12 +17,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.deps import Services
 from service.api.errors import error_response, install_error_handlers
 from service.api.metrics import ApiMetrics, MetricsMiddleware, QueueCollector
+from service.api.openapi import install_openapi, operation_id
 from service.api.ratelimit import RateLimiter
 from service.api.routes import api_router
 from service.api.routes.docs import install_docs
 from service.core.config import Settings, get_settings
 from service.core.jobs import JobStore
-from service.core.redis_client import REDIS_UNAVAILABLE, connect_redis
+from service.core.redis_client import REDIS_UNAVAILABLE, connect_async_redis, connect_redis
 from service.core.storage import StorageError, open_storage
 from service.core.styles import StyleStore
 from service.core.webhooks import WebhookDispatcher
@@ -35,9 +36,11 @@ _FORM_OVERHEAD_BYTES = 1024 * 1024
 DESCRIPTION = """
 HAM (CVPR 2026) training-free style transfer as a service.
 
-1. `POST /v1/transfers` a `content` image with a `style` image and/or a `style_prompt` → `202` and a job.
-2. Poll `GET /v1/transfers/{id}` (`queued` → `running` with `progress` → `succeeded`).
-3. Download `result_url` (expiring; fetch the job again for a fresh one).
+1. `POST /v1/transfers` a `content` image with a `style` image and/or a `style_prompt` → `202` and a job
+   (multipart uploads, or JSON with `content_url`/`style_url`: http(s) URLs or data: URIs).
+2. Follow it: `GET /v1/transfers/{id}/events` (server-sent events), `GET /v1/transfers/{id}` with
+   `Prefer: wait=N`, a webhook, or plain polls (`queued` → `running` with `progress` → `succeeded`).
+3. Download `result_url` (in `output_format`; expiring: fetch the job again for a fresh one).
 
 Authenticate with `Authorization: Bearer <API key>`. Every error is
 `{"error": {"code": ..., "message": ..., "field": ...}}`.
@@ -133,6 +136,7 @@ def build_services(settings: Settings) -> Services:
         limiter=RateLimiter(redis, settings.rate_limit_per_minute),
         metrics=ApiMetrics(_queue_collector(jobs)),
         webhooks=WebhookDispatcher(settings, redis),
+        aredis=connect_async_redis(settings),
     )
 
 
@@ -146,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.auth_enabled:
             log.warning("HAM_API_KEYS is empty: authentication is OFF, every caller is the local tenant")
         yield
+        await services.aredis.aclose()
         services.redis.close()
 
     app = FastAPI(
@@ -155,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # served from bundled assets below, not from a CDN
         redoc_url=None,
+        generate_unique_id_function=operation_id,
     )
     app.state.services = services
     install_error_handlers(app)
@@ -162,5 +168,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, limit=2 * settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
     app.include_router(api_router())
+    install_openapi(app, settings)
     install_docs(app)
     return app

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from service.api.errors import ApiError
 from service.api.ratelimit import RateLimiter
@@ -42,6 +43,8 @@ class Services:
     metrics: ApiMetrics
     # Not started in the API: deliveries are stored in Redis and the workers' dispatchers send them.
     webhooks: WebhookDispatcher
+    # For what waits on Redis inside the event loop: the job events' pub/sub (SSE, Prefer: wait).
+    aredis: AsyncRedis
 
 
 def get_services(request: Request) -> Services:
@@ -68,10 +71,11 @@ def _presented_key(credentials: HTTPAuthorizationCredentials | None) -> str | No
     return credentials.credentials.strip()
 
 
-def authenticate(
-    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-    services: Services = Depends(get_services),
-) -> str:
+ServicesDep = Annotated[Services, Depends(get_services)]
+CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def authenticate(credentials: CredentialsDep, services: ServicesDep) -> str:
     """The caller's tenant from ``Authorization: Bearer <key>``; 401 without a valid key.
 
     With auth off (``HAM_API_KEYS`` empty) every caller is the local tenant.
@@ -89,11 +93,8 @@ def authenticate(
     return tenant
 
 
-def current_tenant(
-    tenant: str = Depends(authenticate),
-    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-    services: Services = Depends(get_services),
-) -> str:
+def current_tenant(tenant: Annotated[str, Depends(authenticate)], credentials: CredentialsDep,
+                   services: ServicesDep) -> str:
     """The authenticated tenant, after counting this request against its key's rate limit (429 above)."""
     # The limit is per key; with auth off there is one identity, the local tenant.
     identity = _presented_key(credentials) if services.settings.auth_enabled else LOCAL_TENANT
@@ -108,13 +109,14 @@ def current_tenant(
     return tenant
 
 
+TenantDep = Annotated[str, Depends(current_tenant)]
+"""The caller's tenant, authenticated and counted against the rate limit."""
+
+
 def operator_access(public_flag: str) -> Callable[..., None]:
     """A dependency that demands a valid key unless ``settings.<public_flag>`` is true."""
 
-    def check(
-        credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-        services: Services = Depends(get_services),
-    ) -> None:
+    def check(credentials: CredentialsDep, services: ServicesDep) -> None:
         if not getattr(services.settings, public_flag):
             authenticate(credentials, services)
 

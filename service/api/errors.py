@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 log = logging.getLogger("ham.api")
 
@@ -78,7 +79,21 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     status = exc.status_code
     code = _CODES_BY_STATUS.get(status, "error")
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
-    return error_response(status, code, message, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if status == 405:
+        # Starlette names the methods of the first route on the path only; GET and POST on
+        # /v1/transfers are two routes.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return error_response(status, code, message, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the API documents for this path (its OpenAPI document is exact)."""
+    methods: set[str] = set()
+    for path, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(path)[0].match(request.url.path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

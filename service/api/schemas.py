@@ -7,10 +7,13 @@ are the public shapes, translated in :mod:`service.api.routes.transfers`.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ham_engine.params import MAX_PROMPT_CHARS
+from service.api.submission import MAX_WEBHOOK_URL_CHARS, REQUEST_SPECS
+from service.core.jobs import WEBHOOK_EVENTS
 from service.core.resource import TransferJob
 
 
@@ -59,62 +62,80 @@ class Health(BaseModel):
     checks: dict[str, str] = Field(default_factory=dict, description="Each dependency: `ok` or why it failed.")
 
 
-class TransferForm(BaseModel):
-    """The multipart form of `POST /v1/transfers` (documentation only; parsed by hand).
+# --- the request body of POST /v1/transfers, built from the request parameters -------------------
 
-    Every engine parameter is optional and defaults to the paper's value. Unknown fields are
-    refused (422) so that a typo never silently runs with a default.
-    """
+_STYLE_PROMPT = {
+    "type": "string", "maxLength": MAX_PROMPT_CHARS, "pattern": r"\S",
+    "description": "Text style reference (used alone it drives a text-guided style teacher). "
+    "Give a style image, `style_prompt`, or both.",
+    "examples": ["an oil painting in the style of Van Gogh"],
+}
+_WEBHOOK_URL = {
+    "type": "string", "maxLength": MAX_WEBHOOK_URL_CHARS, "pattern": "^https?://",
+    "description": "POSTed the job resource (see `webhook_events`), signed in `X-HAM-Signature` "
+    "(`t=<unix>,v1=<hex HMAC-SHA256(secret, f'{t}.{body}')>`). Needs HAM_WEBHOOK_SECRET on the server; "
+    "private/loopback addresses are refused unless HAM_WEBHOOK_ALLOW_PRIVATE.",
+    "examples": ["https://example.com/hooks/ham"],
+}
+_EVENTS_HELP = (f"Which changes the webhook hears about: {', '.join(WEBHOOK_EVENTS)} (progress at most once a "
+                "second); default `completed`.")
+_REFERENCE_HELP = ("an `http(s)://` URL (fetched by the server: public addresses only unless "
+                   "HAM_FETCH_ALLOW_PRIVATE, at most 3 redirects, HAM_FETCH_TIMEOUT, HAM_MAX_UPLOAD_BYTES) or a "
+                   "`data:image/png;base64,...` URI. PNG, JPEG or WebP.")
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"content": "(binary PNG)", "style": "(binary PNG)", "steps": 30, "alpha": 0.75}],
-        }
-    )
 
-    content: bytes = Field(
-        description="The content image: PNG, JPEG or WebP (sniffed from the bytes). Required.",
-        json_schema_extra={"format": "binary"},
-    )
-    style: bytes | None = Field(
-        None,
-        description="The style image (PNG, JPEG or WebP). Give `style`, `style_prompt`, or both.",
-        json_schema_extra={"format": "binary"},
-    )
-    style_prompt: str | None = Field(
-        None, max_length=1000, description="Text style reference (used alone it drives a text-guided style teacher).",
-        examples=["an oil painting in the style of Van Gogh"],
-    )
-    style_id: str | None = Field(
-        None,
-        description="A style of your library (`POST /v1/styles`) instead of an upload. `style` and `style_id` "
-        "may be repeated, up to HAM_MAX_STYLES_PER_JOB in all: one result per style, in the order given.",
-    )
-    steps: int | None = Field(None, ge=1, le=1000, description="DDIM steps (default 50).", examples=[30])
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for every random draw (default 0).")
-    size: int | None = Field(
-        None, ge=64, le=2048, multiple_of=64, description="Output's longer side in pixels (default 512).",
-        examples=[512],
-    )
-    alpha: float | None = Field(None, ge=0, le=1, description="GAR blend (default 0.75).", examples=[0.75])
-    beta: float | None = Field(None, ge=0, le=1, description="LAT query blend (default 0.25).")
-    gamma: float | None = Field(None, ge=0, le=1, description="SINI blend (default 0.5).")
-    guidance: float | None = Field(None, ge=1, le=30, description="CFG scale for a text-only style (default 7.5).")
-    sini: bool | None = Field(None, description="Style-injected noise initialisation on/off (default true).")
-    gar: bool | None = Field(None, description="Global Attention Regulation on/off (default true).")
-    lat: bool | None = Field(None, description="Local Attention Transplantation on/off (default true).")
-    guide_student: bool | None = Field(
-        None, description="Under CFG (text-only style), guide the student too (default true; our reading)."
-    )
-    step_start: float | None = Field(None, ge=0, le=1, description="GAR/LAT act from this fraction of the steps.")
-    step_end: float | None = Field(None, ge=0, le=1, description="GAR/LAT act until this fraction of the steps.")
-    webhook_url: str | None = Field(
-        None,
-        description="POSTed the job resource on a terminal state, signed in `X-HAM-Signature` "
-        "(`t=<unix>,v1=<hex HMAC-SHA256(secret, f'{t}.{body}')>`). Needs HAM_WEBHOOK_SECRET on the server; "
-        "private/loopback addresses are refused unless HAM_WEBHOOK_ALLOW_PRIVATE.",
-        examples=["https://example.com/hooks/ham"],
-    )
+def _param_properties() -> dict[str, Any]:
+    return {spec.name: spec.json_schema() for spec in REQUEST_SPECS}
+
+
+def transfer_form_schema() -> dict[str, Any]:
+    """The multipart form of ``POST /v1/transfers``. Optional fields are left out (never sent as null);
+    an empty text field counts as left out, as HTML forms send blanks."""
+    events = "|".join(WEBHOOK_EVENTS)
+    prompt = {**_STYLE_PROMPT, "pattern": r"^$|\S"}
+    webhook_url = {**_WEBHOOK_URL, "pattern": "^$|^https?://"}
+    return {
+        "type": "object",
+        "required": ["content"],
+        # "A style image, a style_prompt or both" stays in words: an object-level anyOf would say it,
+        # but standard client generators (openapi-python-client) then build no model for the body.
+        "description": "A transfer as a multipart form. Give `style`, `style_prompt`, or both.",
+        "additionalProperties": False,
+        "properties": {
+            "content": {"type": "string", "format": "binary",
+                        "description": "The content image: PNG, JPEG or WebP (sniffed from the bytes). Required."},
+            "style": {"type": "string", "format": "binary",
+                      "description": "The style image (PNG, JPEG or WebP). Give `style`, `style_prompt`, or both."},
+            "style_prompt": prompt,
+            **_param_properties(),
+            "webhook_url": webhook_url,
+            "webhook_events": {"type": "string", "pattern": f"^(({events})(,({events}))*)?$",
+                               "description": f"{_EVENTS_HELP} Comma-separated.", "examples": ["start,completed"]},
+        },
+    }
+
+
+def transfer_json_schema() -> dict[str, Any]:
+    """The JSON body of ``POST /v1/transfers``: the form's fields, with the images by reference."""
+    return {
+        "type": "object",
+        "required": ["content_url"],
+        "description": "A transfer as JSON, the images by reference. Give `style_url`, `style_prompt`, or both.",
+        "additionalProperties": False,
+        "properties": {
+            "content_url": {"type": "string", "description": f"The content image: {_REFERENCE_HELP}",
+                            "examples": ["https://example.com/photos/42.jpg"]},
+            "style_url": {"type": "string", "description": f"The style image: {_REFERENCE_HELP}",
+                          "examples": ["data:image/png;base64,iVBORw0KGgo..."]},
+            "style_prompt": _STYLE_PROMPT,
+            **_param_properties(),
+            "webhook_url": _WEBHOOK_URL,
+            "webhook_events": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+                               "minItems": 1, "uniqueItems": True, "description": _EVENTS_HELP},
+        },
+        "examples": [{"content_url": "https://example.com/photos/42.jpg", "style_prompt": "ukiyo-e woodblock print",
+                      "steps": 30, "output_format": "webp", "output_quality": 85}],
+    }
 
 
 class StyleResource(BaseModel):

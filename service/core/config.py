@@ -98,6 +98,14 @@ class Settings(BaseSettings):
     webhook_timeout: float = Field(10.0, gt=0, description="Seconds per webhook delivery attempt.")
     webhook_max_attempts: int = Field(6, gt=0, description="Delivery attempts before a webhook is dropped.")
 
+    # --- inputs by URL --------------------------------------------------------------
+    fetch_allow_private: bool = Field(
+        False, description="Allow content_url/style_url resolving to private, loopback or link-local addresses."
+    )
+    fetch_timeout: float = Field(
+        10.0, gt=0, description="Seconds to fetch one content_url/style_url, redirects included (422 after)."
+    )
+
     # --- worker --------------------------------------------------------------------
     worker_metrics_port: int = Field(9100, ge=0, le=65535, description="Worker Prometheus port (0: off).")
     worker_heartbeat: int = Field(10, gt=0, description="Seconds between worker heartbeats.")

@@ -61,6 +61,8 @@ class JobStatus(str, Enum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+# What a webhook may be sent for: the job starting, its progress (at most once a second), its end.
+WEBHOOK_EVENTS = ("start", "progress", "completed")
 
 
 class JobConflict(Exception):
@@ -100,6 +102,10 @@ class Job:
     style_prompt: str | None = None
     has_style: bool = False
     webhook_url: str | None = None
+    # Which transitions the webhook hears about: a subset of WEBHOOK_EVENTS.
+    webhook_events: tuple[str, ...] = ("completed",)
+    output_format: str = "png"
+    output_quality: int = 90
     result_key: str | None = None
     error_code: str | None = None
     error_message: str | None = None
@@ -114,6 +120,8 @@ class Job:
     # None: the one style of has_style / style_prompt.
     styles: list[dict[str, Any]] | None = None
     result_keys: list[str] | None = None  # one per style once succeeded (the first is result_key)
+    # Bumped by every transition and progress write; the id of the job's server-sent events.
+    version: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -153,6 +161,9 @@ class Job:
             "style_prompt": self.style_prompt,
             "has_style": "1" if self.has_style else "0",
             "webhook_url": self.webhook_url,
+            "webhook_events": ",".join(self.webhook_events),
+            "output_format": self.output_format,
+            "output_quality": str(int(self.output_quality)),
             "result_key": self.result_key,
             "error_code": self.error_code,
             "error_message": self.error_message,
@@ -164,6 +175,7 @@ class Job:
             "stats": None if self.stats is None else json.dumps(self.stats, sort_keys=True),
             "styles": None if self.styles is None else json.dumps(self.styles, sort_keys=True),
             "result_keys": None if self.result_keys is None else json.dumps(self.result_keys),
+            "version": str(int(self.version)),
         }
         return {k: v for k, v in raw.items() if v is not None}
 
@@ -184,6 +196,9 @@ class Job:
             style_prompt=f.get("style_prompt"),
             has_style=f.get("has_style") == "1",
             webhook_url=f.get("webhook_url"),
+            webhook_events=tuple(filter(None, (f.get("webhook_events") or "completed").split(","))),
+            output_format=f.get("output_format") or "png",
+            output_quality=int(f.get("output_quality") or 90),
             result_key=f.get("result_key"),
             error_code=f.get("error_code"),
             error_message=f.get("error_message"),
@@ -195,6 +210,7 @@ class Job:
             stats=json.loads(f["stats"]) if f.get("stats") else None,
             styles=json.loads(f["styles"]) if f.get("styles") else None,
             result_keys=json.loads(f["result_keys"]) if f.get("result_keys") else None,
+            version=int(f.get("version") or 0),
         )
 
 
@@ -212,9 +228,10 @@ def style_key(job_id: str) -> str:
     return f"inputs/{job_id}/style.png"
 
 
-def result_key(job_id: str, index: int = 0) -> str:
-    """Storage key of a job's result PNG (``index``: the style's place in a multi-style job)."""
-    return f"results/{job_id}.png" if index == 0 else f"results/{job_id}-{index}.png"
+def result_key(job_id: str, extension: str = "png", index: int = 0) -> str:
+    """Storage key of a job's result (``extension``: that of its output format; ``index``: the
+    style's place in a multi-style job)."""
+    return f"results/{job_id}.{extension}" if index == 0 else f"results/{job_id}-{index}.{extension}"
 
 
 def extra_style_key(job_id: str, index: int) -> str:
@@ -222,11 +239,18 @@ def extra_style_key(job_id: str, index: int) -> str:
     return f"inputs/{job_id}/style-{index}.png"
 
 
+def events_channel(job_id: str) -> str:
+    """The Redis pub/sub channel on which every change of the job is announced (its new version)."""
+    return f"{KEY_PREFIX}:events:{job_id}"
+
+
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
-_CURSOR = re.compile(r"(\d{1,12}(?:\.\d{1,9})?):([0-9a-f]{32})")
+# What list_for_tenant hands out as next_cursor, "<created_at>:<job id>" (the API declares it as the pattern).
+CURSOR_PATTERN = r"^(\d{1,12}(?:\.\d{1,9})?):([0-9a-f]{32})$"
+_CURSOR = re.compile(CURSOR_PATTERN)
 
 
 def _parse_cursor(cursor: str) -> tuple[float, str]:
@@ -243,10 +267,19 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
 
 # --- Lua transitions -------------------------------------------------------------
 # KEYS and ARGV are documented at the top of each script. All of them refuse to touch
-# a job hash that does not exist (expired) and answer {"missing"}.
+# a job hash that does not exist (expired) and answer {"missing"}. Each change bumps the job's
+# `version` and PUBLISHes it on the job's events channel (the last ARGV), in the same script,
+# so a subscriber never misses a change it could have read.
+
+_ANNOUNCE = """
+local function announce(job, channel)
+  local version = redis.call('HINCRBY', job, 'version', 1)
+  redis.call('PUBLISH', channel, version)
+end
+"""
 
 # KEYS: job, queued, queued_tenant, running, rq_queue   ARGV: job_id, worker, now, ttl
-_START = """
+_START = _ANNOUNCE + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing'} end
 -- Already running on this worker: a retry of this very call whose first reply was lost.
@@ -262,25 +295,28 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('LREM', KEYS[5], 0, ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+announce(KEYS[1], ARGV[5])
 return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: job   ARGV: progress
-_PROGRESS = """
+# KEYS: job   ARGV: progress, channel
+_PROGRESS = _ANNOUNCE + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'progress') == ARGV[1] then return 1 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+announce(KEYS[1], ARGV[2])
 return 1
 """
 
 # Any non-terminal state → a terminal one, setting the given fields.
 # KEYS: job, queued, queued_tenant, running, rq_queue, finished
-# ARGV: job_id, new_status, now, ttl, field1, value1, ...
-_FINISH = """
+# ARGV: job_id, new_status, now, ttl, channel, field1, value1, ...
+_FINISH = _ANNOUNCE + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing'} end
 if st == 'succeeded' or st == 'failed' or st == 'canceled' then return {'conflict', st} end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HDEL', KEYS[1], 'cancel')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -288,13 +324,14 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('LREM', KEYS[5], 0, ARGV[1])
 redis.call('HINCRBY', KEYS[6], ARGV[2], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+announce(KEYS[1], ARGV[5])
 return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 
 # Queued → canceled at once (the id leaves RQ's list so it never runs);
 # running → the cancel flag, honoured by the worker between steps.
-# KEYS: job, queued, queued_tenant, running, rq_queue, finished   ARGV: job_id, now, ttl
-_CANCEL = """
+# KEYS: job, queued, queued_tenant, running, rq_queue, finished   ARGV: job_id, now, ttl, channel
+_CANCEL = _ANNOUNCE + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing'} end
 if st == 'queued' then
@@ -304,6 +341,7 @@ if st == 'queued' then
   redis.call('LREM', KEYS[5], 0, ARGV[1])
   redis.call('HINCRBY', KEYS[6], 'canceled', 1)
   redis.call('EXPIRE', KEYS[1], ARGV[3])
+  announce(KEYS[1], ARGV[4])
 elseif st == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', '1')
 else
@@ -535,7 +573,8 @@ class JobStore:
         Raises :class:`JobConflict` for a finished job, ``KeyError`` for an unknown one."""
         job = self._require(job_id)
         out = self._cancel(
-            keys=self._transition_keys(job_id, job.tenant), args=[job_id, repr(time.time()), self.settings.result_ttl]
+            keys=self._transition_keys(job_id, job.tenant),
+            args=[job_id, repr(time.time()), self.settings.result_ttl, events_channel(job_id)],
         )
         return self._result(job_id, out, "cancel")
 
@@ -552,7 +591,7 @@ class JobStore:
             return None
         out = self._start(
             keys=self._transition_keys(job_id, job.tenant),
-            args=[job_id, worker, repr(time.time()), self.settings.result_ttl],
+            args=[job_id, worker, repr(time.time()), self.settings.result_ttl, events_channel(job_id)],
         )
         if _text(out[0]) != "ok":
             return None
@@ -560,7 +599,9 @@ class JobStore:
 
     def set_progress(self, job_id: str, progress: float) -> None:
         """Record progress in [0, 1] of a running job (ignored once it is not running)."""
-        self._progress(keys=[self.job_key(job_id)], args=[repr(min(1.0, max(0.0, float(progress))))])
+        self._progress(
+            keys=[self.job_key(job_id)], args=[repr(min(1.0, max(0.0, float(progress)))), events_channel(job_id)]
+        )
 
     def succeed(
         self, job_id: str, result_key: str, stats: dict[str, Any], result_keys: list[str] | None = None
@@ -581,7 +622,7 @@ class JobStore:
 
     def _terminal(self, job_id: str, status: JobStatus, fields: dict[str, str]) -> Job:
         job = self._require(job_id)
-        args: list[Any] = [job_id, status.value, repr(time.time()), self.settings.result_ttl]
+        args: list[Any] = [job_id, status.value, repr(time.time()), self.settings.result_ttl, events_channel(job_id)]
         for name, value in fields.items():
             args += [name, value]
         out = self._finish(keys=self._transition_keys(job_id, job.tenant), args=args)
@@ -692,6 +733,8 @@ class JobStore:
                         pipe.zadd(self.queued_key(job.tenant), {job_id: job.created_at})
                         self._enqueue(pipe, job_id, at_front=at_front)
                     pipe.expire(jkey, self.settings.result_ttl)
+                    pipe.hincrby(jkey, "version", 1)
+                    pipe.publish(events_channel(job_id), int(fields.get("version") or 0) + 1)
                     pipe.execute()
                     return self.get(job_id)
                 except WatchError:

@@ -22,6 +22,8 @@ under ``WATCH`` are never retried by redis-py.
 from __future__ import annotations
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -53,5 +55,21 @@ def connect_redis(settings: Settings, *, socket_timeout: float | None = None, re
         socket_connect_timeout=settings.redis_connect_timeout,
         health_check_interval=settings.redis_health_check_interval,
         retry=retry_policy(settings, retries),
+        retry_on_error=list(REDIS_UNAVAILABLE),
+    )
+
+
+def connect_async_redis(settings: Settings) -> AsyncRedis:
+    """An asyncio client for what waits on Redis inside the API's event loop (job events' pub/sub).
+
+    The same retries and health checks, but no per-reply timeout: a subscriber idles until its
+    job changes, which may be minutes.
+    """
+    backoff = EqualJitterBackoff(cap=settings.redis_retry_cap, base=settings.redis_retry_base)
+    return AsyncRedis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        health_check_interval=settings.redis_health_check_interval,
+        retry=AsyncRetry(backoff, settings.redis_retries, supported_errors=REDIS_UNAVAILABLE),
         retry_on_error=list(REDIS_UNAVAILABLE),
     )

@@ -70,6 +70,8 @@ class TransferJob(BaseModel):
                     "params": _EXAMPLE_PARAMS,
                     "style_prompt": None,
                     "has_style": True,
+                    "output_format": "png",
+                    "output_quality": 90,
                 },
                 {
                     "id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
@@ -84,6 +86,8 @@ class TransferJob(BaseModel):
                     "params": _EXAMPLE_PARAMS,
                     "style_prompt": "an ukiyo-e woodblock print",
                     "has_style": False,
+                    "output_format": "webp",
+                    "output_quality": 85,
                 },
             ]
         }
@@ -96,7 +100,9 @@ class TransferJob(BaseModel):
         None, description="0-based position in the queue while `queued` (0: next to run); null otherwise."
     )
     result_url: str | None = Field(
-        None, description="Expiring download URL of the result PNG when `succeeded`; fetch the job again for a new one."
+        None,
+        description="Expiring download URL of the result (in `output_format`) when `succeeded`; fetch the job again "
+        "for a new one.",
     )
     result_urls: list[str] | None = Field(
         None,
@@ -112,6 +118,8 @@ class TransferJob(BaseModel):
     has_style: bool = Field(description="Whether a style image was given.")
     style_ids: list[str] = Field(default_factory=list, description="The library styles used (`/v1/styles`).")
     style_count: int = Field(1, description="How many styles the job carries (one result per style).")
+    output_format: Literal["png", "jpeg", "webp"] = Field(description="The result's file format.")
+    output_quality: int = Field(ge=1, le=100, description="Encoder quality of a jpeg or webp result.")
 
     @classmethod
     def from_job(
@@ -139,6 +147,8 @@ class TransferJob(BaseModel):
             has_style=job.has_style,
             style_ids=job.style_ids,
             style_count=len(job.styles) if job.styles else 1,
+            output_format=job.output_format,
+            output_quality=job.output_quality,
         )
 
 

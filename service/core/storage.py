@@ -30,6 +30,7 @@ import re
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -117,6 +118,8 @@ class FileStorage:
         # ping() fails readiness, so a process started during a storage outage waits it out.
         with contextlib.suppress(OSError):
             self.root.mkdir(parents=True, exist_ok=True)
+        # What "now" is for URL expiry (tests set another clock instead of sleeping).
+        self.clock: Callable[[], float] = time.time
 
     def path_for(self, key: str) -> Path:
         """The file that holds ``key``; ``ValueError`` for a key that would leave the root."""
@@ -175,7 +178,7 @@ class FileStorage:
     def url(self, key: str, ttl: int) -> str:
         """``{public_url}/v1/files/{key}?expires=<unix>&sig=<hex>``, valid for ``ttl`` seconds."""
         check_key(key)
-        expires = int(time.time()) + _check_ttl(ttl)
+        expires = int(self.clock()) + _check_ttl(ttl)
         return f"{self.public_url}/v1/files/{quote(key)}?expires={expires}&sig={self._signature(key, expires)}"
 
     def verify(self, key: str, expires: str, sig: str, now: float | None = None) -> bool:
@@ -185,7 +188,7 @@ class FileStorage:
             expires_at = int(expires)
         except (TypeError, ValueError):
             return False
-        if expires_at < (time.time() if now is None else now):
+        if expires_at < (self.clock() if now is None else now):
             return False
         return hmac.compare_digest(self._signature(key, expires_at), str(sig))
 

@@ -8,7 +8,7 @@ A receiver recomputes the HMAC over the raw request body with the shared
 ``HAM_WEBHOOK_SECRET``, compares in constant time and refuses timestamps older than a few
 minutes (``verify`` does all three). Each attempt is signed afresh, so a retry an hour later
 still carries a current timestamp. ``X-HAM-Delivery`` is a stable id per delivery, for
-de-duplicating retries.
+de-duplicating retries; ``X-HAM-Event`` says why it was sent (``start``, ``progress``, ``completed``).
 
 Target URLs must be http(s) and resolve only to public addresses unless
 ``HAM_WEBHOOK_ALLOW_PRIVATE`` is set; the check runs again right before every attempt, so a
@@ -23,21 +23,20 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
-import ipaddress
 import itertools
 import json
 import logging
 import random
-import socket
 import threading
 import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+
+from service.core.ssrf import check_public_url, pinned_request
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -48,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-HAM-Signature"
 DELIVERY_HEADER = "X-HAM-Delivery"
+EVENT_HEADER = "X-HAM-Event"
 USER_AGENT = "ham-webhooks/1"
 
 # Redis keys of the persisted schedule: a sorted set (delivery id → due time) and its payloads.
@@ -85,87 +85,9 @@ def verify(secret: str, body: bytes, header: str, tolerance: int = 300, now: flo
     return any(hmac.compare_digest(expected, candidate) for candidate in candidates)
 
 
-# --- SSRF guard ----------------------------------------------------------------------------------
-
-
-def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why ``ip`` is not a public unicast address, or None if it is."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
-        else:
-            # 6to4 (2002:7f00:1::) and Teredo addresses carry an IPv4 address a relay may route to.
-            embedded = [ip.sixtofour] if ip.sixtofour is not None else list(ip.teredo or ())
-            for inner in embedded:
-                reason = _refusal(inner)
-                if reason is not None:
-                    return f"{reason} (embedded IPv4 {inner})"
-    for label, flag in (
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("multicast", ip.is_multicast),
-        ("unspecified", ip.is_unspecified),
-        ("private", ip.is_private),
-        ("reserved", ip.is_reserved),
-    ):
-        if flag:
-            return label
-    # Shared address space (100.64/10), documentation ranges and the like: not private, not global.
-    return None if ip.is_global else "non-global"
-
-
 def check_webhook_url(url: str, allow_private: bool) -> str | None:
-    """Raise ``ValueError`` unless ``url`` is an http(s) URL whose host resolves only to public addresses.
-
-    Returns the vetted address to connect to, so that delivery cannot be re-pointed by a
-    second DNS answer (DNS rebinding). With ``allow_private`` only the scheme and host are
-    checked (no DNS lookup) and ``None`` is returned.
-    """
-    if any(char.isspace() or not char.isprintable() for char in url):
-        # urlsplit keeps them in the host ("exa mple.com"), so without a DNS check nothing else would object.
-        raise ValueError("webhook_url must not contain whitespace or control characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"webhook_url is not a valid URL: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"webhook_url must use http or https, got {parts.scheme or 'no scheme'!r}")
-    host = parts.hostname
-    if not host:
-        raise ValueError("webhook_url has no host")
-    if allow_private:
-        return None
-    try:
-        infos = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ValueError(f"webhook_url host {host!r} does not resolve: {exc}") from None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        reason = _refusal(address)
-        if reason is not None:
-            raise ValueError(
-                f"webhook_url host {host!r} resolves to {address}, a {reason} address; "
-                "set HAM_WEBHOOK_ALLOW_PRIVATE=true to allow internal targets"
-            )
-    return str(infos[0][4][0]).split("%", 1)[0]
-
-
-def pinned_request(url: str, address: str | None) -> tuple[str, dict[str, str], dict[str, Any]]:
-    """``(url, headers, extensions)`` that reach ``url``'s host at ``address`` exactly.
-
-    The URL's host is replaced by the address; the ``Host`` header and, for https, the TLS
-    server name (SNI and certificate check) keep the original name.
-    """
-    if address is None:
-        return url, {}, {}
-    parts = urlsplit(url)
-    ip = ipaddress.ip_address(address)
-    literal = f"[{ip}]" if ip.version == 6 else str(ip)
-    netloc = literal if parts.port is None else f"{literal}:{parts.port}"
-    host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
-    return urlunsplit(parts._replace(netloc=netloc)), {"Host": host_header}, extensions
+    """:func:`service.core.ssrf.check_public_url` for a ``webhook_url``: the vetted address, or ``ValueError``."""
+    return check_public_url(url, allow_private, field="webhook_url", setting="HAM_WEBHOOK_ALLOW_PRIVATE")
 
 
 # --- delivery schedule ---------------------------------------------------------------------------
@@ -177,6 +99,7 @@ class _Delivery:
     url: str
     body: str
     attempt: int = 0
+    event: str = "completed"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -332,13 +255,16 @@ class WebhookDispatcher:
         if len(self._memory):
             log.warning("webhook dispatcher stopped with %d undelivered in-memory webhooks", len(self._memory))
 
-    def submit(self, url: str, payload: dict[str, Any]) -> None:
-        """Queue ``payload`` (JSON) for delivery to ``url`` and return at once."""
+    def submit(self, url: str, payload: dict[str, Any], event: str = "completed") -> None:
+        """Queue ``payload`` (JSON) for delivery to ``url`` and return at once.
+
+        ``event`` (``start``, ``progress`` or ``completed``) travels in the ``X-HAM-Event`` header.
+        """
         if not self.enabled:
             log.info("webhook to %s not sent: HAM_WEBHOOK_SECRET is empty", url)
             return
         body = json.dumps(payload, separators=(",", ":"), sort_keys=True, default=str)
-        delivery = _Delivery(id=uuid.uuid4().hex, url=url, body=body)
+        delivery = _Delivery(id=uuid.uuid4().hex, url=url, body=body, event=event)
         self._schedule(delivery, time.time())
 
     def pending(self) -> int:
@@ -424,6 +350,7 @@ class WebhookDispatcher:
             "User-Agent": USER_AGENT,
             SIGNATURE_HEADER: sign(self._secret, body, int(time.time())),
             DELIVERY_HEADER: delivery.id,
+            EVENT_HEADER: delivery.event,
         }
         try:
             response = client.post(url, content=body, headers=headers, extensions=extensions)

@@ -38,3 +38,26 @@ def test_numpy_scalars_are_accepted_and_stored_as_python_numbers() -> None:
         TransferParams(alpha=np.float32("nan"))
     with pytest.raises(ParamError, match="steps"):
         TransferParams(steps=np.float64(30.0))  # a float is not a step count, whatever its type
+
+
+def test_param_specs_match_validation() -> None:
+    """The bounds the API schema, the CLI and the docs show are the ones TransferParams enforces."""
+    from ham_engine.params import PARAM_SPECS, ParamError, TransferParams
+
+    assert {spec.name for spec in PARAM_SPECS} == {
+        f for f in TransferParams.__dataclass_fields__ if f not in ("gar_layers", "lat_layers")
+    }
+    # Bounds that the step window's own rule (step_start < step_end) makes unreachable alone.
+    cross = {("step_start", "maximum"), ("step_end", "minimum")}
+    for spec in PARAM_SPECS:
+        assert getattr(TransferParams(), spec.name) == spec.default
+        if spec.kind is bool:
+            continue
+        step = 1 if spec.kind is int else 1e-6
+        for bound, outside in (("minimum", -step), ("maximum", step)):
+            value = getattr(spec, bound)
+            if (spec.name, bound) not in cross:
+                TransferParams(**{spec.name: spec.kind(value)})  # the bound itself is allowed
+            with pytest.raises(ParamError) as refused:
+                TransferParams(**{spec.name: spec.kind(value + outside)})
+            assert refused.value.field in (spec.name, "step_start"), spec.name

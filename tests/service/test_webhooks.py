@@ -175,6 +175,9 @@ class Receiver:
     statuses: list[int] = field(default_factory=list)  # consumed one per request; then 200
     delay: float = 0.0
     location: str | None = None
+    # While set, requests to /held wait for it to be released (no timing involved).
+    hold: threading.Event | None = None
+    held: list[str] = field(default_factory=list)
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
         _wait(lambda: len(self.requests) >= count, timeout, f"{count} webhook requests")
@@ -200,6 +203,9 @@ def receiver() -> Iterator[Receiver]:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if self.path.startswith("/slow"):
                 time.sleep(rec.delay)
+            if self.path.startswith("/held") and rec.hold is not None:
+                rec.held.append(self.path)
+                rec.hold.wait(30)
             rec.requests.append(Received(self.path, dict(self.headers.items()), body, time.monotonic()))
             status = rec.statuses.pop(0) if rec.statuses else 200
             self.send_response(status)
@@ -276,9 +282,10 @@ def test_delivery_gives_up_after_max_attempts(receiver: Receiver, dispatchers) -
     dispatcher.start()
     dispatcher.submit(receiver.url, {"id": "job3"})
     _wait(lambda: dispatcher.counts["dropped"] == 1, 5, "drop")
-    time.sleep(0.3)
-    assert len(receiver.requests) == 2
+    # Dropped with nothing left scheduled: no further attempt can happen (each request is recorded
+    # by the receiver before it answers, so both are in by the time the drop is counted).
     assert dispatcher.pending() == 0
+    assert len(receiver.requests) == 2
 
 
 def test_client_errors_are_not_retried(receiver: Receiver, dispatchers) -> None:
@@ -301,17 +308,17 @@ def test_redirects_are_not_followed(receiver: Receiver, dispatchers) -> None:
 
 
 def test_slow_endpoint_does_not_block_submit_or_other_deliveries(receiver: Receiver, dispatchers) -> None:
-    receiver.delay = 2.0
+    receiver.hold = threading.Event()  # the /held endpoint answers only once the test releases it
     dispatcher = _dispatcher(dispatchers, _settings())
     dispatcher.start()
-    started = time.perf_counter()
-    dispatcher.submit(receiver.url + "/slow", {"id": "slow"})
-    dispatcher.submit(receiver.url + "/fast", {"id": "fast"})
-    assert time.perf_counter() - started < 0.05
-    (first,) = receiver.wait_for(1, timeout=1.5)  # the fast one, while the slow one is still in flight
-    assert first.path == "/fast"
-    second = receiver.wait_for(2, timeout=5)[1]
-    assert second.path == "/slow"
+    dispatcher.submit(receiver.url + "/held", {"id": "slow"})
+    _wait(lambda: receiver.held == ["/held"], 10, "the held delivery to be in flight")
+    dispatcher.submit(receiver.url + "/fast", {"id": "fast"})  # returned although /held still hangs
+    (first,) = receiver.wait_for(1)  # the fast one arrives while the held one is still in flight
+    assert first.path == "/fast" and not receiver.hold.is_set()
+    receiver.hold.set()
+    second = receiver.wait_for(2)[1]
+    assert second.path == "/held"
 
 
 def test_timeout_counts_as_a_failed_attempt(receiver: Receiver, dispatchers) -> None:
@@ -328,7 +335,8 @@ def test_private_target_is_refused_at_send_time(receiver: Receiver, dispatchers)
     dispatcher.start()
     dispatcher.submit(receiver.url, {"id": "ssrf"})  # 127.0.0.1: loopback
     _wait(lambda: dispatcher.counts["rejected_url"] == 1, 5, "rejection")
-    time.sleep(0.2)
+    # The check runs before the request and the delivery is then done: nothing can still send it.
+    assert dispatcher.pending() == 0
     assert receiver.requests == []
 
 
@@ -337,9 +345,9 @@ def test_empty_secret_disables_webhooks(receiver: Receiver, dispatchers) -> None
     dispatcher.start()
     assert dispatcher.enabled is False
     dispatcher.submit(receiver.url, {"id": "off"})
-    time.sleep(0.3)
-    assert receiver.requests == []
+    # Nothing was scheduled, so no sender could ever pick it up.
     assert dispatcher.pending() == 0
+    assert receiver.requests == []
 
 
 def test_pending_deliveries_in_redis_survive_a_restart(receiver: Receiver, dispatchers, redis_client) -> None:
@@ -347,8 +355,7 @@ def test_pending_deliveries_in_redis_survive_a_restart(receiver: Receiver, dispa
     before_restart.submit(receiver.url + "/persisted", {"id": "job6"})
     assert redis_client.zcard(REDIS_DUE_KEY) == 1
     assert redis_client.hlen(REDIS_DATA_KEY) == 1
-    time.sleep(0.2)
-    assert receiver.requests == []
+    assert receiver.requests == []  # no dispatcher is running: only a started one sends
 
     after_restart = _dispatcher(dispatchers, _settings(), redis_client, poll_interval=0.1)
     after_restart.start()
@@ -365,8 +372,11 @@ def test_two_dispatchers_on_one_redis_deliver_once(receiver: Receiver, dispatche
     for n in range(5):
         dispatchers[n % 2].submit(receiver.url, {"n": n})
     receiver.wait_for(5)
-    time.sleep(0.4)
+    # A claimed delivery stays in the schedule (under its lease) until it is done, so an empty
+    # schedule means no attempt is in flight: any duplicate would have arrived by then.
+    _wait(lambda: redis_client.zcard(REDIS_DUE_KEY) == 0, 5, "redis schedule to empty")
     assert sorted(json.loads(r.body)["n"] for r in receiver.requests) == [0, 1, 2, 3, 4]
+    assert sum(d.counts["delivered"] for d in dispatchers) == 5
 
 
 def test_redis_retries_keep_the_delivery_in_redis(receiver: Receiver, dispatchers, redis_client) -> None:

@@ -27,9 +27,11 @@ pytestmark = pytest.mark.slow
 class Hooks:
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict]] = []
+        self.events: list[str] = []
 
-    def submit(self, url: str, payload: dict) -> None:
+    def submit(self, url: str, payload: dict, event: str = "completed") -> None:
         self.sent.append((url, payload))
+        self.events.append(event)
 
 
 @pytest.fixture(scope="module")

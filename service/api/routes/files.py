@@ -8,11 +8,12 @@ route answers 404.
 from __future__ import annotations
 
 import mimetypes
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from service.api.deps import Services, get_services
+from service.api.deps import ServicesDep
 from service.api.errors import ApiError
 from service.api.schemas import ErrorResponse
 from service.core.storage import FileStorage
@@ -25,7 +26,9 @@ router = APIRouter(tags=["files"])
     summary="Download a stored file (signed URL)",
     response_class=FileResponse,
     responses={
-        200: {"content": {"image/png": {}}, "description": "The file."},
+        200: {"content": {media: {"schema": {"type": "string", "format": "binary"}}
+                          for media in ("image/png", "image/jpeg", "image/webp")},
+              "description": "The file (a result, in its job's `output_format`)."},
         403: {"model": ErrorResponse, "description": "Signature invalid or expired."},
         404: {"model": ErrorResponse, "description": "No such file, or storage is not file://."},
         422: {"model": ErrorResponse, "description": "Malformed request."},
@@ -33,9 +36,9 @@ router = APIRouter(tags=["files"])
 )
 def download_file(
     key: str,
-    expires: str | None = Query(None, description="Unix time after which the URL is refused."),
-    sig: str | None = Query(None, description="Hex HMAC-SHA256 over key and expiry."),
-    services: Services = Depends(get_services),
+    services: ServicesDep,
+    expires: Annotated[str | None, Query(description="Unix time after which the URL is refused.")] = None,
+    sig: Annotated[str | None, Query(description="Hex HMAC-SHA256 over key and expiry.")] = None,
 ) -> FileResponse:
     """Serve one object if `expires`/`sig` verify; tampered or expired → 403."""
     storage = services.storage

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import Services, get_services, operator_access
+from service.api.deps import ServicesDep, operator_access
 from service.api.errors import error_body
 from service.api.schemas import ErrorResponse, Health
 
@@ -45,7 +45,7 @@ def healthz() -> Health:
             }}}},
     },
 )
-def readyz(services: Services = Depends(get_services)) -> Response:
+def readyz(services: ServicesDep) -> Response:
     """200 when Redis answers PING and the storage answers; else 503 naming the failed dependency."""
     checks: dict[str, str] = {}
     for name, probe in (("redis", services.redis.ping), ("storage", services.storage.ping)):
@@ -65,6 +65,6 @@ def readyz(services: Services = Depends(get_services)) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(_metrics_access)],
             response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-def metrics(services: Services = Depends(get_services)) -> Response:
+def metrics(services: ServicesDep) -> Response:
     """Prometheus text exposition: requests, latency, jobs, queue depth, oldest queued age."""
     return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)

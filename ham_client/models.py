@@ -1,0 +1,61 @@
+"""The API's resources as typed pydantic models.
+
+They mirror the server's OpenAPI schema (``TransferJob``, ``TransferList``, the error shape);
+``tests/client/test_models.py`` checks every field here against the live ``/openapi.json``, so
+a server change that breaks them fails a test rather than a customer. Fields the server adds
+later are kept (``extra="allow"``), so an older client keeps working against a newer server.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    """A transfer job as the API shows it (``GET /v1/transfers/{id}``, webhooks, events)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    status: JobStatus
+    progress: float = Field(ge=0.0, le=1.0)
+    queue_position: int | None = None
+    result_url: str | None = None
+    error: JobError | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    params: dict[str, Any]
+    style_prompt: str | None = None
+    has_style: bool
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_quality: int = 90
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job is succeeded, failed or canceled."""
+        return self.status in TERMINAL_STATUSES
+
+
+class JobPage(BaseModel):
+    """One page of ``GET /v1/transfers``, newest first."""
+
+    model_config = ConfigDict(extra="allow")
+
+    items: list[Job]
+    next_cursor: str | None = None

@@ -1,0 +1,185 @@
+"""``POST /v1/transfers`` as ``multipart/form-data``: the images as file parts, the rest as text fields.
+
+Text fields are parsed strictly (ASCII digits, ``true``/``false``...), an empty text field counts
+as not given (what HTML forms send for blanks), and unknown or repeated fields are refused, so
+a typo never runs silently with a default.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ham_engine.params import ParamError, ParamSpec
+from service.api.deps import Services
+from service.api.errors import ApiError
+from service.api.submission import (
+    REQUEST_SPECS,
+    Submission,
+    build_params,
+    check_webhook,
+    invalid,
+    normalise_image,
+    style_reference,
+    webhook_events,
+)
+
+FILE_FIELDS = ("content", "style")
+TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url", "webhook_events")
+# May be given several times: the job then carries several styles, in the order given.
+STYLE_FIELDS = ("style", "style_id")
+KNOWN_FIELDS = frozenset(spec.name for spec in REQUEST_SPECS) | frozenset(FILE_FIELDS) | frozenset(TEXT_FIELDS)
+MAX_TEXT_FIELD_BYTES = 64 * 1024
+# ASCII only: Python's int()/float() also accept other scripts' digits ("٤", fullwidth "４") and
+# underscores ("1_0" is 10.0), none of which a client means as a number.
+_INT = re.compile(r"[+-]?[0-9]{1,20}")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+# What the schema's `boolean` means in a form: the words, not 1/0 or yes/no (a strict reader keeps
+# /openapi.json exact, and every client library sends these).
+_TRUE = frozenset({"true"})
+_FALSE = frozenset({"false"})
+
+
+async def read_multipart(request: Request, services: Services) -> Submission:
+    """The submission in a multipart body; 400/413/415/422 naming the field otherwise."""
+    form = await _parse_form(request, services.settings.max_styles_per_job)
+    try:
+        values = _form_fields(form)
+        refs = _style_fields(form, services.settings.max_styles_per_job)
+        one_upload = len(refs) <= 1 and all(name == "style" for name, _ in refs)
+        given: dict[str, Any] = {}
+        for spec in REQUEST_SPECS:
+            raw = _text(values, spec.name)
+            if raw is not None:
+                try:
+                    given[spec.name] = _coerce(spec, raw)
+                except ParamError as exc:
+                    raise invalid(exc) from None
+        params, output = build_params(given)
+        if one_upload:
+            prompt = style_reference(values.get("style") is not None, _text(values, "style_prompt"))
+        elif _text(values, "style_prompt") is not None:
+            raise ApiError(422, "invalid_parameter",
+                           "style_prompt: with a style_id or several styles, give each its prompt through the "
+                           "style library", field="style_prompt")
+        else:
+            prompt = None
+        if values.get("content") is None:
+            raise ApiError(422, "missing_field", "content: the content image is required", field="content")
+        events_text = _text(values, "webhook_events")
+        events = webhook_events(None if events_text is None else [e.strip() for e in events_text.split(",")])
+        webhook_url = await check_webhook(services, _text(values, "webhook_url"))
+        content = await _read_upload(services, values, "content")
+        style = await _read_upload(services, values, "style") if one_upload else None
+        styles = None if one_upload else await _uploaded_and_library_styles(services, refs)
+    finally:
+        await form.close()
+    assert content is not None  # checked above
+    return Submission(params, output, prompt, webhook_url, events, content, style, styles)
+
+
+def _style_fields(form: FormData, limit: int) -> list[tuple[str, str | UploadFile]]:
+    """The ``style`` files and ``style_id``s, in the order given (blanks skipped); 422 above ``limit``."""
+    refs: list[tuple[str, str | UploadFile]] = []
+    for name, value in form.multi_items():
+        if name not in STYLE_FIELDS or (isinstance(value, str) and value.strip() == ""):
+            continue
+        if isinstance(value, UploadFile) and not value.filename and value.size == 0:
+            continue
+        refs.append((name, value))
+    if len(refs) > limit:
+        raise ApiError(
+            422, "too_many_styles", f"at most {limit} styles per job (style files and style_ids), got {len(refs)}",
+            field="style",
+        )
+    return refs
+
+
+async def _uploaded_and_library_styles(
+    services: Services, refs: list[tuple[str, str | UploadFile]]
+) -> tuple[dict[str, Any], ...]:
+    """Each style of a job naming library styles or several images (library ones resolved by the route)."""
+    styles: list[dict[str, Any]] = []
+    for name, value in refs:
+        if name == "style_id":
+            if not isinstance(value, str):
+                raise ApiError(422, "invalid_field", "style_id must be a text field, not a file", field="style_id")
+            styles.append({"png": None, "key": None, "prompt": None, "style_id": value.strip()})
+            continue
+        png = await _read_upload(services, {"style": value}, "style")
+        styles.append({"png": png, "key": None, "prompt": None, "style_id": None})
+    return tuple(styles)
+
+
+async def _parse_form(request: Request, styles: int) -> FormData:
+    try:
+        return await request.form(max_files=len(FILE_FIELDS) + styles + 2, max_fields=len(KNOWN_FIELDS) + styles + 8,
+                                  max_part_size=MAX_TEXT_FIELD_BYTES)
+    except StarletteHTTPException as exc:
+        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from None
+
+
+def _coerce(spec: ParamSpec, raw: str) -> Any:
+    text = raw.strip()
+    name = spec.name
+    if spec.kind is str:
+        return text
+    if spec.kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ParamError(name, f"must be true or false, got {raw[:40]!r}")
+    if spec.kind is int:
+        if not _INT.fullmatch(text):
+            raise ParamError(name, f"must be an integer, got {raw[:40]!r}")
+        return int(text)
+    # nan/inf parse here so that the range check names them ("must be in [0.0, 1.0], got nan").
+    if not _FLOAT.fullmatch(text):
+        raise ParamError(name, f"must be a number, got {raw[:40]!r}")
+    return float(text)
+
+
+def _form_fields(form: FormData) -> dict[str, str | UploadFile]:
+    """One value per known field; unknown and repeated fields are refused."""
+    values: dict[str, str | UploadFile] = {}
+    for name, value in form.multi_items():
+        if name not in KNOWN_FIELDS:
+            raise ApiError(
+                422, "unknown_field", f"unknown form field {name[:80]!r}; known: {', '.join(sorted(KNOWN_FIELDS))}",
+                field=name[:80],
+            )
+        if name in values and name not in STYLE_FIELDS:
+            raise ApiError(422, "duplicate_field", f"form field {name!r} given more than once", field=name)
+        # An empty text value means "not given" (what HTML forms and Swagger UI send for blanks).
+        if isinstance(value, str) and value == "":
+            continue
+        if isinstance(value, UploadFile) and name in FILE_FIELDS and not value.filename and value.size == 0:
+            continue
+        values.setdefault(name, value)
+    return values
+
+
+def _text(values: dict[str, str | UploadFile], name: str) -> str | None:
+    value = values.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise ApiError(422, "invalid_field", f"{name} must be a text field, not a file", field=name)
+
+
+async def _read_upload(services: Services, values: dict[str, str | UploadFile], name: str) -> bytes | None:
+    """The normalised PNG of an uploaded image, or None when the field is absent."""
+    upload = values.get(name)
+    if upload is None:
+        return None
+    if not isinstance(upload, UploadFile):
+        raise ApiError(422, "invalid_field", f"{name} must be an image file upload, not text", field=name)
+    limit = services.settings.max_upload_bytes
+    data = await upload.read(limit + 1)  # never more than the limit (+1 to detect "over")
+    if len(data) > limit:
+        raise ApiError(413, "upload_too_large", f"{name}: larger than {limit} bytes", field=name)
+    return await normalise_image(services, name, data)
