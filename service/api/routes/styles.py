@@ -27,7 +27,7 @@ from service.api.errors import ApiError
 from service.api.schemas import ErrorResponse, StyleList, StyleResource
 from service.api.uploads import read_upload
 from service.core.feature_store import delete_style_features
-from service.core.jobs import Job, QueueFull, content_key, new_job_id
+from service.core.jobs import CURSOR_PATTERN, Job, QueueFull, content_key, new_job_id
 from service.core.styles import StyleRecord, StyleStore, style_image_key
 
 log = logging.getLogger("ham.api")
@@ -207,7 +207,11 @@ async def create_style(
 )
 def list_styles(
     limit: int = Query(20, ge=1, le=100, description="Page size."),
-    cursor: str | None = Query(None, max_length=200, description="`next_cursor` of the previous page."),
+    # The pattern is declared, not enforced by FastAPI: the store's own check answers with `invalid_cursor`.
+    cursor: str | None = Query(
+        None, max_length=200, json_schema_extra={"pattern": CURSOR_PATTERN},
+        description="`next_cursor` of the previous page.",
+    ),
     tenant: str = Depends(current_tenant),
     services: Services = Depends(get_services),
 ) -> StyleList:
