@@ -18,6 +18,15 @@ medians are in the JSON) plus two ratios with targets:
 (b) warm / cold transfer wall time (what the style cache saves), ≤ 0.65.
 
 It also checks that ``off`` reproduces the stock latents and ``warm`` the ``cold`` image.
+
+A second table covers the feature tiers and multi-style batches (issue 9), rows and wall
+time of: **cold**; **warm (memory)**, the style from this engine's LRU; **warm (store)**, a
+fresh engine on the same feature-store directory; **content+style warm** from memory and
+from the store; and ``transfer_batch`` with K = 1..4 styles, cold and with every style
+warm, against K separate one-style jobs (each on an empty engine, as K jobs on K
+workers). Each batch image's largest pixel difference from its one-style transfer is
+reported (the bound docs/performance.md states).
+
 A table goes to stdout, everything to JSON. This is a measurement, never a test.
 """
 
@@ -182,11 +191,14 @@ def _one_round(
 ) -> _Round:
     off = TransferParams(steps=params.steps, size=params.size, sini=False, gar=False, lat=False)
     engine.style_cache.clear()
+    engine.content_cache.clear()
     cold = engine.transfer(content, style=style, params=params)
+    engine.content_cache.clear()  # "warm" is the style cache alone; the content cache is measured below
     warm = engine.transfer(content, style=style, params=params)
     assert cold.stats["style_cache_hit"] is False and warm.stats["style_cache_hit"] is True
     pixel_diff = np.abs(np.asarray(cold.image, dtype=np.int16) - np.asarray(warm.image, dtype=np.int16)).max()
     unet = engine.model.unet
+    engine.content_cache.clear()  # "off" inverts its content too, as a stock run would
     with unet_clock(unet) as off_unet_seconds:
         off_latents = engine.transfer_latents(content, style=style, params=off)
     off_loop = off_latents.stats["seconds"]["invert"] + off_latents.stats["seconds"]["sample"]
@@ -244,6 +256,10 @@ def bench_model(case: BenchCase) -> dict[str, Any]:
     latent_hw = tuple(side // engine.model.vae_scale_factor for side in reversed(rounds[0].cold["size"]))
     per_call = {batch: unet_call_seconds(engine, latent_hw, empty, batch) for batch in (1, 2, 3)}
 
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ham-bench-features-") as workdir:
+        features = bench_features(engine, case, Path(workdir))
     off_overhead = _median([r.off_loop_overhead for r in rounds])
     stock_overhead = _median([r.stock_loop_overhead for r in rounds])
     summary = {
@@ -261,6 +277,7 @@ def bench_model(case: BenchCase) -> dict[str, Any]:
         "stock_b3_all": [r.stock_b3 for r in rounds],
         "warm_vs_cold_pixel_max_diff": max(r.warm_vs_cold_pixel_max_diff for r in rounds),
         "off_vs_stock_latent_max_abs_diff": max(r.off_vs_stock_latent_max_diff for r in rounds),
+        "features": features,
     }
     cold_s, warm_s = summary["cold"]["seconds"], summary["warm"]["seconds"]
     summary["ratios"] = {
@@ -281,6 +298,118 @@ def bench_model(case: BenchCase) -> dict[str, Any]:
         "warm_vs_cold_total": summary["warm"]["seconds_median"]["total"] / summary["cold"]["seconds_median"]["total"],
     }
     return summary
+
+
+STYLES = [REPO / "tests" / "data" / f"style{i}.png" for i in range(4)]
+
+
+def _timed(run: Any) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = run()
+    return time.perf_counter() - started, result
+
+
+def _pixel_diff(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+def _max_diff(images: list[Image.Image], singles: list[Any]) -> int:
+    return max(_pixel_diff(a, b.image) for a, b in zip(images, singles, strict=True))
+
+
+def bench_features(engine: HamEngine, case: BenchCase, workdir: Path) -> dict[str, Any]:
+    """Rows and wall time through the feature tiers and multi-style batches (see the module docstring)."""
+    import shutil
+
+    model = engine.model
+    params = TransferParams(steps=case.steps, size=case.size)
+    content = Image.open(CONTENT).convert("RGB")
+    styles = [Image.open(path).convert("RGB") for path in STYLES]
+    rows: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, seconds: float, stats: dict[str, Any], **extra: Any) -> None:
+        rows[name] = {"seconds": seconds, "unet_rows": stats["unet_rows"], "unet_calls": stats["unet_calls"],
+                      "peak_memory_bytes": stats.get("peak_memory_bytes"), **extra}  # fmt: skip
+
+    store = workdir / "features"
+    shutil.rmtree(store, ignore_errors=True)
+    first = HamEngine(model)  # memory only
+    seconds, cold = _timed(lambda: first.transfer(content, style=styles[0], params=params))
+    record("cold", seconds, cold.stats)
+    first.content_cache.clear()
+    seconds, warm = _timed(lambda: first.transfer(content, style=styles[0], params=params))
+    record("warm (memory)", seconds, warm.stats, pixel_diff_vs_cold=_pixel_diff(warm.image, cold.image))
+    seconds, both = _timed(lambda: first.transfer(content, style=styles[0], params=params))
+    record("content+style warm (memory)", seconds, both.stats, pixel_diff_vs_cold=_pixel_diff(both.image, cold.image))
+    HamEngine(model, feature_store=store).transfer(content, style=styles[0], params=params)  # fills the store
+    fresh = HamEngine(model, feature_store=store)
+    seconds, from_store = _timed(lambda: fresh.transfer(content, style=styles[0], params=params))
+    record("content+style warm (store)", seconds, from_store.stats,
+           pixel_diff_vs_cold=_pixel_diff(from_store.image, cold.image))  # fmt: skip
+    shutil.rmtree(store / "content", ignore_errors=True)
+    fresh = HamEngine(model, feature_store=store)
+    seconds, style_store = _timed(lambda: fresh.transfer(content, style=styles[0], params=params))
+    assert style_store.stats["style_cache_tier"] == "store" and not style_store.stats["content_cache_hit"]
+    record("warm (store)", seconds, style_store.stats, pixel_diff_vs_cold=_pixel_diff(style_store.image, cold.image))
+
+    batches: dict[str, dict[str, Any]] = {}
+    for k in range(1, len(styles) + 1):
+        chosen = styles[:k]
+        singles, single_seconds, single_rows = [], 0.0, 0
+        for style in chosen:  # K separate jobs, each on an empty engine
+            seconds, single = _timed(lambda style=style: HamEngine(model).transfer(content, style=style, params=params))
+            singles.append(single)
+            single_seconds += seconds
+            single_rows += single.stats["unet_rows"]
+        engine_k = HamEngine(model)
+        seconds, batch = _timed(lambda chosen=chosen, e=engine_k: e.transfer_batch(content, chosen, params=params))
+        cold_row = {"seconds": seconds, "unet_rows": batch.stats["unet_rows"],
+                    "peak_memory_bytes": batch.stats["peak_memory_bytes"],
+                    "pixel_diff_vs_single": _max_diff(batch.images, singles)}  # fmt: skip
+        # Every style warm, the content not (a new photo in K house styles).
+        warm_singles_seconds, warm_singles_rows = 0.0, 0
+        for style in chosen:
+            engine_k.content_cache.clear()
+            seconds, single = _timed(lambda style=style, e=engine_k: e.transfer(content, style=style, params=params))
+            warm_singles_seconds += seconds
+            warm_singles_rows += single.stats["unet_rows"]
+        engine_k.content_cache.clear()
+        seconds, warm_batch = _timed(lambda chosen=chosen, e=engine_k: e.transfer_batch(content, chosen, params=params))
+        batches[str(k)] = {
+            "cold": cold_row,
+            "cold_separate": {"seconds": single_seconds, "unet_rows": single_rows},
+            "warm": {"seconds": seconds, "unet_rows": warm_batch.stats["unet_rows"],
+                     "pixel_diff_vs_single": _max_diff(warm_batch.images, singles)},
+            "warm_separate": {"seconds": warm_singles_seconds, "unet_rows": warm_singles_rows},
+        }  # fmt: skip
+    return {"steps": case.steps, "size": case.size, "runs": rows, "batches": batches}
+
+
+def print_feature_table(results: dict[str, Any]) -> None:
+    """Rows (in units of N = steps) and wall time through the tiers and the K-style batches."""
+    for name, r in results["models"].items():
+        f = r.get("features")
+        if not f:
+            continue
+        n = f["steps"]
+        print(f"{name} {f['size']}px {n} steps: feature tiers (rows in units of N = {n})")
+        cold = f["runs"]["cold"]["seconds"]
+        for run, row in f["runs"].items():
+            diff = row.get("pixel_diff_vs_cold")
+            print(f"  {run:<30} {row['unet_rows'] / n:5.1f}N  {row['seconds']:7.2f} s  x{row['seconds'] / cold:5.2f}"
+                  + (f"   max |diff| vs cold {diff}" if diff is not None else ""))  # fmt: skip
+        print(f"  {'K':>3} {'batch cold':>16} {'K jobs cold':>16} {'ratio':>6} {'batch warm':>16} {'K jobs warm':>16}"
+              f" {'ratio':>6} {'max|diff|':>9}")  # fmt: skip
+        for k, b in f["batches"].items():
+            cells = []
+            for kind in ("cold", "warm"):
+                mine, theirs = b[kind], b[f"{kind}_separate"]
+                cells.append(f"{mine['unet_rows'] / n:5.1f}N {mine['seconds']:7.2f}s"
+                             f" {theirs['unet_rows'] / n:5.1f}N {theirs['seconds']:7.2f}s"
+                             f" {mine['seconds'] / theirs['seconds']:6.2f}")  # fmt: skip
+            diff = max(b["cold"]["pixel_diff_vs_single"], b["warm"]["pixel_diff_vs_single"])
+            print(f"  {k:>3} {cells[0]} {cells[1]} {diff:>9}")
+    print()
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -362,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name] = bench_model(cases[name])
     results["wall_seconds"] = time.perf_counter() - started
     print_table(results)
+    print_feature_table(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -36,6 +36,7 @@ class Job(BaseModel):
     progress: float = Field(ge=0.0, le=1.0)
     queue_position: int | None = None
     result_url: str | None = None
+    result_urls: list[str] | None = None  # one per style of a multi-style job, in order
     error: JobError | None = None
     created_at: datetime
     started_at: datetime | None = None
@@ -43,6 +44,8 @@ class Job(BaseModel):
     params: dict[str, Any]
     style_prompt: str | None = None
     has_style: bool
+    style_ids: list[str] = Field(default_factory=list)  # library styles the job uses
+    style_count: int = 1
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: int = 90
 

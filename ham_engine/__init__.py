@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 from ham_engine.params import ParamError, TransferParams
 
 if TYPE_CHECKING:
-    from ham_engine.engine import HamEngine, TransferCancelled, TransferResult
+    from ham_engine.engine import BatchResult, HamEngine, Style, TransferCancelled, TransferResult
 
-__all__ = ["HamEngine", "ParamError", "TransferCancelled", "TransferParams", "TransferResult"]
+__all__ = ["BatchResult", "HamEngine", "ParamError", "Style", "TransferCancelled", "TransferParams", "TransferResult"]
 
-_LAZY = {"HamEngine", "TransferCancelled", "TransferResult"}
+_LAZY = {"BatchResult", "HamEngine", "Style", "TransferCancelled", "TransferResult"}
 
 
 def __getattr__(name: str) -> Any:

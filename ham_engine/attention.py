@@ -7,7 +7,11 @@ split, where the student's projections are rewritten. When a step is not modulat
 hook returns its inputs untouched, so the result is bitwise the stock one.
 
 Which batch rows belong to which branch, in which CFG half, is described by a
-:class:`BranchLayout` (a branch can run once and serve both halves); all
+:class:`BranchLayout` (a branch can run once and serve both halves). One batch can carry
+K styles for one content: the content teacher once, and per style ``i`` its style
+teacher and its student (:func:`style_teacher_of`, :func:`student_of`; style 0 keeps
+the plain names). Each student is modulated from the content teacher and its own
+style, exactly as in a one-style batch. All
 per-transfer state (layout, step, α/β, cached style features, recorded teachers,
 recorders) travels in a :class:`ModulationContext` that the engine owns and updates before
 each UNet call. The processors are installed and the originals restored by
@@ -40,6 +44,24 @@ STYLE_TEACHER = "style_teacher"
 STUDENT = "student"
 BRANCHES = (CONTENT_TEACHER, STYLE_TEACHER, STUDENT)
 
+
+def style_teacher_of(style: int) -> str:
+    """The branch name of style ``style``'s teacher in a K-style batch (style 0: ``style_teacher``)."""
+    return STYLE_TEACHER if style == 0 else f"{STYLE_TEACHER}.{style}"
+
+
+def student_of(style: int) -> str:
+    """The branch name of the student of style ``style`` in a K-style batch (style 0: ``student``)."""
+    return STUDENT if style == 0 else f"{STUDENT}.{style}"
+
+
+def _known_branch(branch: str) -> bool:
+    if branch in BRANCHES:
+        return True
+    base, _, index = branch.partition(".")
+    return base in (STYLE_TEACHER, STUDENT) and index.isdigit() and index == str(int(index)) and int(index) > 0
+
+
 # Kinds of attention layer, named as SD's transformer blocks name them (selection is by type).
 SELF_ATTENTION = "attn1"
 CROSS_ATTENTION = "attn2"
@@ -63,7 +85,7 @@ class BranchLayout:
     def __post_init__(self) -> None:
         if not self.branches or len(set(self.branches)) != len(self.branches):
             raise ValueError(f"branches must be distinct and non-empty, got {self.branches}")
-        unknown = set(self.branches) - set(BRANCHES)
+        unknown = {b for b in self.branches if not _known_branch(b)}
         if unknown:
             raise ValueError(f"unknown branches {sorted(unknown)}; known: {BRANCHES}")
         if self.halves not in (1, 2):
@@ -142,46 +164,62 @@ AttentionRecorder = Callable[[AttentionEvent], None]
 class ModulationContext:
     """Per-transfer state shared by the installed processors (never global).
 
-    The engine calls :meth:`begin_step` before each UNet call. Where the batch has no
-    style teacher, ``cached_style`` stands in for it (the style cache's features, or those
-    recorded during inversion); where it has one and ``style_record`` is set, what the
-    student takes from it is written there (the cold path filling the style cache). Where
-    the batch has no content teacher, ``recorded_content`` stands in for it.
+    The engine calls :meth:`begin_step` before each UNet call. ``cached_styles`` and
+    ``style_records`` hold one entry per style of the batch (``styles`` of them). Where
+    the batch has no teacher for style ``i``, ``cached_styles[i]`` stands in for it (the
+    style cache's features, or those recorded during inversion); where it has one and
+    ``style_records[i]`` is set, what the student takes from it is written there (the cold
+    path filling the style cache). Where the batch has no content teacher,
+    ``recorded_content`` stands in for it.
     """
 
     alpha: float
     beta: float
     gar_layers: tuple[str, ...] = ()
     lat_layers: tuple[str, ...] = ()
-    cached_style: StyleFeatures | None = None
-    style_record: StyleFeatures | None = None
+    cached_styles: tuple[StyleFeatures | None, ...] = (None,)
+    style_records: tuple[StyleFeatures | None, ...] = (None,)
     recorded_content: ContentFeatures | None = None
     recorder: AttentionRecorder | None = None
     layout: BranchLayout = field(default_factory=lambda: BranchLayout((STUDENT,)))
     step: int = 0
     modulating: bool = False
 
+    def __post_init__(self) -> None:
+        self.cached_styles = tuple(self.cached_styles)
+        self.style_records = tuple(self.style_records)
+        if not self.cached_styles or len(self.cached_styles) != len(self.style_records):
+            raise ValueError("cached_styles and style_records need one entry per style")
+
+    @property
+    def styles(self) -> int:
+        """How many styles (students) the batch carries."""
+        return len(self.cached_styles)
+
     def content_held(self, step: int) -> bool:
         """Whether recorded content-teacher features stand in for its row at ``step``."""
         return self.recorded_content is not None and self.recorded_content.holds(step)
 
-    def style_held(self, step: int) -> bool:
-        """Whether cached or recorded style features cover every modulated layer at ``step``."""
-        style = self.cached_style
-        return style is not None and all((step, layer) in style.gar for layer in self.gar_layers) and all(
-            layer in style.lat for layer in self.lat_layers
+    def style_held(self, step: int, style: int = 0) -> bool:
+        """Whether cached or recorded features of style ``style`` cover every modulated layer at ``step``."""
+        features = self.cached_styles[style]
+        return features is not None and all((step, layer) in features.gar for layer in self.gar_layers) and all(
+            layer in features.lat for layer in self.lat_layers
         )
 
     def begin_step(self, step: int, layout: BranchLayout, modulating: bool) -> None:
         """Describe the next UNet call: its sampling step, its rows, and whether GAR/LAT act."""
-        if modulating and not layout.has(STUDENT):
-            raise ValueError(f"a modulated step needs student rows, got {layout.branches}")
-        if modulating and not layout.has(CONTENT_TEACHER) and not self.content_held(step):
-            raise ValueError(f"step {step}: a modulated step needs a content teacher row or recorded features")
-        if modulating and not layout.has(STYLE_TEACHER) and not self.style_held(step):
-            raise ValueError(f"step {step}: a modulated step needs a style teacher row or held style features")
-        if modulating and STUDENT in layout.shared:
-            raise ValueError("a modulated step needs the student's own row in each half: its halves differ")
+        if modulating:
+            if not layout.has(CONTENT_TEACHER) and not self.content_held(step):
+                raise ValueError(f"step {step}: a modulated step needs a content teacher row or recorded features")
+            for i in range(self.styles):
+                student, teacher = student_of(i), style_teacher_of(i)
+                if not layout.has(student):
+                    raise ValueError(f"a modulated step needs student rows, got {layout.branches}")
+                if not layout.has(teacher) and not self.style_held(step, i):
+                    raise ValueError(f"step {step}: a modulated step needs a style teacher row or held style features")
+                if student in layout.shared and not (teacher in layout.shared or not layout.has(teacher)):
+                    raise ValueError("a modulated step needs the student's own row in each half: its halves differ")
         self.step = step
         self.layout = layout
         self.modulating = modulating
@@ -370,26 +408,40 @@ class GarProcessor(_ModulatingProcessor):
         ctx = self.context
         layout = ctx.layout
         projections = (query, key, value)
-        widths = [x.shape[-1] for x in projections]
+        # The content teacher's Q, K, V (one set for every student): its rows, else re-projected.
         if layout.has(CONTENT_TEACHER):
             contents = [layout.take(x, CONTENT_TEACHER) for x in projections]
         else:
             recorded = ctx.recorded_content.gar_inputs[(ctx.step, self.layer)]
             contents = [attn.to_q(recorded), attn.to_k(recorded), attn.to_v(recorded)]
-        if layout.has(STYLE_TEACHER):
-            style_stats = [channel_stats(layout.take(x, STYLE_TEACHER), dim=1) for x in projections]
-            if ctx.style_record is not None:
+        for i in range(ctx.styles):
+            self._modulate_student(i, projections, contents)
+        return query, key, value
+
+    def _modulate_student(
+        self,
+        i: int,
+        projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        contents: list[torch.Tensor],
+    ) -> None:
+        ctx = self.context
+        layout = ctx.layout
+        teacher, student = style_teacher_of(i), student_of(i)
+        widths = [x.shape[-1] for x in projections]
+        if layout.has(teacher):
+            style_stats = [channel_stats(layout.take(x, teacher), dim=1) for x in projections]
+            record = ctx.style_records[i]
+            if record is not None:
                 means, stds = zip(*style_stats, strict=True)
-                ctx.style_record.gar[(ctx.step, self.layer)] = (torch.cat(means, -1), torch.cat(stds, -1))
+                record.gar[(ctx.step, self.layer)] = (torch.cat(means, -1), torch.cat(stds, -1))
         else:
-            mean, std = ctx.cached_style.gar[(ctx.step, self.layer)]
+            mean, std = ctx.cached_styles[i].gar[(ctx.step, self.layer)]
             style_stats = list(zip(mean.split(widths, dim=-1), std.split(widths, dim=-1), strict=True))
         # Q, K and V one by one on views of the batch: joining them along the channels
         # first would copy every branch's features for nothing.
         for x, content, (style_mean, style_std) in zip(projections, contents, style_stats, strict=True):
-            own = layout.take(x, STUDENT)
-            layout.put(x, STUDENT, gar_blend(own, content, style_mean, style_std, ctx.alpha))
-        return query, key, value
+            own = layout.take(x, student)
+            layout.put(x, student, gar_blend(own, content, style_mean, style_std, ctx.alpha))
 
 
 class LatProcessor(_ModulatingProcessor):
@@ -407,21 +459,24 @@ class LatProcessor(_ModulatingProcessor):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx = self.context
         layout = ctx.layout
-        if layout.has(STYLE_TEACHER):
-            style_key = layout.take(key, STYLE_TEACHER)
-            style_value = layout.take(value, STYLE_TEACHER)
-            if ctx.style_record is not None and self.layer not in ctx.style_record.lat:
-                ctx.style_record.lat[self.layer] = (style_key.clone(), style_value.clone())
-        else:
-            style_key, style_value = ctx.cached_style.lat[self.layer]
         if layout.has(CONTENT_TEACHER):
             content_query = layout.take(query, CONTENT_TEACHER)
         else:
             content_query = ctx.recorded_content.lat_queries[(ctx.step, self.layer)]
-        own_query = layout.take(query, STUDENT)
-        layout.put(query, STUDENT, lat_query(own_query, content_query, ctx.beta))
-        layout.put(key, STUDENT, style_key)
-        layout.put(value, STUDENT, style_value)
+        for i in range(ctx.styles):
+            teacher, student = style_teacher_of(i), student_of(i)
+            record = ctx.style_records[i]
+            if layout.has(teacher):
+                style_key = layout.take(key, teacher)
+                style_value = layout.take(value, teacher)
+                if record is not None and self.layer not in record.lat:
+                    record.lat[self.layer] = (style_key.clone(), style_value.clone())
+            else:
+                style_key, style_value = ctx.cached_styles[i].lat[self.layer]
+            own_query = layout.take(query, student)
+            layout.put(query, student, lat_query(own_query, content_query, ctx.beta))
+            layout.put(key, student, style_key)
+            layout.put(value, student, style_value)
         return query, key, value
 
 

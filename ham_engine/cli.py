@@ -56,6 +56,12 @@ def add_transfer_parser(subparsers: Any) -> None:
     parser.add_argument("--record-bytes", type=int, default=os.environ.get("HAM_RECORD_BYTES") or None,
                         help="bytes the teachers' recording may take (default: $HAM_RECORD_BYTES, else a share "
                         "of the device's memory)")
+    parser.add_argument(
+        "--feature-store",
+        metavar="DIR",
+        help="keep style features and content inversions in DIR: a later run with the same style or content "
+        "skips that work",
+    )
     parser.add_argument("--stats", action="store_true", help="print the transfer's stats as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_transfer)
@@ -124,8 +130,10 @@ def _transfer(args: argparse.Namespace) -> None:
     try:
         content = open_image(args.content, field="content")
         style = open_image(args.style, field="style") if args.style is not None else None
-        engine = HamEngine.load(args.model, device=args.device, record_bytes=args.record_bytes)
-    except ValueError as exc:
+        engine = HamEngine.load(
+            args.model, device=args.device, record_bytes=args.record_bytes, feature_store=args.feature_store
+        )
+    except (ValueError, OSError) as exc:
         raise _BadInput(str(exc)) from exc
 
     started = time.perf_counter()

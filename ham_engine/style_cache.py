@@ -1,11 +1,13 @@
-"""What the student needs from an image style teacher, and a byte-bounded LRU of it (docs/method.md §7).
+"""What repeat inputs let a transfer skip, and a byte-bounded LRU of it (docs/method.md §7).
 
 An image style teacher is re-anchored to its inverted trajectory, so everything it feeds
 the student is fixed by the style image, the size, the schedule, the layers and its text
 conditioning: per GAR layer and step the per-channel mean/std of its Q, K, V; per LAT
 layer its cross-attention K/V; and for SINI the statistics of its terminal latent z_T^s.
 A repeat style therefore needs neither the style inversion nor the style branch in the
-sampling batch. Tensors stay on the model's device, so the byte budget is device memory.
+sampling batch. Likewise a content image's DDIM inversion is fixed by the image, the size,
+the schedule and the model: a repeat content skips it (:class:`ContentTrajectory`).
+Tensors stay on the model's device, so the byte budget is device memory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,22 +69,50 @@ class StyleFeatures:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+@dataclass(frozen=True)
+class ContentKey:
+    """Everything a content image's inversion depends on (besides the model weights)."""
+
+    model: str
+    image_digest: str
+    size: tuple[int, int]
+    steps: int
+    dtype: str
+    device: str
+    inversion: str = "target"  # the convention fixes the trajectory (docs/method.md)
+
+
+@dataclass
+class ContentTrajectory:
+    """A content image's DDIM inversion: entry ``k`` is the latent sampling step ``k`` starts from."""
+
+    latents: list[torch.Tensor]  # each [1, C, h, w] float32; entry 0 is z_T^c
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor storage held."""
+        return sum(t.numel() * t.element_size() for t in self.latents)
+
+
 class StyleCache:
-    """A least-recently-used map of :class:`StyleKey` → :class:`StyleFeatures` bounded in bytes.
+    """A least-recently-used map of keys to values with ``nbytes``, bounded in bytes.
+
+    The engine keeps two: :class:`StyleKey` → :class:`StyleFeatures` and
+    :class:`ContentKey` → :class:`ContentTrajectory`.
 
     ``put`` evicts the least recently used entries until the new one fits; an entry larger
     than ``max_bytes`` on its own is not stored (``max_bytes=0`` disables the cache).
     Thread-safe.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, field: str = "style_cache_bytes") -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"style_cache_bytes: must be an integer >= 0, got {max_bytes!r}")
+            raise ValueError(f"{field}: must be an integer >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
         self.evictions = 0
-        self._entries: OrderedDict[StyleKey, tuple[StyleFeatures, int]] = OrderedDict()
+        self._entries: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
         self._nbytes = 0
         self._lock = threading.Lock()
 
@@ -96,7 +127,7 @@ class StyleCache:
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
-    def get(self, key: StyleKey) -> StyleFeatures | None:
+    def get(self, key: Any) -> Any:
         """The entry for ``key`` (now the most recently used), or None; counts a hit or a miss."""
         with self._lock:
             entry = self._entries.get(key)
@@ -107,7 +138,7 @@ class StyleCache:
             self.hits += 1
             return entry[0]
 
-    def put(self, key: StyleKey, value: StyleFeatures) -> bool:
+    def put(self, key: Any, value: Any) -> bool:
         """Store ``value`` under ``key``, evicting LRU entries to fit; False if it is too large to keep."""
         size = value.nbytes
         with self._lock:

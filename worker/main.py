@@ -6,7 +6,9 @@ Start-up order, and what each step is for:
 2. The metrics/probe server on ``settings.worker_metrics_port`` (``/readyz`` answers 503
    until step 5) and the maintenance thread: heartbeat, recovery of jobs left behind by
    dead workers (runs once right away), expiry sweep — see :mod:`worker.recovery`.
-3. ``HamEngine.load(settings.model, device=..., dtype=..., record_bytes=...)`` — once.
+3. ``HamEngine.load(settings.model, device=..., dtype=..., record_bytes=...)`` — once,
+   with the shared feature store on the job storage (``features/``) unless
+   ``HAM_FEATURE_STORE`` is false: a style or content any worker computed is warm on all.
 4. The webhook dispatcher (when ``HAM_WEBHOOK_SECRET`` is set).
 5. Ready: ``/readyz`` turns 200 and ``--ready-file`` (if given) is written. Kubernetes
    probes either; neither exists before the model is loaded, and both turn false while
@@ -41,10 +43,12 @@ from redis import Redis
 from rq.serializers import JSONSerializer
 
 from service.core.config import Settings
+from service.core.feature_store import StorageFeatureStore
 from service.core.jobs import JobStore
 from service.core.logs import configure_logging
 from service.core.redis_client import connect_redis
 from service.core.storage import open_storage
+from service.core.styles import StyleStore
 from worker.metrics import MetricsServer, WorkerMetrics
 from worker.recovery import Maintenance
 from worker.rq_loop import ResilientWorker
@@ -106,13 +110,23 @@ def main(argv: list[str] | None = None) -> int:
         log.info("worker %s: loading model %r on %s", name, settings.model, settings.device or "auto")
         from ham_engine.engine import HamEngine  # torch: imported once the cheap checks passed
 
+        # The fleet-wide second tier behind each engine's in-process caches: features/ on the job storage.
+        features = StorageFeatureStore(storage) if settings.feature_store else None
         engine = HamEngine.load(
-            settings.model, device=settings.device, dtype=settings.dtype, record_bytes=settings.record_bytes
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            record_bytes=settings.record_bytes,
+            feature_store=features,
+            max_styles=settings.max_styles_per_job,
         )
+        metrics.feature_store = features
+        if features is not None:
+            log.info("worker %s: model fingerprint %s (checked on every stored feature)", name, engine.fingerprint())
         model = engine.model
         log.info("worker %s: model loaded (%s, %s)", name, model.device, str(model.dtype).removeprefix("torch."))
         runner = TransferRunner(
-            engine, store, storage, settings, name, metrics, webhooks,
+            engine, store, storage, settings, name, metrics, webhooks, StyleStore(redis),
             progress_store=progress_store, redis_link=redis_link, storage_link=storage_link,
         )
         install_runner(runner)

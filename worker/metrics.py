@@ -91,6 +91,23 @@ class WorkerMetrics:
             "Jobs whose teachers ran live because recording them would exceed HAM_RECORD_BYTES.",
             registry=r,
         )
+        self.feature_hits = Counter(
+            "ham_worker_feature_hits",
+            "Inputs whose features were re-used, by kind (style, content) and tier (memory, store).",
+            ["kind", "tier"],
+            registry=r,
+        )
+        self.feature_misses = Counter(
+            "ham_worker_feature_misses", "Inputs whose features were computed, by kind.", ["kind"], registry=r
+        )
+        self.feature_store_bytes = Gauge(
+            "ham_worker_feature_store_bytes", "Bytes in the shared feature store at the last sweep.", registry=r
+        )
+        self.feature_store_bytes_written = Counter(
+            "ham_worker_feature_store_written_bytes", "Bytes this worker wrote to the shared feature store.", registry=r
+        )
+        self.feature_store: Any = None  # the worker's StorageFeatureStore, read when a job finishes
+        self._bytes_written_seen = 0
         self.device_memory = Gauge(
             "ham_worker_device_memory_bytes",
             "Accelerator memory: 'allocated' now, 'peak' during the last job (0 on CPU).",
@@ -134,13 +151,21 @@ class WorkerMetrics:
         rows = stats.get("unet_rows")
         if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0:
             self.unet_rows.observe(rows)
-        for key, hits, misses in (("style_cache_hit", self.style_cache_hits, self.style_cache_misses),
-                                  ("content_cache_hit", self.content_cache_hits, self.content_cache_misses)):
-            hit = stats.get(key)
+        for style in stats.get("styles") or [stats]:
+            hit = style.get("style_cache_hit")
             if hit is True:
-                hits.inc()
+                self.style_cache_hits.inc()
+                self.feature_hits.labels(kind="style", tier=style.get("style_cache_tier") or "memory").inc()
             elif hit is False:
-                misses.inc()
+                self.style_cache_misses.inc()
+                self.feature_misses.labels(kind="style").inc()
+        content_hit = stats.get("content_cache_hit")
+        if content_hit is True:
+            self.content_cache_hits.inc()
+            self.feature_hits.labels(kind="content", tier=stats.get("content_cache_tier") or "memory").inc()
+        elif content_hit is False:
+            self.content_cache_misses.inc()
+            self.feature_misses.labels(kind="content").inc()
         teachers = stats.get("teachers")
         if isinstance(teachers, dict):
             for teacher, served in teachers.items():
@@ -148,6 +173,10 @@ class WorkerMetrics:
                     self.teachers.labels(teacher=teacher, served=served).inc()
         if stats.get("record_fallback"):
             self.record_fallbacks.inc()
+        written = getattr(self.feature_store, "bytes_written", 0)
+        if written > self._bytes_written_seen:
+            self.feature_store_bytes_written.inc(written - self._bytes_written_seen)
+            self._bytes_written_seen = written
         peak = stats.get("peak_memory_bytes")
         # The engine reports no accelerator peak on a CPU (None): the gauge says 0, as its help text does.
         self.device_memory.labels(kind="peak").set(peak if isinstance(peak, (int, float)) else 0)

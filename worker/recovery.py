@@ -21,7 +21,9 @@ Instead, every ``ham worker`` runs a :class:`Maintenance` thread that
 - re-queues "orphans": jobs still queued in their record but no longer in RQ's list for
   ``HEARTBEAT_MISSES`` beats (a worker died between popping the id and starting it);
 - once per sweep interval (one worker at a time, by a Redis lock) deletes stored inputs
-  and results older than ``settings.result_ttl``.
+  and results older than ``settings.result_ttl``, and keeps the shared feature store
+  (``features/``) within ``settings.feature_ttl`` and ``settings.feature_store_bytes``.
+  Style library images (``styles/``) live until their style is deleted.
 
 While Redis is away the thread keeps trying every beat (the worker's Redis link logs the
 outage once). Once Redis is back it recovers nothing for ``HEARTBEAT_MISSES`` beats: a
@@ -46,7 +48,8 @@ from typing import TYPE_CHECKING
 from redis import Redis
 
 from service.core.config import Settings
-from service.core.jobs import KEY_PREFIX, Job, JobStatus, JobStore
+from service.core.feature_store import sweep_features
+from service.core.jobs import JOB_FOLDERS, KEY_PREFIX, Job, JobStatus, JobStore
 from service.core.logs import log_context
 from service.core.redis_client import REDIS_UNAVAILABLE
 from service.core.storage import Storage, StorageError
@@ -121,9 +124,8 @@ def recover_lost_jobs(
         if metrics:
             metrics.jobs_recovered.labels(action=action).inc()
         if after.terminal and storage is not None:
-            for key in (after.content_key, after.style_key):
-                if key:
-                    storage.delete(key)
+            for key in after.input_keys:
+                storage.delete(key)
             notify_webhook(after, storage, settings, webhooks)
     return settled
 
@@ -194,13 +196,31 @@ class Maintenance:
             recover_lost_jobs(self.store, self.storage, self.webhooks, self.metrics)
             requeue_orphans(self.store, grace=HEARTBEAT_MISSES * self.settings.worker_heartbeat)
         if self.store.redis.set(_SWEEP_LOCK_KEY, self.worker_name, nx=True, ex=self.sweep_interval):
+            settings = self.settings
+            # Job inputs and results expire with the job; the style library stays until deleted;
+            # feature blobs have their own TTL and byte budget.
             try:
-                deleted = self.storage.delete_expired(self.settings.result_ttl)
+                deleted = self.storage.delete_expired(settings.result_ttl, prefixes=JOB_FOLDERS)
             except StorageError as exc:  # storage away: the next sweep (any worker's) catches up
                 log.warning("expiry sweep skipped: %s", exc)
                 return
             if deleted:
-                log.info("expiry sweep deleted %d stored object(s) older than %ds", deleted, self.settings.result_ttl)
+                log.info("expiry sweep deleted %d stored object(s) older than %ds", deleted, settings.result_ttl)
+            try:
+                swept = sweep_features(self.storage, settings.feature_ttl, settings.feature_store_bytes, time.time())
+            except StorageError as exc:
+                log.warning("feature sweep skipped: %s", exc)
+                return
+            if swept.expired or swept.evicted:
+                log.info(
+                    "feature sweep: %d expired, %d evicted over the %d-byte budget; %d bytes kept",
+                    swept.expired,
+                    swept.evicted,
+                    settings.feature_store_bytes,
+                    swept.bytes_kept,
+                )
+            if self.metrics:
+                self.metrics.feature_store_bytes.set(swept.bytes_kept)
 
     def start(self) -> None:
         """Beat and recover once synchronously (before any job is taken), then keep going in the background."""

@@ -12,7 +12,8 @@ A job's life here:
 2. Read the normalised input PNGs from storage.
 3. Run the engine; every step writes progress and polls the cancel flag and the
    deadline (``settings.job_timeout``), which the engine honours between steps.
-4. Write ``results/{id}.png``, then the terminal state: succeeded; failed with
+4. Write ``results/{id}.png`` (a multi-style job: ``results/{id}-{i}.png`` for style
+   ``i`` >= 1, through one ``transfer_batch``), then the terminal state: succeeded; failed with
    ``invalid_input`` (the engine's own input errors, :class:`~ham_engine.params.ParamError`),
    ``numerical_error`` (the engine's ``NumericalError``: an overflow), ``inputs_missing``,
    ``timeout`` or ``internal_error`` (anything else, a library's ``ValueError`` included;
@@ -60,6 +61,7 @@ from service.core.output import OutputSpec, encode
 from service.core.redis_client import REDIS_UNAVAILABLE
 from service.core.resource import job_resource
 from service.core.storage import Storage, StorageError
+from service.core.styles import StyleStore
 from worker.connectivity import Link, OutageTooLong, outlast
 
 if TYPE_CHECKING:
@@ -146,12 +148,14 @@ class TransferRunner:
         worker_name: str,
         metrics: WorkerMetrics | None = None,
         webhooks: WebhookSink | None = None,
+        styles: StyleStore | None = None,
         *,
         progress_store: JobStore | None = None,
         redis_link: Link | None = None,
         storage_link: Link | None = None,
     ) -> None:
         self.engine = engine
+        self.styles = styles
         self.store = store
         self.storage = storage
         self.settings = settings
@@ -234,7 +238,7 @@ class TransferRunner:
         try:
             params = TransferParams.from_dict(job.params)
             content = _open_png(self._read(job.content_key, outage_deadline))
-            style = _open_png(self._read(job.style_key, outage_deadline)) if job.style_key else None
+            styles = self._load_styles(job, outage_deadline)
         except KeyError as exc:
             message = f"input {exc.args[0]} is gone (expired?)"
             return self._finish_fail(job, ERROR_INPUTS_MISSING, message), None
@@ -245,16 +249,23 @@ class TransferRunner:
         except Exception as exc:
             return self._internal_error(job, exc), None
         try:
-            result = self.engine.transfer(
-                content,
-                style=style,
-                style_prompt=job.style_prompt,
-                params=params,
-                progress=watch.progress,
-                cancelled=watch.cancelled,
-            )
+            if len(styles) == 1:
+                style, prompt = styles[0]
+                single = self.engine.transfer(
+                    content, style=style, style_prompt=prompt, params=params,
+                    progress=watch.progress, cancelled=watch.cancelled,
+                )  # fmt: skip
+                pictures, stats = [single.image], single.stats
+            else:
+                from ham_engine.engine import Style
+
+                batch = self.engine.transfer_batch(
+                    content, [Style(image, prompt) for image, prompt in styles], params=params,
+                    progress=watch.progress, cancelled=watch.cancelled,
+                )  # fmt: skip
+                pictures, stats = batch.images, batch.stats
             output = OutputSpec(job.output_format, job.output_quality)
-            encoded = encode(result.image, output)
+            encoded = [encode(picture, output) for picture in pictures]
         except TransferCancelled:
             if watch.timed_out:
                 message = f"the job ran longer than the limit of {self.settings.job_timeout}s"
@@ -275,16 +286,45 @@ class TransferRunner:
             return self._internal_error(job, exc), None
         # The engine's work is done: from here on an outage is waited out, up to the deadline.
         outage_deadline = time.monotonic() + self.settings.worker_outage_deadline
-        key = result_key(job.id, output.extension)
+        keys = [result_key(job.id, output.extension, index) for index in range(len(encoded))]
         try:
-            outlast(f"job {job.id}: result upload",
-                    lambda: self.storage.put(key, encoded, output.content_type),
-                    self.storage_link, outage_deadline)
+            for key, data in zip(keys, encoded, strict=True):
+                outlast(f"job {job.id}: result upload",
+                        lambda key=key, data=data: self.storage.put(key, data, output.content_type),
+                        self.storage_link, outage_deadline)
         except OutageTooLong as exc:
-            return self._hand_back(job, exc), result.stats
-        stats = result.stats
-        return self._record(job, "succeeded", lambda: self.store.succeed(job.id, key, stats),
+            return self._hand_back(job, exc), stats
+        self._record_style_digests(job, styles)
+        many = keys if job.styles else None
+        return self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], stats, many),
                             outage_deadline), stats
+    def _load_styles(self, job: Job, deadline: float) -> list[tuple[Image.Image | None, str | None]]:
+        """(image, prompt) per style, in order; ``KeyError`` names a missing input or deleted library style."""
+        if not job.styles:
+            style = _open_png(self._read(job.style_key, deadline)) if job.style_key else None
+            return [(style, job.style_prompt)]
+        out = []
+        for style in job.styles:
+            key = style.get("key")
+            try:
+                image = _open_png(self._read(key, deadline)) if key else None
+            except KeyError:
+                raise KeyError(f"style {style['style_id']} (deleted?)" if style.get("style_id") else key) from None
+            out.append((image, style.get("prompt")))
+        return out
+
+    def _record_style_digests(self, job: Job, styles: list[tuple[Image.Image | None, str | None]]) -> None:
+        """Tell each library style where its features live, so deleting the style can remove them."""
+        if self.styles is None:
+            return
+        from ham_engine.images import image_digest
+
+        for style, (image, _) in zip(job.styles or [], styles, strict=False):
+            if style.get("style_id") and image is not None:
+                try:
+                    self.styles.set_field(style["style_id"], "image_digest", image_digest(image))
+                except Exception:  # bookkeeping only: the feature TTL still bounds what is left behind
+                    log.warning("job %s: could not record the digest of style %s", job.id, style["style_id"])
 
     def _event_webhook(self, job: Job, event: str) -> None:
         """A ``start`` or ``progress`` webhook with the job as it stands, if the job asked for that event."""
@@ -379,7 +419,7 @@ class TransferRunner:
             return None
 
     def _after_terminal(self, job: Job) -> None:
-        for key in (job.content_key, job.style_key):
+        for key in job.input_keys:
             if key:
                 try:
                     self.storage.delete(key)

@@ -27,6 +27,7 @@ from service.core.config import Settings, get_settings
 from service.core.jobs import JobStore
 from service.core.redis_client import REDIS_UNAVAILABLE, connect_async_redis, connect_redis
 from service.core.storage import StorageError, open_storage
+from service.core.styles import StyleStore
 from service.core.webhooks import WebhookDispatcher
 
 log = logging.getLogger("ham.api")
@@ -134,6 +135,7 @@ def build_services(settings: Settings) -> Services:
         redis=redis,
         storage=open_storage(settings),
         jobs=jobs,
+        styles=StyleStore(redis),
         limiter=RateLimiter(redis, settings.rate_limit_per_minute),
         metrics=ApiMetrics(_queue_collector(jobs)),
         webhooks=WebhookDispatcher(settings, redis),

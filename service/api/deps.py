@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from service.api.metrics import ApiMetrics
     from service.core.jobs import JobStore
     from service.core.storage import Storage
+    from service.core.styles import StyleStore
     from service.core.webhooks import WebhookDispatcher
 
 _BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -38,6 +39,7 @@ class Services:
     redis: Redis
     storage: Storage
     jobs: JobStore
+    styles: StyleStore
     limiter: RateLimiter
     metrics: ApiMetrics
     # Not started in the API: deliveries are stored in Redis and the workers' dispatchers send them.

@@ -29,7 +29,9 @@ from service.api.submission import (
 )
 
 FILE_FIELDS = ("content", "style")
-TEXT_FIELDS = ("style_prompt", "webhook_url", "webhook_events")
+TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url", "webhook_events")
+# May be given several times: the job then carries several styles, in the order given.
+STYLE_FIELDS = ("style", "style_id")
 KNOWN_FIELDS = frozenset(spec.name for spec in REQUEST_SPECS) | frozenset(FILE_FIELDS) | frozenset(TEXT_FIELDS)
 MAX_TEXT_FIELD_BYTES = 64 * 1024
 # ASCII only: Python's int()/float() also accept other scripts' digits ("٤", fullwidth "４") and
@@ -44,9 +46,11 @@ _FALSE = frozenset({"false"})
 
 async def read_multipart(request: Request, services: Services) -> Submission:
     """The submission in a multipart body; 400/413/415/422 naming the field otherwise."""
-    form = await _parse_form(request)
+    form = await _parse_form(request, services.settings.max_styles_per_job)
     try:
         values = _form_fields(form)
+        refs = _style_fields(form, services.settings.max_styles_per_job)
+        one_upload = len(refs) <= 1 and all(name == "style" for name, _ in refs)
         given: dict[str, Any] = {}
         for spec in REQUEST_SPECS:
             raw = _text(values, spec.name)
@@ -56,23 +60,64 @@ async def read_multipart(request: Request, services: Services) -> Submission:
                 except ParamError as exc:
                     raise invalid(exc) from None
         params, output = build_params(given)
-        prompt = style_reference(values.get("style") is not None, _text(values, "style_prompt"))
+        if one_upload:
+            prompt = style_reference(values.get("style") is not None, _text(values, "style_prompt"))
+        elif _text(values, "style_prompt") is not None:
+            raise ApiError(422, "invalid_parameter",
+                           "style_prompt: with a style_id or several styles, give each its prompt through the "
+                           "style library", field="style_prompt")
+        else:
+            prompt = None
         if values.get("content") is None:
             raise ApiError(422, "missing_field", "content: the content image is required", field="content")
         events_text = _text(values, "webhook_events")
         events = webhook_events(None if events_text is None else [e.strip() for e in events_text.split(",")])
         webhook_url = await check_webhook(services, _text(values, "webhook_url"))
         content = await _read_upload(services, values, "content")
-        style = await _read_upload(services, values, "style")
+        style = await _read_upload(services, values, "style") if one_upload else None
+        styles = None if one_upload else await _uploaded_and_library_styles(services, refs)
     finally:
         await form.close()
     assert content is not None  # checked above
-    return Submission(params, output, prompt, webhook_url, events, content, style)
+    return Submission(params, output, prompt, webhook_url, events, content, style, styles)
 
 
-async def _parse_form(request: Request) -> FormData:
+def _style_fields(form: FormData, limit: int) -> list[tuple[str, str | UploadFile]]:
+    """The ``style`` files and ``style_id``s, in the order given (blanks skipped); 422 above ``limit``."""
+    refs: list[tuple[str, str | UploadFile]] = []
+    for name, value in form.multi_items():
+        if name not in STYLE_FIELDS or (isinstance(value, str) and value.strip() == ""):
+            continue
+        if isinstance(value, UploadFile) and not value.filename and value.size == 0:
+            continue
+        refs.append((name, value))
+    if len(refs) > limit:
+        raise ApiError(
+            422, "too_many_styles", f"at most {limit} styles per job (style files and style_ids), got {len(refs)}",
+            field="style",
+        )
+    return refs
+
+
+async def _uploaded_and_library_styles(
+    services: Services, refs: list[tuple[str, str | UploadFile]]
+) -> tuple[dict[str, Any], ...]:
+    """Each style of a job naming library styles or several images (library ones resolved by the route)."""
+    styles: list[dict[str, Any]] = []
+    for name, value in refs:
+        if name == "style_id":
+            if not isinstance(value, str):
+                raise ApiError(422, "invalid_field", "style_id must be a text field, not a file", field="style_id")
+            styles.append({"png": None, "key": None, "prompt": None, "style_id": value.strip()})
+            continue
+        png = await _read_upload(services, {"style": value}, "style")
+        styles.append({"png": png, "key": None, "prompt": None, "style_id": None})
+    return tuple(styles)
+
+
+async def _parse_form(request: Request, styles: int) -> FormData:
     try:
-        return await request.form(max_files=len(FILE_FIELDS) + 2, max_fields=len(KNOWN_FIELDS) + 8,
+        return await request.form(max_files=len(FILE_FIELDS) + styles + 2, max_fields=len(KNOWN_FIELDS) + styles + 8,
                                   max_part_size=MAX_TEXT_FIELD_BYTES)
     except StarletteHTTPException as exc:
         raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from None
@@ -108,14 +153,14 @@ def _form_fields(form: FormData) -> dict[str, str | UploadFile]:
                 422, "unknown_field", f"unknown form field {name[:80]!r}; known: {', '.join(sorted(KNOWN_FIELDS))}",
                 field=name[:80],
             )
-        if name in values:
+        if name in values and name not in STYLE_FIELDS:
             raise ApiError(422, "duplicate_field", f"form field {name!r} given more than once", field=name)
         # An empty text value means "not given" (what HTML forms and Swagger UI send for blanks).
         if isinstance(value, str) and value == "":
             continue
         if isinstance(value, UploadFile) and name in FILE_FIELDS and not value.filename and value.size == 0:
             continue
-        values[name] = value
+        values.setdefault(name, value)
     return values
 
 

@@ -6,6 +6,7 @@ are the public shapes, translated in :mod:`service.api.routes.transfers`.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -135,3 +136,23 @@ def transfer_json_schema() -> dict[str, Any]:
         "examples": [{"content_url": "https://example.com/photos/42.jpg", "style_prompt": "ukiyo-e woodblock print",
                       "steps": 30, "output_format": "webp", "output_quality": 85}],
     }
+
+
+class StyleResource(BaseModel):
+    """A style of your library: refer to it as `style_id` in `POST /v1/transfers`."""
+
+    id: str = Field(description="Style id; the resource lives at `/v1/styles/{id}`.")
+    name: str | None = Field(None, description="Your label for it.")
+    style_prompt: str | None = Field(None, description="The text style reference, if one was given.")
+    has_image: bool = Field(description="Whether it has a style image.")
+    created_at: datetime = Field(description="ISO 8601, UTC.")
+    warm_job_id: str | None = Field(
+        None, description="The feature-building job `warm` queued (a transfer job: poll `/v1/transfers/{id}`)."
+    )
+
+
+class StyleList(BaseModel):
+    """One page of your styles, newest first."""
+
+    items: list[StyleResource]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last page.")

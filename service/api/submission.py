@@ -10,7 +10,7 @@ whole submission stands.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +19,7 @@ from ham_engine.params import PARAM_SPECS, ParamError, ParamSpec, TransferParams
 from service.api.deps import Services
 from service.api.errors import ApiError
 from service.api.uploads import UploadError, read_image
-from service.core.jobs import WEBHOOK_EVENTS, Job
+from service.core.jobs import WEBHOOK_EVENTS, Job, extra_style_key, style_key
 from service.core.output import OUTPUT_SPECS, OutputSpec
 from service.core.webhooks import check_webhook_url
 
@@ -41,19 +41,47 @@ class Submission:
     webhook_events: tuple[str, ...]
     content_png: bytes
     style_png: bytes | None
+    # A job naming library styles or several styles: each {"png": uploaded PNG or None,
+    # "key": a library style's image key or None, "prompt", "style_id"}, in order. None: the one
+    # style of style_png / style_prompt.
+    styles: tuple[dict[str, Any], ...] | None = None
+
+    def uploads(self, job_id: str) -> list[tuple[str, bytes]]:
+        """The style images to store with the job: (storage key, PNG)."""
+        if self.styles is None:
+            return [(style_key(job_id), self.style_png)] if self.style_png is not None else []
+        return [(key, ref["png"]) for key, ref in zip(self._keys(job_id), self.styles, strict=True) if ref["png"]]
+
+    def _keys(self, job_id: str) -> list[str | None]:
+        keys: list[str | None] = []
+        uploaded = 0
+        for index, ref in enumerate(self.styles or ()):
+            if ref["png"] is None:
+                keys.append(ref["key"])
+                continue
+            keys.append(style_key(job_id) if uploaded == 0 else extra_style_key(job_id, index))
+            uploaded += 1
+        return keys
 
     def job(self, job_id: str, tenant: str) -> Job:
         """The job record this submission becomes."""
+        styles = None
+        if self.styles is not None:
+            styles = [
+                {"key": key, "prompt": ref["prompt"], "style_id": ref["style_id"]}
+                for key, ref in zip(self._keys(job_id), self.styles, strict=True)
+            ]
         return Job(
             id=job_id,
             tenant=tenant,
             params=self.params.to_dict(),
             style_prompt=self.style_prompt,
-            has_style=self.style_png is not None,
+            has_style=self.style_png is not None or any(s["key"] for s in styles or []),
             webhook_url=self.webhook_url,
             webhook_events=self.webhook_events,
             output_format=self.output.format,
             output_quality=self.output.quality,
+            styles=styles,
         )
 
 
@@ -127,3 +155,18 @@ async def normalise_image(services: Services, field: str, data: bytes) -> bytes:
     except UploadError as exc:
         raise ApiError(exc.status, exc.code, str(exc.message), field=exc.field or field) from None
     return info.normalized_png
+
+
+def resolve_library_styles(services: Services, tenant: str, submission: Submission) -> Submission:
+    """``submission`` with each ``style_id`` resolved to the tenant's library style; 404 naming it otherwise."""
+    if submission.styles is None:
+        return submission
+    resolved = []
+    for ref in submission.styles:
+        if ref["style_id"] is not None:
+            record = services.styles.get(tenant, ref["style_id"])
+            if record is None:
+                raise ApiError(404, "style_not_found", f"no style {ref['style_id'][:80]!r}", field="style_id")
+            ref = {**ref, "key": record.image_key, "prompt": record.style_prompt, "style_id": record.id}
+        resolved.append(ref)
+    return replace(submission, styles=tuple(resolved))

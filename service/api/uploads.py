@@ -138,3 +138,23 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+async def read_upload(upload: object, name: str, settings: Settings) -> bytes:
+    """The normalised PNG of the multipart file ``upload`` of field ``name``; :class:`ApiError` otherwise."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+
+    from service.api.errors import ApiError
+
+    if not isinstance(upload, UploadFile):
+        raise ApiError(422, "invalid_field", f"{name} must be an image file upload, not text", field=name)
+    limit = settings.max_upload_bytes
+    data = await upload.read(limit + 1)  # never more than the limit (+1 to detect "over")
+    if len(data) > limit:
+        raise ApiError(413, "upload_too_large", f"{name}: larger than {limit} bytes", field=name)
+    try:
+        info = await run_in_threadpool(read_image, name, data, settings)
+    except UploadError as exc:
+        raise ApiError(exc.status, exc.code, str(exc.message), field=exc.field or name) from None
+    return info.normalized_png

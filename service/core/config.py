@@ -59,6 +59,18 @@ class Settings(BaseSettings):
         "unset: a quarter of the GPU's memory, an eighth of RAM on CPU.",
     )
 
+    feature_store: bool = Field(
+        True,
+        description="Workers share style features and content inversions under features/ in HAM_STORAGE_URL.",
+    )
+    feature_ttl: int = Field(
+        7 * 86_400, gt=0, description="Seconds a stored feature blob is kept after its last write."
+    )
+    feature_store_bytes: int = Field(
+        10 * 2**30, gt=0, description="Byte budget of features/: the sweep deletes the oldest blobs above it."
+    )
+    max_styles_per_job: int = Field(4, ge=1, le=16, description="Styles one transfer job may carry (422 above).")
+
     # --- auth ----------------------------------------------------------------------
     api_keys: str = Field(
         "",

@@ -117,12 +117,32 @@ class Job:
     stats: dict[str, Any] | None = None
     # The X-Request-ID of the submission: the worker's log lines for this job carry it too.
     request_id: str | None = None
+    # A job with a library style or several styles lists them here, in order; each entry
+    # {"key": storage key of its PNG or None, "prompt": str or None, "style_id": str or None}.
+    # None: the one style of has_style / style_prompt.
+    styles: list[dict[str, Any]] | None = None
+    result_keys: list[str] | None = None  # one per style once succeeded (the first is result_key)
     # Bumped by every transition and progress write; the id of the job's server-sent events.
     version: int = 0
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def style_ids(self) -> list[str]:
+        """The library styles this job uses, in order."""
+        return [s["style_id"] for s in self.styles or [] if s.get("style_id")]
+
+    @property
+    def input_keys(self) -> list[str]:
+        """Every stored input of this job (never a library style's image: that outlives the job)."""
+        keys = [self.content_key] + ([self.style_key] if self.style_key else [])
+        for style in self.styles or []:
+            key = style.get("key")
+            if key and key.startswith(f"inputs/{self.id}/") and key not in keys:
+                keys.append(key)
+        return keys
 
     @property
     def content_key(self) -> str:
@@ -156,6 +176,8 @@ class Job:
             "worker": self.worker,
             "stats": None if self.stats is None else json.dumps(self.stats, sort_keys=True),
             "request_id": self.request_id,
+            "styles": None if self.styles is None else json.dumps(self.styles, sort_keys=True),
+            "result_keys": None if self.result_keys is None else json.dumps(self.result_keys),
             "version": str(int(self.version)),
         }
         return {k: v for k, v in raw.items() if v is not None}
@@ -190,8 +212,14 @@ class Job:
             worker=f.get("worker"),
             stats=json.loads(f["stats"]) if f.get("stats") else None,
             request_id=f.get("request_id"),
+            styles=json.loads(f["styles"]) if f.get("styles") else None,
+            result_keys=json.loads(f["result_keys"]) if f.get("result_keys") else None,
             version=int(f.get("version") or 0),
         )
+
+
+# The storage folders a job's own objects live in (the expiry sweep's scope).
+JOB_FOLDERS = ("inputs", "results")
 
 
 def content_key(job_id: str) -> str:
@@ -204,9 +232,15 @@ def style_key(job_id: str) -> str:
     return f"inputs/{job_id}/style.png"
 
 
-def result_key(job_id: str, extension: str = "png") -> str:
-    """Storage key of a job's result (``extension``: that of its output format)."""
-    return f"results/{job_id}.{extension}"
+def result_key(job_id: str, extension: str = "png", index: int = 0) -> str:
+    """Storage key of a job's result (``extension``: that of its output format; ``index``: the
+    style's place in a multi-style job)."""
+    return f"results/{job_id}.{extension}" if index == 0 else f"results/{job_id}-{index}.{extension}"
+
+
+def extra_style_key(job_id: str, index: int) -> str:
+    """Storage key of the (normalised PNG) style image number ``index`` >= 1 uploaded with a job."""
+    return f"inputs/{job_id}/style-{index}.png"
 
 
 def events_channel(job_id: str) -> str:
@@ -573,13 +607,14 @@ class JobStore:
             keys=[self.job_key(job_id)], args=[repr(min(1.0, max(0.0, float(progress)))), events_channel(job_id)]
         )
 
-    def succeed(self, job_id: str, result_key: str, stats: dict[str, Any]) -> Job:
-        """→ succeeded with the stored result. :class:`JobConflict` if already terminal."""
-        return self._terminal(
-            job_id,
-            JobStatus.SUCCEEDED,
-            {"result_key": result_key, "stats": json.dumps(stats, sort_keys=True, default=str), "progress": "1.0"},
-        )
+    def succeed(
+        self, job_id: str, result_key: str, stats: dict[str, Any], result_keys: list[str] | None = None
+    ) -> Job:
+        """→ succeeded with the stored result(s). :class:`JobConflict` if already terminal."""
+        fields = {"result_key": result_key, "stats": json.dumps(stats, sort_keys=True, default=str), "progress": "1.0"}
+        if result_keys is not None:
+            fields["result_keys"] = json.dumps(result_keys)
+        return self._terminal(job_id, JobStatus.SUCCEEDED, fields)
 
     def fail(self, job_id: str, code: str, message: str) -> Job:
         """→ failed with an error code and a message for the client."""

@@ -107,6 +107,11 @@ class TransferJob(BaseModel):
         description="Expiring download URL of the result (in `output_format`) when `succeeded`; fetch the job again "
         "for a new one.",
     )
+    result_urls: list[str] | None = Field(
+        None,
+        description="Expiring download URLs, one per style in the order given, when `succeeded` "
+        "(`result_url` is the first).",
+    )
     error: JobError | None = Field(None, description="Why the job failed, when `failed`.")
     created_at: datetime = Field(description="ISO 8601, UTC.")
     started_at: datetime | None = Field(None, description="When a worker last started the job (ISO 8601, UTC).")
@@ -114,11 +119,19 @@ class TransferJob(BaseModel):
     params: dict[str, Any] = Field(description="The engine parameters in effect (defaults filled in).")
     style_prompt: str | None = Field(None, description="The text style reference, if one was given.")
     has_style: bool = Field(description="Whether a style image was given.")
+    style_ids: list[str] = Field(default_factory=list, description="The library styles used (`/v1/styles`).")
+    style_count: int = Field(1, description="How many styles the job carries (one result per style).")
     output_format: Literal["png", "jpeg", "webp"] = Field(description="The result's file format.")
     output_quality: int = Field(ge=1, le=100, description="Encoder quality of a jpeg or webp result.")
 
     @classmethod
-    def from_job(cls, job: Job, queue_position: int | None = None, result_url: str | None = None) -> TransferJob:
+    def from_job(
+        cls,
+        job: Job,
+        queue_position: int | None = None,
+        result_url: str | None = None,
+        result_urls: list[str] | None = None,
+    ) -> TransferJob:
         """The public view of a stored job (the API's responses and the webhook payload share it)."""
         error = JobError(code=job.error_code, message=job.error_message or job.error_code) if job.error_code else None
         return cls(
@@ -127,6 +140,7 @@ class TransferJob(BaseModel):
             progress=min(1.0, max(0.0, float(job.progress))),
             queue_position=queue_position,
             result_url=result_url,
+            result_urls=result_urls,
             error=error,
             created_at=_utc(job.created_at),
             started_at=_utc(job.started_at),
@@ -134,6 +148,8 @@ class TransferJob(BaseModel):
             params=job.params,
             style_prompt=job.style_prompt,
             has_style=job.has_style,
+            style_ids=job.style_ids,
+            style_count=len(job.styles) if job.styles else 1,
             output_format=job.output_format,
             output_quality=job.output_quality,
         )
@@ -144,7 +160,8 @@ def job_resource(job: Job, storage: Storage, url_ttl: int, queue_position: int |
 
     A succeeded job gets a freshly signed result URL valid for ``url_ttl`` seconds.
     """
-    result_url = None
+    result_url = result_urls = None
     if job.status == JobStatus.SUCCEEDED and job.result_key:
         result_url = storage.url(job.result_key, url_ttl)
-    return TransferJob.from_job(job, queue_position=queue_position, result_url=result_url)
+        result_urls = [storage.url(key, url_ttl) for key in job.result_keys or [job.result_key]]
+    return TransferJob.from_job(job, queue_position=queue_position, result_url=result_url, result_urls=result_urls)

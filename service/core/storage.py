@@ -31,6 +31,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -48,6 +49,15 @@ _S3_MAX_URL_TTL = 7 * 24 * 3600
 
 class StorageError(RuntimeError):
     """The storage backend is unreachable or refused an operation (not a missing key)."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One listed object: its key, its size in bytes, and when it was last written (Unix time)."""
+
+    key: str
+    size: int
+    modified: float
 
 
 class Storage(Protocol):
@@ -68,8 +78,12 @@ class Storage(Protocol):
     def ping(self) -> None:
         """Raise ``StorageError`` unless the backend is reachable and usable."""
 
-    def delete_expired(self, older_than_seconds: int) -> int:
-        """Delete objects last written more than ``older_than_seconds`` ago; returns how many."""
+    def delete_expired(self, older_than_seconds: int, prefixes: tuple[str, ...] | None = None) -> int:
+        """Delete objects last written more than ``older_than_seconds`` ago (only under
+        ``prefixes``, top-level folder names such as ``"inputs"``, when given); returns how many."""
+
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        """Every object under the folder ``prefix`` (e.g. ``"features"``), with its size and age."""
 
 
 def check_key(key: str) -> str:
@@ -183,11 +197,26 @@ class FileStorage:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
             raise StorageError(f"storage root {self.root} is not a writable directory")
 
-    def delete_expired(self, older_than_seconds: int) -> int:
-        """Delete files not modified for ``older_than_seconds`` (inputs and results share the TTL)."""
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        """Every file under the folder ``prefix``."""
+        top = self.path_for(prefix.strip("/"))
+        out = []
+        for path in top.rglob("*") if top.is_dir() else ():
+            try:
+                if path.is_file() and not path.is_symlink() and not path.name.startswith(".tmp-"):
+                    info = path.stat()
+                    out.append(StoredObject(path.relative_to(self.root).as_posix(), info.st_size, info.st_mtime))
+            except OSError:  # deleted meanwhile
+                continue
+        return out
+
+    def delete_expired(self, older_than_seconds: int, prefixes: tuple[str, ...] | None = None) -> int:
+        """Delete files not modified for ``older_than_seconds`` (under ``prefixes`` when given)."""
         cutoff = time.time() - older_than_seconds
         deleted = 0
-        for path in sorted(self.root.rglob("*"), reverse=True):  # children before their directory
+        tops = [self.path_for(p.strip("/")) for p in prefixes] if prefixes is not None else [self.root]
+        paths = [path for top in tops if top.is_dir() for path in top.rglob("*")]
+        for path in sorted(paths, reverse=True):  # children before their directory
             try:
                 if path.is_file() and not path.is_symlink() and path.stat().st_mtime < cutoff:
                     path.unlink()
@@ -313,20 +342,40 @@ class S3Storage:
         except self._errors as exc:
             raise StorageError(f"S3 bucket {self.bucket!r} is not reachable: {exc}") from exc
 
-    def delete_expired(self, older_than_seconds: int) -> int:
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        """Every object under the folder ``prefix``."""
+        folder = check_key(prefix.strip("/")) + "/"
+        base = self.prefix + "/" if self.prefix else ""
+        try:
+            return [
+                StoredObject(o["Key"][len(base) :], int(o["Size"]), o["LastModified"].timestamp())
+                for page in self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=base + folder
+                )
+                for o in page.get("Contents", [])
+            ]
+        except self._errors as exc:
+            if _error_code(exc) == "NoSuchBucket":
+                return []
+            raise StorageError(f"S3 listing of {self.bucket}/{base + folder} failed: {exc}") from exc
+
+    def delete_expired(self, older_than_seconds: int, prefixes: tuple[str, ...] | None = None) -> int:
         """Delete objects under the prefix older than the cutoff (a sweep; bucket lifecycle rules also work)."""
         cutoff = time.time() - older_than_seconds
-        listing: dict[str, Any] = {"Bucket": self.bucket}
-        if self.prefix:
-            listing["Prefix"] = self.prefix + "/"
+        base = self.prefix + "/" if self.prefix else ""
+        listings = [base + check_key(p.strip("/")) + "/" for p in prefixes] if prefixes is not None else [base]
         deleted = 0
         try:
-            for page in self._client.get_paginator("list_objects_v2").paginate(**listing):
-                stale = [{"Key": o["Key"]} for o in page.get("Contents", []) if o["LastModified"].timestamp() < cutoff]
-                # Single-object deletes: DeleteObjects needs Content-MD5 handling some S3 clones get wrong.
-                for obj in stale:
-                    self._client.delete_object(Bucket=self.bucket, Key=obj["Key"])
-                    deleted += 1
+            for listing in listings:
+                pages = self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, **({"Prefix": listing} if listing else {})
+                )
+                for page in pages:
+                    stale = [o["Key"] for o in page.get("Contents", []) if o["LastModified"].timestamp() < cutoff]
+                    # Single-object deletes: DeleteObjects needs Content-MD5 handling some S3 clones get wrong.
+                    for key in stale:
+                        self._client.delete_object(Bucket=self.bucket, Key=key)
+                        deleted += 1
         except self._errors as exc:
             raise StorageError(f"S3 sweep of {self.bucket!r} failed after {deleted} deletions: {exc}") from exc
         return deleted

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -141,17 +142,12 @@ def _start_api(env: dict[str, str], workdir: Path, port: int) -> subprocess.Pope
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """API + one worker; tests may add, kill and replace workers through the :class:`Stack`."""
-    yield from run_stack(redis_url, tmp_path_factory)
-
-
-def run_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory, **extra_env: str) -> Iterator[Stack]:
-    """Start the stack (with ``extra_env`` on top of the shared settings), yield it, stop it."""
-    workdir = tmp_path_factory.mktemp("e2e")
+@contextmanager
+def running_stack(redis_url: str, workdir: Path, storage_url: str | None = None, **extra: str) -> Iterator[Stack]:
+    """The API and one worker on ``redis_url`` (database :data:`E2E_REDIS_DB`) and ``storage_url``
+    (default: files in ``workdir``); ``extra`` adds or overrides ``HAM_*`` variables."""
     port = free_port()
-    url = _with_db(redis_url, E2E_REDIS_DB)
+    url = _with_db(redis_url, int(extra.pop("redis_db", E2E_REDIS_DB)))
     client = redis.Redis.from_url(url)
     client.flushdb()
     env = {
@@ -159,7 +155,7 @@ def run_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory, **extra_
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_OFFLINE": "1",
         "HAM_REDIS_URL": url,
-        "HAM_STORAGE_URL": f"file://{workdir / 'storage'}",
+        "HAM_STORAGE_URL": storage_url or f"file://{workdir / 'storage'}",
         "HAM_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "HAM_URL_SIGNING_KEY": "e2e-url-signing-key",
         "HAM_API_KEYS": ",".join(f"{t}:{k}" for t, k in TENANTS.items()),
@@ -178,7 +174,7 @@ def run_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory, **extra_
         # Two CPUs shared by the API, the workers and pytest: one torch thread each.
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        **extra_env,
+        **extra,
     }
     (workdir / "storage").mkdir()
     api = _start_api(env, workdir, port)
@@ -196,3 +192,15 @@ def run_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory, **extra_
             api.wait()
         client.flushdb()
         client.close()
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """API + one worker; tests may add, kill and replace workers through the :class:`Stack`."""
+    yield from run_stack(redis_url, tmp_path_factory)
+
+
+def run_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory, **extra: str) -> Iterator[Stack]:
+    """Start the stack (with ``extra`` on top of the shared settings) in a fresh folder, yield it, stop it."""
+    with running_stack(redis_url, tmp_path_factory.mktemp("e2e"), **extra) as running:
+        yield running

@@ -252,13 +252,13 @@ def test_lat_gives_the_student_the_style_teachers_keys_values_and_a_blended_quer
 def test_cached_style_features_stand_in_for_the_style_teacher_rows(unet: UNet2DConditionModel) -> None:
     latents, text = _inputs(THREE, seed=4)
     record = StyleFeatures()
-    live = _modulated(unet, _context(unet, style_record=record), THREE, latents, text, step=3)
+    live = _modulated(unet, _context(unet, style_records=(record,)), THREE, latents, text, step=3)
     assert set(record.gar) == {(3, name) for name in _context(unet).gar_layers}
     assert set(record.lat) == set(_context(unet).lat_layers)
 
     two = BranchLayout((CONTENT_TEACHER, STUDENT))
     keep = torch.tensor([0, 2])
-    cached = _modulated(unet, _context(unet, cached_style=record), two, latents[keep], text[keep], step=3)
+    cached = _modulated(unet, _context(unet, cached_styles=(record,)), two, latents[keep], text[keep], step=3)
     torch.testing.assert_close(cached, live[keep], atol=1e-5, rtol=1e-5)
 
 

@@ -142,3 +142,15 @@ def test_a_missing_output_option_is_a_usage_error(capsys: pytest.CaptureFixture)
 def test_importing_the_cli_does_not_import_torch() -> None:
     code = "import sys, ham_engine.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
+
+
+def test_a_feature_store_directory_makes_a_second_run_warm(cli_env: Path, tmp_path: Path, capsys) -> None:
+    store = tmp_path / "features"
+    args = ["transfer", CONTENT, "--style", STYLE, "--size", "64", "--steps", "3", "--stats", "-q"]
+    args += ["--feature-store", str(store)]
+    assert main([*args, "-o", str(tmp_path / "a.png")]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main([*args, "-o", str(tmp_path / "b.png")]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert (first["style_cache_hit"], first["unet_rows"]) == (False, 15)
+    assert (second["style_cache_tier"], second["content_cache_tier"], second["unet_rows"]) == ("store", "store", 6)

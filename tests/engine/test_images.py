@@ -101,6 +101,7 @@ def test_tensors_and_digests_see_the_upright_picture_whether_or_not_it_was_norma
     assert image_to_tensor(upright, 2, 4)[0, :, 0, 0].tolist() == [1.0, -1.0, -1.0]  # red on top
     assert image_digest(raw) == image_digest(upright)
 
+
 def test_an_empty_image_is_a_value_error_naming_the_field() -> None:
     with pytest.raises(ValueError, match=r"^style: the image is empty \(0x5 pixels\)"):
         to_rgb(Image.new("RGB", (0, 5)), field="style")

@@ -39,6 +39,7 @@ def test_channel_stats_stay_accurate_for_features_far_from_zero() -> None:
     torch.testing.assert_close(std.double(), want, atol=0, rtol=1e-4)
     torch.testing.assert_close(mean.double(), x.double().mean(dim=(2, 3), keepdim=True), atol=1e-4, rtol=0)
 
+
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 0.9])
 def test_sini_output_statistics_are_gamma_interpolated(gamma: float) -> None:
     content = _latents(1, 0.2, 0.7)

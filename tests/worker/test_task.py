@@ -93,6 +93,7 @@ def test_recorded_teachers_and_budget_fallbacks_are_counted(engine, redis_client
     recorded = {"steps": 3, "size": 64, "inversion": "source", "teachers": "recorded"}
     assert runner.run(submit(runner, params=recorded).id) == "succeeded"
     budget, engine.record_bytes = engine.record_bytes, 0  # nothing fits: the teachers run live
+    engine.content_cache.clear()  # the repeat inverts its content again (else nothing is recorded)
     try:
         assert runner.run(submit(runner, params=recorded).id) == "succeeded"
     finally:
@@ -105,7 +106,10 @@ def test_recorded_teachers_and_budget_fallbacks_are_counted(engine, redis_client
 
 
 def test_progress_is_written_every_step_and_rises(engine, redis_client, storage, settings):
-    runner = make_runner(engine, redis_client, storage, settings)
+    from ham_engine.engine import HamEngine
+
+    # Empty caches: a cold job inverts, so its steps are inversion + sampling.
+    runner = make_runner(HamEngine(engine.model), redis_client, storage, settings)
     job = submit(runner, params={"steps": 5, "size": 64})
     written: list[float] = []
     original = runner.store.set_progress
@@ -284,9 +288,9 @@ def test_a_recorded_success_whose_reply_was_lost_is_taken_as_done(engine, redis_
     original = runner.store.succeed
     calls: list[str] = []
 
-    def succeed_then_lose_the_reply(job_id, key, stats):
+    def succeed_then_lose_the_reply(job_id, key, stats, result_keys=None):
         calls.append(job_id)
-        done = original(job_id, key, stats)
+        done = original(job_id, key, stats, result_keys)
         if len(calls) == 1:
             raise redis.ConnectionError("Connection closed by server.")
         return done
@@ -320,3 +324,29 @@ def test_run_transfer_needs_an_installed_runner(engine, redis_client, storage, s
         assert run_transfer(submit(runner).id) == "succeeded"
     finally:
         install_runner(None)
+
+
+def test_metrics_count_feature_hits_per_kind_and_tier_for_one_and_several_styles():
+    from worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    one = {"steps": 3, "style_cache_hit": True, "style_cache_tier": "store", "content_cache_hit": False}
+    batch = {
+        "steps": 3,
+        "content_cache_hit": True,
+        "content_cache_tier": "memory",
+        "styles": [
+            {"style_cache_hit": True, "style_cache_tier": "memory"},
+            {"style_cache_hit": False, "style_cache_tier": None},
+            {"style_cache_hit": None, "style_cache_tier": None},  # a text style: nothing to cache
+        ],
+    }
+    metrics.observe_job("succeeded", 1.0, one)
+    metrics.observe_job("succeeded", 1.0, batch)
+    text = metrics.render().decode()
+    assert 'ham_worker_feature_hits_total{kind="style",tier="store"} 1.0' in text
+    assert 'ham_worker_feature_hits_total{kind="style",tier="memory"} 1.0' in text
+    assert 'ham_worker_feature_hits_total{kind="content",tier="memory"} 1.0' in text
+    assert 'ham_worker_feature_misses_total{kind="style"} 1.0' in text
+    assert 'ham_worker_feature_misses_total{kind="content"} 1.0' in text
+    assert "ham_worker_style_cache_hits_total 2.0" in text

@@ -24,7 +24,7 @@ from service.api.json_body import read_json
 from service.api.live import preferred_wait, wait_until_terminal
 from service.api.multipart import read_multipart
 from service.api.schemas import ErrorResponse, TransferJob, TransferList
-from service.api.submission import Submission
+from service.api.submission import Submission, resolve_library_styles
 from service.core.config import Settings
 from service.core.jobs import (
     CURSOR_PATTERN,
@@ -34,7 +34,6 @@ from service.core.jobs import (
     QueueFull,
     content_key,
     new_job_id,
-    style_key,
 )
 from service.core.logs import bind, current_context
 from service.core.resource import job_resource as public_job
@@ -159,9 +158,9 @@ def _store_and_submit(
     try:
         services.storage.put(content_key(job.id), submission.content_png, "image/png")
         written.append(content_key(job.id))
-        if submission.style_png is not None:
-            services.storage.put(style_key(job.id), submission.style_png, "image/png")
-            written.append(style_key(job.id))
+        for key, png in submission.uploads(job.id):
+            services.storage.put(key, png, "image/png")
+            written.append(key)
         settings = services.settings
         stored, created = services.jobs.submit(
             job, idempotency_key, settings.max_queued_per_tenant, settings.max_queue_length
@@ -229,6 +228,7 @@ async def create_transfer(
     # Auth and the rate limit ran as dependencies; capacity is the last check that needs no body.
     await run_in_threadpool(_check_backpressure, services, tenant)
     submission = await read_body(request, services)
+    submission = await run_in_threadpool(resolve_library_styles, services, tenant, submission)
     job = submission.job(new_job_id(), tenant)
     context = current_context()
     job.request_id = context.request_id if context else None

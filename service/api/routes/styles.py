@@ -1,0 +1,249 @@
+"""``/v1/styles``: the style library — create, list, read and delete named styles.
+
+A style is stored once (its image at ``styles/{id}.png``, its record in Redis) and named
+by ``style_id`` in transfers. ``warm`` on creation queues a feature-building job: a
+transfer of a plain grey square content with the style, whose run leaves the style's
+features in the shared feature store, so the first real transfer with it is warm on any
+worker (for square outputs of that size and steps; other sizes are computed on first
+use and then shared). Styles are tenant-scoped like jobs: another tenant's style is a 404.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ham_engine.params import MAX_PROMPT_CHARS, ParamError, TransferParams, check_style_reference
+from service.api.deps import Services, current_tenant, get_services
+from service.api.errors import ApiError
+from service.api.schemas import ErrorResponse, StyleList, StyleResource
+from service.api.uploads import read_upload
+from service.core.feature_store import delete_style_features
+from service.core.jobs import CURSOR_PATTERN, Job, QueueFull, content_key, new_job_id
+from service.core.styles import StyleRecord, StyleStore, style_image_key
+
+log = logging.getLogger("ham.api")
+
+router = APIRouter(prefix="/v1/styles", tags=["styles"])
+
+FIELDS = ("image", "style_prompt", "name", "warm", "size", "steps")
+MAX_NAME_CHARS = 200
+_WARM_GREY = (128, 128, 128)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
+    429: {"model": ErrorResponse, "description": "Rate limit reached; see `Retry-After`."},
+    503: {"model": ErrorResponse, "description": "Redis or storage unreachable; see `Retry-After`."},
+}
+_NOT_FOUND = {404: {"model": ErrorResponse, "description": "No such style for this tenant."}}
+
+
+def style_resource(record: StyleRecord) -> StyleResource:
+    """The public view of a library style."""
+    return StyleResource(
+        id=record.id,
+        name=record.name,
+        style_prompt=record.style_prompt,
+        has_image=record.has_image,
+        created_at=datetime.fromtimestamp(record.created_at, tz=timezone.utc),
+        warm_job_id=record.warm_job_id,
+    )
+
+
+def _owned_style(services: Services, tenant: str, style_id: str) -> StyleRecord:
+    record = services.styles.get(tenant, style_id)
+    if record is None:
+        raise ApiError(404, "not_found", f"no style {style_id[:80]!r}")
+    return record
+
+
+async def _style_form(request: Request) -> FormData:
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "send the style as multipart/form-data")
+    try:
+        return await request.form(max_files=2, max_fields=len(FIELDS) + 4, max_part_size=64 * 1024)
+    except StarletteHTTPException as exc:
+        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from None
+
+
+def _fields(form: FormData) -> dict[str, str | UploadFile]:
+    values: dict[str, str | UploadFile] = {}
+    for name, value in form.multi_items():
+        if name not in FIELDS:
+            raise ApiError(422, "unknown_field", f"unknown form field {name[:80]!r}; known: {', '.join(FIELDS)}",
+                           field=name[:80])
+        if name in values:
+            raise ApiError(422, "duplicate_field", f"form field {name!r} given more than once", field=name)
+        if isinstance(value, str) and value.strip() == "":
+            continue
+        if isinstance(value, UploadFile) and not value.filename and value.size == 0:
+            continue
+        if name != "image" and not isinstance(value, str):
+            raise ApiError(422, "invalid_field", f"{name} must be a text field, not a file", field=name)
+        values[name] = value
+    return values
+
+
+def _warm_params(values: dict[str, str | UploadFile]) -> TransferParams | None:
+    warm = str(values.get("warm", "false")).strip().lower()
+    if warm not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        raise ParamError("warm", f"must be true or false, got {warm[:40]!r}")
+    given: dict[str, int] = {}
+    for name in ("size", "steps"):
+        if name in values:
+            text = str(values[name]).strip()
+            if not text.isascii() or not text.isdigit() or len(text) > 6:
+                raise ParamError(name, f"must be an integer, got {text[:40]!r}")
+            given[name] = int(text)
+    if warm in ("false", "0", "no", "off"):
+        if given:
+            raise ParamError(next(iter(given)), "only used with warm=true")
+        return None
+    return TransferParams(**given)
+
+
+def _grey_square(size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), _WARM_GREY).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _create(services: Services, record: StyleRecord, image_png: bytes | None, warm: TransferParams | None) -> None:
+    settings = services.settings
+    if image_png is not None:
+        services.storage.put(style_image_key(record.id), image_png, "image/png")
+    warm_job = None
+    if warm is not None:
+        warm_job = Job(
+            id=new_job_id(),
+            tenant=record.tenant,
+            params=warm.to_dict(),
+            has_style=record.has_image,
+            styles=[{"key": record.image_key, "prompt": record.style_prompt, "style_id": record.id}],
+        )
+        record.warm_job_id = warm_job.id
+    services.styles.create(record)
+    if warm_job is None:
+        return
+    try:
+        services.storage.put(content_key(warm_job.id), _grey_square(warm.size), "image/png")
+        services.jobs.submit(warm_job, None, settings.max_queued_per_tenant, settings.max_queue_length)
+    except QueueFull:
+        # The style exists either way; only its warming is skipped (the first transfer computes).
+        log.warning("style %s: queue full, not warmed", record.id)
+        services.storage.delete(content_key(warm_job.id))
+        record.warm_job_id = None
+        services.styles.set_field(record.id, "warm_job_id", "")
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=StyleResource,
+    summary="Add a style to your library",
+    responses={
+        **_ERRORS,
+        400: {"model": ErrorResponse, "description": "Malformed multipart body."},
+        413: {"model": ErrorResponse, "description": "Image too large."},
+        415: {"model": ErrorResponse, "description": "Not multipart/form-data, or not a PNG/JPEG/WebP image."},
+        422: {"model": ErrorResponse, "description": "A field is missing, unknown or invalid (`field` names it)."},
+    },
+)
+async def create_style(
+    request: Request,
+    response: Response,
+    tenant: str = Depends(current_tenant),
+    services: Services = Depends(get_services),
+) -> StyleResource:
+    """Store a style (multipart: `image` and/or `style_prompt`, optional `name`).
+
+    `warm=true` (with optional `size` and `steps`, default the engine's) queues a job that
+    computes the style's features, so the first transfer with it is warm.
+    """
+    form = await _style_form(request)
+    try:
+        values = _fields(form)
+        name = values.get("name")
+        if name is not None and len(name) > MAX_NAME_CHARS:
+            raise ApiError(422, "invalid_field", f"name: at most {MAX_NAME_CHARS} characters", field="name")
+        try:
+            prompt_text = values.get("style_prompt")
+            if prompt_text is not None and len(prompt_text) > MAX_PROMPT_CHARS:
+                raise ParamError("style_prompt", f"at most {MAX_PROMPT_CHARS} characters")
+            prompt = check_style_reference("image" in values, prompt_text)
+            warm = _warm_params(values)
+        except ParamError as exc:
+            field = "image" if exc.field == "style" else exc.field
+            raise ApiError(422, "invalid_parameter", str(exc).replace("style:", "image:", 1), field=field) from None
+        image_png = await read_upload(values["image"], "image", services.settings) if "image" in values else None
+    finally:
+        await form.close()
+    record = StyleRecord(
+        id=StyleStore.new_id(),
+        tenant=tenant,
+        name=name.strip() if isinstance(name, str) else None,
+        style_prompt=prompt,
+        has_image=image_png is not None,
+    )
+    await run_in_threadpool(_create, services, record, image_png, warm)
+    response.headers["Location"] = f"/v1/styles/{record.id}"
+    log.info("style %s created for tenant %s", record.id, tenant)
+    return style_resource(record)
+
+
+@router.get(
+    "",
+    response_model=StyleList,
+    summary="List your styles",
+    responses={**_ERRORS, 422: {"model": ErrorResponse, "description": "`limit` out of 1..100 or a bad `cursor`."}},
+)
+def list_styles(
+    limit: int = Query(20, ge=1, le=100, description="Page size."),
+    # The pattern is declared, not enforced by FastAPI: the store's own check answers with `invalid_cursor`.
+    cursor: str | None = Query(
+        None, max_length=200, json_schema_extra={"pattern": CURSOR_PATTERN},
+        description="`next_cursor` of the previous page.",
+    ),
+    tenant: str = Depends(current_tenant),
+    services: Services = Depends(get_services),
+) -> StyleList:
+    """Your styles, newest first, one page at a time."""
+    try:
+        records, next_cursor = services.styles.list_for_tenant(tenant, limit, cursor)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_cursor", str(exc), field="cursor") from None
+    return StyleList(items=[style_resource(r) for r in records], next_cursor=next_cursor)
+
+
+@router.get("/{style_id}", response_model=StyleResource, summary="Get a style", responses={**_ERRORS, **_NOT_FOUND})
+def get_style(
+    style_id: str, tenant: str = Depends(current_tenant), services: Services = Depends(get_services)
+) -> StyleResource:
+    """One style of your library."""
+    return style_resource(_owned_style(services, tenant, style_id))
+
+
+@router.delete(
+    "/{style_id}", status_code=204, summary="Delete a style", responses={**_ERRORS, **_NOT_FOUND}
+)
+def delete_style(
+    style_id: str, tenant: str = Depends(current_tenant), services: Services = Depends(get_services)
+) -> Response:
+    """Remove the style, its stored image and its stored features. Queued jobs naming it then fail."""
+    record = services.styles.delete(tenant, style_id)
+    if record is None:
+        raise ApiError(404, "not_found", f"no style {style_id[:80]!r}")
+    if record.image_key:
+        services.storage.delete(record.image_key)
+    if record.image_digest:
+        removed = delete_style_features(services.storage, record.image_digest)
+        log.info("style %s deleted with %d feature blob(s)", style_id, removed)
+    return Response(status_code=204)
