@@ -43,6 +43,7 @@ from PIL import Image
 from rq.timeouts import BaseTimeoutException
 
 from ham_engine.params import ParamError, TransferParams
+from ham_engine.results import TransferStats
 from service.core.config import Settings
 from service.core.jobs import (
     ERROR_INPUTS_MISSING,
@@ -189,7 +190,7 @@ class TransferRunner:
         began = time.monotonic()
         if self.metrics:
             self.metrics.jobs_in_progress.inc()
-        stats: dict[str, Any] | None = None
+        stats: TransferStats | None = None
         try:
             log.info("job %s: started (attempt %d, tenant %s)", job_id, job.attempts, job.tenant)
             final, stats = self._execute(job, began)
@@ -228,7 +229,7 @@ class TransferRunner:
             log.info("job %s: not runnable any more (canceled, finished or taken); skipped", job_id)
         return job
 
-    def _execute(self, job: Job, began: float) -> tuple[Job | None, dict[str, Any] | None]:
+    def _execute(self, job: Job, began: float) -> tuple[Job | None, TransferStats | None]:
         from ham_engine.engine import NumericalError, TransferCancelled  # torch: only ever imported in a worker
 
         watch = _Watch(self.progress_store, self.redis_link, job.id, deadline=began + self.settings.job_timeout,
@@ -296,7 +297,7 @@ class TransferRunner:
             return self._hand_back(job, exc), stats
         self._record_style_digests(job, styles)
         many = keys if job.styles else None
-        return self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], stats, many),
+        return self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], stats.to_dict(), many),
                             outage_deadline), stats
     def _load_styles(self, job: Job, deadline: float) -> list[tuple[Image.Image | None, str | None]]:
         """(image, prompt) per style, in order; ``KeyError`` names a missing input or deleted library style."""
