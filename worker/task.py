@@ -50,6 +50,7 @@ from PIL import Image
 from rq.timeouts import BaseTimeoutException
 
 from ham_engine.params import ParamError, TransferParams
+from ham_engine.results import TransferStats
 from service.core.config import Settings
 from service.core.jobs import (
     ERROR_INPUTS_MISSING,
@@ -217,7 +218,7 @@ class TransferRunner:
         began = time.monotonic()
         if self.metrics:
             self.metrics.jobs_in_progress.inc()
-        stats: dict[str, Any] | None = None
+        stats: TransferStats | None = None
         try:
             log.info("job %s: started (attempt %d, run %d, tenant %s)", job_id, job.attempts, job.run, job.tenant)
             final, stats = self._execute(job, began)
@@ -256,7 +257,7 @@ class TransferRunner:
             log.info("job %s: not runnable any more (canceled, finished or taken); skipped", job_id)
         return job
 
-    def _execute(self, job: Job, began: float) -> tuple[Job | None, dict[str, Any] | None]:
+    def _execute(self, job: Job, began: float) -> tuple[Job | None, TransferStats | None]:
         from ham_engine.engine import NumericalError, TransferCancelled  # torch: only ever imported in a worker
 
         watch = _Watch(self.progress_store, self.redis_link, job.id, deadline=began + self.settings.job_timeout,
@@ -329,7 +330,8 @@ class TransferRunner:
             return self._hand_back(job, exc), stats
         self._record_style_digests(job, styles)
         many = keys if job.styles else None
-        final = self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], stats, many, run=job.run),
+        record = stats.to_dict()
+        final = self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], record, many, run=job.run),
                              outage_deadline)  # fmt: skip
         if self.fenced:
             self._delete_quietly(job, keys)  # this run's own files: nobody will ever point at them
@@ -348,6 +350,7 @@ class TransferRunner:
                 self.storage.delete(key)
             except Exception:  # the expiry sweep deletes it later
                 log.warning("job %s: could not delete %s", job.id, key, exc_info=True)
+
     def _load_styles(self, job: Job, deadline: float) -> list[tuple[Image.Image | None, str | None]]:
         """(image, prompt) per style, in order; ``KeyError`` names a missing input or deleted library style."""
         if not job.styles:
