@@ -151,7 +151,8 @@ class WorkerMetrics:
         rows = stats.get("unet_rows")
         if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0:
             self.unet_rows.observe(rows)
-        for style in stats.get("styles") or [stats]:
+        # The engine's batch shape (what ``transfer_batch`` returns): one entry per style.
+        for style in stats.get("styles") or []:
             hit = style.get("style_cache_hit")
             if hit is True:
                 self.style_cache_hits.inc()
