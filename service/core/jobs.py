@@ -3,9 +3,9 @@
 Redis layout (everything expires ``settings.result_ttl`` after its last transition):
 
 - ``ham:job:{id}`` — hash, one field per :class:`Job` attribute. Scalars are stored
-  raw so the Lua transitions can read and write them; ``params`` and ``stats`` are
-  JSON. A missing field means ``None``. ``cancel`` = ``1`` once a cancel was asked for
-  a running job.
+  raw so the Lua transitions can read and write them; ``params``, ``styles`` (a list
+  of :class:`~service.core.style_refs.StyleRef`) and ``stats`` are JSON. A missing field
+  means ``None``. ``cancel`` = ``1`` once a cancel was asked for a running job.
 - ``ham:idem:{tenant}:{sha256(key)}`` — job id for an ``Idempotency-Key`` (SET NX).
 - ``ham:tenant:{tenant}:jobs`` — sorted set of the tenant's job ids by ``created_at``.
 - ``ham:queued`` and ``ham:queued:{tenant}`` — sorted sets of queued job ids (counts
@@ -36,6 +36,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from service.core.config import Settings
+from service.core.style_refs import StyleRef, refs_from_record, refs_to_json, upload_key
 
 TASK_FUNCTION = "worker.task.run_transfer"
 KEY_PREFIX = "ham"
@@ -108,15 +109,15 @@ def new_job_id() -> str:
 @dataclass
 class Job:
     """One transfer job as stored in Redis. The API builds it with ``id``, ``tenant``,
-    ``params`` and the style reference; everything else is filled in by transitions."""
+    ``params`` and its styles; everything else is filled in by transitions."""
 
     id: str
     tenant: str
     status: JobStatus = JobStatus.QUEUED
     progress: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
-    style_prompt: str | None = None
-    has_style: bool = False
+    # The job's styles, in order: one result each.
+    styles: list[StyleRef] = field(default_factory=list)
     webhook_url: str | None = None
     # Which transitions the webhook hears about: a subset of WEBHOOK_EVENTS.
     webhook_events: tuple[str, ...] = ("completed",)
@@ -133,10 +134,6 @@ class Job:
     stats: dict[str, Any] | None = None
     # The X-Request-ID of the submission: the worker's log lines for this job carry it too.
     request_id: str | None = None
-    # A job with a library style or several styles lists them here, in order; each entry
-    # {"key": storage key of its PNG or None, "prompt": str or None, "style_id": str or None}.
-    # None: the one style of has_style / style_prompt.
-    styles: list[dict[str, Any]] | None = None
     result_keys: list[str] | None = None  # one per style once succeeded (the first is result_key)
     # Bumped by every transition and progress write; the id of the job's server-sent events.
     version: int = 0
@@ -151,25 +148,32 @@ class Job:
     @property
     def style_ids(self) -> list[str]:
         """The library styles this job uses, in order."""
-        return [s["style_id"] for s in self.styles or [] if s.get("style_id")]
+        return [ref.style_id for ref in self.styles if ref.style_id]
+
+    @property
+    def has_style(self) -> bool:
+        """Whether a style image was given (uploaded or from the library)."""
+        return any(ref.has_image for ref in self.styles)
+
+    @property
+    def style_prompt(self) -> str | None:
+        """The prompt given with the request itself: that of a job's one style not from the library."""
+        if len(self.styles) == 1 and self.styles[0].style_id is None:
+            return self.styles[0].prompt
+        return None
 
     @property
     def input_keys(self) -> list[str]:
         """Every stored input of this job (never a library style's image: that outlives the job)."""
-        keys = [self.content_key] + ([self.style_key] if self.style_key else [])
-        for style in self.styles or []:
-            key = style.get("key")
-            if key and key.startswith(f"inputs/{self.id}/") and key not in keys:
-                keys.append(key)
+        keys = [self.content_key]
+        for ref in self.styles:
+            if ref.key and ref.key.startswith(f"inputs/{self.id}/") and ref.key not in keys:
+                keys.append(ref.key)
         return keys
 
     @property
     def content_key(self) -> str:
         return content_key(self.id)
-
-    @property
-    def style_key(self) -> str | None:
-        return style_key(self.id) if self.has_style else None
 
     def to_fields(self) -> dict[str, str]:
         """The Redis hash fields; ``None`` attributes are left out."""
@@ -179,8 +183,7 @@ class Job:
             "status": JobStatus(self.status).value,
             "progress": repr(float(self.progress)),
             "params": json.dumps(self.params, sort_keys=True),
-            "style_prompt": self.style_prompt,
-            "has_style": "1" if self.has_style else "0",
+            "styles": refs_to_json(self.styles),
             "webhook_url": self.webhook_url,
             "webhook_events": ",".join(self.webhook_events),
             "output_format": self.output_format,
@@ -195,7 +198,6 @@ class Job:
             "worker": self.worker,
             "stats": None if self.stats is None else json.dumps(self.stats, sort_keys=True),
             "request_id": self.request_id,
-            "styles": None if self.styles is None else json.dumps(self.styles, sort_keys=True),
             "result_keys": None if self.result_keys is None else json.dumps(self.result_keys),
             "version": str(int(self.version)),
             "run": str(int(self.run)),
@@ -216,8 +218,7 @@ class Job:
             status=JobStatus(f["status"]),
             progress=float(f.get("progress") or 0.0),
             params=json.loads(f.get("params") or "{}"),
-            style_prompt=f.get("style_prompt"),
-            has_style=f.get("has_style") == "1",
+            styles=refs_from_record(f, f["id"]),
             webhook_url=f.get("webhook_url"),
             webhook_events=tuple(filter(None, (f.get("webhook_events") or "completed").split(","))),
             output_format=f.get("output_format") or "png",
@@ -232,7 +233,6 @@ class Job:
             worker=f.get("worker"),
             stats=json.loads(f["stats"]) if f.get("stats") else None,
             request_id=f.get("request_id"),
-            styles=json.loads(f["styles"]) if f.get("styles") else None,
             result_keys=json.loads(f["result_keys"]) if f.get("result_keys") else None,
             version=int(f.get("version") or 0),
             run=int(f.get("run") or 0),
@@ -249,8 +249,8 @@ def content_key(job_id: str) -> str:
 
 
 def style_key(job_id: str) -> str:
-    """Storage key of a job's (normalised PNG) style image."""
-    return f"inputs/{job_id}/style.png"
+    """Storage key of a job's (normalised PNG) style image: the first one uploaded with it."""
+    return upload_key(job_id, 0, first=True)
 
 
 def result_key(job_id: str, extension: str = "png", index: int = 0, run: int = 0) -> str:
@@ -265,7 +265,7 @@ def result_key(job_id: str, extension: str = "png", index: int = 0, run: int = 0
 
 def extra_style_key(job_id: str, index: int) -> str:
     """Storage key of the (normalised PNG) style image number ``index`` >= 1 uploaded with a job."""
-    return f"inputs/{job_id}/style-{index}.png"
+    return upload_key(job_id, index, first=False)
 
 
 def events_channel(job_id: str) -> str:

@@ -16,6 +16,7 @@ from service.core.config import Settings
 from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
 from service.core.redis_client import connect_redis
 from service.core.storage import FileStorage
+from service.core.style_refs import StyleRef
 from worker.metrics import WorkerMetrics
 from worker.task import TransferRunner, install_runner, run_transfer
 
@@ -56,7 +57,9 @@ def make_runner(engine, redis_client, storage, settings, hooks=None, metrics=Non
 
 
 def submit(runner: TransferRunner, params: dict | None = None, content: bytes | None = None, **kw) -> Job:
-    job = Job(id=new_job_id(), tenant="t", params=params or {"steps": 3, "size": 64}, has_style=True, **kw)
+    job_id, prompt = new_job_id(), kw.pop("style_prompt", None)
+    job = Job(id=job_id, tenant="t", params=params or {"steps": 3, "size": 64},
+              styles=[StyleRef(style_key(job_id), prompt)], **kw)
     runner.storage.put(content_key(job.id), content or (DATA / "content0.png").read_bytes())
     runner.storage.put(style_key(job.id), (DATA / "style0.png").read_bytes())
     runner.store.submit(job)
