@@ -26,6 +26,7 @@ import pytest
 
 from tests.deploy.compose_files import environment, exec_form, load_compose, parse_dockerfile
 from tests.fixtures.servers import S3Server, free_port, log_tail, terminate
+from tests.fixtures.waiting import wait_until
 
 # The listeners of `weed mini`, moved off their defaults so they never clash with another weed here.
 WEED_PORTS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
@@ -109,17 +110,15 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> Process:
 def wait_ok(process: Process, url: str, timeout: float = START_TIMEOUT) -> float:
     """Seconds until ``url`` answers 200; fails with the log tail if the process dies first."""
     started = time.monotonic()
-    while True:
+
+    def running() -> None:
         if process.proc.poll() is not None:
             pytest.fail(f"{process.proc.args} exited with {process.proc.returncode}:\n{process.tail()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.TransportError:
-            pass
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{url} not ready after {timeout}s:\n{process.tail()}")
-        time.sleep(0.1)
+
+    running()
+    wait_until(lambda: httpx.get(url, timeout=2).status_code == 200, timeout, f"{url} to answer 200", interval=0.1,
+               ignore=(httpx.TransportError,), check=running, detail=process.tail)
+    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
