@@ -209,12 +209,11 @@ def test_the_compose_quickstart_job_runs_through_s3(stack: Stack) -> None:
                           headers=headers, timeout=30)
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
-    deadline = time.monotonic() + 120
-    while True:
+    def finished() -> dict | None:
         job = httpx.get(f"{stack.api_url}/v1/transfers/{job_id}", headers=headers, timeout=10).json()
-        if job["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+        return job if job["status"] in ("succeeded", "failed", "canceled") else None
+
+    job = wait_until(finished, 120, f"job {job_id} to finish", interval=0.2, detail=stack.worker.tail)
     assert job["status"] == "succeeded", f"{job}\n{stack.worker.tail()}"
     result = urlsplit(job["result_url"])
     endpoint = urlsplit(stack.s3.endpoint)
@@ -283,17 +282,14 @@ def test_compose_s3_command_serves_the_bucket_to_the_compose_credentials(
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        def running() -> None:
             assert process.proc.poll() is None, process.tail()
-            # Listed before anything is written: created by -bucket, not by S3 auto-create on upload.
-            try:
-                if bucket in {b["Name"] for b in client.list_buckets()["Buckets"]}:
-                    break
-            except Exception:  # starting: connection refused, 5xx
-                pass
-            assert time.monotonic() < deadline, f"bucket {bucket!r} not created:\n{process.tail()}"
-            time.sleep(0.2)
+
+        # Listed before anything is written: created by -bucket, not by S3 auto-create on upload.
+        # Starting: connection refused, 5xx.
+        wait_until(lambda: bucket in {b["Name"] for b in client.list_buckets()["Buckets"]}, 60,
+                   f"bucket {bucket!r} to be created", interval=0.2, ignore=(Exception,), check=running,
+                   detail=process.tail)
         client.put_object(Bucket=bucket, Key="probe", Body=b"ok")
         assert client.get_object(Bucket=bucket, Key="probe")["Body"].read() == b"ok"
     finally:

@@ -151,11 +151,12 @@ def run_jobs(stack: Stack) -> str:
             ids.append(response.json()["id"])
         assert client.post("/v1/transfers", data={"alpha": "2"}, files={
             "content": ("c.png", content[0], "image/png"), "style": ("s.png", style, "image/png")}).status_code == 422
-        deadline = time.monotonic() + 120
+        def finished(job_id: str) -> dict | None:
+            job = client.get(f"/v1/transfers/{job_id}").json()
+            return job if job["status"] in ("succeeded", "failed") else None
+
         for job_id in ids:
-            while (job := client.get(f"/v1/transfers/{job_id}").json())["status"] not in ("succeeded", "failed"):
-                assert time.monotonic() < deadline, job
-                time.sleep(0.1)
+            job = wait_until(lambda job_id=job_id: finished(job_id), 120, f"job {job_id} to finish", interval=0.1)
             assert job["status"] == "succeeded", job
     return ids[0]
 

@@ -144,8 +144,7 @@ def test_cancel_while_running_stops_the_engine_and_marks_the_job_canceled(engine
     job = submit(runner, params={"steps": 1000, "size": 64})
 
     def cancel_when_running() -> None:
-        while runner.store.get(job.id).progress <= 0:
-            time.sleep(0.01)
+        wait_until(lambda: runner.store.get(job.id).progress > 0, 120, "the job to make progress", interval=0.01)
         runner.store.request_cancel(job.id)
 
     canceller = threading.Thread(target=cancel_when_running)
