@@ -37,7 +37,7 @@ def live_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port = free_port()
     env = {
         **os.environ,
-        "HAM_REDIS_URL": redis_url.rsplit("/", 1)[0] + "/9",
+        "HAM_REDIS_URL": redis_url.rsplit("/", 1)[0] + "/10",  # its own: the deploy commands' stack uses 9
         "HAM_STORAGE_URL": f"file://{workdir / 'storage'}",
         "HAM_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "HAM_API_KEYS": f"fuzz:{KEY}",
