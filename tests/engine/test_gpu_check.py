@@ -255,7 +255,7 @@ def test_materialize_writes_the_architecture_with_weights_drawn_on_the_device(
     engine = HamEngine.load(str(first), device="cpu", dtype="fp32")
     content = Image.open(REPO / "tests" / "data" / "content0.png").convert("RGB")
     result = engine.transfer(content, style_prompt="an ink engraving", params=TransferParams(steps=2, size=64))
-    assert result.image.size == (64, 64) and result.stats["unet_rows"] > 0
+    assert result.image.size == (64, 64) and result.stats.unet_rows > 0
 
 
 def test_the_full_check_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
