@@ -51,6 +51,12 @@ ERROR_WORKER_LOST = "worker_lost"
 RQ_TIMEOUT_MARGIN = 120
 
 
+# What a running job's worker should do next (:meth:`JobStore.poll`).
+POLL_GO = "go"
+POLL_CANCEL = "cancel"
+POLL_FENCED = "fenced"
+
+
 class JobStatus(str, Enum):
     """Where a job is in its life: queued → running → one of the terminal states."""
 
@@ -74,6 +80,16 @@ class JobConflict(Exception):
         self.job_id = job_id
         self.status = status
         self.action = action
+
+
+class JobFenced(JobConflict):
+    """The run that asked no longer owns the job: another run took it over (after a freeze, the
+    job was recovered and started again) or it was handed back. The stale run must stop writing."""
+
+    def __init__(self, job_id: str, status: str, action: str, run: int) -> None:
+        super().__init__(job_id, status, action)
+        self.args = (f"job {job_id}: run {run} no longer owns it ({status}); cannot {action}",)
+        self.run = run
 
 
 class QueueFull(Exception):
@@ -121,6 +137,9 @@ class Job:
     result_keys: list[str] | None = None  # one per style once succeeded (the first is result_key)
     # Bumped by every transition and progress write; the id of the job's server-sent events.
     version: int = 0
+    # Runs started so far (never refunded, unlike ``attempts``): the current run's fencing token.
+    # Every worker write about the job names its run and is refused once another run owns the job.
+    run: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -181,6 +200,7 @@ class Job:
             "request_id": self.request_id,
             "result_keys": None if self.result_keys is None else json.dumps(self.result_keys),
             "version": str(int(self.version)),
+            "run": str(int(self.run)),
         }
         return {k: v for k, v in raw.items() if v is not None}
 
@@ -215,6 +235,7 @@ class Job:
             request_id=f.get("request_id"),
             result_keys=json.loads(f["result_keys"]) if f.get("result_keys") else None,
             version=int(f.get("version") or 0),
+            run=int(f.get("run") or 0),
         )
 
 
@@ -232,10 +253,14 @@ def style_key(job_id: str) -> str:
     return upload_key(job_id, 0, first=True)
 
 
-def result_key(job_id: str, extension: str = "png", index: int = 0) -> str:
+def result_key(job_id: str, extension: str = "png", index: int = 0, run: int = 0) -> str:
     """Storage key of a job's result (``extension``: that of its output format; ``index``: the
-    style's place in a multi-style job)."""
-    return f"results/{job_id}.{extension}" if index == 0 else f"results/{job_id}-{index}.{extension}"
+    style's place in a multi-style job; ``run``: the run that made it, see :attr:`Job.run`).
+
+    Named per run, so a stale run (fenced after a freeze) can never overwrite the owner's file.
+    """
+    stem = f"results/{job_id}" if run == 0 else f"results/{job_id}/run-{run}"
+    return f"{stem}.{extension}" if index == 0 else f"{stem}-{index}.{extension}"
 
 
 def extra_style_key(job_id: str, index: int) -> str:
@@ -250,6 +275,11 @@ def events_channel(job_id: str) -> str:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _token(run: int | None) -> str:
+    """A run as the Lua fence reads it ('' = no fence: the API's and tools' writes)."""
+    return "" if run is None else str(int(run))
 
 
 # What list_for_tenant hands out as next_cursor, "<created_at>:<job id>" (the API declares it as the pattern).
@@ -293,6 +323,7 @@ end
 if st ~= 'queued' then return {'skip', st} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3], 'progress', '0.0')
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HINCRBY', KEYS[1], 'run', 1)
 redis.call('HDEL', KEYS[1], 'finished_at', 'cancel')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -303,24 +334,37 @@ announce(KEYS[1], ARGV[5])
 return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: job   ARGV: progress, channel
-_PROGRESS = _ANNOUNCE + """
+# A fenced write: the run named by the caller (ARGV run; '' = no fence) no longer owns the job.
+_FENCE = """
+local function fenced(job, run)
+  if run == '' then return false end
+  return redis.call('HGET', job, 'status') ~= 'running' or redis.call('HGET', job, 'run') ~= run
+end
+"""
+
+# Progress of the running job, only ever forward within one run (a new run starts at 0).
+# KEYS: job   ARGV: progress, channel, run   →  1 recorded (or no change), 0 not running, -1 fenced
+_PROGRESS = _ANNOUNCE + _FENCE + """
+if not redis.call('HGET', KEYS[1], 'status') then return 0 end
+if fenced(KEYS[1], ARGV[3]) then return -1 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-if redis.call('HGET', KEYS[1], 'progress') == ARGV[1] then return 1 end
+if tonumber(redis.call('HGET', KEYS[1], 'progress') or '0') >= tonumber(ARGV[1]) then return 1 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 announce(KEYS[1], ARGV[2])
 return 1
 """
 
-# Any non-terminal state → a terminal one, setting the given fields.
+# Any non-terminal state → a terminal one, setting the given fields; with a run, only while
+# that run owns the job.
 # KEYS: job, queued, queued_tenant, running, rq_queue, finished
-# ARGV: job_id, new_status, now, ttl, channel, field1, value1, ...
-_FINISH = _ANNOUNCE + """
+# ARGV: job_id, new_status, now, ttl, channel, run, field1, value1, ...
+_FINISH = _ANNOUNCE + _FENCE + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing'} end
 if st == 'succeeded' or st == 'failed' or st == 'canceled' then return {'conflict', st} end
+if fenced(KEYS[1], ARGV[6]) then return {'fenced', st} end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HDEL', KEYS[1], 'cancel')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -582,10 +626,22 @@ class JobStore:
         )
         return self._result(job_id, out, "cancel")
 
-    def cancel_requested(self, job_id: str) -> bool:
-        """Whether the worker running ``job_id`` should stop (cancel asked, or job gone/finished)."""
-        status, flag = self.redis.hmget(self.job_key(job_id), ["status", "cancel"])
-        return status is None or _text(status) != JobStatus.RUNNING.value or flag is not None
+    def cancel_requested(self, job_id: str, run: int | None = None) -> bool:
+        """Whether the worker running ``job_id`` should stop (cancel asked, job gone/finished, or
+        with ``run``: that run no longer owns the job)."""
+        return self.poll(job_id, run) != POLL_GO
+
+    def poll(self, job_id: str, run: int | None = None) -> str:
+        """What run ``run`` of ``job_id`` should do now: :data:`POLL_GO` on, :data:`POLL_CANCEL`
+        (a cancel was asked, or the job is gone) or :data:`POLL_FENCED` (another run owns it)."""
+        status, flag, owner = self.redis.hmget(self.job_key(job_id), ["status", "cancel", "run"])
+        if status is None:
+            return POLL_CANCEL
+        if run is not None and (_text(status) != JobStatus.RUNNING.value or int(owner or 0) != run):
+            return POLL_FENCED
+        if _text(status) != JobStatus.RUNNING.value or flag is not None:
+            return POLL_CANCEL
+        return POLL_GO
 
     # --- the worker's transitions ----------------------------------------------
     def start(self, job_id: str, worker: str) -> Job | None:
@@ -601,49 +657,68 @@ class JobStore:
             return None
         return Job.from_fields(_pairs(out[1]))
 
-    def set_progress(self, job_id: str, progress: float) -> None:
-        """Record progress in [0, 1] of a running job (ignored once it is not running)."""
-        self._progress(
-            keys=[self.job_key(job_id)], args=[repr(min(1.0, max(0.0, float(progress)))), events_channel(job_id)]
-        )
+    def set_progress(self, job_id: str, progress: float, run: int | None = None) -> bool:
+        """Record progress in [0, 1] of a running job; it only ever rises within a run.
+
+        Ignored once the job is not running. With ``run``, returns False when that run no
+        longer owns the job (fenced: stop computing, write nothing more); else True.
+        """
+        value = repr(min(1.0, max(0.0, float(progress))))
+        out = self._progress(keys=[self.job_key(job_id)], args=[value, events_channel(job_id), _token(run)])
+        return int(out) != -1
 
     def succeed(
-        self, job_id: str, result_key: str, stats: dict[str, Any], result_keys: list[str] | None = None
+        self,
+        job_id: str,
+        result_key: str,
+        stats: dict[str, Any],
+        result_keys: list[str] | None = None,
+        run: int | None = None,
     ) -> Job:
-        """→ succeeded with the stored result(s). :class:`JobConflict` if already terminal."""
+        """→ succeeded with the stored result(s). :class:`JobConflict` if already terminal,
+        :class:`JobFenced` if ``run`` no longer owns the job."""
         fields = {"result_key": result_key, "stats": json.dumps(stats, sort_keys=True, default=str), "progress": "1.0"}
         if result_keys is not None:
             fields["result_keys"] = json.dumps(result_keys)
-        return self._terminal(job_id, JobStatus.SUCCEEDED, fields)
+        return self._terminal(job_id, JobStatus.SUCCEEDED, fields, run)
 
-    def fail(self, job_id: str, code: str, message: str) -> Job:
-        """→ failed with an error code and a message for the client."""
-        return self._terminal(job_id, JobStatus.FAILED, {"error_code": code, "error_message": message})
+    def fail(self, job_id: str, code: str, message: str, run: int | None = None) -> Job:
+        """→ failed with an error code and a message for the client (fenced by ``run`` as :meth:`succeed`)."""
+        return self._terminal(job_id, JobStatus.FAILED, {"error_code": code, "error_message": message}, run)
 
-    def mark_canceled(self, job_id: str) -> Job:
-        """→ canceled (the worker stopped a running job on request)."""
-        return self._terminal(job_id, JobStatus.CANCELED, {})
+    def mark_canceled(self, job_id: str, run: int | None = None) -> Job:
+        """→ canceled (the worker stopped a running job on request; fenced by ``run`` as :meth:`succeed`)."""
+        return self._terminal(job_id, JobStatus.CANCELED, {}, run)
 
-    def _terminal(self, job_id: str, status: JobStatus, fields: dict[str, str]) -> Job:
+    def _terminal(self, job_id: str, status: JobStatus, fields: dict[str, str], run: int | None) -> Job:
         job = self._require(job_id)
-        args: list[Any] = [job_id, status.value, repr(time.time()), self.settings.result_ttl, events_channel(job_id)]
+        args: list[Any] = [
+            job_id, status.value, repr(time.time()), self.settings.result_ttl, events_channel(job_id), _token(run)
+        ]  # fmt: skip
         for name, value in fields.items():
             args += [name, value]
         out = self._finish(keys=self._transition_keys(job_id, job.tenant), args=args)
-        return self._result(job_id, out, f"mark it {status.value}")
+        return self._result(job_id, out, f"mark it {status.value}", run)
 
     # --- recovery --------------------------------------------------------------
     def requeue(
-        self, job_id: str, expected_worker: str | None = None, at_front: bool = True, refund_attempt: bool = False
+        self,
+        job_id: str,
+        expected_worker: str | None = None,
+        at_front: bool = True,
+        refund_attempt: bool = False,
+        run: int | None = None,
     ) -> Job | None:
         """running → queued and back into RQ's list (front by default: it has waited already).
 
-        Only if the job is still running (on ``expected_worker`` when given); otherwise
-        returns ``None`` and changes nothing. Progress resets; ``attempts`` is kept so
+        Only if the job is still running (on ``expected_worker`` and as run ``run`` when given);
+        otherwise returns ``None`` and changes nothing. Progress resets; ``attempts`` is kept so
         the retry limit holds across re-runs, unless ``refund_attempt``: the run ended for a
         reason that was not the job's (an outage, a shutdown), so it does not count.
         """
-        return self.recover(job_id, expected_worker, max_retries=None, at_front=at_front, refund=refund_attempt)
+        return self.recover(
+            job_id, expected_worker, max_retries=None, at_front=at_front, refund=refund_attempt, run=run
+        )
 
     def requeue_queued(self, job_id: str) -> bool:
         """Put a queued job whose id is missing from RQ's list back at its front.
@@ -674,6 +749,7 @@ class JobStore:
         max_retries: int | None,
         at_front: bool = True,
         refund: bool = False,
+        run: int | None = None,
     ) -> Job | None:
         """Settle a job whose worker died mid-run, in one transaction.
 
@@ -693,8 +769,10 @@ class JobStore:
                         pipe.unwatch()
                         return None
                     fields = {_text(k): _text(v) for k, v in raw.items()}
-                    if fields.get("status") != JobStatus.RUNNING.value or (
-                        dead_worker is not None and fields.get("worker") != dead_worker
+                    if (
+                        fields.get("status") != JobStatus.RUNNING.value
+                        or (dead_worker is not None and fields.get("worker") != dead_worker)
+                        or (run is not None and int(fields.get("run") or 0) != run)
                     ):
                         pipe.unwatch()
                         return None
@@ -751,10 +829,12 @@ class JobStore:
             raise KeyError(job_id)
         return job
 
-    def _result(self, job_id: str, out: list[Any], action: str) -> Job:
+    def _result(self, job_id: str, out: list[Any], action: str, run: int | None = None) -> Job:
         tag = _text(out[0])
         if tag == "missing":
             raise KeyError(job_id)
         if tag == "conflict":
             raise JobConflict(job_id, _text(out[1]), action)
+        if tag == "fenced":
+            raise JobFenced(job_id, _text(out[1]), action, run or 0)
         return Job.from_fields(_pairs(out[1]))

@@ -110,6 +110,13 @@ class TransferJob(BaseModel):
     output_format: Literal[FORMAT_SPEC.choices] = Field(description="The result's file format.")
     output_quality: int = Field(ge=QUALITY_SPEC.minimum, le=QUALITY_SPEC.maximum,
                                 description="Encoder quality of a jpeg or webp result.")
+    attempt: int = Field(
+        0,
+        ge=0,
+        description="Which run of the job this is: 0 until a worker starts it, then 1, 2, ... each time a worker "
+        "starts it (again, after a worker was lost or an outage). `progress` only rises within one run and starts "
+        "again from 0 when this grows.",
+    )
 
     @classmethod
     def from_job(
@@ -139,6 +146,7 @@ class TransferJob(BaseModel):
             style_count=len(job.styles) or 1,
             output_format=job.output_format,
             output_quality=job.output_quality,
+            attempt=job.run,
         )
 
 
