@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import Services
-from service.api.errors import error_response, install_error_handlers
+from service.api.errors import RequestTooLarge, Unavailable, install_error_handlers
 from service.api.metrics import ApiMetrics, MetricsMiddleware, QueueCollector
 from service.api.openapi import install_openapi, operation_id
 from service.api.ratelimit import RateLimiter
@@ -74,7 +74,7 @@ class BodySizeLimit:
                 except ValueError:
                     declared = -1
                 if declared > self.limit:
-                    response = error_response(413, "request_too_large", self._message())
+                    response = RequestTooLarge(self._message()).response()
                     await response(scope, receive, send)
                     return
         received = 0
@@ -99,17 +99,15 @@ def _install_backend_handlers(app: FastAPI) -> None:
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.error("redis unreachable on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(503, "unavailable", "the job queue is unreachable; retry shortly",
-                              headers={"Retry-After": "5"})
+        return Unavailable("the job queue is unreachable; retry shortly", headers={"Retry-After": "5"}).response()
 
     async def storage_down(request: Request, exc: Exception) -> JSONResponse:
         log.error("storage unreachable on %s %s: %s", request.method, request.url.path, exc)
         request.app.state.services.metrics.storage_errors.inc()
-        return error_response(503, "unavailable", "object storage is unreachable; retry shortly",
-                              headers={"Retry-After": "5"})
+        return Unavailable("object storage is unreachable; retry shortly", headers={"Retry-After": "5"}).response()
 
     async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return error_response(413, "request_too_large", str(exc))
+        return RequestTooLarge(str(exc)).response()
 
     for error in REDIS_UNAVAILABLE:
         app.add_exception_handler(error, redis_down)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.deps import ServicesDep, operator_access
-from service.api.errors import error_body
+from service.api.errors import NotReady, error_body
 from service.api.schemas import ErrorResponse, Health
 
 log = logging.getLogger("ham.api")
@@ -58,7 +58,7 @@ def readyz(services: ServicesDep) -> Response:
     failed = [name for name, state in checks.items() if state != "ok"]
     if failed:
         body = {"status": "unavailable", "checks": checks,
-                **error_body("not_ready", f"unreachable: {', '.join(failed)}")}
+                **error_body(NotReady.code, f"unreachable: {', '.join(failed)}")}
         return JSONResponse(body, status_code=503)
     return JSONResponse(Health(status="ok", checks=checks).model_dump())
 
