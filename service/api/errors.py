@@ -36,6 +36,24 @@ _CODES_BY_STATUS = {
 }
 
 
+# Redis answering but refusing (service.core.redis_client.refusal's reasons): 503 code, message,
+# Retry-After seconds. A full Redis needs an operator (or expiring keys), so clients wait longer.
+_REDIS_REFUSALS = {
+    "full": ("redis_full", "the job store is full and refuses writes; retry later", 30),
+    "readonly": ("redis_readonly", "the job store is read-only (a failover is under way); retry shortly", 5),
+    "loading": ("redis_loading", "the job store is loading its data after a restart; retry shortly", 5),
+    "master_down": ("redis_master_down", "the job store lost its primary; retry shortly", 5),
+    "busy": ("redis_busy", "the job store is busy running a script; retry shortly", 5),
+    "writes_stopped": ("redis_writes_stopped", "the job store stopped accepting writes; retry later", 30),
+    "no_replicas": ("redis_no_replicas", "the job store has too few replicas to accept writes; retry shortly", 5),
+}
+
+
+def redis_refusal_error(reason: str) -> tuple[str, str, int]:
+    """``(code, message, retry_after)`` of the 503 for a Redis refusal named ``reason``."""
+    return _REDIS_REFUSALS.get(reason, ("unavailable", "the job queue is unavailable; retry shortly", 5))
+
+
 class ApiError(Exception):
     """A client-visible error: status, a stable machine ``code``, a human ``message``."""
 

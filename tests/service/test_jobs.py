@@ -392,3 +392,18 @@ def test_result_keys_are_named_per_run():
     keys = {result_key("j", "png", 0, 1), result_key("j", "png", 0, 2), result_key("j", "webp", 1, 2)}
     assert keys == {"results/j/run-1.png", "results/j/run-2.png", "results/j/run-2-1.webp"}
     assert result_key("j") == "results/j.png"  # no run: the name older records point at
+
+
+def test_the_record_codec_follows_the_fields_and_missing_fields_take_the_owners_defaults():
+    from dataclasses import fields
+
+    from service.core.output import DEFAULT_QUALITY
+
+    job = make_job(webhook_events=("start", "completed"), styles=[{"key": None, "prompt": "ink", "style_id": "s"}],
+                   result_keys=["results/a.png"], run=3, version=7)  # fmt: skip
+    encoded = job.to_fields()
+    assert set(encoded) == {f.name for f in fields(Job) if getattr(job, f.name) is not None}
+    assert (encoded["has_style"], encoded["webhook_events"], encoded["run"]) == ("1", "start,completed", "3")
+    bare = Job.from_fields({"id": job.id, "tenant": "t", "status": "queued", "created_at": "1.5"})
+    assert (bare.output_quality, bare.output_format, bare.webhook_events) == (DEFAULT_QUALITY, "png", ("completed",))
+    assert (bare.params, bare.stats, bare.run, bare.progress) == ({}, None, 0, 0.0)
