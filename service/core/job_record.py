@@ -239,6 +239,15 @@ def _parse_cursor(cursor: str) -> tuple[float, str]:
     return float(match.group(1)), match.group(2)
 
 
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _token(run: int | None) -> str:
+    """A run as the Lua fence reads it ('' = no fence: the API's and tools' writes)."""
+    return "" if run is None else str(int(run))
+
+
 # --- storage keys ---------------------------------------------------------------------------
 
 # The storage folders a job's own objects live in (the expiry sweep's scope).

@@ -45,25 +45,18 @@ from service.core.job_record import (
     JobFenced,
     JobStatus,
     QueueFull,
+    _pairs,
     _parse_cursor,
     _text,
+    _token,
     events_channel,
 )
 from service.core.job_recovery import Recovery, RecoveryAction, decide_recovery
-from service.core.redis_client import raise_outage_behind
+from service.core.redis_client import raise_outage_behind, wait_for_replicas
 
 TASK_FUNCTION = "worker.task.run_transfer"
 # RQ's hard time limit is a backstop behind the worker's own cooperative timeout.
 RQ_TIMEOUT_MARGIN = 120
-
-
-def _pairs(flat: list[Any]) -> dict[str, str]:
-    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-
-def _token(run: int | None) -> str:
-    """A run as the Lua fence reads it ('' = no fence: the API's and tools' writes)."""
-    return "" if run is None else str(int(run))
 
 
 class JobStore:
@@ -158,6 +151,11 @@ class JobStore:
                 except WatchError as exc:
                     raise_outage_behind(exc)
                     continue  # another submit with this key won; the next pass returns its job
+
+    def confirm_replicated(self) -> None:
+        """Wait for ``settings.redis_min_replicas_ack`` replicas to hold what was stored (see
+        :func:`~service.core.redis_client.wait_for_replicas`): a submitted job survives a failover."""
+        wait_for_replicas(self.redis, self.settings)
 
     def _check_limits(self, pipe: Any, tenant: str, per_tenant: int | None, total: int | None) -> None:
         """Watch the queued sets and refuse a submit that would exceed a limit."""

@@ -174,6 +174,9 @@ def _store_and_submit(
     if not created:
         # Idempotent replay: the existing job has its own inputs; ours are orphans.
         _delete_quietly(services, written)
+    # HAM_REDIS_MIN_REPLICAS_ACK: answer 202 only once replicas hold the job (else 503; the job
+    # stays stored and a retry with the same Idempotency-Key gets it back).
+    services.jobs.confirm_replicated()
     return stored, created
 
 
