@@ -226,7 +226,7 @@ def test_a_full_redis_is_an_outage_a_worker_started_meanwhile_waits_and_no_attem
 def test_redis_filling_up_mid_job_is_waited_out_without_charging_an_attempt(
     settings: Settings, store: JobStore, worker: Worker
 ) -> None:
-    job_id = submit(store, settings, steps=300)
+    job_id = submit(store, settings, steps=120)
     wait_for("the job to make progress", lambda: store.get(job_id).progress > 0.05, worker)
     fill(store.redis)
     try:
@@ -237,7 +237,7 @@ def test_redis_filling_up_mid_job_is_waited_out_without_charging_an_attempt(
             time.sleep(0.1)
     finally:
         store.redis.config_set("maxmemory", 0)
-    wait_for("the job to finish", finished(store, job_id), worker)
+    wait_for("the job to finish", finished(store, job_id), worker, timeout=2 * JOB_TIMEOUT)
     done = store.get(job_id)
     assert (done.status, done.attempts, done.run) == (JobStatus.SUCCEEDED, 1, 1), done
     wait_for("/readyz to be 200 again", worker.ready, worker, timeout=30)
