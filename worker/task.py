@@ -12,8 +12,9 @@ A job's life here:
 2. Read the normalised input PNGs from storage.
 3. Run the engine; every step writes progress and polls the cancel flag and the
    deadline (``settings.job_timeout``), which the engine honours between steps.
-4. Write ``results/{id}/run-{run}.png`` (a multi-style job: ``…/run-{run}-{i}.png`` for style
-   ``i`` >= 1, through one ``transfer_batch``), then the terminal state: succeeded; failed with
+4. Run ``transfer_batch`` over the job's styles (one or several) and write
+   ``results/{id}/run-{run}.png`` (``…/run-{run}-{i}.png`` for style ``i`` >= 1), then the
+   terminal state: succeeded; failed with
    ``invalid_input`` (the engine's own input errors, :class:`~ham_engine.params.ParamError`),
    ``numerical_error`` (the engine's ``NumericalError``: an overflow), ``inputs_missing``,
    ``timeout`` or ``internal_error`` (anything else, a library's ``ValueError`` included;
@@ -50,6 +51,7 @@ from PIL import Image
 from rq.timeouts import BaseTimeoutException
 
 from ham_engine.params import ParamError, TransferParams
+from ham_engine.results import TransferStats
 from service.core.config import Settings
 from service.core.jobs import (
     ERROR_INPUTS_MISSING,
@@ -75,7 +77,7 @@ from service.core.styles import StyleStore
 from worker.connectivity import Link, OutageTooLong, outlast
 
 if TYPE_CHECKING:
-    from ham_engine.engine import HamEngine
+    from ham_engine.engine import HamEngine, Style
     from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("ham.worker")
@@ -217,7 +219,7 @@ class TransferRunner:
         began = time.monotonic()
         if self.metrics:
             self.metrics.jobs_in_progress.inc()
-        stats: dict[str, Any] | None = None
+        stats: TransferStats | None = None
         try:
             log.info("job %s: started (attempt %d, run %d, tenant %s)", job_id, job.attempts, job.run, job.tenant)
             final, stats = self._execute(job, began)
@@ -256,7 +258,7 @@ class TransferRunner:
             log.info("job %s: not runnable any more (canceled, finished or taken); skipped", job_id)
         return job
 
-    def _execute(self, job: Job, began: float) -> tuple[Job | None, dict[str, Any] | None]:
+    def _execute(self, job: Job, began: float) -> tuple[Job | None, TransferStats | None]:
         from ham_engine.engine import NumericalError, TransferCancelled  # torch: only ever imported in a worker
 
         watch = _Watch(self.progress_store, self.redis_link, job.id, deadline=began + self.settings.job_timeout,
@@ -277,23 +279,12 @@ class TransferRunner:
         except Exception as exc:
             return self._internal_error(job, exc), None
         try:
-            if len(styles) == 1:
-                style, prompt = styles[0]
-                single = self.engine.transfer(
-                    content, style=style, style_prompt=prompt, params=params,
-                    progress=watch.progress, cancelled=watch.cancelled,
-                )  # fmt: skip
-                pictures, stats = [single.image], single.stats
-            else:
-                from ham_engine.engine import Style
-
-                batch = self.engine.transfer_batch(
-                    content, [Style(image, prompt) for image, prompt in styles], params=params,
-                    progress=watch.progress, cancelled=watch.cancelled,
-                )  # fmt: skip
-                pictures, stats = batch.images, batch.stats
+            batch = self.engine.transfer_batch(
+                content, styles, params=params, progress=watch.progress, cancelled=watch.cancelled
+            )
+            stats = batch.stats
             output = OutputSpec(job.output_format, job.output_quality)
-            encoded = [encode(picture, output) for picture in pictures]
+            encoded = [encode(picture, output) for picture in batch.images]
         except TransferCancelled:
             if watch.fenced:
                 return self._fenced(job, "at a progress write"), None
@@ -328,8 +319,8 @@ class TransferRunner:
         except OutageTooLong as exc:
             return self._hand_back(job, exc), stats
         self._record_style_digests(job, styles)
-        many = keys if job.styles else None
-        final = self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], stats, many, run=job.run),
+        record = stats.to_dict()
+        final = self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], record, keys, run=job.run),
                              outage_deadline)  # fmt: skip
         if self.fenced:
             self._delete_quietly(job, keys)  # this run's own files: nobody will ever point at them
@@ -348,33 +339,33 @@ class TransferRunner:
                 self.storage.delete(key)
             except Exception:  # the expiry sweep deletes it later
                 log.warning("job %s: could not delete %s", job.id, key, exc_info=True)
-    def _load_styles(self, job: Job, deadline: float) -> list[tuple[Image.Image | None, str | None]]:
-        """(image, prompt) per style, in order; ``KeyError`` names a missing input or deleted library style."""
-        if not job.styles:
-            style = _open_png(self._read(job.style_key, deadline)) if job.style_key else None
-            return [(style, job.style_prompt)]
+
+    def _load_styles(self, job: Job, deadline: float) -> list[Style]:
+        """The engine's style per :class:`StyleRef` of the job, in order; ``KeyError`` names a
+        missing input or a deleted library style."""
+        from ham_engine.engine import Style  # torch: only ever imported in a worker
+
         out = []
-        for style in job.styles:
-            key = style.get("key")
+        for ref in job.styles:
             try:
-                image = _open_png(self._read(key, deadline)) if key else None
+                image = _open_png(self._read(ref.key, deadline)) if ref.key else None
             except KeyError:
-                raise KeyError(f"style {style['style_id']} (deleted?)" if style.get("style_id") else key) from None
-            out.append((image, style.get("prompt")))
+                raise KeyError(f"style {ref.style_id} (deleted?)" if ref.style_id else ref.key) from None
+            out.append(Style(image, ref.prompt))
         return out
 
-    def _record_style_digests(self, job: Job, styles: list[tuple[Image.Image | None, str | None]]) -> None:
+    def _record_style_digests(self, job: Job, styles: list[Style]) -> None:
         """Tell each library style where its features live, so deleting the style can remove them."""
         if self.styles is None:
             return
         from ham_engine.images import image_digest
 
-        for style, (image, _) in zip(job.styles or [], styles, strict=False):
-            if style.get("style_id") and image is not None:
+        for ref, style in zip(job.styles, styles, strict=True):
+            if ref.style_id and ref.digest is None and style.image is not None:
                 try:
-                    self.styles.set_field(style["style_id"], "image_digest", image_digest(image))
+                    self.styles.set_field(ref.style_id, "image_digest", image_digest(style.image))
                 except Exception:  # bookkeeping only: the feature TTL still bounds what is left behind
-                    log.warning("job %s: could not record the digest of style %s", job.id, style["style_id"])
+                    log.warning("job %s: could not record the digest of style %s", job.id, ref.style_id)
 
     def _event_webhook(self, job: Job, event: str) -> None:
         """A ``start`` or ``progress`` webhook with the job as it stands, if the job asked for that event."""

@@ -156,7 +156,7 @@ class TransferJob(BaseModel):
             style_prompt=job.style_prompt,
             has_style=job.has_style,
             style_ids=job.style_ids,
-            style_count=len(job.styles) if job.styles else 1,
+            style_count=len(job.styles) or 1,
             output_format=job.output_format,
             output_quality=job.output_quality,
             attempt=job.run,

@@ -23,7 +23,9 @@ from service.core.jobs import (
     QueueFull,
     new_job_id,
     result_key,
+    style_key,
 )
+from service.core.style_refs import StyleRef
 
 
 @pytest.fixture
@@ -37,7 +39,9 @@ def store(redis_client: redis.Redis, settings: Settings) -> JobStore:
 
 
 def make_job(tenant: str = "acme", **kw) -> Job:
-    return Job(id=new_job_id(), tenant=tenant, params={"steps": 5, "size": 64}, has_style=True, **kw)
+    job_id, prompt = new_job_id(), kw.pop("style_prompt", None)
+    return Job(id=job_id, tenant=tenant, params={"steps": 5, "size": 64}, styles=[StyleRef(style_key(job_id), prompt)],
+               **kw)
 
 
 def test_submit_stores_the_record_and_enqueues_an_rq_job_carrying_only_the_id(store, redis_client, settings):
@@ -296,7 +300,7 @@ def test_finished_counts_count_each_terminal_outcome_once(store):
 def test_list_for_tenant_pages_through_jobs_created_in_the_same_instant(store):
     ids = []
     for _ in range(5):
-        job, _ = store.submit(Job(id=new_job_id(), tenant="a", params={}, style_prompt="x", has_style=False))
+        job, _ = store.submit(Job(id=new_job_id(), tenant="a", params={}, styles=[StyleRef.text("x")]))
         ids.append(job.id)
     # Same created_at for all of them, as two API replicas can write.
     instant = time.time()
@@ -399,11 +403,22 @@ def test_the_record_codec_follows_the_fields_and_missing_fields_take_the_owners_
 
     from service.core.output import DEFAULT_QUALITY
 
-    job = make_job(webhook_events=("start", "completed"), styles=[{"key": None, "prompt": "ink", "style_id": "s"}],
-                   result_keys=["results/a.png"], run=3, version=7)  # fmt: skip
+    job = make_job(webhook_events=("start", "completed"), result_keys=["results/a.png"], run=3, version=7)
     encoded = job.to_fields()
     assert set(encoded) == {f.name for f in fields(Job) if getattr(job, f.name) is not None}
-    assert (encoded["has_style"], encoded["webhook_events"], encoded["run"]) == ("1", "start,completed", "3")
+    assert (encoded["webhook_events"], encoded["run"]) == ("start,completed", "3")
+    assert Job.from_fields(encoded) == job
     bare = Job.from_fields({"id": job.id, "tenant": "t", "status": "queued", "created_at": "1.5"})
     assert (bare.output_quality, bare.output_format, bare.webhook_events) == (DEFAULT_QUALITY, "png", ("completed",))
     assert (bare.params, bare.stats, bare.run, bare.progress) == ({}, None, 0, 0.0)
+    assert [(ref.key, ref.prompt) for ref in bare.styles] == [(None, None)]  # read as the older record it is
+
+
+def test_the_task_function_named_by_the_queue_is_the_workers_entry_point():
+    # The core names the worker's function by string (it never imports the worker): the string must resolve.
+    import importlib
+
+    from worker.task import run_transfer
+
+    module, _, name = TASK_FUNCTION.rpartition(".")
+    assert getattr(importlib.import_module(module), name) is run_transfer

@@ -16,6 +16,7 @@ from service.core.config import Settings
 from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
 from service.core.redis_client import connect_redis
 from service.core.storage import FileStorage
+from service.core.style_refs import StyleRef
 from worker.metrics import WorkerMetrics
 from worker.task import TransferRunner, install_runner, run_transfer
 
@@ -56,7 +57,9 @@ def make_runner(engine, redis_client, storage, settings, hooks=None, metrics=Non
 
 
 def submit(runner: TransferRunner, params: dict | None = None, content: bytes | None = None, **kw) -> Job:
-    job = Job(id=new_job_id(), tenant="t", params=params or {"steps": 3, "size": 64}, has_style=True, **kw)
+    job_id, prompt = new_job_id(), kw.pop("style_prompt", None)
+    job = Job(id=job_id, tenant="t", params=params or {"steps": 3, "size": 64},
+              styles=[StyleRef(style_key(job_id), prompt)], **kw)
     runner.storage.put(content_key(job.id), content or (DATA / "content0.png").read_bytes())
     runner.storage.put(style_key(job.id), (DATA / "style0.png").read_bytes())
     runner.store.submit(job)
@@ -327,20 +330,20 @@ def test_run_transfer_needs_an_installed_runner(engine, redis_client, storage, s
 
 
 def test_metrics_count_feature_hits_per_kind_and_tier_for_one_and_several_styles():
+    from ham_engine.results import StyleStats, TransferStats
     from worker.metrics import WorkerMetrics
 
     metrics = WorkerMetrics()
-    one = {"steps": 3, "style_cache_hit": True, "style_cache_tier": "store", "content_cache_hit": False}
-    batch = {
-        "steps": 3,
-        "content_cache_hit": True,
-        "content_cache_tier": "memory",
-        "styles": [
-            {"style_cache_hit": True, "style_cache_tier": "memory"},
-            {"style_cache_hit": False, "style_cache_tier": None},
-            {"style_cache_hit": None, "style_cache_tier": None},  # a text style: nothing to cache
-        ],
-    }
+    run = dict(unet_calls=6, unet_rows=6, unet_rows_by_phase={"invert": 0, "sample": 6}, seconds={}, steps=3,
+               size=(64, 64), device="cpu", dtype="float32", model="tiny", family="sd", inversion="target",
+               teachers={}, record_bytes=0, record_budget_bytes=0, record_fallback=None)  # fmt: skip
+    one = TransferStats(**run, content_cache_hit=False, content_cache_tier=None,
+                        styles=(StyleStats(True, "store", "image", False),))  # fmt: skip
+    batch = TransferStats(**run, content_cache_hit=True, content_cache_tier="memory", styles=(
+        StyleStats(True, "memory", "image", False),
+        StyleStats(False, None, "image", False),
+        StyleStats(None, None, "text", True),  # a text style: nothing to cache
+    ))  # fmt: skip
     metrics.observe_job("succeeded", 1.0, one)
     metrics.observe_job("succeeded", 1.0, batch)
     text = metrics.render().decode()
