@@ -26,6 +26,7 @@ from types import UnionType
 from typing import Any
 
 from service.core.output import DEFAULT_QUALITY, OUTPUT_SPECS
+from service.core.style_refs import StyleRef, refs_from_record, refs_to_json, upload_key
 
 KEY_PREFIX = "ham"
 # Error codes a job can fail with (``Job.error_code``).
@@ -99,15 +100,18 @@ def new_job_id() -> str:
 @dataclass
 class Job:
     """One transfer job as stored in Redis. The API builds it with ``id``, ``tenant``,
-    ``params`` and the style reference; everything else is filled in by transitions."""
+    ``params`` and its styles; everything else is filled in by transitions."""
 
     id: str
     tenant: str
     status: JobStatus = JobStatus.QUEUED
     progress: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
-    style_prompt: str | None = None
-    has_style: bool = False
+    # The job's styles, in order: one result each. Stored as JSON; a record of the previous
+    # version (``has_style`` / ``style_prompt``) is read as the one style it means.
+    styles: list[StyleRef] = field(
+        default_factory=list, metadata={"encode": refs_to_json, "decode_record": refs_from_record}
+    )
     webhook_url: str | None = None
     # Which transitions the webhook hears about: a subset of WEBHOOK_EVENTS.
     webhook_events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
@@ -124,10 +128,6 @@ class Job:
     stats: dict[str, Any] | None = None
     # The X-Request-ID of the submission: the worker's log lines for this job carry it too.
     request_id: str | None = None
-    # A job with a library style or several styles lists them here, in order; each entry
-    # {"key": storage key of its PNG or None, "prompt": str or None, "style_id": str or None}.
-    # None: the one style of has_style / style_prompt.
-    styles: list[dict[str, Any]] | None = None
     result_keys: list[str] | None = None  # one per style once succeeded (the first is result_key)
     # Bumped by every transition and progress write; the id of the job's server-sent events.
     version: int = 0
@@ -142,25 +142,32 @@ class Job:
     @property
     def style_ids(self) -> list[str]:
         """The library styles this job uses, in order."""
-        return [s["style_id"] for s in self.styles or [] if s.get("style_id")]
+        return [ref.style_id for ref in self.styles if ref.style_id]
+
+    @property
+    def has_style(self) -> bool:
+        """Whether a style image was given (uploaded or from the library)."""
+        return any(ref.has_image for ref in self.styles)
+
+    @property
+    def style_prompt(self) -> str | None:
+        """The prompt given with the request itself: that of a job's one style not from the library."""
+        if len(self.styles) == 1 and self.styles[0].style_id is None:
+            return self.styles[0].prompt
+        return None
 
     @property
     def input_keys(self) -> list[str]:
         """Every stored input of this job (never a library style's image: that outlives the job)."""
-        keys = [self.content_key] + ([self.style_key] if self.style_key else [])
-        for style in self.styles or []:
-            key = style.get("key")
-            if key and key.startswith(f"inputs/{self.id}/") and key not in keys:
-                keys.append(key)
+        keys = [self.content_key]
+        for ref in self.styles:
+            if ref.key and ref.key.startswith(f"inputs/{self.id}/") and ref.key not in keys:
+                keys.append(ref.key)
         return keys
 
     @property
     def content_key(self) -> str:
         return content_key(self.id)
-
-    @property
-    def style_key(self) -> str | None:
-        return style_key(self.id) if self.has_style else None
 
     def to_fields(self) -> dict[str, str]:
         """The Redis hash fields; ``None`` attributes are left out."""
@@ -175,11 +182,15 @@ class Job:
     def from_fields(cls, raw: Mapping[Any, Any]) -> Job:
         """Inverse of :meth:`to_fields`; accepts the bytes Redis returns (unknown fields are ignored)."""
         stored = {_text(k): _text(v) for k, v in raw.items()}
-        values = {}
-        for name, (_, decode) in _codec().items():
-            text = stored.get(name)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if "decode_record" in f.metadata:  # a field read from the whole record
+                values[f.name] = f.metadata["decode_record"](stored, stored["id"])
+                continue
+            decode = _codec()[f.name][1]
+            text = stored.get(f.name)
             if text is not None and (text != "" or decode is str):
-                values[name] = decode(text)
+                values[f.name] = decode(text)
         return cls(**values)
 
 
@@ -208,7 +219,9 @@ def _codec() -> dict[str, tuple[Callable[[Any], str], Callable[[str], Any]]]:
     out = {}
     for f in fields(Job):
         kind = _base_type(hints[f.name])
-        if issubclass(kind, Enum):
+        if "encode" in f.metadata:  # a field with its own codec (it knows its type best)
+            out[f.name] = (f.metadata["encode"], None)
+        elif issubclass(kind, Enum):
             out[f.name] = (lambda v: v.value, kind)
         else:
             out[f.name] = _CODECS[kind]
@@ -260,8 +273,8 @@ def content_key(job_id: str) -> str:
 
 
 def style_key(job_id: str) -> str:
-    """Storage key of a job's (normalised PNG) style image."""
-    return f"inputs/{job_id}/style.png"
+    """Storage key of a job's (normalised PNG) style image: the first one uploaded with it."""
+    return upload_key(job_id, 0, first=True)
 
 
 def result_key(job_id: str, extension: str = "png", index: int = 0, run: int = 0) -> str:
@@ -276,7 +289,7 @@ def result_key(job_id: str, extension: str = "png", index: int = 0, run: int = 0
 
 def extra_style_key(job_id: str, index: int) -> str:
     """Storage key of the (normalised PNG) style image number ``index`` >= 1 uploaded with a job."""
-    return f"inputs/{job_id}/style-{index}.png"
+    return upload_key(job_id, index, first=False)
 
 
 def events_channel(job_id: str) -> str:
