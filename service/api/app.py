@@ -113,8 +113,7 @@ def _install_backend_handlers(app: FastAPI) -> None:
                                   headers={"Retry-After": "5"})
         # Redis answers but refuses (full, read-only after a failover, loading, ...): an outage too.
         log.error("redis refused %s %s (%s): %s", request.method, request.url.path, reason, exc)
-        code, message, retry_after = redis_refusal_error(reason)
-        return error_response(503, code, message, headers={"Retry-After": str(retry_after)})
+        return redis_refusal_error(reason).response()
 
     async def storage_down(request: Request, exc: Exception) -> JSONResponse:
         log.error("storage unreachable on %s %s: %s", request.method, request.url.path, exc)

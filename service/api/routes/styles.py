@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ham_engine.params import MAX_PROMPT_CHARS, ParamError, TransferParams, check_style_reference
 from service.api.deps import Services, current_tenant, get_services
 from service.api.errors import (
+    REDIS_REFUSALS,
     DuplicateField,
     ImageTooLarge,
     InvalidCursor,
@@ -56,7 +57,7 @@ MAX_NAME_CHARS = 200
 _WARM_GREY = (128, 128, 128)
 
 # What every route of a tenant's styles may answer with, besides its own errors.
-_ERRORS = (Unauthorized, RateLimited, Unavailable)
+_ERRORS = (Unauthorized, RateLimited, Unavailable, *REDIS_REFUSALS)
 
 
 def style_resource(record: StyleRecord) -> StyleResource:
