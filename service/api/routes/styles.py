@@ -30,6 +30,7 @@ from ham_engine.params import (
 )
 from service.api.deps import Services, current_tenant, get_services
 from service.api.errors import (
+    REDIS_REFUSALS,
     DuplicateField,
     ImageTooLarge,
     InvalidCursor,
@@ -67,7 +68,7 @@ MAX_NAME_CHARS = 200
 _WARM_GREY = (128, 128, 128)
 
 # What every route of a tenant's styles may answer with, besides its own errors.
-_ERRORS = (Unauthorized, RateLimited, Unavailable)
+_ERRORS = (Unauthorized, RateLimited, Unavailable, *REDIS_REFUSALS)
 
 
 def style_resource(record: StyleRecord) -> StyleResource:
