@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import Request
 
 from ham_engine.params import ParamSpec
+from service.api.catalogue import choose_model
 from service.api.deps import Services
 from service.api.errors import ApiError
 from service.api.fetch import FetchError, fetch_reference
@@ -29,7 +30,7 @@ from service.api.submission import (
 )
 
 REFERENCE_FIELDS = ("content_url", "style_url")
-TEXT_FIELDS = ("style_prompt", "webhook_url")
+TEXT_FIELDS = ("style_prompt", "webhook_url", "model")
 _SPECS = {spec.name: spec for spec in REQUEST_SPECS}
 KNOWN_FIELDS = frozenset(_SPECS) | frozenset(REFERENCE_FIELDS) | frozenset(TEXT_FIELDS) | {"webhook_events"}
 _JSON_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -44,8 +45,9 @@ async def read_json(request: Request, services: Services) -> Submission:
                        f"unknown field {unknown[0][:80]!r}; known: {', '.join(sorted(KNOWN_FIELDS))}",
                        field=unknown[0][:80])
     given = {name: _typed(_SPECS[name], value) for name, value in body.items() if name in _SPECS}
-    params, output = build_params(given)
     texts = {name: _string(name, body[name]) if name in body else None for name in (*REFERENCE_FIELDS, *TEXT_FIELDS)}
+    model = await choose_model(services, texts["model"])
+    params, output = build_params(given, model.family)
     prompt = style_reference(texts["style_url"] is not None, texts["style_prompt"])
     if not texts["content_url"]:
         raise ApiError(422, "missing_field", "content_url: the content image's URL or data: URI is required",
@@ -66,7 +68,7 @@ async def read_json(request: Request, services: Services) -> Submission:
     images = dict(zip((name for name, _ in references), fetched, strict=True))
     content = await normalise_image(services, "content_url", images["content_url"])
     style = await normalise_image(services, "style_url", images["style_url"]) if "style_url" in images else None
-    return Submission(params, output, prompt, webhook_url, chosen_events, content, style)
+    return Submission(params, output, prompt, webhook_url, chosen_events, content, style, model=model.name)
 
 
 async def _object(request: Request) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ham_engine.params import ParamError, ParamSpec
+from service.api.catalogue import choose_model
 from service.api.deps import Services
 from service.api.errors import ApiError
 from service.api.submission import (
@@ -29,7 +30,7 @@ from service.api.submission import (
 )
 
 FILE_FIELDS = ("content", "style")
-TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url", "webhook_events")
+TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url", "webhook_events", "model")
 # May be given several times: the job then carries several styles, in the order given.
 STYLE_FIELDS = ("style", "style_id")
 KNOWN_FIELDS = frozenset(spec.name for spec in REQUEST_SPECS) | frozenset(FILE_FIELDS) | frozenset(TEXT_FIELDS)
@@ -59,7 +60,8 @@ async def read_multipart(request: Request, services: Services) -> Submission:
                     given[spec.name] = _coerce(spec, raw)
                 except ParamError as exc:
                     raise invalid(exc) from None
-        params, output = build_params(given)
+        model = await choose_model(services, _text(values, "model"))
+        params, output = build_params(given, model.family)
         if one_upload:
             prompt = style_reference(values.get("style") is not None, _text(values, "style_prompt"))
         elif _text(values, "style_prompt") is not None:
@@ -79,7 +81,7 @@ async def read_multipart(request: Request, services: Services) -> Submission:
     finally:
         await form.close()
     assert content is not None  # checked above
-    return Submission(params, output, prompt, webhook_url, events, content, style, styles)
+    return Submission(params, output, prompt, webhook_url, events, content, style, styles, model=model.name)
 
 
 def _style_fields(form: FormData, limit: int) -> list[tuple[str, str | UploadFile]]:

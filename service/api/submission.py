@@ -15,7 +15,14 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from ham_engine.params import PARAM_SPECS, ParamError, ParamSpec, TransferParams, check_style_reference
+from ham_engine.params import (
+    PARAM_SPECS,
+    ParamError,
+    ParamSpec,
+    TransferParams,
+    check_style_reference,
+    family_params,
+)
 from service.api.deps import Services
 from service.api.errors import ApiError
 from service.api.uploads import UploadError, read_image
@@ -45,6 +52,8 @@ class Submission:
     # "key": a library style's image key or None, "prompt", "style_id"}, in order. None: the one
     # style of style_png / style_prompt.
     styles: tuple[dict[str, Any], ...] | None = None
+    # The catalogue model it runs on (service.api.catalogue); None: the default model.
+    model: str | None = None
 
     def uploads(self, job_id: str) -> list[tuple[str, bytes]]:
         """The style images to store with the job: (storage key, PNG)."""
@@ -82,6 +91,7 @@ class Submission:
             output_format=self.output.format,
             output_quality=self.output.quality,
             styles=styles,
+            model=self.model,
         )
 
 
@@ -90,9 +100,10 @@ def invalid(exc: ParamError) -> ApiError:
     return ApiError(422, "invalid_parameter", str(exc), field=exc.field)
 
 
-def build_params(given: Mapping[str, Any]) -> tuple[TransferParams, OutputSpec]:
-    """The engine parameters and the output spec from the request parameters that were given."""
-    engine = {name: value for name, value in given.items() if name in _ENGINE_NAMES}
+def build_params(given: Mapping[str, Any], family: str = "sd") -> tuple[TransferParams, OutputSpec]:
+    """The engine parameters and the output spec from the request parameters that were given;
+    what was left out gets the model ``family``'s default (``FAMILY_DEFAULTS``), else the field's."""
+    engine = family_params(family, {name: value for name, value in given.items() if name in _ENGINE_NAMES})
     output = {name.removeprefix("output_"): value for name, value in given.items() if name not in _ENGINE_NAMES}
     try:
         return TransferParams(**engine), OutputSpec(**output)

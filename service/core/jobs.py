@@ -11,7 +11,8 @@ Redis layout (everything expires ``settings.result_ttl`` after its last transiti
 - ``ham:queued`` and ``ham:queued:{tenant}`` — sorted sets of queued job ids (counts
   for backpressure; sets, not counters, so a lost update cannot make them drift).
 - ``ham:running`` — sorted set of running job ids by ``started_at`` (for recovery).
-- ``rq:queue:{queue_name}`` — RQ's list. The RQ job id *is* the job id, so the queue
+- ``rq:queue:{queue}`` — RQ's list, one per model (:func:`service.core.models.queue_name`;
+  the default model's is ``rq:queue:{queue_name}``). The RQ job id *is* the job id, so the queue
   position is ``LPOS``. The RQ job carries only the id; the function is the string
   ``"worker.task.run_transfer"`` so this module never imports the worker or torch.
 
@@ -36,6 +37,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from service.core.config import Settings
+from service.core.models import queue_name
 
 TASK_FUNCTION = "worker.task.run_transfer"
 KEY_PREFIX = "ham"
@@ -124,6 +126,8 @@ class Job:
     result_keys: list[str] | None = None  # one per style once succeeded (the first is result_key)
     # Bumped by every transition and progress write; the id of the job's server-sent events.
     version: int = 0
+    # The catalogue model it runs on (its queue's); None: the default model (records from before models).
+    model: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -179,6 +183,7 @@ class Job:
             "styles": None if self.styles is None else json.dumps(self.styles, sort_keys=True),
             "result_keys": None if self.result_keys is None else json.dumps(self.result_keys),
             "version": str(int(self.version)),
+            "model": self.model,
         }
         return {k: v for k, v in raw.items() if v is not None}
 
@@ -215,6 +220,7 @@ class Job:
             styles=json.loads(f["styles"]) if f.get("styles") else None,
             result_keys=json.loads(f["result_keys"]) if f.get("result_keys") else None,
             version=int(f.get("version") or 0),
+            model=f.get("model") or None,
         )
 
 
@@ -364,11 +370,20 @@ class JobStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self.queue = Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
+        self._queues: dict[str, Queue] = {}
+        # The default model's queue (a worker takes queue_for(its model)).
+        self.queue = self.queue_for(None)
         self._start = redis.register_script(_START)
         self._progress = redis.register_script(_PROGRESS)
         self._finish = redis.register_script(_FINISH)
         self._cancel = redis.register_script(_CANCEL)
+
+    def queue_for(self, model: str | None) -> Queue:
+        """The RQ queue of ``model``'s jobs (``None``: the default model)."""
+        name = queue_name(self.settings, model)
+        if name not in self._queues:
+            self._queues[name] = Queue(name, connection=self.redis, serializer=JSONSerializer)
+        return self._queues[name]
 
     # --- keys ------------------------------------------------------------------
     @staticmethod
@@ -393,13 +408,13 @@ class JobStore:
         digest = hashlib.sha256(key.encode()).hexdigest()
         return f"{KEY_PREFIX}:idem:{tenant}:{digest}"
 
-    def _transition_keys(self, job_id: str, tenant: str) -> list[str]:
+    def _transition_keys(self, job_id: str, tenant: str, model: str | None = None) -> list[str]:
         return [
             self.job_key(job_id),
             self.queued_key(),
             self.queued_key(tenant),
             self.running_key,
-            self.queue.key,
+            self.queue_for(model).key,
             self.finished_key,
         ]
 
@@ -466,10 +481,10 @@ class JobStore:
         pipe.expire(self.tenant_key(job.tenant), ttl)
         pipe.zadd(self.queued_key(), {job.id: job.created_at})
         pipe.zadd(self.queued_key(job.tenant), {job.id: job.created_at})
-        self._enqueue(pipe, job.id)
+        self._enqueue(pipe, job.id, model=job.model)
 
-    def _enqueue(self, pipe: Any, job_id: str, at_front: bool = False) -> None:
-        self.queue.enqueue_call(
+    def _enqueue(self, pipe: Any, job_id: str, at_front: bool = False, model: str | None = None) -> None:
+        self.queue_for(model).enqueue_call(
             TASK_FUNCTION,
             args=(job_id,),
             job_id=job_id,
@@ -537,8 +552,9 @@ class JobStore:
                 self.redis.zrem(key, *expired)
 
     def queue_position(self, job_id: str) -> int | None:
-        """0-based place in the RQ queue (0 = next to run); ``None`` if not waiting there."""
-        pos = self.redis.lpos(self.queue.key, job_id)
+        """0-based place in its model's RQ queue (0 = next to run); ``None`` if not waiting there."""
+        model = _text(self.redis.hget(self.job_key(job_id), "model"))
+        pos = self.redis.lpos(self.queue_for(model or None).key, job_id)
         return None if pos is None else int(pos)
 
     def queued_count(self, tenant: str | None = None) -> int:
@@ -577,7 +593,7 @@ class JobStore:
         Raises :class:`JobConflict` for a finished job, ``KeyError`` for an unknown one."""
         job = self._require(job_id)
         out = self._cancel(
-            keys=self._transition_keys(job_id, job.tenant),
+            keys=self._transition_keys(job_id, job.tenant, job.model),
             args=[job_id, repr(time.time()), self.settings.result_ttl, events_channel(job_id)],
         )
         return self._result(job_id, out, "cancel")
@@ -594,7 +610,7 @@ class JobStore:
         if job is None:
             return None
         out = self._start(
-            keys=self._transition_keys(job_id, job.tenant),
+            keys=self._transition_keys(job_id, job.tenant, job.model),
             args=[job_id, worker, repr(time.time()), self.settings.result_ttl, events_channel(job_id)],
         )
         if _text(out[0]) != "ok":
@@ -629,7 +645,7 @@ class JobStore:
         args: list[Any] = [job_id, status.value, repr(time.time()), self.settings.result_ttl, events_channel(job_id)]
         for name, value in fields.items():
             args += [name, value]
-        out = self._finish(keys=self._transition_keys(job_id, job.tenant), args=args)
+        out = self._finish(keys=self._transition_keys(job_id, job.tenant, job.model), args=args)
         return self._result(job_id, out, f"mark it {status.value}")
 
     # --- recovery --------------------------------------------------------------
@@ -655,13 +671,15 @@ class JobStore:
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(jkey, self.queue.key)
+                    model = _text(self.redis.hget(jkey, "model")) or None  # set at submit, never changed
+                    queue = self.queue_for(model)
+                    pipe.watch(jkey, queue.key)
                     status = pipe.hget(jkey, "status")
-                    if _text(status) != JobStatus.QUEUED.value or pipe.lpos(self.queue.key, job_id) is not None:
+                    if _text(status) != JobStatus.QUEUED.value or pipe.lpos(queue.key, job_id) is not None:
                         pipe.unwatch()
                         return False
                     pipe.multi()
-                    self._enqueue(pipe, job_id, at_front=True)
+                    self._enqueue(pipe, job_id, at_front=True, model=model)
                     pipe.execute()
                     return True
                 except WatchError:
@@ -683,7 +701,6 @@ class JobStore:
         or ``None`` if the job moved on meanwhile.
         """
         jkey = self.job_key(job_id)
-        wip_key = self.queue.started_job_registry.key
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -699,6 +716,7 @@ class JobStore:
                         pipe.unwatch()
                         return None
                     job = Job.from_fields(fields)
+                    wip_key = self.queue_for(job.model).started_job_registry.key
                     # RQ's own record of the dead execution: drop it so RQ's registry
                     # cleanup does not later report the job failed behind our back.
                     stale = [m for m in pipe.zrange(wip_key, 0, -1) if _text(m).startswith(f"{job_id}:")]
@@ -735,7 +753,7 @@ class JobStore:
                             pipe.hincrby(jkey, "attempts", -1)
                         pipe.zadd(self.queued_key(), {job_id: job.created_at})
                         pipe.zadd(self.queued_key(job.tenant), {job_id: job.created_at})
-                        self._enqueue(pipe, job_id, at_front=at_front)
+                        self._enqueue(pipe, job_id, at_front=at_front, model=job.model)
                     pipe.expire(jkey, self.settings.result_ttl)
                     pipe.hincrby(jkey, "version", 1)
                     pipe.publish(events_channel(job_id), int(fields.get("version") or 0) + 1)

@@ -123,6 +123,9 @@ class TransferJob(BaseModel):
     style_count: int = Field(1, description="How many styles the job carries (one result per style).")
     output_format: Literal["png", "jpeg", "webp"] = Field(description="The result's file format.")
     output_quality: int = Field(ge=1, le=100, description="Encoder quality of a jpeg or webp result.")
+    model: str | None = Field(
+        None, description="The model it runs on (`GET /v1/models`); null: the default model (jobs from before models)."
+    )
 
     @classmethod
     def from_job(
@@ -152,6 +155,7 @@ class TransferJob(BaseModel):
             style_count=len(job.styles) if job.styles else 1,
             output_format=job.output_format,
             output_quality=job.output_quality,
+            model=job.model,
         )
 
 
