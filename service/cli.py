@@ -149,6 +149,8 @@ def _submit(args: argparse.Namespace) -> int:
         raise SubmitError(f"--api: not a valid URL {api!r}: {exc}") from None
     progress = _Progress(args.quiet)
     params = params_from_args(args, PARAM_SPECS + OUTPUT_SPECS)
+    if args.model:
+        params["model"] = args.model
     events = args.webhook_events.split(",") if args.webhook_events else None
     job = None
     with Client(api, api_key=args.key) as client:
@@ -214,6 +216,7 @@ def _add_submit_parser(subparsers: Any) -> None:
     parser.add_argument("content", help="the content image (PNG, JPEG or WebP): a path, an http(s) URL or a data: URI")
     parser.add_argument("--style", help="the style image (a path, an http(s) URL or a data: URI)")
     parser.add_argument("--style-prompt", help="a text describing the style (with or without --style)")
+    parser.add_argument("--model", help="a model the API serves (GET /v1/models); default: its default model")
     parser.add_argument("-o", "--output", required=True, help="where to write the result (see --output-format)")
     parser.add_argument("--api", default=os.environ.get("HAM_API_URL", DEFAULT_API),
                         help=f"API base URL (default: $HAM_API_URL or {DEFAULT_API})")

@@ -9,6 +9,9 @@ defaults apply; a library style used with both models hits each model's own feat
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +21,7 @@ import pytest
 
 from service.core.config import Settings
 from service.core.storage import open_storage
-from tests.e2e.conftest import Stack, running_stack
+from tests.e2e.conftest import REPO, TENANTS, Stack, running_stack
 from tests.e2e.test_end_to_end import QUICK, download_png, png, wait_for
 
 pytestmark = pytest.mark.slow
@@ -183,3 +186,35 @@ def test_one_library_style_hits_each_models_own_features(two_pools: Stack, alpha
     storage = open_storage(Settings(storage_url=two_pools.env["HAM_STORAGE_URL"]))
     digest = two_pools.redis.hget(f"ham:style:{style_id}", "image_digest").decode()
     assert len(storage.list_objects(f"features/style/{digest}")) == 2
+
+
+def test_the_client_and_ham_submit_pick_a_model(two_pools: Stack, tmp_path) -> None:
+    from ham_client import ApiError, Client, ModelList
+
+    data = REPO / "tests" / "data"
+    with Client(two_pools.base_url, api_key=TENANTS["alpha"]) as ham:
+        models = ham.models()
+        assert isinstance(models, ModelList) and models.default == "tiny"
+        assert [m.name for m in models.items] == ["tiny", "tiny-xl"]
+        assert [m.family for m in models.items] == ["sd", "sdxl"] and models.items[1].random_preset
+        job = ham.submit(data / "content0.png", style=data / "style0.png", model="tiny-xl", steps=2, size=64)
+        assert job.model == "tiny-xl"
+        assert ham.wait(job.id, timeout=120).status == "succeeded"
+        with pytest.raises(ApiError) as refused:
+            ham.submit(data / "content0.png", style_prompt="ink", model="sd-99")
+        assert (refused.value.status, refused.value.code, refused.value.field) == (422, "unknown_model", "model")
+    out = tmp_path / "out.png"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def ham_submit(model: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "service.cli", "submit", str(data / "content1.png"), "--style",
+                   str(data / "style1.png"), "--model", model, "--steps", "2", "--size", "64", "-o", str(out),
+                   "--api", two_pools.base_url, "--key", TENANTS["alpha"], "-q"]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+    done = ham_submit("tiny-xl")
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    refused_cli = ham_submit("sd-99")
+    assert refused_cli.returncode == 1 and "sd-99" in refused_cli.stderr and "tiny, tiny-xl" in refused_cli.stderr, (
+        refused_cli.stderr)
