@@ -66,7 +66,7 @@ def _run_api(args: argparse.Namespace) -> int:
 def _run_up(args: argparse.Namespace) -> int:
     from service.stack import run_stack
 
-    return run_stack(args.host, args.port, data_dir=args.data_dir)
+    return run_stack(args.host, args.port, data_dir=args.data_dir, models=args.model or ())
 
 
 def _run_worker(argv: list[str]) -> int:
@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
     up.add_argument("--data-dir", type=Path, default=None,
                     help="Redis data, file storage and logs (default ./ham-data)")
+    up.add_argument("--model", action="append", metavar="MODEL",
+                    help="serve this model with a worker of its own; repeat for several (the first is the default): "
+                    "--model tiny --model tiny-xl. Default: one worker of $HAM_MODEL")
     up.set_defaults(handler=_run_up)
 
     _add_submit_parser(subparsers)
