@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("worker %s: model %r is not in HAM_MODELS (%s): the API sends it no jobs",
                         name, settings.model, ",".join(settings.served_models))
         info = _announcement(settings, engine, name, with_fingerprint=features is not None)
+        metrics.model.labels(model=settings.model, family=info.family).set(1)
         maintenance.announce = lambda: announce(redis, settings, info)
         announce(redis, settings, info)
         worker = ResilientWorker(
