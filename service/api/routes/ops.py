@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.api.deps import ServicesDep, operator_access
 from service.api.errors import error_body
 from service.api.schemas import ErrorResponse, Health
+from service.core.models import catalogue
 
 log = logging.getLogger("ham.api")
 
@@ -46,7 +47,10 @@ def healthz() -> Health:
     },
 )
 def readyz(services: ServicesDep) -> Response:
-    """200 when Redis answers PING and the storage answers; else 503 naming the failed dependency."""
+    """200 when Redis answers PING and the storage answers; else 503 naming the failed dependency.
+
+    A 200 also says which models answer: `models` maps each served model to its live worker count.
+    """
     checks: dict[str, str] = {}
     for name, probe in (("redis", services.redis.ping), ("storage", services.storage.ping)):
         try:
@@ -60,7 +64,11 @@ def readyz(services: ServicesDep) -> Response:
         body = {"status": "unavailable", "checks": checks,
                 **error_body("not_ready", f"unreachable: {', '.join(failed)}")}
         return JSONResponse(body, status_code=503)
-    return JSONResponse(Health(status="ok", checks=checks).model_dump())
+    body = Health(status="ok", checks=checks).model_dump()
+    # Which models answer (informational: the API is ready whether or not a pool is up).
+    body["models"] = {entry["name"]: {"default": entry["default"], "workers_online": entry["workers_online"]}
+                      for entry in catalogue(services.redis, services.settings)}
+    return JSONResponse(body)
 
 
 @router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(_metrics_access)],
