@@ -219,6 +219,8 @@ def model_entry(redis: Redis, settings: Settings, model: str, now: float | None 
         "family_source": "worker" if newest else "name",
         "default_size": newest.default_size if newest else family_default(family, "size"),
         "max_size": newest.max_size if newest else MAX_SIZE,
+        # What a transfer on this model gets for the parameters it leaves out, where the family decides.
+        "defaults": dict(FAMILY_DEFAULTS.get(family, {})),
         "dtype": newest.dtype if newest else None,
         "device": newest.device if newest else None,
         "random_preset": random_preset,

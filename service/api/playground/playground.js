@@ -523,9 +523,11 @@
     if (!entry.workers_online) lines.push(`No worker of ${entry.name} is running now: the job waits in its queue.`);
     note.textContent = lines.join(" ");
     note.hidden = lines.length === 0;
-    // The size the model's family is trained at (SD 512, SDXL 1024) is its default.
-    const size = $("param-size");
-    if (size && entry.default_size) size.value = String(entry.default_size);
+    // The model family's own defaults (its training size...) fill the controls nobody typed in.
+    for (const [name, value] of Object.entries(entry.defaults || {})) {
+      const input = $(`param-${name}`);
+      if (input && !input.dataset.typed) input.value = String(value);
+    }
   }
 
   async function loadModels() {
@@ -543,6 +545,12 @@
       }
       select.value = catalogue.default;
       select.onchange = showModel;  // once, however often the catalogue is reloaded
+      for (const item of state.models) {
+        for (const name of Object.keys(item.defaults || {})) {
+          const input = $(`param-${name}`);
+          if (input) input.oninput = () => { input.dataset.typed = "1"; };
+        }
+      }
       $("model-field").hidden = state.models.length === 0;
       showModel();
     } catch (_) {

@@ -39,6 +39,9 @@ class ModelInfo(BaseModel):
     )
     default_size: int = Field(description="`size` of a transfer that leaves it out (the family's training size).")
     max_size: int = Field(description="The largest `size` accepted.")
+    defaults: dict[str, Any] = Field(
+        description="The parameter defaults this model's family sets (e.g. `size`); the others are the schema's."
+    )
     dtype: str | None = Field(None, description="Compute dtype of its workers (null until one announced).")
     device: str | None = Field(None, description="Device of its newest worker (null until one announced).")
     random_preset: bool = Field(description="A random-weight preset (tiny, tiny-xl): its pictures are noise.")
@@ -60,7 +63,8 @@ class ModelList(BaseModel):
 
     model_config = {"json_schema_extra": {"examples": [{"default": "tiny", "items": [{
         "name": "tiny", "default": True, "queue": "ham", "family": "sd", "family_source": "worker",
-        "default_size": 512, "max_size": 2048, "dtype": "float32", "device": "cpu", "random_preset": True,
+        "default_size": 512, "max_size": 2048, "defaults": {"size": 512}, "dtype": "float32", "device": "cpu",
+        "random_preset": True,
         "note": "tiny is a random preset: its weights are random, so its pictures are noise, not art. ...",
         "fingerprint": None, "workers_online": 1, "last_announced_at": 1767225600.0, "status": "online",
         "queue_depth": 0, "oldest_queued_age": None}]}]}}
