@@ -76,6 +76,7 @@ def test_models_lists_both_pools_live(two_pools: Stack, alpha: httpx.Client) -> 
     assert (tiny["queue"], xl["queue"]) == (QUEUE, f"{QUEUE}-tiny-xl")
     assert (tiny["family"], tiny["family_source"], tiny["default_size"]) == ("sd", "worker", 512)
     assert (xl["family"], xl["family_source"], xl["default_size"]) == ("sdxl", "worker", 1024)
+    assert (tiny["defaults"], xl["defaults"]) == ({"size": 512}, {"size": 1024})
     for item in (tiny, xl):
         assert item["workers_online"] == 1 and item["status"] == "online", item
         assert item["random_preset"] is True and "noise" in item["note"] and "HAM_MODEL" in item["note"]
@@ -218,3 +219,19 @@ def test_the_client_and_ham_submit_pick_a_model(two_pools: Stack, tmp_path) -> N
     refused_cli = ham_submit("sd-99")
     assert refused_cli.returncode == 1 and "sd-99" in refused_cli.stderr and "tiny, tiny-xl" in refused_cli.stderr, (
         refused_cli.stderr)
+
+
+def test_warming_a_style_for_a_model_runs_on_that_models_pool(two_pools: Stack, alpha: httpx.Client) -> None:
+    files = {"image": ("style2.png", png("style2.png"), "image/png")}
+    warm = {"warm": "true", "steps": "2", "model": "tiny-xl"}
+    created = alpha.post("/v1/styles", files=files, data=warm)
+    assert created.status_code == 201, created.text
+    job = wait_for(alpha, created.json()["warm_job_id"], {"succeeded", "failed"}, timeout=180)
+    # No size given: the SDXL family's 1024 (the size transfers on tiny-xl default to).
+    assert (job["status"], job["model"], job["params"]["size"]) == ("succeeded", "tiny-xl", 1024), job
+    worker = two_pools.redis.hget(f"ham:job:{job['id']}", "worker").decode()
+    assert worker != "e2e-worker-1", "the tiny worker ran a tiny-xl warm-up"
+    refused = alpha.post("/v1/styles", files=files, data={**warm, "model": "sd-99"})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "unknown_model", refused.text
+    unwarmed = alpha.post("/v1/styles", files=files, data={"model": "tiny-xl"})
+    assert unwarmed.status_code == 422 and unwarmed.json()["error"]["field"] == "model", unwarmed.text

@@ -21,7 +21,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ham_engine.params import MAX_PROMPT_CHARS, ParamError, TransferParams, check_style_reference
+from ham_engine.params import MAX_PROMPT_CHARS, ParamError, TransferParams, check_style_reference, family_params
+from service.api.catalogue import choose_model
 from service.api.deps import Services, current_tenant, get_services
 from service.api.errors import ApiError
 from service.api.schemas import ErrorResponse, StyleList, StyleResource
@@ -34,7 +35,7 @@ log = logging.getLogger("ham.api")
 
 router = APIRouter(prefix="/v1/styles", tags=["styles"])
 
-FIELDS = ("image", "style_prompt", "name", "warm", "size", "steps")
+FIELDS = ("image", "style_prompt", "name", "warm", "size", "steps", "model")
 MAX_NAME_CHARS = 200
 _WARM_GREY = (128, 128, 128)
 
@@ -92,7 +93,7 @@ def _fields(form: FormData) -> dict[str, str | UploadFile]:
     return values
 
 
-def _warm_params(values: dict[str, str | UploadFile]) -> TransferParams | None:
+def _warm_params(values: dict[str, str | UploadFile], family: str = "sd") -> TransferParams | None:
     warm = str(values.get("warm", "false")).strip().lower()
     if warm not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
         raise ParamError("warm", f"must be true or false, got {warm[:40]!r}")
@@ -104,10 +105,11 @@ def _warm_params(values: dict[str, str | UploadFile]) -> TransferParams | None:
                 raise ParamError(name, f"must be an integer, got {text[:40]!r}")
             given[name] = int(text)
     if warm in ("false", "0", "no", "off"):
-        if given:
-            raise ParamError(next(iter(given)), "only used with warm=true")
+        if given or "model" in values:
+            raise ParamError(next(iter(given)) if given else "model", "only used with warm=true")
         return None
-    return TransferParams(**given)
+    # Features are per model: warm them for the model named (its family's size when none is given).
+    return TransferParams(**family_params(family, given))
 
 
 def _grey_square(size: int) -> bytes:
@@ -116,7 +118,10 @@ def _grey_square(size: int) -> bytes:
     return buffer.getvalue()
 
 
-def _create(services: Services, record: StyleRecord, image_png: bytes | None, warm: TransferParams | None) -> None:
+def _create(
+    services: Services, record: StyleRecord, image_png: bytes | None, warm: TransferParams | None,
+    model: str | None = None,
+) -> None:
     settings = services.settings
     if image_png is not None:
         services.storage.put(style_image_key(record.id), image_png, "image/png")
@@ -128,6 +133,7 @@ def _create(services: Services, record: StyleRecord, image_png: bytes | None, wa
             params=warm.to_dict(),
             has_style=record.has_image,
             styles=[{"key": record.image_key, "prompt": record.style_prompt, "style_id": record.id}],
+            model=model,
         )
         record.warm_job_id = warm_job.id
     services.styles.create(record)
@@ -165,8 +171,9 @@ async def create_style(
 ) -> StyleResource:
     """Store a style (multipart: `image` and/or `style_prompt`, optional `name`).
 
-    `warm=true` (with optional `size` and `steps`, default the engine's) queues a job that
-    computes the style's features, so the first transfer with it is warm.
+    `warm=true` (with optional `size` and `steps`, default the engine's, and `model`, default the
+    default model's) queues a job that computes the style's features for that model, so the first
+    transfer with it on that model is warm. The style itself is usable with every model.
     """
     form = await _style_form(request)
     try:
@@ -179,7 +186,10 @@ async def create_style(
             if prompt_text is not None and len(prompt_text) > MAX_PROMPT_CHARS:
                 raise ParamError("style_prompt", f"at most {MAX_PROMPT_CHARS} characters")
             prompt = check_style_reference("image" in values, prompt_text)
-            warm = _warm_params(values)
+            model = None
+            if str(values.get("warm", "")).strip().lower() in ("true", "1", "yes", "on"):
+                model = await choose_model(services, values.get("model"))  # 422 unknown_model
+            warm = _warm_params(values, model.family if model else "sd")
         except ParamError as exc:
             field = "image" if exc.field == "style" else exc.field
             raise ApiError(422, "invalid_parameter", str(exc).replace("style:", "image:", 1), field=field) from None
@@ -193,7 +203,7 @@ async def create_style(
         style_prompt=prompt,
         has_image=image_png is not None,
     )
-    await run_in_threadpool(_create, services, record, image_png, warm)
+    await run_in_threadpool(_create, services, record, image_png, warm, model.name if model else None)
     response.headers["Location"] = f"/v1/styles/{record.id}"
     log.info("style %s created for tenant %s", record.id, tenant)
     return style_resource(record)
