@@ -4,7 +4,7 @@
     ham eval --content DIR --style DIR            the paper's metrics table over a benchmark (needs the engine)
     ham api [--host H] [--port P] [--workers N]   the HTTP API (uvicorn)
     ham worker [...]                              a GPU worker (needs the engine)
-    ham up [--host H] [--port P]                  Redis + API + one worker on this machine
+    ham up [--host H] [--port P] [--model M ...]  Redis + API + one worker (per model) on this machine
     ham submit CONTENT --style S -o OUT.png       send a job to a running API, wait, download
 
 Every sub-command's implementation is imported only when it runs, so ``ham --help``, ``ham
