@@ -49,6 +49,7 @@ class Job(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: int = 90
     model: str | None = None  # the model it runs on (GET /v1/models)
+    attempt: int = 0  # the job's run: progress rises within one and restarts from 0 when this grows
 
     @property
     def terminal(self) -> bool:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Services
-from service.api.errors import ApiError
+from service.api.errors import ApiError, ModelUnavailable
+from service.api.errors import UnknownModel as UnknownModelError
 from service.core.models import UnknownModel, model_entry, resolve_model
 
 MODEL_FIELD_SCHEMA = {
@@ -35,7 +36,7 @@ class ModelChoice:
 
 def unknown_model(exc: UnknownModel) -> ApiError:
     """The 422 for a model the deployment does not serve; the message names the served ones."""
-    return ApiError(422, "unknown_model", str(exc), field="model")
+    return UnknownModelError(str(exc))
 
 
 async def choose_model(services: Services, requested: str | None) -> ModelChoice:
@@ -47,10 +48,5 @@ async def choose_model(services: Services, requested: str | None) -> ModelChoice
         raise unknown_model(exc) from None
     entry = await run_in_threadpool(model_entry, services.redis, settings, name)
     if settings.models_require_worker and not entry["workers_online"]:
-        raise ApiError(
-            503, "model_unavailable",
-            f"model: no worker of {name!r} announced itself recently; retry once its pool is up "
-            "(GET /v1/models shows workers_online)",
-            field="model", headers={"Retry-After": "30"},
-        )
+        raise ModelUnavailable(model=name, headers={"Retry-After": "30"})
     return ModelChoice(name, entry["family"])

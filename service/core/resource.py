@@ -126,6 +126,13 @@ class TransferJob(BaseModel):
     model: str | None = Field(
         None, description="The model it runs on (`GET /v1/models`); null: the default model (jobs from before models)."
     )
+    attempt: int = Field(
+        0,
+        ge=0,
+        description="Which run of the job this is: 0 until a worker starts it, then 1, 2, ... each time a worker "
+        "starts it (again, after a worker was lost or an outage). `progress` only rises within one run and starts "
+        "again from 0 when this grows.",
+    )
 
     @classmethod
     def from_job(
@@ -152,10 +159,11 @@ class TransferJob(BaseModel):
             style_prompt=job.style_prompt,
             has_style=job.has_style,
             style_ids=job.style_ids,
-            style_count=len(job.styles) if job.styles else 1,
+            style_count=len(job.styles) or 1,
             output_format=job.output_format,
             output_quality=job.output_quality,
             model=job.model,
+            attempt=job.run,
         )
 
 

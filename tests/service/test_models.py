@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from ham_engine.params import FAMILY_DEFAULTS, PARAM_SPECS, TransferParams, family_default, family_params
 from service.core.config import Settings
-from service.core.jobs import Job, JobStatus, JobStore, new_job_id
+from service.core.jobs import Job, JobStatus, JobStore, new_job_id, style_key
+from service.core.style_refs import StyleRef
 from service.core.models import (
     PRESET_FAMILIES,
     Announcement,
@@ -36,6 +37,11 @@ def settings() -> Settings:
 @pytest.fixture
 def store(redis_client: redis.Redis, settings: Settings) -> JobStore:
     return JobStore(redis_client, settings)
+
+
+def job(model: str | None) -> Job:
+    job_id = new_job_id()
+    return Job(id=job_id, tenant="t", model=model, styles=[StyleRef(style_key(job_id), None)])
 
 
 def info(model: str = "tiny-xl", worker: str = "w1", family: str = "sdxl") -> Announcement:
@@ -115,11 +121,10 @@ def test_announcements_count_online_workers_and_forget_old_ones(redis_client, se
 
 
 def test_each_job_waits_starts_and_is_requeued_on_its_models_queue(store: JobStore, redis_client, settings) -> None:
-    tiny = Job(id=new_job_id(), tenant="t", model="tiny", has_style=True)
-    xl = Job(id=new_job_id(), tenant="t", model="tiny-xl", has_style=True)
-    legacy = Job(id=new_job_id(), tenant="t", has_style=True)  # a record from before models: the default's
-    for job in (tiny, xl, legacy):
-        store.submit(job)
+    tiny, xl = job("tiny"), job("tiny-xl")
+    legacy = job(None)  # a record from before models: the default model's
+    for each in (tiny, xl, legacy):
+        store.submit(each)
     assert redis_client.lrange("rq:queue:ham-t", 0, -1) == [tiny.id.encode(), legacy.id.encode()]
     assert redis_client.lrange("rq:queue:ham-t-tiny-xl", 0, -1) == [xl.id.encode()]
     assert store.get(xl.id).model == "tiny-xl" and store.get(legacy.id).model is None
@@ -141,8 +146,7 @@ def test_each_job_waits_starts_and_is_requeued_on_its_models_queue(store: JobSto
 
 
 def test_orphans_go_back_to_their_own_models_queue(store: JobStore, redis_client, settings) -> None:
-    xl = Job(id=new_job_id(), tenant="t", model="tiny-xl", has_style=True)
-    tiny = Job(id=new_job_id(), tenant="t", model="tiny", has_style=True)
+    xl, tiny = job("tiny-xl"), job("tiny")
     store.submit(xl)
     store.submit(tiny)
     # A tiny worker's pass must not take the tiny-xl job (waiting in its own list) for an orphan.
