@@ -12,7 +12,6 @@ from pydantic import ValidationError
 from ham_engine.params import FAMILY_DEFAULTS, PARAM_SPECS, TransferParams, family_default, family_params
 from service.core.config import Settings
 from service.core.jobs import Job, JobStatus, JobStore, new_job_id, style_key
-from service.core.style_refs import StyleRef
 from service.core.models import (
     PRESET_FAMILIES,
     Announcement,
@@ -26,6 +25,7 @@ from service.core.models import (
     resolve_model,
     withdraw,
 )
+from service.core.style_refs import StyleRef
 from worker.recovery import requeue_orphans
 
 
@@ -160,3 +160,68 @@ def test_orphans_go_back_to_their_own_models_queue(store: JobStore, redis_client
     assert requeue_orphans(store, grace=1, now=now + 5) == [xl.id]
     assert redis_client.lrange("rq:queue:ham-t-tiny-xl", 0, -1) == [xl.id.encode()]
     assert redis_client.llen("rq:queue:ham-t") == 1
+
+
+# --- the API in-process (TestClient) on the same real Redis -------------------------------------------
+
+
+@pytest.fixture
+def api(tmp_path, redis_url, redis_client):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from tests.service.test_api import make_settings
+
+    clients = []
+
+    def build(**overrides):
+        client = TestClient(create_app(make_settings(tmp_path, redis_url, models="tiny,tiny-xl", **overrides)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def test_a_model_without_workers_is_refused_only_when_the_setting_says_so(api, redis_client) -> None:
+    from tests.service.test_api import AUTH_A, assert_error, submit
+
+    strict = api(models_require_worker=True)
+    refused = submit(strict, model="tiny-xl")
+    assert_error(refused, 503, "model_unavailable", field="model")
+    assert refused.headers["Retry-After"] == "30" and "'tiny-xl'" in refused.json()["error"]["message"]
+    assert redis_client.llen("rq:queue:ham-tiny-xl") == 0
+    announce(redis_client, strict.app.state.services.settings, info("tiny-xl"))
+    accepted = submit(strict, model="tiny-xl")
+    assert accepted.status_code == 202 and accepted.json()["model"] == "tiny-xl", accepted.text
+    # The default setting queues it whatever the workers (a pool scaled to zero starts on its queue).
+    lenient = api()
+    queued = submit(lenient, model="tiny")
+    assert queued.status_code == 202 and queued.json()["status"] == "queued"
+    assert_error(submit(lenient, model="sd-99"), 422, "unknown_model", field="model")
+    listed = lenient.get("/v1/models", headers=AUTH_A).json()
+    assert {m["name"]: (m["status"], m["queue_depth"]) for m in listed["items"]} == {
+        "tiny": ("no_workers", 1), "tiny-xl": ("online", 1)}
+    assert lenient.get("/v1/models").status_code == 401  # an API key, as for transfers
+
+
+def test_readyz_and_metrics_say_which_models_answer(api, redis_client) -> None:
+    client = api()
+    announce(redis_client, client.app.state.services.settings, info("tiny-xl"))
+    ready = client.get("/readyz").json()
+    assert ready["models"] == {"tiny": {"default": True, "workers_online": 0},
+                               "tiny-xl": {"default": False, "workers_online": 1}}
+    text = client.get("/metrics").text
+    assert 'ham_model_workers_online{model="tiny-xl"} 1.0' in text
+    assert 'ham_model_workers_online{model="tiny"} 0.0' in text
+    assert 'ham_model_queue_depth{model="tiny"} 0.0' in text
+
+
+def test_the_schema_names_the_served_models(api) -> None:
+    schema = api().get("/openapi.json").json()["components"]["schemas"]
+    assert schema["TransferRequest"]["properties"]["model"]["enum"] == ["tiny", "tiny-xl"]
+    assert schema["TransferForm"]["properties"]["model"]["enum"] == ["tiny", "tiny-xl", ""]
+    assert schema["TransferRequest"]["properties"]["size"]["x-family-defaults"] == {"sd": 512, "sdxl": 1024}
+    assert "/v1/models" in api().get("/openapi.json").json()["paths"]
