@@ -26,11 +26,13 @@ from tests.e2e.test_end_to_end import QUICK, download_png, png, wait_for
 
 pytestmark = pytest.mark.slow
 QUEUE = "ham-e2e-models"
+# Its own Redis database: 7 is the shared e2e stack's, 8 the styles stack's, 9 the deploy commands',
+# 10 the schema fuzz API's.
 
 
 @pytest.fixture(scope="module")
 def two_pools(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    extra = {"redis_db": "9", "HAM_QUEUE_NAME": QUEUE, "HAM_MODELS": "tiny,tiny-xl", "HAM_MODEL": "tiny"}
+    extra = {"redis_db": "11", "HAM_QUEUE_NAME": QUEUE, "HAM_MODELS": "tiny,tiny-xl", "HAM_MODEL": "tiny"}
     with running_stack(redis_url, tmp_path_factory.mktemp("e2e-models"), **extra) as stack:
         stack.start_worker(HAM_MODEL="tiny-xl")
         yield stack
