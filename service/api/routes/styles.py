@@ -20,7 +20,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ham_engine.params import MAX_PROMPT_CHARS, ParamError, TransferParams, check_style_reference, family_params
+from ham_engine.params import (
+    MAX_PROMPT_CHARS,
+    PARAM_SPECS,
+    ParamError,
+    ParamSpec,
+    TransferParams,
+    check_style_reference,
+    family_params,
+)
 from service.api.catalogue import choose_model
 from service.api.deps import Services, current_tenant, get_services
 from service.api.errors import (
@@ -44,6 +52,7 @@ from service.api.errors import (
     UploadTooLarge,
     error_responses,
 )
+from service.api.form_values import form_value
 from service.api.schemas import StyleList, StyleResource
 from service.api.uploads import read_upload
 from service.core.feature_store import delete_style_features
@@ -54,7 +63,10 @@ log = logging.getLogger("ham.api")
 
 router = APIRouter(prefix="/v1/styles", tags=["styles"])
 
-FIELDS = ("image", "style_prompt", "name", "warm", "size", "steps", "model")
+# warm=true queues a job that computes the style's features; size and steps are that job's, for `model`.
+WARM_SPEC = ParamSpec("warm", bool, False, "queue a job that computes the style's features now")
+WARM_PARAM_SPECS = tuple(spec for name in ("size", "steps") for spec in PARAM_SPECS if spec.name == name)
+FIELDS = ("image", "style_prompt", "name", WARM_SPEC.name, *(spec.name for spec in WARM_PARAM_SPECS), "model")
 MAX_NAME_CHARS = 200
 _WARM_GREY = (128, 128, 128)
 
@@ -108,17 +120,11 @@ def _fields(form: FormData) -> dict[str, str | UploadFile]:
 
 
 def _warm_params(values: dict[str, str | UploadFile], family: str = "sd") -> TransferParams | None:
-    warm = str(values.get("warm", "false")).strip().lower()
-    if warm not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        raise ParamError("warm", f"must be true or false, got {warm[:40]!r}")
-    given: dict[str, int] = {}
-    for name in ("size", "steps"):
-        if name in values:
-            text = str(values[name]).strip()
-            if not text.isascii() or not text.isdigit() or len(text) > 6:
-                raise ParamError(name, f"must be an integer, got {text[:40]!r}")
-            given[name] = int(text)
-    if warm in ("false", "0", "no", "off"):
+    """The parameters of the warming job (``warm=true``), parsed like a transfer's form fields; None without.
+    ``family``: the warmed model's, whose defaults fill what is not given (its training size)."""
+    warm = form_value(WARM_SPEC, str(values["warm"])) if "warm" in values else WARM_SPEC.default
+    given = {spec.name: form_value(spec, str(values[spec.name])) for spec in WARM_PARAM_SPECS if spec.name in values}
+    if not warm:
         if given or "model" in values:
             raise ParamError(next(iter(given)) if given else "model", "only used with warm=true")
         return None
@@ -197,7 +203,7 @@ async def create_style(
                 raise ParamError("style_prompt", f"at most {MAX_PROMPT_CHARS} characters")
             prompt = check_style_reference("image" in values, prompt_text)
             model = None
-            if str(values.get("warm", "")).strip().lower() in ("true", "1", "yes", "on"):
+            if "warm" in values and form_value(WARM_SPEC, str(values["warm"])):
                 model = await choose_model(services, values.get("model"))  # 422 unknown_model
             warm = _warm_params(values, model.family if model else "sd")
         except ParamError as exc:
