@@ -32,6 +32,27 @@ TEACHERS = ("auto", "live", "recorded")
 # Our reading (docs/method.md §6): every transformer block of the UNet decoder.
 DEFAULT_LAYERS: tuple[str, ...] = ("up_blocks.*",)
 
+# The defaults that depend on the model's family (``ModelFamily.name``): a transfer that leaves one
+# out gets its model's family's value — the service resolves it once the job's model is known.
+# The field defaults of TransferParams are the "sd" ones. SDXL is trained at 1024 px.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sd": {"size": 512},
+    "sdxl": {"size": 1024},
+}
+
+
+def family_default(family: str, name: str) -> Any:
+    """The default of parameter ``name`` for a model of ``family`` (the field default where none is set)."""
+    by_family = FAMILY_DEFAULTS.get(family, {})
+    if name in by_family:
+        return by_family[name]
+    return next(f.default for f in fields(TransferParams) if f.name == name)
+
+
+def family_params(family: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` completed with ``family``'s defaults for what it leaves out (the others stay field defaults)."""
+    return {**FAMILY_DEFAULTS.get(family, {}), **given}
+
 
 class ParamError(ValueError):
     """A parameter is outside its allowed range; ``field`` names it."""
@@ -252,8 +273,18 @@ class ParamSpec:
             schema["enum"] = list(self.choices)
         if self.example is not None:
             schema["examples"] = [self.example]
+        by_family = self.family_defaults()
+        if by_family:
+            # `default` is the SD value; which default applies to which family is spelled out.
+            schema["x-family-defaults"] = by_family
+            schema["description"] += "; default by the model's family: " + ", ".join(
+                f"{family} {value}" for family, value in by_family.items()
+            )
         return schema
 
+    def family_defaults(self) -> dict[str, Any]:
+        """Family → this parameter's default there, for a parameter whose default depends on the family."""
+        return {family: d[self.name] for family, d in FAMILY_DEFAULTS.items() if self.name in d}
     def check(self, value: Any) -> None:
         """Raise a :class:`ParamError` naming this parameter unless ``value`` is one it allows."""
         if self.kind is bool:
@@ -299,6 +330,8 @@ def params_table(specs: tuple[ParamSpec, ...] = PARAM_SPECS) -> str:
     rows = ["| Parameter | Type | Default | Allowed | What |", "|---|---|---|---|---|"]
     for spec in specs:
         default = str(spec.default).lower() if spec.kind is bool else f"`{spec.default}`"
+        if spec.family_defaults():
+            default = ", ".join(f"{family}: `{value}`" for family, value in spec.family_defaults().items())
         rows.append(f"| `{spec.name}` | {spec.kind.__name__} | {default} | {spec.allowed()} | {spec.help} |")
     return "\n".join(rows) + "\n"
 

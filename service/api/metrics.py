@@ -37,7 +37,10 @@ class QueueCollector(Collector):
         oldest_queued_age: Callable[[], float | None],
         finished_by_outcome: Callable[[], Mapping[str, int]],
         redis_memory: Callable[[], tuple[int, int]] | None = None,
+        per_model: Callable[[], list[Mapping[str, object]]] | None = None,
     ) -> None:
+        # The catalogue (service.core.models.catalogue): each served model's queue and live workers.
+        self._per_model = per_model
         self._queue_depth = queue_depth
         self._oldest_queued_age = oldest_queued_age
         self._finished_by_outcome = finished_by_outcome
@@ -54,6 +57,7 @@ class QueueCollector(Collector):
             oldest = self._oldest_queued_age()
             finished = dict(self._finished_by_outcome())
             memory = self._redis_memory() if self._redis_memory is not None else None
+            models = list(self._per_model()) if self._per_model is not None else []
         except Exception as exc:  # a scrape must not fail because Redis is down
             log.warning("metrics scrape could not read Redis: %s", exc)
             up.add_metric([], 0)
@@ -78,6 +82,25 @@ class QueueCollector(Collector):
         for outcome in ("succeeded", "failed", "canceled"):
             counter.add_metric([outcome], finished.get(outcome, 0))
         yield counter
+        yield from _model_families(models)
+
+
+def _model_families(models: list[Mapping[str, object]]) -> Iterator[Metric]:
+    """Per served model (label ``model``): its queue depth, its oldest queued job's age, its live workers."""
+    depth = GaugeMetricFamily("ham_model_queue_depth", "Jobs waiting in the model's queue.", labels=["model"])
+    oldest = GaugeMetricFamily(
+        "ham_model_oldest_queued_job_age_seconds",
+        "Age of the job next in line in the model's queue (0 when empty).", labels=["model"],
+    )
+    workers = GaugeMetricFamily(
+        "ham_model_workers_online", "Workers that announced the model within three heartbeats.", labels=["model"]
+    )
+    for entry in models:
+        name = str(entry["name"])
+        depth.add_metric([name], float(entry["queue_depth"]))  # type: ignore[arg-type]
+        oldest.add_metric([name], float(entry["oldest_queued_age"] or 0.0))  # type: ignore[arg-type]
+        workers.add_metric([name], float(entry["workers_online"]))  # type: ignore[arg-type]
+    yield from (depth, oldest, workers)
 
 
 class ApiMetrics:

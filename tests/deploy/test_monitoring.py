@@ -96,6 +96,18 @@ def test_dashboard_covers_what_operators_watch() -> None:
                    "ham_http_request_duration_seconds_bucket", "ham_worker_ready"):
         assert series in exprs, f"no panel charts {series}"
     assert 'status=~"5.."' in exprs, "no API 5xx panel"
+    # Split by model (one pool and one queue per model): queue depth, wait, workers, run time and failures.
+    for series in ("ham_model_queue_depth", "ham_model_oldest_queued_job_age_seconds", "ham_model_workers_online"):
+        assert f"by (model) ({series})" in exprs, f"no per-model panel charts {series}"
+    assert "sum by (model, le) (rate(ham_worker_job_seconds_bucket" in exprs
+    assert "group_left(model) ham_worker_model" in exprs
+
+
+def test_alerts_fire_per_model() -> None:
+    exprs = {r["alert"]: r["expr"] for r in alert_rules()}
+    assert "by (model) (ham_model_workers_online) == 0" in exprs["HamModelNoWorker"]
+    assert "by (model) (ham_model_oldest_queued_job_age_seconds)" in exprs["HamModelQueueWaitHigh"]
+    assert "group_left(model) ham_worker_model" in exprs["HamModelJobFailureRateHigh"]
 
 
 def test_kubernetes_ships_the_same_dashboard_for_the_grafana_sidecar() -> None:

@@ -374,3 +374,16 @@ def test_a_full_queue_is_shown_with_its_retry_after(open_playground, images, sta
             for job_id in queued:
                 client.post(f"/v1/transfers/{job_id}/cancel")
         stack.ensure_one_worker()
+
+
+def test_the_model_picker_comes_from_the_catalogue_and_says_a_random_preset_draws_noise(open_playground) -> None:
+    session = open_playground()
+    page = session.page
+    page.locator("#model-field").wait_for(state="visible")
+    assert page.locator("#model").input_value() == "tiny"
+    assert page.locator("#model option").all_inner_texts() == ["tiny (sd, 1 worker)"]
+    note = page.locator("#model-note")
+    note.wait_for(state="visible")
+    assert "noise" in note.inner_text() and "HAM_MODEL" in note.inner_text()
+    assert page.locator("#param-size").input_value() == "512"
+    assert session.unexpected_errors() == []

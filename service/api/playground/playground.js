@@ -271,6 +271,7 @@
     if (style) form.append("style", style, style.name);
     if (prompt) form.append("style_prompt", prompt);
     if (styleId) form.append("style_id", styleId);
+    if ($("model").value) form.append("model", $("model").value);
     for (const param of state.config.params) form.append(param.name, paramValue(param));
     return { form, content };
   }
@@ -510,6 +511,53 @@
     }
   }
 
+  // --- models (GET /v1/models) -----------------------------------------------------------------
+
+  function showModel() {
+    const entry = (state.models || []).find((m) => m.name === $("model").value);
+    const note = $("model-note");
+    if (!entry) { note.hidden = true; return; }
+    const lines = [];
+    // A random preset draws noise: say so plainly, and how to get a real model.
+    if (entry.random_preset) lines.push(entry.note);
+    if (!entry.workers_online) lines.push(`No worker of ${entry.name} is running now: the job waits in its queue.`);
+    note.textContent = lines.join(" ");
+    note.hidden = lines.length === 0;
+    // The model family's own defaults (its training size...) fill the controls nobody typed in.
+    for (const [name, value] of Object.entries(entry.defaults || {})) {
+      const input = $(`param-${name}`);
+      if (input && !input.dataset.typed) input.value = String(value);
+    }
+  }
+
+  async function loadModels() {
+    try {
+      const catalogue = await apiJson("/v1/models");
+      state.models = catalogue.items || [];
+      const select = $("model");
+      select.replaceChildren();
+      for (const item of state.models) {
+        const option = document.createElement("option");
+        option.value = item.name;
+        const workers = item.workers_online === 1 ? "1 worker" : `${item.workers_online} workers`;
+        option.textContent = `${item.name} (${item.family}, ${workers})`;
+        select.append(option);
+      }
+      select.value = catalogue.default;
+      select.onchange = showModel;  // once, however often the catalogue is reloaded
+      for (const item of state.models) {
+        for (const name of Object.keys(item.defaults || {})) {
+          const input = $(`param-${name}`);
+          if (input) input.oninput = () => { input.dataset.typed = "1"; };
+        }
+      }
+      $("model-field").hidden = state.models.length === 0;
+      showModel();
+    } catch (_) {
+      // No catalogue (an older server): the transfer runs on the default model.
+    }
+  }
+
   // --- start ------------------------------------------------------------------------------------
 
   async function start() {
@@ -539,7 +587,7 @@
       if (key) sessionStorage.setItem(KEY_STORAGE, key);
     });
     $("key-dialog").addEventListener("close", () => {
-      if (apiKey()) { loadRecent(); if (state.config.features.styles) loadStyles(); }
+      if (apiKey()) { loadRecent(); loadModels(); if (state.config.features.styles) loadStyles(); }
     });
     if (state.config.auth_required) {
       $("change-key").hidden = false;
@@ -547,6 +595,7 @@
       if (!apiKey()) { askForKey(); return; }
     }
     loadRecent();
+    loadModels();
     if (state.config.features.styles) loadStyles();
   }
 
