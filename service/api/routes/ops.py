@@ -11,8 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.api.deps import ServicesDep, operator_access
 from service.api.errors import NotReady, error_body
 from service.api.schemas import ErrorResponse, Health
-from service.core.redis_client import UNREACHABLE, probe_writable, refusal
 from service.core.models import catalogue
+from service.core.redis_client import UNREACHABLE, probe_writable, refusal
 
 log = logging.getLogger("ham.api")
 
