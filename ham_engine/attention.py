@@ -235,6 +235,8 @@ def attention_layers(unet: torch.nn.Module, kind: str) -> list[str]:
     """
     if kind not in (SELF_ATTENTION, CROSS_ATTENTION):
         raise ValueError(f"kind: {kind!r} is not {SELF_ATTENTION!r} (self) or {CROSS_ATTENTION!r} (cross)")
+    if hasattr(unet, "ham_attention_layers"):  # a joint-attention denoiser lists its own (ham_engine.dit)
+        return list(unet.ham_attention_layers(kind))
     cross = kind == CROSS_ATTENTION
     return [
         name
@@ -509,6 +511,10 @@ def modulated_attention(unet: torch.nn.Module, context: ModulationContext) -> It
     The original processors are put back on exit, also when the block raises. A layer
     in both lists is an error (GAR is for ``attn1``, LAT for ``attn2``).
     """
+    if hasattr(unet, "ham_modulated_attention"):  # a joint-attention denoiser installs its own (ham_engine.dit)
+        with unet.ham_modulated_attention(context):
+            yield context
+        return
     overlap = set(context.gar_layers) & set(context.lat_layers)
     if overlap:
         raise ValueError(f"layers selected for both GAR and LAT: {sorted(overlap)}")

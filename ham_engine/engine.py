@@ -75,7 +75,7 @@ from ham_engine.attention import (
 from ham_engine.families import PromptEmbeddings
 from ham_engine.feature_store import FeatureStore, open_feature_store
 from ham_engine.feature_tiers import FeatureTiers, latent_shape
-from ham_engine.inversion import DdimSchedule, ddim_invert, ddim_step
+from ham_engine.inversion import DdimSchedule
 from ham_engine.loading import DiffusionModel, load_model
 from ham_engine.modulation import channel_stats, sini
 from ham_engine.params import DEFAULT_LAYERS, ParamError, TransferParams, check_style_reference
@@ -568,7 +568,7 @@ class HamEngine:
 
         started = time.perf_counter()
         clean, text = self._encode(request, invert_content=content_cached is None, invert_styles=invert_styles)
-        schedule = DdimSchedule.from_scheduler(model.scheduler, request.params.steps, model.device)
+        schedule = model.schedule(request.params.steps, request.size)
         counters.seconds["encode"] = self._elapsed(started)
         invert_content = content_cached is None
         recording = self._recording(request, invert_content, invert_styles) if clean is not None else None
@@ -591,8 +591,8 @@ class HamEngine:
                     return output
 
                 with recording_attention(model.unet, recording) if recording is not None else nullcontext():
-                    trajectory = ddim_invert(
-                        invert_model, clean, schedule, before_step=steps.check, convention=request.params.inversion
+                    trajectory = schedule.invert(
+                        invert_model, clean, before_step=steps.check, convention=request.params.inversion
                     )
             row = 0
             if invert_content:
@@ -808,7 +808,7 @@ class HamEngine:
     def _sample(
         self,
         request: _Request,
-        schedule: DdimSchedule,
+        schedule: DdimSchedule,  # or a FlowSchedule: the same step/invert interface
         context: ModulationContext,
         branches: _Branches,
         text: _Text,
@@ -833,23 +833,14 @@ class HamEngine:
                 conditioning[layout] = self._conditioning(layout, text)
             output = self._predict(latents, schedule.timesteps[k], conditioning[layout], counters, "sample")
 
-            alpha_t, alpha_prev = schedule.alphas_of_step(k)
             student_guidance = params.guidance if params.guide_student else 1.0
             for i, style in enumerate(request.styles):
-                branches.students[i] = ddim_step(
-                    self._guided(output, layout, student_of(i), student_guidance),
-                    branches.students[i],
-                    alpha_t,
-                    alpha_prev,
-                    schedule.prediction_type,
+                branches.students[i] = schedule.step(
+                    self._guided(output, layout, student_of(i), student_guidance), branches.students[i], k
                 )
                 if style.text_guided and live[i]:
-                    branches.style_latents[i] = ddim_step(
-                        self._guided(output, layout, style_teacher_of(i), params.guidance),
-                        branches.style_latents[i],
-                        alpha_t,
-                        alpha_prev,
-                        schedule.prediction_type,
+                    branches.style_latents[i] = schedule.step(
+                        self._guided(output, layout, style_teacher_of(i), params.guidance), branches.style_latents[i], k
                     )
             steps.done()
         return branches.students

@@ -23,7 +23,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers.utils import logging as hf_logging
 
 from ham_engine import tiny
-from ham_engine.families import ModelFamily, PromptEmbeddings, family_for
+from ham_engine.families import ModelFamily, PromptEmbeddings, UnsupportedModel, family_for, transformer_family_for
+from ham_engine.inversion import DdimSchedule
 
 _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -85,6 +86,10 @@ class DiffusionModel:
     def vae_dtype(self) -> torch.dtype:
         """The dtype the VAE runs in."""
         return self.vae.dtype
+
+    def schedule(self, steps: int, size: tuple[int, int] | None = None) -> DdimSchedule:
+        """The sampling/inversion schedule of ``steps`` steps for an output ``size`` (DDIM: any size)."""
+        return DdimSchedule.from_scheduler(self.scheduler, steps, self.device)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], size: tuple[int, int] | None = None) -> PromptEmbeddings:
@@ -244,6 +249,19 @@ def load_model(
             source = str(Path(source).expanduser())
         # Offline, go straight to the local cache instead of failing a Hub call per component.
         local = {"local_files_only": True} if _hub_offline() else {}
+        model_index = _read_json(source, "model_index.json", local)
+        transformer_family = transformer_family_for(model_index)
+        if transformer_family is not None:  # SD3 / FLUX: a transformer and flow matching (ham_engine.dit)
+            from ham_engine.dit import load_dit_model
+
+            try:
+                return load_dit_model(
+                    model, source, transformer_family, resolved_device, resolved_dtype, vae_dtype, local, model_index
+                )
+            except (OSError, ValueError) as exc:
+                if isinstance(exc, UnsupportedModel):
+                    raise
+                raise _not_found(model, exc, ("transformer", *transformer_family.text_parts)) from exc
         try:
             unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **local)
             vae_config = AutoencoderKL.load_config(source, subfolder="vae", **local)
@@ -253,7 +271,7 @@ def load_model(
         try:
             config = DDIMScheduler.load_config(source, subfolder="scheduler", **local)
             scheduler = DDIMScheduler.from_config(config, **SD_SCHEDULER_FIXES)
-            family = family_type.load(source, resolved_dtype, local, _read_json(source, "model_index.json", local))
+            family = family_type.load(source, resolved_dtype, local, model_index)
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype, **local)
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=resolved_dtype, **local)
         except (OSError, ValueError) as exc:

@@ -265,6 +265,10 @@ class LatRecorder(HookedSdpaProcessor):
 @contextmanager
 def recording_attention(unet: torch.nn.Module, recording: TeacherRecording) -> Iterator[TeacherRecording]:
     """Install the recorders on ``recording``'s GAR and LAT layers for the block; restore the originals."""
+    if hasattr(unet, "ham_recording_attention"):  # a joint-attention denoiser installs its own (ham_engine.dit)
+        with unet.ham_recording_attention(recording):
+            yield recording
+        return
     processors: dict[str, object] = {name: GarRecorder(name, recording) for name in recording.gar_layers}
     processors.update({name: LatRecorder(name, recording) for name in recording.lat_layers})
     with installed_processors(unet, processors):

@@ -121,11 +121,54 @@ TINY_XL = RandomPipelineConfig(
     }
 )
 
-PRESETS: dict[str, RandomPipelineConfig] = {
+@dataclass(frozen=True)
+class RandomTransformerConfig:
+    """Shapes of a random diffusion-transformer pipeline (``family="sd3"``: SD3/3.5-shaped).
+
+    An SD3 transformer with QK RMS-norm and SD3.5's dual attention in its first block,
+    CLIP-L- and CLIP-G-shaped text encoders of different widths (so the zero-padding to
+    the joint width is exercised), no T5 (its token states are zeros, as diffusers allows),
+    a 16-channel VAE with a ``shift_factor`` and the flow-matching Euler scheduler.
+    """
+
+    family: str
+    layers: int
+    heads: int
+    head_dim: int
+    text_hidden: tuple[int, int]  # CLIP-L-like, CLIP-G-like
+    joint_attention_dim: int
+    text_layers: int
+    text_heads: int
+    vae_channels: tuple[int, ...]
+    vae_norm_groups: int
+    latent_channels: int = 16
+    patch_size: int = 2
+    pos_embed_max_size: int = 64  # latents up to 128 cells a side: 1024 px
+    dual_attention_layers: tuple[int, ...] = (0,)
+    qk_norm: str | None = "rms_norm"
+    shift: float = 3.0
+    seed: int = 0
+
+
+TINY_SD3 = RandomTransformerConfig(
+    family="sd3",
+    layers=4,
+    heads=2,
+    head_dim=16,
+    text_hidden=(16, 32),
+    joint_attention_dim=64,
+    text_layers=2,
+    text_heads=4,
+    vae_channels=(8, 16, 16, 16),
+    vae_norm_groups=8,
+)
+
+PRESETS: dict[str, RandomPipelineConfig | RandomTransformerConfig] = {
     "tiny": TINY,
     "tiny-xl": TINY_XL,
     "tiny-v": RandomPipelineConfig(**{**TINY.__dict__, "prediction_type": "v_prediction"}),
     "random-small": RANDOM_SMALL,
+    "tiny-sd3": TINY_SD3,
 }
 
 
@@ -200,11 +243,14 @@ def _text_config(config: RandomPipelineConfig, vocab_size: int) -> CLIPTextConfi
     )
 
 
-def build_random_pipeline(config: RandomPipelineConfig, folder: Path) -> None:
-    """Build a seeded random SD- or SDXL-shaped pipeline and save it into ``folder`` (diffusers layout).
+def build_random_pipeline(config: RandomPipelineConfig | RandomTransformerConfig, folder: Path) -> None:
+    """Build a seeded random SD-, SDXL- or SD3-shaped pipeline and save it into ``folder`` (diffusers layout).
 
     The global torch RNG is left untouched.
     """
+    if isinstance(config, RandomTransformerConfig):
+        build_random_transformer_pipeline(config, folder)
+        return
     if config.family not in ("sd", "sdxl"):
         raise ValueError(f"family: {config.family!r} is not 'sd' or 'sdxl'")
     xl = config.family == "sdxl"
@@ -258,6 +304,86 @@ def build_random_pipeline(config: RandomPipelineConfig, folder: Path) -> None:
         text_encoder_2.save_pretrained(folder / "text_encoder_2")
     sd_scheduler(config.prediction_type).save_pretrained(folder / "scheduler")
     write_model_index(folder, xl)
+
+
+def _clip_config(hidden: int, config: RandomTransformerConfig, vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        projection_dim=hidden,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def build_random_transformer_pipeline(config: RandomTransformerConfig, folder: Path) -> None:
+    """Build a seeded random SD3-shaped pipeline into ``folder`` (``transformer/``, ``vae/``, two CLIPs, ...)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    if config.family != "sd3":
+        raise ValueError(f"family: {config.family!r} is not 'sd3'")
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer_2")
+    inner = config.heads * config.head_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=config.pos_embed_max_size,
+            patch_size=config.patch_size,
+            in_channels=config.latent_channels,
+            out_channels=config.latent_channels,
+            num_layers=config.layers,
+            attention_head_dim=config.head_dim,
+            num_attention_heads=config.heads,
+            joint_attention_dim=config.joint_attention_dim,
+            caption_projection_dim=inner,
+            pooled_projection_dim=sum(config.text_hidden),
+            pos_embed_max_size=config.pos_embed_max_size,
+            dual_attention_layers=config.dual_attention_layers,
+            qk_norm=config.qk_norm,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
+            block_out_channels=config.vae_channels,
+            layers_per_block=1,
+            latent_channels=config.latent_channels,
+            norm_num_groups=config.vae_norm_groups,
+            scaling_factor=1.5305,  # SD3's
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        encoders = [CLIPTextModelWithProjection(_clip_config(h, config, vocab_size)) for h in config.text_hidden]
+    transformer.save_pretrained(folder / "transformer")
+    vae.save_pretrained(folder / "vae")
+    for subfolder, encoder in zip(("text_encoder", "text_encoder_2"), encoders, strict=True):
+        encoder.save_pretrained(folder / subfolder)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.shift).save_pretrained(folder / "scheduler")
+    model_index = {
+        "_class_name": "StableDiffusion3Pipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": [None, None],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": [None, None],
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
 
 
 def write_model_index(folder: Path, xl: bool) -> None:

@@ -189,4 +189,25 @@ def family_for(unet_config: Mapping[str, Any], latent_channels: int, source: str
     return family
 
 
-__all__ = ["ModelFamily", "PromptEmbeddings", "UnsupportedModel", "family_for"]
+# Diffusion-transformer pipelines (``model_index.json``'s ``_class_name``) → their family's module and class.
+TRANSFORMER_PIPELINES: dict[str, tuple[str, str]] = {
+    "StableDiffusion3Pipeline": ("ham_engine.families.sd3", "StableDiffusion3"),
+}
+
+
+def transformer_family_for(model_index: Mapping[str, Any]) -> type[ModelFamily] | None:
+    """The family of a diffusion-transformer pipeline (SD3, FLUX), or None for a UNet pipeline.
+
+    Read from ``model_index.json``'s ``_class_name``; such a family loads through
+    :func:`ham_engine.dit.load_dit_model`.
+    """
+    import importlib
+
+    entry = TRANSFORMER_PIPELINES.get(str(model_index.get("_class_name")))
+    if entry is None:
+        return None
+    module, name = entry
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = ["ModelFamily", "PromptEmbeddings", "UnsupportedModel", "family_for", "transformer_family_for"]
