@@ -161,4 +161,3 @@ def load_dit_model(
         device=device,
         dtype=dtype,
     )
-

@@ -33,7 +33,9 @@ from ham_engine.inversion import INVERSIONS, ModelFn
 FLOW_PREDICTION = "flow"  # what a flow-matching model predicts: the velocity ε − x0
 
 
-def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
+def calculate_shift(
+    image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float
+) -> float:
     """FLUX's resolution-dependent shift ``mu`` (as ``diffusers.pipelines.flux.pipeline_flux.calculate_shift``)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     b = base_shift - m * base_seq_len

@@ -8,7 +8,10 @@ onto it without new learning (docs/method.md, "Diffusion transformers"):
 * **GAR** rewrites the student's *image* Q, K, V (the image→image part, what the UNet's
   self-attention is) with ``α·X^m + (1 − α)·AdaIN(X^c, X^s)``;
 * **LAT** replaces the student's *text-stream* K, V with the style teacher's, and
-  protects its image queries with the content teacher's, ``β·Q^m + (1 − β)·Q^c``.
+  protects its image queries with the content teacher's, ``β·Q^m + (1 − β)·Q^c``. The
+  text stream runs through the blocks with the image tokens and the timestep, so the
+  style teacher's text K/V change with the step, and a cached or recorded style holds
+  them per step (a UNet's, projections of the prompt alone, once per layer).
 
 A layer selected for both gets GAR first, then LAT's query protection of the regulated
 query **[our reading]** (as in a UNet block, where attn2 reads what attn1 produced).
@@ -33,13 +36,19 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from ham_engine.attention import (
+    CONTENT_TEACHER,
     CROSS_ATTENTION,
     SELF_ATTENTION,
     GarProcessor,
     LatProcessor,
     ModulationContext,
     installed_processors,
+    mark_lat_step,
+    step_lat_entry,
+    student_of,
+    style_teacher_of,
 )
+from ham_engine.modulation import lat_query
 from ham_engine.recording import TeacherRecording
 
 Projections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -166,13 +175,49 @@ class HookedJointProcessor:
             return hidden_states
 
 
+class JointLatProcessor(LatProcessor):
+    """LAT on joint attention: K^m, V^m ← the style teacher's *text-stream* K, V at this step.
+
+    As :class:`~ham_engine.attention.LatProcessor`, except that what stands in for an
+    absent style teacher is held per step (the text stream's K/V change with the step in
+    an MM-DiT: :func:`~ham_engine.attention.step_lat_entry`).
+    """
+
+    def modulate(
+        self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx = self.context
+        layout = ctx.layout
+        if layout.has(CONTENT_TEACHER):
+            content_query = layout.take(query, CONTENT_TEACHER)
+        else:
+            content_query = ctx.recorded_content.lat_queries[(ctx.step, self.layer)]
+        entry = step_lat_entry(self.layer, ctx.step)
+        for i in range(ctx.styles):
+            teacher, student = style_teacher_of(i), student_of(i)
+            record = ctx.style_records[i]
+            if layout.has(teacher):
+                style_key = layout.take(key, teacher)
+                style_value = layout.take(value, teacher)
+                if record is not None and entry not in record.lat:
+                    record.lat[entry] = (style_key.clone(), style_value.clone())
+                    mark_lat_step(record, self.layer, ctx.step)
+            else:
+                style_key, style_value = ctx.cached_styles[i].lat[entry]
+            own_query = layout.take(query, student)
+            layout.put(query, student, lat_query(own_query, content_query, ctx.beta))
+            layout.put(key, student, style_key)
+            layout.put(value, student, style_value)
+        return query, key, value
+
+
 class JointHamProcessor(HookedJointProcessor):
     """GAR on the image Q/K/V and/or LAT on (image Q, text K/V) of one joint attention layer."""
 
     def __init__(self, layer: str, context: ModulationContext, gar: bool, lat: bool) -> None:
         self.layer = layer
         self.gar = GarProcessor(layer, context) if gar else None
-        self.lat = LatProcessor(layer, context) if lat else None
+        self.lat = JointLatProcessor(layer, context) if lat else None
 
     def hook(
         self,
@@ -213,7 +258,7 @@ class JointRecorder(HookedJointProcessor):
         if self.gar:
             self.recording.see_self_attention(self.layer, hidden_states, *image)
         if self.lat and text is not None:
-            self.recording.see_cross_attention(self.layer, image[0], text[1], text[2])
+            self.recording.see_joint_cross_attention(self.layer, image[0], text[1], text[2])
         return image, text
 
 
@@ -224,6 +269,7 @@ def _selected(gar_layers: tuple[str, ...], lat_layers: tuple[str, ...]) -> list[
 @contextmanager
 def modulated_joint_attention(transformer: torch.nn.Module, context: ModulationContext) -> Iterator[ModulationContext]:
     """Install :class:`JointHamProcessor` on every GAR or LAT layer of ``context`` for the block; restore after."""
+    context.per_step_lat = True
     processors: dict[str, object] = {
         name: JointHamProcessor(name, context, name in context.gar_layers, name in context.lat_layers)
         for name in _selected(context.gar_layers, context.lat_layers)

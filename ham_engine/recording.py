@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention_processor import Attention
 
-from ham_engine.attention import HookedSdpaProcessor, installed_processors
+from ham_engine.attention import HookedSdpaProcessor, installed_processors, mark_lat_step, step_lat_entry
 from ham_engine.modulation import channel_stats
 from ham_engine.style_cache import StyleFeatures
 
@@ -222,6 +222,26 @@ class TeacherRecording:
         for row, style in self.styles.items():
             if layer not in style.lat:
                 style.lat[layer] = (key[row : row + 1].clone(), value[row : row + 1].clone())
+
+
+    def see_joint_cross_attention(
+        self, layer: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """A joint-attention LAT layer's inversion call: the content's image query, the style's text K/V *per step*.
+
+        In an MM-DiT the text stream's K/V change with the step (``step_lat_entry``).
+        """
+        if self._step is None and not self._measuring:
+            return
+        content = self._content_row(query)
+        if self._measuring:
+            self._step_bytes += _nbytes(content) + len(self.styles) * _nbytes([key[:1], value[:1]])
+            return
+        for row in content:
+            self.content.lat_queries[(self._step, layer)] = row.clone()
+        for row, style in self.styles.items():
+            style.lat[step_lat_entry(layer, self._step)] = (key[row : row + 1].clone(), value[row : row + 1].clone())
+            mark_lat_step(style, layer, self._step)
 
 
 class GarRecorder(HookedSdpaProcessor):
