@@ -56,6 +56,10 @@ class JointDenoiser(torch.nn.Module):
         patch = int(self.transformer.config.patch_size)
         return (latent_height // patch) * (latent_width // patch)
 
+    def flow_sigmas(self, steps: int) -> list[float] | None:
+        """The unshifted sigmas the stock pipeline passes its scheduler (None: the scheduler's own)."""
+        return None
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -101,7 +105,8 @@ class FlowDiffusionModel(DiffusionModel):
             size = (self.family.default_size, self.family.default_size)
         width, height = size
         tokens = self.unet.patch_tokens(height // self.vae_scale_factor, width // self.vae_scale_factor)
-        return FlowSchedule.from_scheduler(self.scheduler, steps, self.device, image_seq_len=tokens)
+        sigmas = self.unet.flow_sigmas(steps)
+        return FlowSchedule.from_scheduler(self.scheduler, steps, self.device, image_seq_len=tokens, sigmas=sigmas)
 
     def _shift(self) -> float:
         return float(self.vae.config.get("shift_factor") or 0.0)

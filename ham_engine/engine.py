@@ -489,7 +489,9 @@ class HamEngine:
             prompt = check_style_reference(spec.image is not None, spec.prompt)
             field_name = "style" if len(styles) == 1 else f"styles[{i}]"
             image = images.to_rgb(spec.image, field=field_name) if spec.image is not None else None
-            validated.append(_StyleRequest(image=image, prompt=prompt, guidance=params.guidance))
+            # A guidance-distilled family (FLUX) runs its text style teacher without CFG rows.
+            guidance = params.guidance if self.model.family.classifier_free_guidance else 1.0
+            validated.append(_StyleRequest(image=image, prompt=prompt, guidance=guidance))
         content_rgb = images.to_rgb(content, field="content")
         unet = self.model.unet
         family = self.model.family

@@ -22,7 +22,7 @@ A :class:`FlowSchedule` has the interface the engine drives a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +62,14 @@ class FlowSchedule:
         steps: int,
         device: torch.device | str,
         image_seq_len: int | None = None,
+        sigmas: Sequence[float] | None = None,
     ) -> FlowSchedule:
         """The schedule the stock pipeline would use for ``steps`` steps (``scheduler`` is not modified).
 
         ``image_seq_len`` (image tokens after patching) sets the shift of a scheduler with
-        ``use_dynamic_shifting`` (FLUX), as its pipeline computes it.
+        ``use_dynamic_shifting`` (FLUX), as its pipeline computes it; ``sigmas`` are the
+        unshifted sigmas a pipeline passes (FLUX: ``linspace(1, 1/N, N)``), None for the
+        scheduler's own.
         """
         own = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
         kwargs = {}
@@ -80,6 +83,8 @@ class FlowSchedule:
                 own.config.get("base_shift", 0.5),
                 own.config.get("max_shift", 1.15),
             )
+        if sigmas is not None:
+            kwargs["sigmas"] = list(sigmas)
         own.set_timesteps(steps, device=device, **kwargs)
         return cls(timesteps=own.timesteps, sigmas=own.sigmas)
 

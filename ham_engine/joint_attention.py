@@ -28,8 +28,8 @@ LAT, the branch layout, cached and recorded stand-ins are those of
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -211,7 +211,7 @@ class JointLatProcessor(LatProcessor):
         return query, key, value
 
 
-class JointHamProcessor(HookedJointProcessor):
+class HamHook:
     """GAR on the image Q/K/V and/or LAT on (image Q, text K/V) of one joint attention layer."""
 
     def __init__(self, layer: str, context: ModulationContext, gar: bool, lat: bool) -> None:
@@ -234,12 +234,12 @@ class JointHamProcessor(HookedJointProcessor):
         return image, text
 
 
-class JointRecorder(HookedJointProcessor):
+class RecordHook:
     """Stock joint attention that shows an inversion call's projections to a :class:`TeacherRecording`.
 
     GAR's record is the image stream's (its input, for the content teacher; the style
     teacher's Q/K/V statistics); LAT's the content teacher's image query and the style
-    teacher's text K/V.
+    teacher's text K/V (per step).
     """
 
     def __init__(self, layer: str, recording: TeacherRecording, gar: bool, lat: bool) -> None:
@@ -262,28 +262,52 @@ class JointRecorder(HookedJointProcessor):
         return image, text
 
 
+class JointHamProcessor(HamHook, HookedJointProcessor):
+    """HAM on an SD3 joint attention layer (:class:`HamHook` in the stock SD3 mechanics)."""
+
+
+class JointRecorder(RecordHook, HookedJointProcessor):
+    """The inversion recorder on an SD3 joint attention layer."""
+
+
 def _selected(gar_layers: tuple[str, ...], lat_layers: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys([*gar_layers, *lat_layers]))
 
 
+Installer = Callable[[torch.nn.Module, dict[str, object]], AbstractContextManager[None]]
+
+
 @contextmanager
-def modulated_joint_attention(transformer: torch.nn.Module, context: ModulationContext) -> Iterator[ModulationContext]:
-    """Install :class:`JointHamProcessor` on every GAR or LAT layer of ``context`` for the block; restore after."""
+def modulated_joint_attention(
+    transformer: torch.nn.Module,
+    context: ModulationContext,
+    processor: Callable[..., HamHook] = JointHamProcessor,
+    install: Installer = installed_processors,
+) -> Iterator[ModulationContext]:
+    """Install ``processor`` (HAM) on every GAR or LAT layer of ``context`` for the block; restore after.
+
+    A layer may carry both GAR and LAT. The context is told its LAT stand-ins are per step.
+    """
     context.per_step_lat = True
     processors: dict[str, object] = {
-        name: JointHamProcessor(name, context, name in context.gar_layers, name in context.lat_layers)
+        name: processor(name, context, name in context.gar_layers, name in context.lat_layers)
         for name in _selected(context.gar_layers, context.lat_layers)
     }
-    with installed_processors(transformer, processors):
+    with install(transformer, processors):
         yield context
 
 
 @contextmanager
-def recording_joint_attention(transformer: torch.nn.Module, recording: TeacherRecording) -> Iterator[TeacherRecording]:
-    """Install :class:`JointRecorder` on ``recording``'s layers for the block; restore the originals."""
+def recording_joint_attention(
+    transformer: torch.nn.Module,
+    recording: TeacherRecording,
+    processor: Callable[..., RecordHook] = JointRecorder,
+    install: Installer = installed_processors,
+) -> Iterator[TeacherRecording]:
+    """Install ``processor`` (a recorder) on ``recording``'s layers for the block; restore the originals."""
     processors: dict[str, object] = {
-        name: JointRecorder(name, recording, name in recording.gar_layers, name in recording.lat_layers)
+        name: processor(name, recording, name in recording.gar_layers, name in recording.lat_layers)
         for name in _selected(recording.gar_layers, recording.lat_layers)
     }
-    with installed_processors(transformer, processors):
+    with install(transformer, processors):
         yield recording
