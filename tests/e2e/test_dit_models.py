@@ -1,7 +1,8 @@
-"""End to end with a diffusion-transformer model: a worker started with ``HAM_MODEL=tiny-sd3`` serves jobs.
+"""End to end with diffusion-transformer models: workers started with ``HAM_MODEL=tiny-sd3`` / ``tiny-flux``.
 
-The same API, queue and worker as every other model; the worker loads the SD3-shaped
-random preset (joint attention, flow matching) and runs HAM through the same engine.
+The same API, queue and worker as every other model; the worker loads the SD3- or
+FLUX-shaped random preset (joint attention, flow matching) and runs HAM through the same
+engine. FLUX's guidance is distilled, so its text style teacher runs without CFG rows.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ from tests.e2e.test_end_to_end import QUICK, TERMINAL, download_png, submit, sub
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def sd3_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from run_stack(redis_url, tmp_path_factory, HAM_MODEL="tiny-sd3")
+# model → (family, sampling rows a step of a text style with the content warm: CFG halves or not)
+MODELS = {"tiny-sd3": ("sd3", 5), "tiny-flux": ("flux", 3)}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def sd3_stack(
+    request: pytest.FixtureRequest, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    yield from run_stack(redis_url, tmp_path_factory, HAM_MODEL=request.param)
 
 
 @pytest.fixture
@@ -34,21 +41,23 @@ def _stats(stack: Stack, job_id: str) -> dict:
     return json.loads(stack.redis.hget(f"ham:job:{job_id}", "stats"))
 
 
-def test_a_tiny_sd3_worker_serves_image_and_text_style_jobs(sd3_stack: Stack, alpha: httpx.Client) -> None:
+def test_a_transformer_worker_serves_image_and_text_style_jobs(sd3_stack: Stack, alpha: httpx.Client) -> None:
     steps = int(QUICK["steps"])
+    model = sd3_stack.env["HAM_MODEL"]
+    family, text_rows = MODELS[model]
     image_job = submitted(submit(alpha))
     text_job = submitted(submit(alpha, use_style=False, style_prompt="an ink wash painting"))
-    for job, rows in ((image_job, 5 * steps), (text_job, steps + 5 * steps)):
+    # The text job finds the content's inversion in the worker's content cache (one worker, FIFO).
+    for job, rows in ((image_job, 5 * steps), (text_job, text_rows * steps)):
         final = wait_for(alpha, job["id"], TERMINAL)
         assert final["status"] == "succeeded", final
         assert download_png(final["result_url"]).size == (64, 64)
         stats = _stats(sd3_stack, job["id"])
-        assert (stats["family"], stats["model"]) == ("sd3", "tiny-sd3")
-        # The text job finds the content's inversion in the worker's content cache.
-        assert stats["unet_rows"] == (rows if job is image_job else 5 * steps), stats
+        assert (stats["family"], stats["model"]) == (family, model)
+        assert stats["unet_rows"] == rows, stats
 
 
-def test_a_tiny_sd3_worker_records_its_teachers_during_a_source_inversion(
+def test_a_transformer_worker_records_its_teachers_during_a_source_inversion(
     sd3_stack: Stack, alpha: httpx.Client
 ) -> None:
     job = submitted(submit(alpha, inversion="source", teachers="recorded"))
