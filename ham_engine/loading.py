@@ -228,12 +228,14 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> DiffusionModel:
-    """Load ``model`` for HAM: a random preset ("tiny", "tiny-v", "tiny-xl", "random-small"), an HF id or a folder.
+    """Load ``model`` for HAM: a random preset (:data:`ham_engine.tiny.PRESETS`), an HF id or a folder.
 
     Random presets (:mod:`ham_engine.tiny`, noise-like pictures) are built offline on
     first use and loaded back from their cache folder. An HF id is read from the local
     Hugging Face cache (``HF_HUB_OFFLINE=1`` is respected) or downloaded when online.
-    The model family (SD 1.x/2.x or SDXL) is read from the UNet's config, and a UNet HAM
+    A diffusion-transformer pipeline (SD3, FLUX: ``model_index.json``'s class) loads through
+    :func:`ham_engine.dit.load_dit_model`. The model family (SD 1.x/2.x or SDXL) is read
+    from the UNet's config, and a UNet HAM
     cannot run is refused before any weight is read
     (:class:`~ham_engine.families.UnsupportedModel`). Raises ``ValueError`` with what to
     do when the model cannot be found.

@@ -3,7 +3,9 @@
 Nothing here downloads anything. A preset is built from a fixed seed (so its weights are
 the same on every machine), written to disk in the layout of a diffusers Stable Diffusion
 repository (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; SDXL's
-``tiny-xl`` adds ``text_encoder_2/`` and ``tokenizer_2/``) and then
+``tiny-xl`` adds ``text_encoder_2/`` and ``tokenizer_2/``; the diffusion transformers
+``tiny-sd3`` and ``tiny-flux`` have ``transformer/`` instead of ``unet/``, a flow-matching
+scheduler and their families' text encoders, FLUX's T5 with a locally built tokenizer) and then
 loaded back by :func:`ham_engine.loading.load_model` through the same ``from_pretrained``
 path a real model takes.
 
