@@ -61,7 +61,7 @@ def test_sd35_medium_loads_as_published_with_two_clips_and_no_t5(sd35: HamEngine
     config = transformer.config
     assert (config.num_layers, config.num_attention_heads * config.attention_head_dim) == (24, 1536)
     assert (config.joint_attention_dim, config.pooled_projection_dim, config.qk_norm) == (4096, 2048, "rms_norm")
-    assert 2.3e9 < sum(p.numel() for p in transformer.parameters()) < 2.6e9
+    assert 2.2e9 < sum(p.numel() for p in transformer.parameters()) < 2.3e9  # 2.24 B, pos_embed a buffer
     assert model.family.default_layers == tuple(f"transformer_blocks.{i}.attn" for i in range(12, 24))
     # 24 joint attentions carry LAT; GAR also sees the 13 image-only attentions of the dual blocks.
     assert len(attention_layers(model.unet, CROSS_ATTENTION)) == 24
