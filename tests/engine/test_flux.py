@@ -234,7 +234,7 @@ def test_gar_acts_on_image_tokens_and_lat_on_text_tokens_of_single_stream_blocks
 
 
 def _rows(result) -> tuple[int, int]:
-    phases = result.stats["unet_rows_by_phase"]
+    phases = result.stats.unet_rows_by_phase
     return phases["invert"], phases["sample"]
 
 
@@ -248,9 +248,9 @@ def test_image_text_and_captioned_styles_run_the_rows_the_docs_state_without_cfg
     assert _max_diff(cold.image, warm.image) <= 1
     # FLUX's guidance is distilled into its embedding: a text style teacher runs without CFG halves.
     text = flux.transfer(content_image, style_prompt="an ink engraving", params=SMALL)
-    assert _rows(text) == (0, 3 * n) and not text.stats["cfg"] and text.stats["mode"] == "text"
+    assert _rows(text) == (0, 3 * n) and not text.stats.cfg and text.stats.mode == "text"
     captioned = flux.transfer(content_image, style=_image("style1.png"), style_prompt="an oil painting", params=SMALL)
-    assert _rows(captioned) == (n, 3 * n) and captioned.stats["family"] == "flux"
+    assert _rows(captioned) == (n, 3 * n) and captioned.stats.family == "flux"
     images = [cold.image, text.image, captioned.image]
     assert min(_max_diff(a, b) for i, a in enumerate(images) for b in images[i + 1 :]) > 4
 
@@ -258,7 +258,7 @@ def test_image_text_and_captioned_styles_run_the_rows_the_docs_state_without_cfg
 def test_a_k_style_batch_equals_k_single_transfers(flux: HamEngine, content_image: Image.Image) -> None:
     styles = [_image("style0.png"), "a watercolour", Style(image=_image("style2.png"), prompt="an oil painting")]
     batch = flux.transfer_batch(content_image, styles, params=SMALL)
-    assert batch.stats["unet_rows_by_phase"] == {"invert": 3 * STEPS, "sample": 7 * STEPS}
+    assert batch.stats.unet_rows_by_phase == {"invert": 3 * STEPS, "sample": 7 * STEPS}
     singles = [
         HamEngine(flux.model).transfer(content_image, style=styles[0], params=SMALL),
         HamEngine(flux.model).transfer(content_image, style_prompt="a watercolour", params=SMALL),
@@ -279,8 +279,8 @@ def test_recorded_teachers_give_the_live_latents_in_3n_plus_2_rows(
     recorded = HamEngine(flux.model).transfer_latents(
         content_image, style=style_image, params=TransferParams(steps=4, size=64, inversion="source")
     )
-    assert live.stats["unet_rows"] == 5 * 4 and recorded.stats["unet_rows"] == 3 * 4 + 2
-    assert recorded.stats["teachers"] == {"content_teacher": "recorded", "style_teacher": "recorded"}
+    assert live.stats.unet_rows == 5 * 4 and recorded.stats.unet_rows == 3 * 4 + 2
+    assert recorded.stats.teachers == {"content_teacher": "recorded", "style_teacher": "recorded"}
     close = tolerance({"atol": 1e-4, "rtol": 0.0}, {"atol": 0.1, "rtol": 0.05})
     torch.testing.assert_close(recorded.student, live.student, **close)
 
@@ -292,6 +292,6 @@ def test_a_fresh_engine_on_the_same_feature_store_is_warm_for_flux(
     model = tiny_flux_engine.model
     cold = HamEngine(model, feature_store=store).transfer(content_image, style=style_image, params=SMALL)
     warm = HamEngine(model, feature_store=store).transfer(content_image, style=style_image, params=SMALL)
-    assert (warm.stats["style_cache_tier"], warm.stats["content_cache_tier"]) == ("store", "store")
-    assert warm.stats["unet_rows"] == 2 * STEPS
+    assert (warm.stats.style_cache_tier, warm.stats.content_cache_tier) == ("store", "store")
+    assert warm.stats.unet_rows == 2 * STEPS
     assert _max_diff(warm.image, cold.image) <= 1

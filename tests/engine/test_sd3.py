@@ -274,7 +274,7 @@ def test_a_lat_pattern_matching_only_an_image_attention_is_a_param_error(
     result = sd3.transfer_latents(
         content_image, style=style_image, params=TransferParams(steps=2, size=64, gar_layers=("*.attn2",), lat=False)
     )
-    assert result.stats["unet_rows"] == 5 * 2
+    assert result.stats.unet_rows == 5 * 2
 
 
 def test_gar_regulates_the_students_image_qkv_and_lat_transplants_the_text_stream(
@@ -308,7 +308,7 @@ def test_gar_regulates_the_students_image_qkv_and_lat_transplants_the_text_strea
 
 
 def _rows(result) -> tuple[int, int]:
-    phases = result.stats["unet_rows_by_phase"]
+    phases = result.stats.unet_rows_by_phase
     return phases["invert"], phases["sample"]
 
 
@@ -317,14 +317,14 @@ def test_image_text_and_captioned_image_styles_run_the_rows_the_docs_state(
 ) -> None:
     n = STEPS
     cold = sd3.transfer(content_image, style=style_image, params=SMALL)
-    assert _rows(cold) == (2 * n, 3 * n) and cold.stats["family"] == "sd3" and cold.stats["mode"] == "image"
+    assert _rows(cold) == (2 * n, 3 * n) and cold.stats.family == "sd3" and cold.stats.mode == "image"
     warm = sd3.transfer(content_image, style=style_image, params=SMALL)
-    assert _rows(warm) == (0, 2 * n) and warm.stats["style_cache_tier"] == "memory"
+    assert _rows(warm) == (0, 2 * n) and warm.stats.style_cache_tier == "memory"
     assert _max_diff(cold.image, warm.image) <= 1  # warm == cold within 1/255
     text = sd3.transfer(content_image, style_prompt="an ink engraving", params=SMALL)
-    assert _rows(text) == (0, 5 * n) and text.stats["cfg"] and text.stats["mode"] == "text"
+    assert _rows(text) == (0, 5 * n) and text.stats.cfg and text.stats.mode == "text"
     captioned = sd3.transfer(content_image, style=_image("style1.png"), style_prompt="an oil painting", params=SMALL)
-    assert _rows(captioned) == (n, 3 * n) and captioned.stats["mode"] == "image+text"
+    assert _rows(captioned) == (n, 3 * n) and captioned.stats.mode == "image+text"
     fresh = HamEngine(sd3.model).transfer(content_image, style_prompt="an ink engraving", params=SMALL)
     assert _rows(fresh) == (n, 5 * n)
     assert _max_diff(fresh.image, text.image) <= 1
@@ -337,7 +337,7 @@ def test_a_k_style_batch_equals_k_single_transfers(sd3: HamEngine, content_image
     styles = [_image("style0.png"), "a watercolour", Style(image=_image("style2.png"), prompt="an oil painting")]
     batch = sd3.transfer_batch(content_image, styles, params=SMALL)
     # Content teacher once; the image style 2 rows, the CFG text style 4, the captioned style 2 (as the UNet families).
-    assert batch.stats["unet_rows_by_phase"] == {"invert": 3 * STEPS, "sample": 9 * STEPS}
+    assert batch.stats.unet_rows_by_phase == {"invert": 3 * STEPS, "sample": 9 * STEPS}
     singles = [
         HamEngine(sd3.model).transfer(content_image, style=styles[0], params=SMALL),
         HamEngine(sd3.model).transfer(content_image, style_prompt="a watercolour", params=SMALL),
@@ -357,9 +357,9 @@ def test_teachers_recorded_during_a_source_inversion_give_the_live_latents_in_3n
     recorded = HamEngine(sd3.model).transfer_latents(
         content_image, style=style_image, params=TransferParams(steps=4, size=64, inversion="source")
     )
-    assert live.stats["unet_rows"] == 5 * 4 and recorded.stats["unet_rows"] == 3 * 4 + 2
-    assert recorded.stats["teachers"] == {"content_teacher": "recorded", "style_teacher": "recorded"}
-    assert recorded.stats["record_bytes"] > 0
+    assert live.stats.unet_rows == 5 * 4 and recorded.stats.unet_rows == 3 * 4 + 2
+    assert recorded.stats.teachers == {"content_teacher": "recorded", "style_teacher": "recorded"}
+    assert recorded.stats.record_bytes > 0
     close = tolerance({"atol": 1e-4, "rtol": 0.0}, {"atol": 0.1, "rtol": 0.05})
     torch.testing.assert_close(recorded.student, live.student, **close)
 
@@ -374,8 +374,8 @@ def test_a_fresh_engine_on_the_same_feature_store_is_warm_for_sd3(
     warm = HamEngine(tiny_sd3_engine.model, feature_store=store).transfer(
         content_image, style=style_image, params=SMALL
     )
-    assert (warm.stats["style_cache_tier"], warm.stats["content_cache_tier"]) == ("store", "store")
-    assert warm.stats["unet_rows"] == 2 * STEPS
+    assert (warm.stats.style_cache_tier, warm.stats.content_cache_tier) == ("store", "store")
+    assert warm.stats.unet_rows == 2 * STEPS
     assert _max_diff(warm.image, cold.image) <= 1
 
 

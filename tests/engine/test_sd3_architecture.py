@@ -77,12 +77,12 @@ def test_sd35_medium_runs_an_image_style_and_a_text_style_transfer(
 ) -> None:
     n = PARAMS.steps
     image = sd35.transfer(content_image, style=style_image, params=PARAMS)
-    assert image.stats["unet_rows_by_phase"] == {"invert": 2 * n, "sample": 3 * n}
+    assert image.stats.unet_rows_by_phase == {"invert": 2 * n, "sample": 3 * n}
     text = sd35.transfer(content_image, style_prompt="an oil painting", params=PARAMS)
-    assert text.stats["unet_rows_by_phase"] == {"invert": 0, "sample": 5 * n} and text.stats["cfg"]
+    assert text.stats.unet_rows_by_phase == {"invert": 0, "sample": 5 * n} and text.stats.cfg
     for result in (image, text):
-        assert result.image.size == (64, 64) and result.stats["family"] == "sd3"
+        assert result.image.size == (64, 64) and result.stats.family == "sd3"
         pixels = np.asarray(result.image, dtype=np.int16)
         assert pixels.std() > 0  # a picture, not a flat (NaN-cleared) one
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"sd35-medium: peak RSS {peak / 2**30:.1f} GiB, seconds {image.stats['seconds']} / {text.stats['seconds']}")
+    print(f"sd35-medium: peak RSS {peak / 2**30:.1f} GiB, seconds {image.stats.seconds} / {text.stats.seconds}")
