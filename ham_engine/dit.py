@@ -28,10 +28,10 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
 from ham_engine.attention import ModulationContext
-from ham_engine.families import ModelFamily
+from ham_engine.families import UnsupportedModel, transformer_family_for
 from ham_engine.flow import FLOW_PREDICTION, FlowSchedule
 from ham_engine.joint_attention import joint_layers, modulated_joint_attention, recording_joint_attention
-from ham_engine.loading import DiffusionModel
+from ham_engine.loading import DiffusionModel, _not_found, vae_dtype_for
 from ham_engine.recording import TeacherRecording
 
 
@@ -129,24 +129,46 @@ class FlowDiffusionModel(DiffusionModel):
 def load_dit_model(
     name: str,
     source: str,
-    family_type: type[ModelFamily],
     device: torch.device,
     dtype: torch.dtype,
-    vae_dtype: torch.dtype,
     local: Mapping[str, Any],
     model_index: Mapping[str, Any],
 ) -> FlowDiffusionModel:
-    """Read a transformer pipeline folder of ``family_type`` (a family with ``transformer_class`` and ``denoiser``)."""
-    transformer_class = family_type.transformer_class  # type: ignore[attr-defined]
-    config = transformer_class.load_config(source, subfolder="transformer", **local)
-    problems = family_type.check_transformer(config)  # type: ignore[attr-defined]
-    if problems:
-        from ham_engine.families import UnsupportedModel
+    """Read a transformer pipeline folder (``model_index.json``'s class names the family).
 
+    A transformer the family cannot run is refused from its config, before any weight is
+    read (:class:`~ham_engine.families.UnsupportedModel`); a missing part is a
+    ``ValueError`` saying what to do (as for a UNet pipeline).
+    """
+    family_type = transformer_family_for(model_index)
+    if family_type is None:
+        raise UnsupportedModel(f"model: {name!r} is not a diffusion-transformer pipeline HAM knows")
+    try:
+        return _load(name, source, family_type, device, dtype, local, model_index)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, UnsupportedModel):
+            raise
+        raise _not_found(name, exc, ("transformer", *family_type.text_parts)) from exc
+
+
+def _load(
+    name: str,
+    source: str,
+    family_type: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    local: Mapping[str, Any],
+    model_index: Mapping[str, Any],
+) -> FlowDiffusionModel:
+    transformer_class = family_type.transformer_class
+    config = transformer_class.load_config(source, subfolder="transformer", **local)
+    problems = family_type.check_transformer(config)
+    if problems:
         raise UnsupportedModel(f"model: {name!r} is not a transformer HAM can run: " + "; ".join(problems))
     scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler", **local)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     family = family_type.load(source, dtype, dict(local), {**model_index, "transformer": dict(config)})
+    vae_dtype = vae_dtype_for(dtype, device)
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype, **local)
     transformer = transformer_class.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **local)
     for part in (transformer, vae, *family.modules()):
@@ -154,15 +176,9 @@ def load_dit_model(
         part.requires_grad_(False)
         part.to(device)
     # HAM's processors mirror the stock joint processor; start every model from it.
-    transformer.set_attn_processor(family_type.stock_processor())  # type: ignore[attr-defined]
-    denoiser = family_type.denoiser(transformer)  # type: ignore[attr-defined]
+    transformer.set_attn_processor(family_type.stock_processor())
+    denoiser = family_type.denoiser(transformer)
     denoiser.eval()
     return FlowDiffusionModel(
-        name=name,
-        unet=denoiser,
-        vae=vae,
-        family=family,
-        scheduler=scheduler,
-        device=device,
-        dtype=dtype,
+        name=name, unet=denoiser, vae=vae, family=family, scheduler=scheduler, device=device, dtype=dtype
     )

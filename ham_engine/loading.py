@@ -23,7 +23,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers.utils import logging as hf_logging
 
 from ham_engine import tiny
-from ham_engine.families import ModelFamily, PromptEmbeddings, UnsupportedModel, family_for, transformer_family_for
+from ham_engine.families import ModelFamily, PromptEmbeddings, family_for, transformer_family_for
 from ham_engine.inversion import DdimSchedule
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -233,9 +233,8 @@ def load_model(
     Random presets (:mod:`ham_engine.tiny`, noise-like pictures) are built offline on
     first use and loaded back from their cache folder. An HF id is read from the local
     Hugging Face cache (``HF_HUB_OFFLINE=1`` is respected) or downloaded when online.
-    A diffusion-transformer pipeline (SD3, FLUX: ``model_index.json``'s class) loads through
-    :func:`ham_engine.dit.load_dit_model`. The model family (SD 1.x/2.x or SDXL) is read
-    from the UNet's config, and a UNet HAM
+    SD3 and FLUX load through :func:`ham_engine.dit.load_dit_model`; otherwise the
+    model family (SD 1.x/2.x or SDXL) is read from the UNet's config, and a UNet HAM
     cannot run is refused before any weight is read
     (:class:`~ham_engine.families.UnsupportedModel`). Raises ``ValueError`` with what to
     do when the model cannot be found.
@@ -252,18 +251,9 @@ def load_model(
         # Offline, go straight to the local cache instead of failing a Hub call per component.
         local = {"local_files_only": True} if _hub_offline() else {}
         model_index = _read_json(source, "model_index.json", local)
-        transformer_family = transformer_family_for(model_index)
-        if transformer_family is not None:  # SD3 / FLUX: a transformer and flow matching (ham_engine.dit)
+        if transformer_family_for(model_index) is not None:  # SD3 / FLUX: a transformer, flow matching
             from ham_engine.dit import load_dit_model
-
-            try:
-                return load_dit_model(
-                    model, source, transformer_family, resolved_device, resolved_dtype, vae_dtype, local, model_index
-                )
-            except (OSError, ValueError) as exc:
-                if isinstance(exc, UnsupportedModel):
-                    raise
-                raise _not_found(model, exc, ("transformer", *transformer_family.text_parts)) from exc
+            return load_dit_model(model, source, resolved_device, resolved_dtype, local, model_index)
         try:
             unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **local)
             vae_config = AutoencoderKL.load_config(source, subfolder="vae", **local)
