@@ -494,6 +494,9 @@ def test_recent_jobs_follow_a_running_job_to_its_end(open_playground, images, st
     )
     running = [t for t in seen if t.startswith("running ")]
     assert any(not t.startswith("running 0%") for t in running), f"the entry never moved past 0 %: {seen}"
+    # The worker measured the job: the next estimate at this size is made of it.
+    speeds = httpx.get(f"{stack.base_url}/playground/speed.json").json()["speeds"]
+    assert any(s["size"] == int(SIZE) and s["seconds_per_step"] > 0 for s in speeds), speeds
     assert page.locator(f"button[aria-label='View result of job {job_id}']").is_visible()
     assert session.unexpected_errors() == []
 
