@@ -48,6 +48,7 @@ class Job(BaseModel):
     style_count: int = 1
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: int = 90
+    attempt: int = 0  # the job's run: progress rises within one and restarts from 0 when this grows
 
     @property
     def terminal(self) -> bool:

@@ -16,15 +16,15 @@ from fastapi import Request
 
 from ham_engine.params import ParamSpec
 from service.api.deps import Services
-from service.api.errors import ApiError
-from service.api.fetch import FetchError, fetch_reference
+from service.api.errors import InvalidJson, InvalidParameter, InvalidRequest, MissingField, UnknownField
+from service.api.fetch import fetch_reference
 from service.api.submission import (
     REQUEST_SPECS,
     Submission,
     build_params,
     check_webhook,
     normalise_image,
-    style_reference,
+    one_style,
     webhook_events,
 )
 
@@ -40,33 +40,28 @@ async def read_json(request: Request, services: Services) -> Submission:
     body = await _object(request)
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
-        raise ApiError(422, "unknown_field",
-                       f"unknown field {unknown[0][:80]!r}; known: {', '.join(sorted(KNOWN_FIELDS))}",
-                       field=unknown[0][:80])
+        raise UnknownField(where="", name=unknown[0][:80], known=", ".join(sorted(KNOWN_FIELDS)),
+                           field=unknown[0][:80])
     given = {name: _typed(_SPECS[name], value) for name, value in body.items() if name in _SPECS}
     params, output = build_params(given)
     texts = {name: _string(name, body[name]) if name in body else None for name in (*REFERENCE_FIELDS, *TEXT_FIELDS)}
-    prompt = style_reference(texts["style_url"] is not None, texts["style_prompt"])
+    style = one_style(texts["style_url"] is not None, texts["style_prompt"])
     if not texts["content_url"]:
-        raise ApiError(422, "missing_field", "content_url: the content image's URL or data: URI is required",
-                       field="content_url")
+        raise MissingField("the content image's URL or data: URI is required", field="content_url")
     events = body.get("webhook_events")
     if "webhook_events" in body and (not isinstance(events, list) or not all(isinstance(e, str) for e in events)):
-        raise ApiError(422, "invalid_parameter", "webhook_events: must be an array of event names",
-                       field="webhook_events")
+        raise InvalidParameter("webhook_events: must be an array of event names",
+                               field="webhook_events")
     chosen_events = webhook_events(events)
     webhook_url = await check_webhook(services, texts["webhook_url"])
     references = [(name, texts[name]) for name in REFERENCE_FIELDS if texts[name] is not None]
-    try:
-        fetched = await asyncio.gather(
-            *(fetch_reference(name, reference, services.settings) for name, reference in references)
-        )
-    except FetchError as exc:
-        raise ApiError(exc.status, exc.code, exc.message, field=exc.field) from None
+    fetched = await asyncio.gather(
+        *(fetch_reference(name, reference, services.settings) for name, reference in references)
+    )
     images = dict(zip((name for name, _ in references), fetched, strict=True))
     content = await normalise_image(services, "content_url", images["content_url"])
-    style = await normalise_image(services, "style_url", images["style_url"]) if "style_url" in images else None
-    return Submission(params, output, prompt, webhook_url, chosen_events, content, style)
+    pngs = (await normalise_image(services, "style_url", images["style_url"]),) if "style_url" in images else ()
+    return Submission(params, output, webhook_url, chosen_events, content, (style,), pngs)
 
 
 async def _object(request: Request) -> dict[str, Any]:
@@ -74,9 +69,9 @@ async def _object(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        raise InvalidJson(str(exc)) from None
     if not isinstance(body, dict):
-        raise ApiError(422, "invalid_request", "the JSON body must be an object")
+        raise InvalidRequest("the JSON body must be an object")
     return body
 
 
@@ -91,13 +86,13 @@ def _typed(spec: ParamSpec, value: Any) -> Any:
         str: isinstance(value, str),
     }[spec.kind]
     if not ok:
-        raise ApiError(422, "invalid_parameter", f"{spec.name}: must be {_JSON_TYPES[spec.kind]}, got "
-                       f"{json.dumps(value)[:40]}", field=spec.name)
+        raise InvalidParameter(f"{spec.name}: must be {_JSON_TYPES[spec.kind]}, got "
+                               f"{json.dumps(value)[:40]}", field=spec.name)
     return float(value) if spec.kind is float else value
 
 
 def _string(name: str, value: Any) -> str | None:
     # null is refused like any other non-string: leave the field out to mean "not given".
     if not isinstance(value, str):
-        raise ApiError(422, "invalid_parameter", f"{name}: must be a string", field=name)
+        raise InvalidParameter(f"{name}: must be a string", field=name)
     return value

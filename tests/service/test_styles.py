@@ -124,8 +124,10 @@ def test_a_multi_style_submission_records_its_styles_in_order(client: TestClient
     job = response.json()
     assert (job["style_count"], job["style_ids"], job["result_urls"]) == (3, [library["id"]], None)
     stored = JobStore(redis_client, client.app.state.services.settings).get(job["id"])
-    assert [s["style_id"] for s in stored.styles] == [library["id"], None, None]
-    assert stored.styles[0] == {"key": f"styles/{library['id']}.png", "prompt": "ink", "style_id": library["id"]}
+    assert [s.style_id for s in stored.styles] == [library["id"], None, None]
+    assert stored.styles[0].to_dict() == {
+        "key": f"styles/{library['id']}.png", "prompt": "ink", "style_id": library["id"],
+    }  # fmt: skip
     assert stored.input_keys == [
         f"inputs/{job['id']}/content.png", f"inputs/{job['id']}/style.png", f"inputs/{job['id']}/style-2.png",
     ]  # fmt: skip
