@@ -17,7 +17,11 @@ A client submits N jobs at a steady pace (each with its own ``Idempotency-Key``,
 - a Redis restart (SIGTERM, start again on the same port; nothing lost thanks to the AOF);
 - a 10 s Redis outage (stopped, then started);
 - an API restart;
-- a 10 s storage outage (the storage folder replaced by a file: every read and write fails).
+- a 10 s storage outage (the storage folder replaced by a file: every read and write fails);
+- a worker frozen (SIGSTOP) for 6 s mid-job and woken (SIGCONT) while its job runs elsewhere:
+  it must be fenced, never finish the job a second time;
+- a full Redis for 10 s (maxmemory below use, ``noeviction``): refusals, not crashes;
+- a SIGKILL of Redis itself, restarted from its AOF.
 
 Then it waits (bounded) for every job to end and reports, per outcome: succeeded, failed by
 error code, stuck (not terminal by the deadline), lost (accepted but no record), duplicate
@@ -72,11 +76,18 @@ class Plan:
 FULL = Plan(jobs=60, kills=4, submit_interval=1.2, settle_timeout=240.0)
 QUICK = Plan(jobs=24, kills=2, submit_interval=2.5, settle_timeout=180.0)
 # Seconds after the first submission: each event waits for the previous one to end.
+# Gray failures (issue 16): a worker frozen past its heartbeat (then woken while its job runs
+# elsewhere), a full Redis (maxmemory below use, noeviction), a SIGKILL of Redis itself (AOF
+# everysec: at most ~1 s of acknowledged writes may go).
+FREEZE_SECONDS = 6.0
 TIMELINE = (
     (5.0, "redis restart"),
     (15.0, f"redis outage {OUTAGE_SECONDS:.0f}s"),
     (32.0, "api restart"),
     (40.0, f"storage outage {OUTAGE_SECONDS:.0f}s"),
+    (55.0, f"freeze busy worker {FREEZE_SECONDS:.0f}s"),
+    (65.0, f"redis full {OUTAGE_SECONDS:.0f}s"),
+    (80.0, "redis SIGKILL"),
 )
 
 
@@ -249,6 +260,40 @@ class ChaosStack:
         self.start(self.api)
         self.wait_until("the API", self.api_ready)
 
+    def freeze_a_busy_worker(self, seconds: float) -> str | None:
+        """SIGSTOP the worker of a running job for ``seconds`` (its heartbeat lapses, the job is
+        recovered elsewhere), then SIGCONT it: it must be fenced, not finish the job."""
+        with self._lock:
+            try:
+                running = [m.decode() for m in self.client.zrange("ham:running", 0, -1)]
+                owners = {job: self.client.hget(f"ham:job:{job}", "worker") for job in running}
+            except redis.RedisError:
+                return None
+            by_name = {self.worker_name(w, w.starts): w for w in self.workers}
+            for job, owner in owners.items():
+                worker = by_name.get(owner.decode()) if owner else None
+                if worker is not None and worker.proc is not None and worker.proc.poll() is None:
+                    worker.proc.send_signal(signal.SIGSTOP)
+                    try:
+                        time.sleep(seconds)
+                    finally:
+                        worker.proc.send_signal(signal.SIGCONT)
+                    return f"job {job}"
+        return None
+
+    def redis_full(self, seconds: float) -> None:
+        """Redis answers but refuses every write (maxmemory below use, noeviction) for ``seconds``."""
+        self.client.config_set("maxmemory-policy", "noeviction")
+        self.client.config_set("maxmemory", 1024 * 1024)
+        time.sleep(seconds)
+        self.client.config_set("maxmemory", 0)
+
+    def sigkill_redis(self) -> None:
+        """Redis itself crashes (no clean stop) and comes back from its AOF."""
+        self.signal(self.redis, signal.SIGKILL)
+        self.start(self.redis)
+        self.wait_until("redis", self.redis_up)
+
     def storage_outage(self, seconds: float) -> None:
         away = self.storage.with_name("storage.away")
         self.storage.rename(away)
@@ -313,7 +358,8 @@ def run_chaos(stack: ChaosStack, plan: Plan, events: list[dict[str, Any]]) -> No
     started = time.monotonic()
     span = max(plan.jobs * plan.submit_interval, TIMELINE[-1][0] + OUTAGE_SECONDS)
     actions = (lambda: stack.restart_redis(), lambda: stack.restart_redis(OUTAGE_SECONDS), stack.restart_api,
-               lambda: stack.storage_outage(OUTAGE_SECONDS))
+               lambda: stack.storage_outage(OUTAGE_SECONDS), lambda: stack.freeze_a_busy_worker(FREEZE_SECONDS),
+               lambda: stack.redis_full(OUTAGE_SECONDS), stack.sigkill_redis)  # fmt: skip
     timeline: list[tuple[float, str, Any]] = [
         (t, what, action) for (t, what), action in zip(TIMELINE, actions, strict=True)
     ]
@@ -346,6 +392,12 @@ def succeeded_runs(workdir: Path) -> Counter:
     return runs
 
 
+def fenced_runs(workdir: Path) -> int:
+    """How many runs, across all worker logs, learned another run owned their job and stopped."""
+    pattern = re.compile(r"job [0-9a-f]{32}: fenced in")
+    return sum(len(pattern.findall(log.read_text(errors="replace"))) for log in workdir.glob("worker-*.log"))
+
+
 def report(plan: Plan, stack: ChaosStack, accepted: dict[str, str], records: dict[str, dict[str, Any]],
            refusals: Counter, events: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     statuses = Counter(r.get("status", "missing") for r in records.values())
@@ -369,6 +421,8 @@ def report(plan: Plan, stack: ChaosStack, accepted: dict[str, str], records: dic
         "stuck": sum(1 for r in records.values() if r and r.get("status") not in TERMINAL),
         "lost": statuses.get("missing", 0),
         "duplicate_results": sum(1 for n in runs.values() if n > 1),
+        # Runs that woke after their job was recovered and stopped without writing (a frozen worker).
+        "fenced_runs": fenced_runs(stack.workdir),
         "distinct_job_ids": len(set(accepted.values())),
         "worker_kills": len(killed),
         # A worker death is the one failure a job pays for: one attempt each.
@@ -389,6 +443,7 @@ def print_table(result: dict[str, Any]) -> None:
         ("stuck (not terminal)", result["stuck"]),
         ("lost (no record)", result["lost"]),
         ("duplicate results", result["duplicate_results"]),
+        ("fenced runs (woke to find their job taken)", result["fenced_runs"]),
         ("worker SIGKILLs (of busy workers)", result["worker_kills"]),
         ("attempts of the killed workers' jobs", ", ".join(map(str, result["attempts_of_killed_jobs"].values()))),
         ("worker restarts / unexpected exits", f"{result['worker_restarts']} / {result['unexpected_worker_exits']}"),

@@ -166,6 +166,56 @@ class RateLimited(ApiError):
     error_code = "rate_limited"
 
 
+class RedisBusy(ApiError):
+    """503 ``redis_busy``: Redis is busy running a script; see `Retry-After`."""
+
+    status_code = 503
+    error_code = "redis_busy"
+
+
+class RedisFull(ApiError):
+    """503 ``redis_full``: Redis is full (maxmemory) and refuses writes; reads still answer. See `Retry-After`."""
+
+    status_code = 503
+    error_code = "redis_full"
+
+
+class RedisLoading(ApiError):
+    """503 ``redis_loading``: Redis is loading its data after a restart; see `Retry-After`."""
+
+    status_code = 503
+    error_code = "redis_loading"
+
+
+class RedisMasterDown(ApiError):
+    """503 ``redis_master_down``: The Redis replica lost its primary; see `Retry-After`."""
+
+    status_code = 503
+    error_code = "redis_master_down"
+
+
+class RedisNoReplicas(ApiError):
+    """503 ``redis_no_replicas``: Too few Redis replicas to acknowledge the write (the job may be stored: retry with
+    the same `Idempotency-Key`); see `Retry-After`."""
+
+    status_code = 503
+    error_code = "redis_no_replicas"
+
+
+class RedisReadOnly(ApiError):
+    """503 ``redis_readonly``: Redis is a read-only replica (a failover is under way); see `Retry-After`."""
+
+    status_code = 503
+    error_code = "redis_readonly"
+
+
+class RedisWritesStopped(ApiError):
+    """503 ``redis_writes_stopped``: Redis stopped accepting writes (it could not persist); see `Retry-After`."""
+
+    status_code = 503
+    error_code = "redis_writes_stopped"
+
+
 class RequestTooLarge(ApiError):
     """413 ``request_too_large``: The request body is larger than the limit."""
 
@@ -261,6 +311,13 @@ ERRORS_BY_CODE: dict[str, type[ApiError]] = {
     "not_ready": NotReady,
     "queue_full": ServiceQueueFull,
     "rate_limited": RateLimited,
+    "redis_busy": RedisBusy,
+    "redis_full": RedisFull,
+    "redis_loading": RedisLoading,
+    "redis_master_down": RedisMasterDown,
+    "redis_no_replicas": RedisNoReplicas,
+    "redis_readonly": RedisReadOnly,
+    "redis_writes_stopped": RedisWritesStopped,
     "request_too_large": RequestTooLarge,
     "style_not_found": StyleNotFound,
     "tenant_queue_full": TenantQueueFull,

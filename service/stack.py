@@ -3,7 +3,8 @@
 Each part is a child process started the way an operator would start it:
 
 - ``redis-server`` on 127.0.0.1 (port 6379 if free, else a free one), data in
-  ``<data_dir>/redis``;
+  ``<data_dir>/redis``, kept in an append-only file fsynced every second (a data folder from
+  an older ``ham up``, which snapshotted every 60 s, is migrated once on start);
 - ``ham api --host H --port P``;
 - ``ham worker`` (model from ``HAM_MODEL``, default the offline ``tiny`` demo), its metrics
   and probes on a free loopback port.
@@ -227,16 +228,16 @@ class _Stack:
                 str(self.data_dir / "redis"),
                 "--daemonize",
                 "no",
-                "--appendonly",
-                "no",
-                "--save",
-                "60 1",
+                *redis_persistence_args(self.data_dir / "redis"),
             ],
             base_env,
             log_file=self.data_dir / "redis.log",
         )
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         self.wait_until("redis", lambda: _redis_answers(redis_port), deadline)
+        if needs_aof_migration(self.data_dir / "redis"):
+            migrate_to_aof(redis_url)
+            self.say("ham up: Redis data moved from its snapshot (dump.rdb) to the append-only file")
 
         env = self.shared_env(base_env, redis_url)
         cli = [sys.executable, "-m", "service.cli"]
@@ -287,6 +288,53 @@ class _Stack:
                     self.say(f"ham up: {child.name} did not stop in time; killing it")
                     child.signal(signal.SIGKILL)
                     child.proc.wait(5)
+
+
+# Redis persistence of ``ham up``: the append-only file, fsynced once a second (Redis's own
+# default and what the compose file and the k8s dev Redis use). A SIGKILL of Redis (or a power cut)
+# loses at most about the last second of acknowledged writes; a clean stop loses nothing.
+AOF_ARGS = ("--appendonly", "yes", "--appendfsync", "everysec", "--save", "")
+
+
+def needs_aof_migration(redis_dir: Path) -> bool:
+    """Whether ``redis_dir`` holds data from before ``ham up`` used AOF: a snapshot, no AOF yet."""
+    has_aof = (redis_dir / "appendonlydir").exists() or (redis_dir / "appendonly.aof").exists()
+    return (redis_dir / "dump.rdb").exists() and not has_aof
+
+
+def redis_persistence_args(redis_dir: Path) -> list[str]:
+    """The ``redis-server`` arguments for ``redis_dir``.
+
+    Redis started with ``appendonly yes`` and no AOF would start empty and ignore an existing
+    ``dump.rdb``; so a data folder from an older ``ham up`` starts once from its snapshot, and
+    :func:`migrate_to_aof` then turns AOF on while the data is loaded (one-time migration).
+    """
+    if needs_aof_migration(redis_dir):
+        return ["--appendonly", "no", "--save", ""]
+    return list(AOF_ARGS)
+
+
+def migrate_to_aof(redis_url: str, timeout: float = 60.0) -> None:
+    """Turn AOF on in a running Redis and wait until its first AOF is written (a rewrite of what it holds)."""
+    from service.core.config import Settings
+    from service.core.redis_client import connect_redis
+
+    client = connect_redis(Settings(redis_url=redis_url))
+    try:
+        client.config_set("appendfsync", "everysec")
+        client.config_set("appendonly", "yes")
+        deadline = time.monotonic() + timeout
+        while True:
+            info = client.info("persistence")
+            if info.get("aof_enabled") == 1 and not info.get("aof_rewrite_in_progress") and not info.get(
+                "aof_rewrite_scheduled"
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise StackError(f"Redis did not write its append-only file within {timeout:.0f}s")
+            time.sleep(_POLL)
+    finally:
+        client.close()
 
 
 def _redis_answers(port: int) -> bool:

@@ -70,7 +70,7 @@ from service.core.jobs import (
 )
 from service.core.logs import bind, log_context
 from service.core.output import OutputSpec, encode
-from service.core.redis_client import REDIS_UNAVAILABLE
+from service.core.redis_client import REDIS_UNAVAILABLE, probe_writable
 from service.core.resource import job_resource
 from service.core.speed import record_speed
 from service.core.storage import Storage, StorageError
@@ -467,8 +467,10 @@ class TransferRunner:
 
 
 def redis_link_for(store: JobStore, settings: Settings, on_change: Callable[[bool], None] | None = None) -> Link:
-    """The worker's view of Redis, probed with ``PING`` on the store's client."""
-    return Link("Redis", store.redis.ping, REDIS_UNAVAILABLE, settings.worker_reconnect_max, on_change)
+    """The worker's view of Redis, probed with a one-key write on the store's client (``PING``
+    answers while Redis is full or read-only; a write sees those refusals too)."""
+    return Link("Redis", lambda: probe_writable(store.redis), REDIS_UNAVAILABLE, settings.worker_reconnect_max,
+                on_change)  # fmt: skip
 
 
 def storage_link_for(

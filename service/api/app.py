@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import Services
-from service.api.errors import error_response, install_error_handlers
+from service.api.errors import RequestTooLarge, Unavailable, install_error_handlers, redis_refusal_error
 from service.api.metrics import ApiMetrics, MetricsMiddleware, QueueCollector
 from service.api.openapi import install_openapi, operation_id
 from service.api.ratelimit import RateLimiter
@@ -25,7 +25,14 @@ from service.api.routes.docs import install_docs
 from service.api.routes.playground import install_playground
 from service.core.config import Settings, get_settings
 from service.core.jobs import JobStore
-from service.core.redis_client import REDIS_UNAVAILABLE, connect_async_redis, connect_redis
+from service.core.redis_client import (
+    REDIS_UNAVAILABLE,
+    UNREACHABLE,
+    connect_async_redis,
+    connect_redis,
+    memory_usage,
+    refusal,
+)
 from service.core.storage import StorageError, open_storage
 from service.core.styles import StyleStore
 from service.core.webhooks import WebhookDispatcher
@@ -74,7 +81,7 @@ class BodySizeLimit:
                 except ValueError:
                     declared = -1
                 if declared > self.limit:
-                    response = error_response(413, "request_too_large", self._message())
+                    response = RequestTooLarge(self._message()).response()
                     await response(scope, receive, send)
                     return
         received = 0
@@ -98,18 +105,22 @@ def _install_backend_handlers(app: FastAPI) -> None:
     """Redis or storage unreachable mid-request: 503, not a 500 (our dependency, not our bug)."""
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
-        log.error("redis unreachable on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(503, "unavailable", "the job queue is unreachable; retry shortly",
-                              headers={"Retry-After": "5"})
+        reason = refusal(exc)
+        request.app.state.services.metrics.redis_unavailable.labels(reason=reason).inc()
+        if reason == UNREACHABLE:
+            log.error("redis unreachable on %s %s: %s", request.method, request.url.path, exc)
+            return Unavailable("the job queue is unreachable; retry shortly", headers={"Retry-After": "5"}).response()
+        # Redis answers but refuses (full, read-only after a failover, loading, ...): an outage too.
+        log.error("redis refused %s %s (%s): %s", request.method, request.url.path, reason, exc)
+        return redis_refusal_error(reason).response()
 
     async def storage_down(request: Request, exc: Exception) -> JSONResponse:
         log.error("storage unreachable on %s %s: %s", request.method, request.url.path, exc)
         request.app.state.services.metrics.storage_errors.inc()
-        return error_response(503, "unavailable", "object storage is unreachable; retry shortly",
-                              headers={"Retry-After": "5"})
+        return Unavailable("object storage is unreachable; retry shortly", headers={"Retry-After": "5"}).response()
 
     async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return error_response(413, "request_too_large", str(exc))
+        return RequestTooLarge(str(exc)).response()
 
     for error in REDIS_UNAVAILABLE:
         app.add_exception_handler(error, redis_down)
@@ -123,6 +134,7 @@ def _queue_collector(jobs: JobStore) -> QueueCollector:
         oldest_queued_age=jobs.oldest_queued_age,
         # Outcomes are counted by the job store's transitions (the worker finishes jobs, not the API).
         finished_by_outcome=jobs.finished_counts,
+        redis_memory=lambda: memory_usage(jobs.redis),
     )
 
 
@@ -136,7 +148,8 @@ def build_services(settings: Settings) -> Services:
         storage=open_storage(settings),
         jobs=jobs,
         styles=StyleStore(redis),
-        limiter=RateLimiter(redis, settings.rate_limit_per_minute),
+        # Its own client without retries: the limiter fails open at once when Redis refuses (deps.py).
+        limiter=RateLimiter(connect_redis(settings, retries=0), settings.rate_limit_per_minute),
         metrics=ApiMetrics(_queue_collector(jobs)),
         webhooks=WebhookDispatcher(settings, redis),
         aredis=connect_async_redis(settings),

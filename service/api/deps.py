@@ -7,6 +7,7 @@ kept in :class:`Services` on ``app.state``; routes reach them only through these
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
@@ -20,6 +21,7 @@ from service.api.errors import RateLimited, Unauthorized
 from service.api.ratelimit import RateLimiter
 from service.core.config import LOCAL_TENANT, Settings
 from service.core.logs import bind
+from service.core.redis_client import REDIS_UNAVAILABLE, refusal
 
 if TYPE_CHECKING:
     from service.api.metrics import ApiMetrics
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from service.core.storage import Storage
     from service.core.styles import StyleStore
     from service.core.webhooks import WebhookDispatcher
+
+log = logging.getLogger("ham.api")
 
 _BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -101,7 +105,15 @@ def current_tenant(tenant: Annotated[str, Depends(authenticate)], credentials: C
     """The authenticated tenant, after counting this request against its key's rate limit (429 above)."""
     # The limit is per key; with auth off there is one identity, the local tenant.
     identity = _presented_key(credentials) if services.settings.auth_enabled else LOCAL_TENANT
-    decision = services.limiter.hit(f"key:{identity}")
+    try:
+        decision = services.limiter.hit(f"key:{identity}")
+    except REDIS_UNAVAILABLE as exc:
+        # Fail open: a Redis that refuses writes (full, read-only) must not take reads down with it.
+        # The request itself still meets Redis and answers 503 if it needs what Redis refuses.
+        reason = refusal(exc)
+        services.metrics.ratelimit_fail_open.labels(reason=reason).inc()
+        log.warning("rate limit not counted (redis %s): %s", reason, exc)
+        return tenant
     if not decision.allowed:
         raise RateLimited(limit=decision.limit, retry_after=decision.retry_after,
                           headers={"Retry-After": str(decision.retry_after)})

@@ -271,6 +271,61 @@ class Unavailable(ApiError):
     description = "Redis or storage unreachable; see `Retry-After`."
 
 
+# Redis answers but refuses (service.core.redis_client.refusal names why): an outage, not a bug.
+# ``retry_after``: the Retry-After seconds; a full Redis needs an operator, so clients wait longer.
+
+
+class _RedisRefusal:
+    """What the refusals share (a mixin, so it adds no code of its own to the catalogue)."""
+
+    status: ClassVar[int] = 503
+    reason: ClassVar[str] = ""
+    retry_after: ClassVar[int] = 5
+
+
+class RedisFull(_RedisRefusal, ApiError):
+    code, reason, retry_after = "redis_full", "full", 30
+    description = "Redis is full (maxmemory) and refuses writes; reads still answer. See `Retry-After`."
+    template = "the job store is full and refuses writes; retry later"
+
+
+class RedisReadOnly(_RedisRefusal, ApiError):
+    code, reason = "redis_readonly", "readonly"
+    description = "Redis is a read-only replica (a failover is under way); see `Retry-After`."
+    template = "the job store is read-only (a failover is under way); retry shortly"
+
+
+class RedisLoading(_RedisRefusal, ApiError):
+    code, reason = "redis_loading", "loading"
+    description = "Redis is loading its data after a restart; see `Retry-After`."
+    template = "the job store is loading its data after a restart; retry shortly"
+
+
+class RedisMasterDown(_RedisRefusal, ApiError):
+    code, reason = "redis_master_down", "master_down"
+    description = "The Redis replica lost its primary; see `Retry-After`."
+    template = "the job store lost its primary; retry shortly"
+
+
+class RedisBusy(_RedisRefusal, ApiError):
+    code, reason = "redis_busy", "busy"
+    description = "Redis is busy running a script; see `Retry-After`."
+    template = "the job store is busy running a script; retry shortly"
+
+
+class RedisWritesStopped(_RedisRefusal, ApiError):
+    code, reason, retry_after = "redis_writes_stopped", "writes_stopped", 30
+    description = "Redis stopped accepting writes (it could not persist); see `Retry-After`."
+    template = "the job store stopped accepting writes; retry later"
+
+
+class RedisNoReplicas(_RedisRefusal, ApiError):
+    code, reason = "redis_no_replicas", "no_replicas"
+    description = ("Too few Redis replicas to acknowledge the write (the job may be stored: retry with the same "
+                   "`Idempotency-Key`); see `Retry-After`.")  # fmt: skip
+    template = "the job store has too few replicas to accept writes; retry shortly"
+
+
 class NotReady(ApiError):
     status, code = 503, "not_ready"
     description = "`/readyz`: a dependency is unreachable; `checks` says which."
@@ -278,6 +333,18 @@ class NotReady(ApiError):
 
 # Routing errors Starlette raises itself, by status (anything else it raises is a fault of ours).
 _STARLETTE_ERRORS: dict[int, type[ApiError]] = {404: NotFound, 405: MethodNotAllowed}
+
+# Every refusal: what any route that touches Redis may answer besides `unavailable`.
+REDIS_REFUSALS = (RedisFull, RedisReadOnly, RedisLoading, RedisMasterDown, RedisBusy, RedisWritesStopped,
+                  RedisNoReplicas)  # fmt: skip
+
+
+def redis_refusal_error(reason: str) -> ApiError:
+    """The 503 for a Redis refusal named ``reason`` (with its ``Retry-After``)."""
+    for error in REDIS_REFUSALS:
+        if error.reason == reason:
+            return error(headers={"Retry-After": str(error.retry_after)})
+    return Unavailable("the job queue is unavailable; retry shortly", headers={"Retry-After": "5"})
 
 
 def error_responses(*errors: type[ApiError]) -> dict[int | str, dict[str, Any]]:

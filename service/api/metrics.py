@@ -48,10 +48,12 @@ class QueueCollector(Collector):
         queue_depth: Callable[[], int],
         oldest_queued_age: Callable[[], float | None],
         finished_by_outcome: Callable[[], Mapping[str, int]],
+        redis_memory: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self._queue_depth = queue_depth
         self._oldest_queued_age = oldest_queued_age
         self._finished_by_outcome = finished_by_outcome
+        self._redis_memory = redis_memory
 
     def describe(self) -> list[Metric]:
         # Registering must not touch Redis (the app is built before Redis may be up).
@@ -63,6 +65,7 @@ class QueueCollector(Collector):
             depth = self._queue_depth()
             oldest = self._oldest_queued_age()
             finished = dict(self._finished_by_outcome())
+            memory = self._redis_memory() if self._redis_memory is not None else None
         except Exception as exc:  # a scrape must not fail because Redis is down
             log.warning("metrics scrape could not read Redis: %s", exc)
             up.add_metric([], 0)
@@ -70,6 +73,11 @@ class QueueCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
+        if memory is not None:
+            # A full Redis (maxmemory, noeviction) refuses every write: alert before it gets there.
+            yield GaugeMetricFamily("ham_redis_memory_used_bytes", "Memory Redis uses (INFO used_memory).",
+                                    value=memory[0])
+            yield GaugeMetricFamily("ham_redis_memory_max_bytes", "Redis maxmemory (0: no limit).", value=memory[1])
         yield GaugeMetricFamily("ham_queue_depth", "Jobs waiting in the queue.", value=depth)
         yield GaugeMetricFamily(
             "ham_oldest_queued_job_age_seconds",
@@ -115,6 +123,19 @@ class ApiMetrics:
         )
         self.storage_errors = Counter(
             "ham_storage_errors", "Requests answered 503 because object storage was unreachable.",
+            registry=self.registry,
+        )
+        self.redis_unavailable = Counter(
+            "ham_redis_unavailable",
+            "Requests answered 503 because Redis was unreachable or refused, by reason (unreachable, full, "
+            "readonly, loading, master_down, busy, writes_stopped, no_replicas).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.ratelimit_fail_open = Counter(
+            "ham_ratelimit_fail_open",
+            "Requests let through uncounted because Redis refused or missed the rate-limit write, by reason.",
+            ["reason"],
             registry=self.registry,
         )
         if queue_collector is not None:

@@ -45,6 +45,21 @@ class Settings(BaseSettings):
         0.05, ge=0, description="Seconds before the first Redis retry; doubles per retry, half of it random jitter."
     )
     redis_retry_cap: float = Field(1.0, ge=0, description="Longest pause between two Redis retries, in seconds.")
+    redis_sentinels: str = Field(
+        "",
+        description="Comma-separated host:port of Redis Sentinels; when set, clients find the primary through "
+        "them (and again after a failover) and HAM_REDIS_URL gives only database and password.",
+    )
+    redis_sentinel_master: str = Field("mymaster", description="The Sentinels' name of the Redis primary.")
+    redis_min_replicas_ack: int = Field(
+        0,
+        ge=0,
+        description="Replicas that must hold a submitted job before the API answers 202 (Redis WAIT; 0: do not "
+        "wait). Fewer within HAM_REDIS_REPLICA_ACK_TIMEOUT: 503 redis_no_replicas.",
+    )
+    redis_replica_ack_timeout: float = Field(
+        1.0, gt=0, description="Seconds a submit waits for HAM_REDIS_MIN_REPLICAS_ACK replicas."
+    )
 
     # --- engine --------------------------------------------------------------------
     model: str = Field("tiny", description="Diffusers model id, local folder, or 'tiny' (offline demo).")

@@ -121,6 +121,7 @@ def test_overlays_render_the_expected_objects() -> None:
         "Service/ham-api",
         "HorizontalPodAutoscaler/ham-api",
         "PodDisruptionBudget/ham-api",
+        "PodDisruptionBudget/ham-worker",
         "Deployment/ham-worker",
         "Service/ham-worker-metrics",
         "ScaledObject/ham-worker",
@@ -237,6 +238,17 @@ def test_worker_grace_period_outlasts_the_job_timeout(overlay: tuple[str, list[D
     worker = one(docs, "Deployment", "ham-worker")
     grace = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > int(config_data(docs)["HAM_JOB_TIMEOUT"]), name
+    # A job whose end meets an outage waits up to the outage deadline before handing itself back.
+    outage = float(config_data(docs).get("HAM_WORKER_OUTAGE_DEADLINE", Settings().worker_outage_deadline))
+    assert grace >= int(config_data(docs)["HAM_JOB_TIMEOUT"]) + outage, name
+
+
+def test_workers_have_a_disruption_budget_that_never_blocks_a_drain(overlay: tuple[str, list[Doc]]) -> None:
+    name, docs = overlay
+    pdb = one(docs, "PodDisruptionBudget", "ham-worker")["spec"]
+    assert pdb["maxUnavailable"] == 1, name
+    pod_labels = one(docs, "Deployment", "ham-worker")["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels.get(k) == v for k, v in pdb["selector"]["matchLabels"].items()), name
 
 
 def test_worker_requests_one_gpu_in_prod_and_none_in_dev() -> None:

@@ -398,6 +398,22 @@ def test_result_keys_are_named_per_run():
     assert result_key("j") == "results/j.png"  # no run: the name older records point at
 
 
+def test_the_record_codec_follows_the_fields_and_missing_fields_take_the_owners_defaults():
+    from dataclasses import fields
+
+    from service.core.output import DEFAULT_QUALITY
+
+    job = make_job(webhook_events=("start", "completed"), result_keys=["results/a.png"], run=3, version=7)
+    encoded = job.to_fields()
+    assert set(encoded) == {f.name for f in fields(Job) if getattr(job, f.name) is not None}
+    assert (encoded["webhook_events"], encoded["run"]) == ("start,completed", "3")
+    assert Job.from_fields(encoded) == job
+    bare = Job.from_fields({"id": job.id, "tenant": "t", "status": "queued", "created_at": "1.5"})
+    assert (bare.output_quality, bare.output_format, bare.webhook_events) == (DEFAULT_QUALITY, "png", ("completed",))
+    assert (bare.params, bare.stats, bare.run, bare.progress) == ({}, None, 0, 0.0)
+    assert [(ref.key, ref.prompt) for ref in bare.styles] == [(None, None)]  # read as the older record it is
+
+
 def test_the_task_function_named_by_the_queue_is_the_workers_entry_point():
     # The core names the worker's function by string (it never imports the worker): the string must resolve.
     import importlib

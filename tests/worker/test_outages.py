@@ -25,6 +25,7 @@ from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id,
 from service.core.storage import FileStorage
 from service.core.style_refs import StyleRef
 from tests.fixtures.servers import RedisServer, free_port, log_tail, terminate
+from tests.fixtures.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -57,12 +58,11 @@ class Worker:
 
 
 def wait_for(what: str, condition: Callable[[], bool], worker: Worker, timeout: float = JOB_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
+    def alive() -> None:
         exited = f"the worker exited ({worker.proc.returncode}) while waiting for {what}"
         assert worker.alive, f"{exited}:\n{log_tail(worker.log)}"
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s:\n{log_tail(worker.log)}"
-        time.sleep(0.05)
+
+    wait_until(condition, timeout, what, check=alive, detail=lambda: log_tail(worker.log))
 
 
 def hold_down(redis_server: RedisServer, worker: Worker, seconds: float) -> None:
@@ -103,6 +103,16 @@ def store(settings: Settings) -> Iterator[JobStore]:
 
 @pytest.fixture
 def worker(settings: Settings, tmp_path: Path) -> Iterator[Worker]:
+    handle = start_worker(settings, tmp_path)
+    try:
+        wait_for("the worker to be ready", handle.ready_file.exists, handle, timeout=START_TIMEOUT)
+        yield handle
+    finally:
+        terminate(handle.proc, timeout=30)
+
+
+def start_worker(settings: Settings, tmp_path: Path) -> Worker:
+    """A ``ham worker`` subprocess on ``settings`` (not waited for)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAM_")}
     fields = settings.model_dump().items()
@@ -114,12 +124,7 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[Worker]:
            "--metrics-host", "127.0.0.1"]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    handle = Worker(proc, log, ready, port)
-    try:
-        wait_for("the worker to be ready", ready.exists, handle, timeout=START_TIMEOUT)
-        yield handle
-    finally:
-        terminate(proc, timeout=30)
+    return Worker(proc, log, ready, port)
 
 
 def submit(store: JobStore, settings: Settings, steps: int) -> str:
@@ -185,3 +190,56 @@ def test_outages_longer_than_the_retry_budget_mid_job_and_between_jobs_lose_noth
     assert text.count("Redis unreachable") == 2, text
     assert text.count("Redis reachable again") == 2, text
     assert "quitting" not in text
+
+
+def fill(client: redis.Redis) -> None:
+    """maxmemory below what Redis uses, noeviction: Redis answers, but refuses every write (OOM)."""
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1024 * 1024)
+
+
+def test_a_full_redis_is_an_outage_a_worker_started_meanwhile_waits_and_no_attempt_is_charged(
+    settings: Settings, store: JobStore, tmp_path: Path
+) -> None:
+    queued = submit(store, settings, steps=2)
+    fill(store.redis)
+    try:
+        handle = start_worker(settings, tmp_path)
+        try:
+            # It waits for a writable Redis instead of crash-looping on OOM.
+            wait_for("the worker to log the refusal", lambda: "OutOfMemoryError" in handle.log_text(), handle, 60)
+            until = time.monotonic() + 15
+            while time.monotonic() < until:
+                assert handle.alive, f"the worker exited while Redis was full:\n{log_tail(handle.log)}"
+                time.sleep(0.2)
+            assert not handle.ready_file.exists()
+            job = store.get(queued)
+            assert (job.status, job.attempts) == (JobStatus.QUEUED, 0)
+        finally:
+            store.redis.config_set("maxmemory", 0)  # memory freed
+        wait_for("the queued job to finish", finished(store, queued), handle, timeout=START_TIMEOUT)
+        done = store.get(queued)
+        assert (done.status, done.attempts) == (JobStatus.SUCCEEDED, 1), done
+        wait_for("/readyz to be 200", handle.ready, handle, timeout=30)
+    finally:
+        terminate(handle.proc, timeout=30)
+
+
+def test_redis_filling_up_mid_job_is_waited_out_without_charging_an_attempt(
+    settings: Settings, store: JobStore, worker: Worker
+) -> None:
+    job_id = submit(store, settings, steps=120)
+    wait_for("the job to make progress", lambda: store.get(job_id).progress > 0.05, worker)
+    fill(store.redis)
+    try:
+        wait_for("/readyz to turn 503", lambda: not worker.ready(), worker, timeout=30)
+        until = time.monotonic() + 4
+        while time.monotonic() < until:
+            assert worker.alive, f"the worker exited while Redis was full:\n{log_tail(worker.log)}"
+            time.sleep(0.1)
+    finally:
+        store.redis.config_set("maxmemory", 0)
+    wait_for("the job to finish", finished(store, job_id), worker, timeout=2 * JOB_TIMEOUT)
+    done = store.get(job_id)
+    assert (done.status, done.attempts, done.run) == (JobStatus.SUCCEEDED, 1, 1), done
+    wait_for("/readyz to be 200 again", worker.ready, worker, timeout=30)

@@ -18,7 +18,15 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ServicesDep, TenantDep
-from service.api.errors import InvalidRequest, NotFound, RateLimited, Unauthorized, Unavailable, error_responses
+from service.api.errors import (
+    REDIS_REFUSALS,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    error_responses,
+)
 from service.api.job_access import job_resource, owned_job
 from service.api.live import job_versions
 
@@ -36,7 +44,7 @@ _EXAMPLE = (
     summary="Follow a transfer job (server-sent events)",
     response_class=EventSourceResponse,
     responses={
-        **error_responses(Unauthorized, RateLimited, InvalidRequest, Unavailable, NotFound),
+        **error_responses(Unauthorized, RateLimited, InvalidRequest, Unavailable, *REDIS_REFUSALS, NotFound),
         200: {"description": "`text/event-stream`: `progress` events, then one terminal event.",
               "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _EXAMPLE}}},
         204: {"description": "`Last-Event-ID` is the terminal event already: nothing more will come."},

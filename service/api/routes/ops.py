@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.deps import ServicesDep, operator_access
-from service.api.errors import error_body
+from service.api.errors import NotReady, error_body
 from service.api.schemas import ErrorResponse, Health
+from service.core.redis_client import UNREACHABLE, probe_writable, refusal
 
 log = logging.getLogger("ham.api")
 
@@ -37,28 +38,34 @@ def healthz() -> Health:
     dependencies=[Depends(_health_access)],
     responses={
         401: {"model": ErrorResponse},
-        503: {"description": "Redis or storage unreachable; `checks` says which.", "content": {
+        503: {"description": "Redis or storage unavailable; `checks` says which (and, for a Redis that refuses "
+              "writes, why: `full`, `readonly`, `loading`, ...).", "content": {
             "application/json": {"example": {
                 "status": "unavailable",
                 "checks": {"redis": "ConnectionError: Error 111 connecting to 127.0.0.1:6379.", "storage": "ok"},
-                "error": {"code": "not_ready", "message": "unreachable: redis"},
+                "error": {"code": "not_ready", "message": "unavailable: redis"},
             }}}},
     },
 )
 def readyz(services: ServicesDep) -> Response:
-    """200 when Redis answers PING and the storage answers; else 503 naming the failed dependency."""
+    """200 when Redis accepts a write and the storage answers; else 503 naming the failed dependency.
+
+    A Redis that answers but refuses writes is named by why: ``full``, ``readonly``, ``loading``,
+    ``master_down``, ``busy``, ``writes_stopped`` or ``no_replicas``.
+    """
     checks: dict[str, str] = {}
-    for name, probe in (("redis", services.redis.ping), ("storage", services.storage.ping)):
+    for name, probe in (("redis", lambda: probe_writable(services.redis)), ("storage", services.storage.ping)):
         try:
             probe()
             checks[name] = "ok"
         except Exception as exc:  # any failure means "not ready"; the probe reports it rather than raising
-            log.warning("readiness: %s unreachable: %s", name, exc)
-            checks[name] = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("readiness: %s unavailable: %s", name, exc)
+            reason = refusal(exc) if name == "redis" else UNREACHABLE
+            checks[name] = reason if reason != UNREACHABLE else f"{type(exc).__name__}: {exc}"[:300]
     failed = [name for name, state in checks.items() if state != "ok"]
     if failed:
         body = {"status": "unavailable", "checks": checks,
-                **error_body("not_ready", f"unreachable: {', '.join(failed)}")}
+                **error_body(NotReady.code, f"unavailable: {', '.join(failed)}")}
         return JSONResponse(body, status_code=503)
     return JSONResponse(Health(status="ok", checks=checks).model_dump())
 

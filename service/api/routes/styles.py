@@ -20,9 +20,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ham_engine.params import MAX_PROMPT_CHARS, ParamError, TransferParams, check_style_reference
+from ham_engine.params import (
+    MAX_PROMPT_CHARS,
+    PARAM_SPECS,
+    ParamError,
+    ParamSpec,
+    TransferParams,
+    check_style_reference,
+)
 from service.api.deps import Services, current_tenant, get_services
 from service.api.errors import (
+    REDIS_REFUSALS,
     DuplicateField,
     ImageTooLarge,
     InvalidCursor,
@@ -41,6 +49,7 @@ from service.api.errors import (
     UploadTooLarge,
     error_responses,
 )
+from service.api.form_values import form_value
 from service.api.schemas import StyleList, StyleResource
 from service.api.uploads import read_upload
 from service.core.feature_store import delete_style_features
@@ -51,12 +60,15 @@ log = logging.getLogger("ham.api")
 
 router = APIRouter(prefix="/v1/styles", tags=["styles"])
 
-FIELDS = ("image", "style_prompt", "name", "warm", "size", "steps")
+# warm=true queues a job that computes the style's features; size and steps are that job's.
+WARM_SPEC = ParamSpec("warm", bool, False, "queue a job that computes the style's features now")
+WARM_PARAM_SPECS = tuple(spec for name in ("size", "steps") for spec in PARAM_SPECS if spec.name == name)
+FIELDS = ("image", "style_prompt", "name", WARM_SPEC.name, *(spec.name for spec in WARM_PARAM_SPECS))
 MAX_NAME_CHARS = 200
 _WARM_GREY = (128, 128, 128)
 
 # What every route of a tenant's styles may answer with, besides its own errors.
-_ERRORS = (Unauthorized, RateLimited, Unavailable)
+_ERRORS = (Unauthorized, RateLimited, Unavailable, *REDIS_REFUSALS)
 
 
 def style_resource(record: StyleRecord) -> StyleResource:
@@ -105,17 +117,10 @@ def _fields(form: FormData) -> dict[str, str | UploadFile]:
 
 
 def _warm_params(values: dict[str, str | UploadFile]) -> TransferParams | None:
-    warm = str(values.get("warm", "false")).strip().lower()
-    if warm not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        raise ParamError("warm", f"must be true or false, got {warm[:40]!r}")
-    given: dict[str, int] = {}
-    for name in ("size", "steps"):
-        if name in values:
-            text = str(values[name]).strip()
-            if not text.isascii() or not text.isdigit() or len(text) > 6:
-                raise ParamError(name, f"must be an integer, got {text[:40]!r}")
-            given[name] = int(text)
-    if warm in ("false", "0", "no", "off"):
+    """The parameters of the warming job (``warm=true``), parsed like a transfer's form fields; None without."""
+    warm = form_value(WARM_SPEC, str(values["warm"])) if "warm" in values else WARM_SPEC.default
+    given = {spec.name: form_value(spec, str(values[spec.name])) for spec in WARM_PARAM_SPECS if spec.name in values}
+    if not warm:
         if given:
             raise ParamError(next(iter(given)), "only used with warm=true")
         return None

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Services, ServicesDep, TenantDep
 from service.api.errors import (
+    REDIS_REFUSALS,
     ApiError,
     DuplicateField,
     FetchFailed,
@@ -78,7 +79,7 @@ MAX_IDEMPOTENCY_KEY_CHARS = 200
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]+")
 
 # What every route of a tenant's jobs may answer with, besides its own errors.
-ERRORS = (Unauthorized, RateLimited, InvalidRequest, Unavailable)
+ERRORS = (Unauthorized, RateLimited, InvalidRequest, Unavailable, *REDIS_REFUSALS)
 
 _SUBMIT_ERRORS = {
     **error_responses(
@@ -169,6 +170,9 @@ def _store_and_submit(
     if not created:
         # Idempotent replay: the existing job has its own inputs; ours are orphans.
         _delete_quietly(services, written)
+    # HAM_REDIS_MIN_REPLICAS_ACK: answer 202 only once replicas hold the job (else 503; the job
+    # stays stored and a retry with the same Idempotency-Key gets it back).
+    services.jobs.confirm_replicated()
     return stored, created
 
 
