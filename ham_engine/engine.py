@@ -15,7 +15,7 @@ A transfer runs in four phases:
    modulated by GAR and LAT inside the step window;
 4. **decode** – the student's final latent through the VAE.
 
-Repeat inputs skip work (PAPER.md §7). A repeat image style (same image, size, steps,
+Repeat inputs skip work (docs/method.md §7). A repeat image style (same image, size, steps,
 layers, window, prompt, model) needs neither its inversion nor its teacher rows: its
 recorded features stand in. A repeat content skips its inversion: the stored trajectory
 is re-used. Both live in two tiers, the in-process LRU and an optional shared
