@@ -57,10 +57,10 @@ def _param_config(spec: ParamSpec) -> dict[str, Any]:
         "main": spec.group == "main",
         "type": _JSON_TYPES[spec.kind],
         "default": spec.default,
-        "description": spec.help,
     }
-    # The same bounds the API schema publishes (ParamSpec.json_schema), under the schema's names.
+    # The same bounds and words the API schema publishes (ParamSpec.json_schema), under the schema's names.
     schema = spec.json_schema()
+    entry["description"] = schema["description"]
     for key in ("minimum", "maximum", "multipleOf", "enum"):
         if key in schema:
             entry[key] = schema[key]
