@@ -27,11 +27,14 @@ from service.api.submission import (
     style_reference,
     webhook_events,
 )
+from service.core.idempotency import json_fingerprint
 
 REFERENCE_FIELDS = ("content_url", "style_url")
 TEXT_FIELDS = ("style_prompt", "webhook_url")
 _SPECS = {spec.name: spec for spec in REQUEST_SPECS}
 KNOWN_FIELDS = frozenset(_SPECS) | frozenset(REFERENCE_FIELDS) | frozenset(TEXT_FIELDS) | {"webhook_events"}
+# How deep a JSON body may nest: a submission needs 2 (the object, an array in it); a margin for clients.
+MAX_DEPTH = 32
 _JSON_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -69,15 +72,51 @@ async def read_json(request: Request, services: Services) -> Submission:
     return Submission(params, output, prompt, webhook_url, chosen_events, content, style)
 
 
+async def json_body_fingerprint(request: Request, services: Services) -> str:
+    """The idempotency fingerprint of a JSON submission: its members, canonically ordered."""
+    return json_fingerprint(await _object(request))
+
+
 async def _object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    cached = getattr(request.state, "json_body", None)
+    if cached is not None:
+        return cached
+    body = parse_object(await request.body())
+    request.state.json_body = body  # the fingerprint and the reader parse it once
+    return body
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """The JSON object in ``raw``; 400 ``invalid_json`` (also nested over :data:`MAX_DEPTH`), 422 if no object."""
     try:
         body = json.loads(raw)
+    except RecursionError:
+        # The parser gives up about 1000 levels down (a 200 kB body of brackets): a client's
+        # mistake, not a 500 with a traceback per request.
+        raise ApiError(400, "invalid_json", f"the body nests too deep; at most {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
+    if _too_deep(body):
+        # Within the parser's reach but not ours: canonical re-encoding (the idempotency
+        # fingerprint) recurses too, and a submission needs two levels.
+        raise ApiError(400, "invalid_json", f"the body nests too deep; at most {MAX_DEPTH} levels")
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the JSON body must be an object")
     return body
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether arrays/objects nest deeper than :data:`MAX_DEPTH` (iteratively: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > MAX_DEPTH:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _typed(spec: ParamSpec, value: Any) -> Any:

@@ -150,10 +150,15 @@ def test_get_list_cancel_and_errors_are_typed(stack: Stack, ham: Client):
     assert missing.value.status == 404
 
 
-def test_an_explicit_idempotency_key_returns_the_same_job(ham: Client):
-    first = ham.submit(DATA / "content0.png", style_prompt="ink", idempotency_key="client-order-17", **QUICK)
-    second = ham.submit(DATA / "content1.png", style_prompt="other", idempotency_key="client-order-17", **QUICK)
+def test_an_explicit_idempotency_key_returns_the_same_job_for_the_same_request_only(ham: Client):
+    key = f"client-order-{time.time_ns()}"
+    first = ham.submit(DATA / "content0.png", style_prompt="ink", idempotency_key=key, **QUICK)
+    second = ham.submit(DATA / "content0.png", style_prompt="ink", idempotency_key=key, **QUICK)
     assert second.id == first.id and second.style_prompt == "ink"
+    with pytest.raises(ApiError) as reused:
+        ham.submit(DATA / "content1.png", style_prompt="other", idempotency_key=key, **QUICK)
+    assert (reused.value.status, reused.value.code, reused.value.field) == (409, "idempotency_key_reused",
+                                                                           "Idempotency-Key")
 
 
 def test_a_429_is_retried_after_retry_after_with_the_same_idempotency_key(proxy: Proxy):
