@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,6 +16,7 @@ from fastapi.testclient import TestClient
 from service.core.config import Settings
 from service.core.idempotency import file_digest, form_fingerprint, json_fingerprint
 from service.core.jobs import IdempotencyConflict, Job, JobStore
+from service.core.ssrf import pinned_request
 from tests.service.test_api import (
     AUTH_A,
     AUTH_B,
@@ -193,3 +196,65 @@ def test_too_many_styles_is_422_whatever_the_count(client, redis_client, count, 
     error = assert_error(response, 422, "too_many_styles", "style")
     assert f"got {count}" in error["message"]
     assert queue_ids(redis_client) == []
+
+
+# --- small promises --------------------------------------------------------------------------------
+
+
+def test_prefer_wait_on_a_post_answers_the_finished_job_200(client, redis_client):
+    jobs = client.app.state.services.jobs
+
+    def worker() -> None:  # plays a worker: takes the job off the queue once it is there and finishes it
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not queue_ids(redis_client):
+            time.sleep(0.02)
+        job_id = queue_ids(redis_client)[0]
+        jobs.start(job_id, "worker-1")
+        jobs.succeed(job_id, f"results/{job_id}.png", {"seconds": 1.0})
+
+    player = threading.Thread(target=worker)
+    player.start()
+    headers = {**AUTH_A, "Prefer": "wait=20", "Idempotency-Key": "wait-1"}
+    answer = submit(client, headers=headers)
+    player.join(timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "succeeded" and answer.headers["preference-applied"] == "wait=20"
+    assert answer.headers["location"] == f"/v1/transfers/{answer.json()['id']}"
+    # A replay of it, finished already, is the same 200; without Prefer a queued job is still a 202.
+    assert submit(client, headers=headers).json()["status"] == "succeeded"
+    assert submit(client).status_code == 202
+
+
+def test_an_ipv6_literal_keeps_its_brackets_in_the_host_header():
+    url, headers, _ = pinned_request("http://[2001:db8::1]:8080/a.png", "2001:db8::1")
+    assert (url, headers) == ("http://[2001:db8::1]:8080/a.png", {"Host": "[2001:db8::1]:8080"})
+    url, headers, extensions = pinned_request("https://[2001:db8::2]/a.png", "2001:db8::2")
+    assert headers == {"Host": "[2001:db8::2]"} and url == "https://[2001:db8::2]/a.png"
+    assert extensions == {"sni_hostname": "2001:db8::2"}
+    url, headers, _ = pinned_request("http://images.example:81/a.png", "2001:db8::3")
+    assert (url, headers) == ("http://[2001:db8::3]:81/a.png", {"Host": "images.example:81"})
+
+
+@pytest.mark.parametrize("scheme", ["data", "DATA", "Data"])
+def test_a_data_uri_scheme_is_case_insensitive(client, scheme):
+    response = client.post("/v1/transfers", headers=AUTH_A, json={
+        "content_url": _data_uri("content0.png").replace("data", scheme, 1), "style_prompt": "ink"})
+    assert response.status_code == 202, response.text
+
+
+@pytest.mark.parametrize("warm", ["1", "yes", "on", "0", "no", "off", "True "])
+def test_warm_on_a_style_is_true_or_false_only(client, warm):
+    response = client.post("/v1/styles", headers=AUTH_A, files={"style_prompt": (None, "ink"), "warm": (None, warm)})
+    if warm.strip().lower() in ("true", "false"):
+        assert response.status_code == 201, response.text
+    else:
+        assert_error(response, 422, "invalid_parameter", "warm")
+
+
+def test_a_standalone_worker_binds_its_metrics_on_loopback_and_the_image_on_every_interface():
+    from worker.main import build_parser
+
+    assert build_parser().parse_args([]).metrics_host is None  # → the setting
+    assert Settings().worker_metrics_host == "127.0.0.1"
+    dockerfile = (Path(__file__).resolve().parents[2] / "deploy" / "docker" / "worker.Dockerfile").read_text()
+    assert "HAM_WORKER_METRICS_HOST=0.0.0.0" in dockerfile

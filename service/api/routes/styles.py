@@ -93,8 +93,9 @@ def _fields(form: FormData) -> dict[str, str | UploadFile]:
 
 
 def _warm_params(values: dict[str, str | UploadFile]) -> TransferParams | None:
+    # The words only, as every boolean of the transfer form (not 1/yes/on: the schema says boolean).
     warm = str(values.get("warm", "false")).strip().lower()
-    if warm not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+    if warm not in ("true", "false"):
         raise ParamError("warm", f"must be true or false, got {warm[:40]!r}")
     given: dict[str, int] = {}
     for name in ("size", "steps"):
@@ -103,7 +104,7 @@ def _warm_params(values: dict[str, str | UploadFile]) -> TransferParams | None:
             if not text.isascii() or not text.isdigit() or len(text) > 6:
                 raise ParamError(name, f"must be an integer, got {text[:40]!r}")
             given[name] = int(text)
-    if warm in ("false", "0", "no", "off"):
+    if warm == "false":
         if given:
             raise ParamError(next(iter(given)), "only used with warm=true")
         return None
