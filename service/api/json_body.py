@@ -2,8 +2,10 @@
 
 The same parameters and text fields as the multipart form, as JSON values of their own type,
 with ``content_url`` / ``style_url`` (an ``http(s)://`` URL or a ``data:`` URI, see
-:mod:`service.api.fetch`) instead of file parts and ``webhook_events`` as an array. Both images
-are fetched, concurrently, before the job exists.
+:mod:`service.api.fetch`) instead of file parts, ``style_id`` for library styles, and
+``webhook_events`` as an array. ``style_url`` and ``style_id`` take one string or an array (several
+styles: the URLs first, then the ids, one result each). Every image is fetched, concurrently,
+before the job exists.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ from service.core.idempotency import json_fingerprint
 
 REFERENCE_FIELDS = ("content_url", "style_url")
 TEXT_FIELDS = ("style_prompt", "webhook_url")
+# One string or an array of them: several styles, in order (the style_urls first, then the style_ids).
+STYLE_LIST_FIELDS = ("style_url", "style_id")
 _SPECS = {spec.name: spec for spec in REQUEST_SPECS}
-KNOWN_FIELDS = frozenset(_SPECS) | frozenset(REFERENCE_FIELDS) | frozenset(TEXT_FIELDS) | {"webhook_events"}
+KNOWN_FIELDS = (frozenset(_SPECS) | frozenset(REFERENCE_FIELDS) | frozenset(TEXT_FIELDS) | frozenset(STYLE_LIST_FIELDS)
+                | {"webhook_events"})
 # How deep a JSON body may nest: a submission needs 2 (the object, an array in it); a margin for clients.
 MAX_DEPTH = 32
 _JSON_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -48,8 +53,22 @@ async def read_json(request: Request, services: Services) -> Submission:
                        field=unknown[0][:80])
     given = {name: _typed(_SPECS[name], value) for name, value in body.items() if name in _SPECS}
     params, output = build_params(given)
-    texts = {name: _string(name, body[name]) if name in body else None for name in (*REFERENCE_FIELDS, *TEXT_FIELDS)}
-    prompt = style_reference(texts["style_url"] is not None, texts["style_prompt"])
+    texts = {name: _string(name, body[name]) if name in body else None for name in ("content_url", *TEXT_FIELDS)}
+    style_urls = _strings("style_url", body)
+    style_ids = _strings("style_id", body)
+    limit = services.settings.max_styles_per_job
+    if len(style_urls) + len(style_ids) > limit:
+        raise ApiError(422, "too_many_styles", f"at most {limit} styles per job (style_urls and style_ids), got "
+                       f"{len(style_urls) + len(style_ids)}", field="style_url" if style_urls else "style_id")
+    # One style_url (or none) is the single-style job of style image and/or prompt; otherwise a style list.
+    one_style = len(style_urls) <= 1 and not style_ids
+    if one_style:
+        prompt = style_reference(bool(style_urls), texts["style_prompt"])
+    elif texts["style_prompt"] is not None:
+        raise ApiError(422, "invalid_parameter", "style_prompt: with a style_id or several styles, give each its "
+                       "prompt through the style library", field="style_prompt")
+    else:
+        prompt = None
     if not texts["content_url"]:
         raise ApiError(422, "missing_field", "content_url: the content image's URL or data: URI is required",
                        field="content_url")
@@ -59,17 +78,33 @@ async def read_json(request: Request, services: Services) -> Submission:
                        field="webhook_events")
     chosen_events = webhook_events(events)
     webhook_url = await check_webhook(services, texts["webhook_url"])
-    references = [(name, texts[name]) for name in REFERENCE_FIELDS if texts[name] is not None]
+    references = [("content_url", texts["content_url"])] + [("style_url", url) for url in style_urls]
     try:
         fetched = await asyncio.gather(
             *(fetch_reference(name, reference, services.settings) for name, reference in references)
         )
     except FetchError as exc:
         raise ApiError(exc.status, exc.code, exc.message, field=exc.field) from None
-    images = dict(zip((name for name, _ in references), fetched, strict=True))
-    content = await normalise_image(services, "content_url", images["content_url"])
-    style = await normalise_image(services, "style_url", images["style_url"]) if "style_url" in images else None
-    return Submission(params, output, prompt, webhook_url, chosen_events, content, style)
+    content = await normalise_image(services, "content_url", fetched[0])
+    pngs = [await normalise_image(services, "style_url", data) for data in fetched[1:]]
+    if one_style:
+        return Submission(params, output, prompt, webhook_url, chosen_events, content, pngs[0] if pngs else None)
+    styles = tuple({"png": png, "key": None, "prompt": None, "style_id": None} for png in pngs) + tuple(
+        {"png": None, "key": None, "prompt": None, "style_id": style_id} for style_id in style_ids
+    )
+    return Submission(params, output, None, webhook_url, chosen_events, content, None, styles)
+
+
+def _strings(name: str, body: dict[str, Any]) -> list[str]:
+    """A field that is one string or a non-empty array of strings, as a list ([] when absent)."""
+    if name not in body:
+        return []
+    value = body[name]
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(item, str) and item.strip() for item in values):
+        raise ApiError(422, "invalid_parameter", f"{name}: must be a non-empty string or a non-empty array of them",
+                       field=name)
+    return [item.strip() for item in values]
 
 
 async def json_body_fingerprint(request: Request, services: Services) -> str:

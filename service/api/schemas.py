@@ -88,24 +88,44 @@ def _param_properties() -> dict[str, Any]:
     return {spec.name: spec.json_schema() for spec in REQUEST_SPECS}
 
 
-def transfer_form_schema() -> dict[str, Any]:
+# The style rule, one sentence for every body (the schemas carry what JSON Schema can: counts, shapes).
+STYLE_RULE = (
+    "Styles: give one style image, a `style_prompt`, or both; or up to {limit} styles as style images and/or "
+    "library `style_id`s (one result per style, in the order given), each with the prompt it was stored with "
+    "(a `style_prompt` is then refused)."
+)
+_STYLE_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "A style of your library (`/v1/styles`).",
+             "examples": ["0f3c5a9b2d7e4f61a8b9c0d1e2f3a4b5"]}
+
+
+def _several(item: dict[str, Any], limit: int, what: str) -> dict[str, Any]:
+    """A repeated field: an array of ``item``, at most ``limit``."""
+    return {"type": "array", "items": item, "minItems": 1, "maxItems": limit, "description": what}
+
+
+def transfer_form_schema(max_styles: int = 4) -> dict[str, Any]:
     """The multipart form of ``POST /v1/transfers``. Optional fields are left out (never sent as null);
-    an empty text field counts as left out, as HTML forms send blanks."""
+    an empty text field counts as left out, as HTML forms send blanks. ``style`` and ``style_id`` are
+    repeated fields (an array in the schema: each item one form field of that name)."""
     events = "|".join(WEBHOOK_EVENTS)
     prompt = {**_STYLE_PROMPT, "pattern": r"^$|\S"}
     webhook_url = {**_WEBHOOK_URL, "pattern": "^$|^https?://"}
     return {
         "type": "object",
         "required": ["content"],
-        # "A style image, a style_prompt or both" stays in words: an object-level anyOf would say it,
-        # but standard client generators (openapi-python-client) then build no model for the body.
-        "description": "A transfer as a multipart form. Give `style`, `style_prompt`, or both.",
+        # The cross-field style rule stays in words: an object-level anyOf would say it, but standard
+        # client generators (openapi-python-client) then build no model for the body. The counts are
+        # in the arrays' maxItems; the sum of both is checked by the server (422 too_many_styles).
+        "description": "A transfer as a multipart form. " + STYLE_RULE.format(limit=max_styles),
         "additionalProperties": False,
         "properties": {
             "content": {"type": "string", "format": "binary",
                         "description": "The content image: PNG, JPEG or WebP (sniffed from the bytes). Required."},
-            "style": {"type": "string", "format": "binary",
-                      "description": "The style image (PNG, JPEG or WebP). Give `style`, `style_prompt`, or both."},
+            "style": _several({"type": "string", "format": "binary"}, max_styles,
+                              "Style images (PNG, JPEG or WebP), one form field each; with `style_id`s, at most "
+                              f"{max_styles} styles in all."),
+            "style_id": _several({**_STYLE_ID, "pattern": "^$|^[0-9a-f]{32}$"}, max_styles,
+                                 "Library styles (`/v1/styles`), one form field each, after any `style` files."),
             "style_prompt": prompt,
             **_param_properties(),
             "webhook_url": webhook_url,
@@ -115,18 +135,27 @@ def transfer_form_schema() -> dict[str, Any]:
     }
 
 
-def transfer_json_schema() -> dict[str, Any]:
+def transfer_json_schema(max_styles: int = 4) -> dict[str, Any]:
     """The JSON body of ``POST /v1/transfers``: the form's fields, with the images by reference."""
+    reference = {"type": "string", "minLength": 1, "description": f"A style image: {_REFERENCE_HELP}"}
     return {
         "type": "object",
         "required": ["content_url"],
-        "description": "A transfer as JSON, the images by reference. Give `style_url`, `style_prompt`, or both.",
+        "description": "A transfer as JSON, the images by reference. " + STYLE_RULE.format(limit=max_styles)
+        + " Several styles: `style_url` and/or `style_id` as arrays (the `style_url`s first, then the `style_id`s).",
         "additionalProperties": False,
         "properties": {
-            "content_url": {"type": "string", "description": f"The content image: {_REFERENCE_HELP}",
+            "content_url": {"type": "string", "minLength": 1, "description": f"The content image: {_REFERENCE_HELP}",
                             "examples": ["https://example.com/photos/42.jpg"]},
-            "style_url": {"type": "string", "description": f"The style image: {_REFERENCE_HELP}",
-                          "examples": ["data:image/png;base64,iVBORw0KGgo..."]},
+            "style_url": {
+                "anyOf": [reference, _several(reference, max_styles, "Several style images, in order.")],
+                "description": f"The style image, or several: {_REFERENCE_HELP}",
+                "examples": ["data:image/png;base64,iVBORw0KGgo..."],
+            },
+            "style_id": {
+                "anyOf": [_STYLE_ID, _several(_STYLE_ID, max_styles, "Several library styles, in order.")],
+                "description": "A style of your library (`/v1/styles`), or several.",
+            },
             "style_prompt": _STYLE_PROMPT,
             **_param_properties(),
             "webhook_url": _WEBHOOK_URL,
@@ -135,6 +164,27 @@ def transfer_json_schema() -> dict[str, Any]:
         },
         "examples": [{"content_url": "https://example.com/photos/42.jpg", "style_prompt": "ukiyo-e woodblock print",
                       "steps": 30, "output_format": "webp", "output_quality": 85}],
+    }
+
+
+def style_form_schema() -> dict[str, Any]:
+    """The multipart form of ``POST /v1/styles`` (parsed by hand in :mod:`service.api.routes.styles`)."""
+    specs = {spec.name: spec.json_schema() for spec in REQUEST_SPECS if spec.name in ("size", "steps")}
+    return {
+        "type": "object",
+        "description": "A library style: an `image`, a `style_prompt`, or both; `warm=true` (with optional `size` "
+        "and `steps`, only with warm) queues a job that computes its features.",
+        "additionalProperties": False,
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "The style image (PNG, JPEG or WebP)."},
+            "style_prompt": {**_STYLE_PROMPT, "pattern": r"^$|\S"},
+            "name": {"type": "string", "maxLength": 200, "description": "Your label for it.",
+                     "examples": ["house style"]},
+            "warm": {"type": "boolean", "default": False,
+                     "description": "Queue a feature-building job now, so the first transfer with it is warm."},
+            **{name: {**schema, "description": f"{schema['description']} (the warm job's; only with warm=true)"}
+               for name, schema in specs.items()},
+        },
     }
 
 

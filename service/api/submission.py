@@ -21,6 +21,7 @@ from service.api.errors import ApiError
 from service.api.uploads import UploadError, read_image
 from service.core.jobs import WEBHOOK_EVENTS, Job, extra_style_key, style_key
 from service.core.output import OUTPUT_SPECS, OutputSpec
+from service.core.styles import StyleRecord
 from service.core.webhooks import check_webhook_url
 
 # Every per-request parameter a client may send: the engine's, then the result's format.
@@ -158,15 +159,30 @@ async def normalise_image(services: Services, field: str, data: bytes) -> bytes:
 
 
 def resolve_library_styles(services: Services, tenant: str, submission: Submission) -> Submission:
-    """``submission`` with each ``style_id`` resolved to the tenant's library style; 404 naming it otherwise."""
+    """``submission`` with each ``style_id`` resolved to the tenant's library style; 404 naming it otherwise.
+
+    The job keeps its own copy of a library style's image (stored with its other inputs): deleting
+    the style while the job is queued cannot take the image from under it.
+    """
     if submission.styles is None:
         return submission
     resolved = []
     for ref in submission.styles:
         if ref["style_id"] is not None:
             record = services.styles.get(tenant, ref["style_id"])
-            if record is None:
+            png = _library_image(services, record) if record is not None else None
+            if record is None or (record.has_image and png is None):
                 raise ApiError(404, "style_not_found", f"no style {ref['style_id'][:80]!r}", field="style_id")
-            ref = {**ref, "key": record.image_key, "prompt": record.style_prompt, "style_id": record.id}
+            ref = {**ref, "png": png, "key": None, "prompt": record.style_prompt, "style_id": record.id}
         resolved.append(ref)
     return replace(submission, styles=tuple(resolved))
+
+
+def _library_image(services: Services, record: StyleRecord) -> bytes | None:
+    """The library style's stored PNG; None when it has none or it was deleted a moment ago."""
+    if record.image_key is None:
+        return None
+    try:
+        return services.storage.get(record.image_key)
+    except KeyError:
+        return None

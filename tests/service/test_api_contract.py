@@ -258,3 +258,51 @@ def test_a_standalone_worker_binds_its_metrics_on_loopback_and_the_image_on_ever
     assert Settings().worker_metrics_host == "127.0.0.1"
     dockerfile = (Path(__file__).resolve().parents[2] / "deploy" / "docker" / "worker.Dockerfile").read_text()
     assert "HAM_WORKER_METRICS_HOST=0.0.0.0" in dockerfile
+
+
+# --- styles in the JSON body --------------------------------------------------------------------
+
+
+def _library_style(client: TestClient, image: str = "style1.png", prompt: str | None = None) -> str:
+    files: dict = {"image": (image, png_bytes(image), "image/png")}
+    if prompt:
+        files["style_prompt"] = (None, prompt)
+    made = client.post("/v1/styles", headers=AUTH_A, files=files)
+    assert made.status_code == 201, made.text
+    return made.json()["id"]
+
+
+def test_a_json_job_takes_style_ids_and_lists_of_style_urls_in_order(client, redis_client):
+    library = _library_style(client, prompt="ink")
+    response = client.post("/v1/transfers", headers=AUTH_A, json={
+        "content_url": _data_uri("content0.png"),
+        "style_url": [_data_uri("style0.png"), _data_uri("style2.png")], "style_id": library, "steps": 3})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert (job["style_count"], job["style_ids"], job["has_style"]) == (3, [library], True)
+    stored = client.app.state.services.jobs.get(job["id"])
+    assert [s["style_id"] for s in stored.styles] == [None, None, library]
+    assert [s["prompt"] for s in stored.styles] == [None, None, "ink"]
+    storage = client.app.state.services.storage
+    normalised = [storage.get(s["key"]) for s in stored.styles]
+    assert normalised[2] == storage.get(f"styles/{library}.png") and len(set(normalised)) == 3
+    # One style_id alone, as a string or a one-item array: a one-style job of the library style.
+    for given in (library, [library]):
+        one = client.post("/v1/transfers", headers=AUTH_A, json={"content_url": _data_uri("content0.png"),
+                                                                 "style_id": given})
+        assert one.status_code == 202 and one.json()["style_ids"] == [library], one.text
+
+
+@pytest.mark.parametrize(("body", "status", "code", "field"), [
+    ({"style_id": []}, 422, "invalid_parameter", "style_id"),
+    ({"style_url": [1]}, 422, "invalid_parameter", "style_url"),
+    ({"style_url": ""}, 422, "invalid_parameter", "style_url"),
+    ({"style_id": "0" * 32}, 404, "style_not_found", "style_id"),
+    ({"style_url": ["data:,x"] * 5}, 422, "too_many_styles", "style_url"),
+    ({"style_id": ["0" * 32] * 100}, 422, "too_many_styles", "style_id"),
+    ({"style_url": [_data_uri("style0.png")] * 2, "style_prompt": "ink"}, 422, "invalid_parameter", "style_prompt"),
+])
+def test_bad_json_styles_are_refused_naming_the_field(client, redis_client, body, status, code, field):
+    response = client.post("/v1/transfers", headers=AUTH_A, json={"content_url": _data_uri("content0.png"), **body})
+    assert_error(response, status, code, field)
+    assert queue_ids(redis_client) == []

@@ -157,6 +157,9 @@ def _create(services: Services, record: StyleRecord, image_png: bytes | None, wa
         415: {"model": ErrorResponse, "description": "Not multipart/form-data, or not a PNG/JPEG/WebP image."},
         422: {"model": ErrorResponse, "description": "A field is missing, unknown or invalid (`field` names it)."},
     },
+    # Parsed by hand (below); the form is declared as a named schema so generated clients get a model for it.
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"$ref": "#/components/schemas/StyleForm"}}}}},
 )
 async def create_style(
     request: Request,
@@ -238,7 +241,8 @@ def get_style(
 def delete_style(
     style_id: str, tenant: str = Depends(current_tenant), services: Services = Depends(get_services)
 ) -> Response:
-    """Remove the style, its stored image and its stored features. Queued jobs naming it then fail."""
+    """Remove the style, its stored image and its stored features. Jobs already submitted with it keep
+    their own copy of its image and run as submitted."""
     record = services.styles.delete(tenant, style_id)
     if record is None:
         raise ApiError(404, "not_found", f"no style {style_id[:80]!r}")

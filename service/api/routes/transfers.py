@@ -61,6 +61,7 @@ _SUBMIT_ERRORS = {
     200: {"model": TransferJob, "description": "Idempotent replay: the job this `Idempotency-Key` already created "
           "for the same request; or, with `Prefer: wait`, the job finished within the wait."},
     400: {"model": ErrorResponse, "description": "Malformed multipart or JSON body (JSON nested too deep included)."},
+    404: {"model": ErrorResponse, "description": "`style_not_found`: a `style_id` names no style of yours."},
     409: {"model": ErrorResponse, "description": "`idempotency_key_reused`: this `Idempotency-Key` already created a "
           "job for a different request (other images, fields or parameters)."},
     413: {"model": ErrorResponse, "description": "An image (uploaded or fetched) larger than the limit, or one "
