@@ -26,6 +26,16 @@ class JobError(BaseModel):
     message: str
 
 
+class JobUrls(BaseModel):
+    """Links of a job: paths on the API (``self``, ``cancel``, ``events``)."""
+
+    model_config = ConfigDict(extra="allow", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    self_: str = Field(alias="self")
+    cancel: str
+    events: str
+
+
 class Job(BaseModel):
     """A transfer job as the API shows it (``GET /v1/transfers/{id}``, webhooks, events)."""
 
@@ -48,6 +58,8 @@ class Job(BaseModel):
     style_count: int = 1
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: int = 90
+    urls: JobUrls | None = None  # None from a server older than these links
+    result_expires_at: datetime | None = None  # when a succeeded job's result is deleted
 
     @property
     def terminal(self) -> bool:

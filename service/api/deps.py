@@ -97,11 +97,12 @@ def authenticate(credentials: CredentialsDep, services: ServicesDep) -> str:
 
 
 def current_tenant(tenant: Annotated[str, Depends(authenticate)], credentials: CredentialsDep,
-                   services: ServicesDep) -> str:
+                   services: ServicesDep, request: Request) -> str:
     """The authenticated tenant, after counting this request against its key's rate limit (429 above)."""
     # The limit is per key; with auth off there is one identity, the local tenant.
     identity = _presented_key(credentials) if services.settings.auth_enabled else LOCAL_TENANT
     decision = services.limiter.hit(f"key:{identity}")
+    request.state.rate_decision = decision  # the RateLimit headers of the answer (RateLimitHeaders)
     if not decision.allowed:
         raise ApiError(
             429,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import threading
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,37 @@ def test_bad_json_styles_are_refused_naming_the_field(client, redis_client, body
     response = client.post("/v1/transfers", headers=AUTH_A, json={"content_url": _data_uri("content0.png"), **body})
     assert_error(response, status, code, field)
     assert queue_ids(redis_client) == []
+
+
+# --- the job resource's links and expiry, rate-limit headers ------------------------------------------
+
+
+def test_a_job_links_to_itself_its_cancel_and_its_events_and_says_when_its_result_expires(client):
+    job = submit(client).json()
+    base = f"/v1/transfers/{job['id']}"
+    assert job["urls"] == {"self": base, "cancel": f"{base}/cancel", "events": f"{base}/events"}
+    assert job["result_expires_at"] is None
+    jobs = client.app.state.services.jobs
+    jobs.start(job["id"], "worker-1")
+    jobs.succeed(job["id"], f"results/{job['id']}.png", {"seconds": 1.0})
+    done = client.get(job["urls"]["self"], headers=AUTH_A).json()
+    finished = datetime.fromisoformat(done["finished_at"])
+    expires = datetime.fromisoformat(done["result_expires_at"])
+    assert expires - finished == timedelta(seconds=client.app.state.services.settings.result_ttl)
+    assert client.post(done["urls"]["cancel"], headers=AUTH_A).status_code == 409  # the link is the action
+
+
+def test_every_counted_answer_carries_the_ratelimit_headers(make_client):
+    client = make_client(rate_limit_per_minute=3)
+    answers = [submit(client), client.get("/v1/transfers/nope", headers=AUTH_A), client.get("/v1/transfers",
+                                                                                            headers=AUTH_A)]
+    assert [a.status_code for a in answers] == [202, 404, 200]
+    for answer in answers:
+        assert answer.headers["ratelimit-policy"] == '"per-minute";q=3;w=60'
+    remaining = [int(a.headers["ratelimit"].split(";r=")[1].split(";")[0]) for a in answers]
+    assert remaining == [2, 1, 0]
+    refused = client.get("/v1/transfers", headers=AUTH_A)
+    assert refused.status_code == 429 and refused.headers["ratelimit"].startswith('"per-minute";r=0;t=')
+    assert int(refused.headers["ratelimit"].rsplit("t=", 1)[1]) == int(refused.headers["retry-after"])
+    # Not counted, not promised: the public health probe has no rate-limit headers.
+    assert "ratelimit" not in client.get("/healthz").headers
