@@ -1,6 +1,7 @@
 """The API's resources as typed pydantic models.
 
-They mirror the server's OpenAPI schema (``TransferJob``, ``TransferList``, the error shape);
+They mirror the server's OpenAPI schema (``TransferJob``, ``TransferList``, ``StyleResource``,
+``StyleList``, the error shape);
 ``tests/client/test_models.py`` checks every field here against the live ``/openapi.json``, so
 a server change that breaks them fails a test rather than a customer. Fields the server adds
 later are kept (``extra="allow"``), so an older client keeps working against a newer server.
@@ -73,4 +74,26 @@ class JobPage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     items: list[Job]
+    next_cursor: str | None = None
+
+
+class Style(BaseModel):
+    """A style of your library (``/v1/styles``): name it as ``style_id`` in a submit."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    name: str | None = None
+    style_prompt: str | None = None
+    has_image: bool
+    created_at: datetime
+    warm_job_id: str | None = None  # the feature-building job ``warm=True`` queued
+
+
+class StylePage(BaseModel):
+    """One page of ``GET /v1/styles``, newest first."""
+
+    model_config = ConfigDict(extra="allow")
+
+    items: list[Style]
     next_cursor: str | None = None

@@ -89,15 +89,20 @@ async def read_multipart(request: Request, services: Services) -> Submission:
 def _style_fields(form: FormData, limit: int) -> list[tuple[str, str | UploadFile]]:
     """The ``style`` files and ``style_id``s, in the order given (blanks skipped); 422 above ``limit``."""
     refs: list[tuple[str, str | UploadFile]] = []
+    # Blank parts count toward the limit (the schema's maxItems counts every field of the name).
+    parts = 0
     for name, value in form.multi_items():
-        if name not in STYLE_FIELDS or (isinstance(value, str) and value.strip() == ""):
+        if name not in STYLE_FIELDS:
+            continue
+        parts += 1
+        if isinstance(value, str) and value.strip() == "":
             continue
         if isinstance(value, UploadFile) and not value.filename and value.size == 0:
             continue
         refs.append((name, value))
-    if len(refs) > limit:
+    if parts > limit:
         raise ApiError(
-            422, "too_many_styles", f"at most {limit} styles per job (style files and style_ids), got {len(refs)}",
+            422, "too_many_styles", f"at most {limit} styles per job (style files and style_ids), got {parts}",
             field="style",
         )
     return refs

@@ -24,7 +24,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from service.api.schemas import style_form_schema, transfer_form_schema, transfer_json_schema
+from service.api.schemas import (
+    style_form_schema,
+    transfer_event_schema,
+    transfer_form_schema,
+    transfer_json_schema,
+)
 from service.core.config import Settings
 
 _WEBHOOK_FIELDS = ("webhook_url", "webhook_events")
@@ -60,7 +65,9 @@ def exact_openapi(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
         for body in bodies.values():
             for field in _WEBHOOK_FIELDS:
                 body["properties"].pop(field, None)
-    schema.setdefault("components", {}).setdefault("schemas", {}).update(bodies, StyleForm=style_form_schema())
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(
+        bodies, StyleForm=style_form_schema(), TransferEvent=transfer_event_schema()
+    )
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
             for parameter in operation.get("parameters", []):

@@ -94,13 +94,14 @@ STYLE_RULE = (
     "library `style_id`s (one result per style, in the order given), each with the prompt it was stored with "
     "(a `style_prompt` is then refused)."
 )
-_STYLE_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "A style of your library (`/v1/styles`).",
-             "examples": ["0f3c5a9b2d7e4f61a8b9c0d1e2f3a4b5"]}
+# No example value: a tool combining the examples of every field (schemathesis) would pair it with a
+# style_prompt's, which the style rule refuses.
+_STYLE_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "A style of your library (`/v1/styles`)."}
 
 
-def _several(item: dict[str, Any], limit: int, what: str) -> dict[str, Any]:
-    """A repeated field: an array of ``item``, at most ``limit``."""
-    return {"type": "array", "items": item, "minItems": 1, "maxItems": limit, "description": what}
+def _several(item: dict[str, Any], limit: int, what: str, least: int = 1) -> dict[str, Any]:
+    """A repeated field: an array of ``item``, ``least`` to ``limit`` of them."""
+    return {"type": "array", "items": item, "minItems": least, "maxItems": limit, "description": what}
 
 
 def transfer_form_schema(max_styles: int = 4) -> dict[str, Any]:
@@ -121,11 +122,13 @@ def transfer_form_schema(max_styles: int = 4) -> dict[str, Any]:
         "properties": {
             "content": {"type": "string", "format": "binary",
                         "description": "The content image: PNG, JPEG or WebP (sniffed from the bytes). Required."},
+            # minItems 0: in a form, no field of the name is the empty list (and means "not given").
             "style": _several({"type": "string", "format": "binary"}, max_styles,
                               "Style images (PNG, JPEG or WebP), one form field each; with `style_id`s, at most "
-                              f"{max_styles} styles in all."),
+                              f"{max_styles} styles in all.", least=0),
             "style_id": _several({**_STYLE_ID, "pattern": "^$|^[0-9a-f]{32}$"}, max_styles,
-                                 "Library styles (`/v1/styles`), one form field each, after any `style` files."),
+                                 "Library styles (`/v1/styles`), one form field each, after any `style` files.",
+                                 least=0),
             "style_prompt": prompt,
             **_param_properties(),
             "webhook_url": webhook_url,
@@ -167,13 +170,31 @@ def transfer_json_schema(max_styles: int = 4) -> dict[str, Any]:
     }
 
 
+def transfer_event_schema() -> dict[str, Any]:
+    """One server-sent event of ``GET /v1/transfers/{id}/events`` (OpenAPI 3.2's shape for an SSE item)."""
+    return {
+        "type": "object",
+        "description": "One server-sent event: `event: progress` while the job is queued or running, then one "
+        "terminal event named as the job's final status; `id` is the job's version (resume with `Last-Event-ID`).",
+        "required": ["event", "id", "data"],
+        "properties": {
+            "event": {"type": "string", "enum": ["progress", "succeeded", "failed", "canceled"]},
+            "id": {"type": "string", "pattern": "^[0-9]{1,18}$", "description": "The job's version: grows with each "
+                   "change; send it back as `Last-Event-ID` to resume after it."},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": {"$ref": "#/components/schemas/TransferJob"},
+                     "description": "The job resource, as JSON (the same object `GET /v1/transfers/{id}` answers)."},
+        },
+    }
+
+
 def style_form_schema() -> dict[str, Any]:
     """The multipart form of ``POST /v1/styles`` (parsed by hand in :mod:`service.api.routes.styles`)."""
     specs = {spec.name: spec.json_schema() for spec in REQUEST_SPECS if spec.name in ("size", "steps")}
     return {
         "type": "object",
         "description": "A library style: an `image`, a `style_prompt`, or both; `warm=true` (with optional `size` "
-        "and `steps`, only with warm) queues a job that computes its features.",
+        "and `steps`, ignored without warm) queues a job that computes its features.",
         "additionalProperties": False,
         "properties": {
             "image": {"type": "string", "format": "binary", "description": "The style image (PNG, JPEG or WebP)."},
@@ -182,7 +203,9 @@ def style_form_schema() -> dict[str, Any]:
                      "examples": ["house style"]},
             "warm": {"type": "boolean", "default": False,
                      "description": "Queue a feature-building job now, so the first transfer with it is warm."},
-            **{name: {**schema, "description": f"{schema['description']} (the warm job's; only with warm=true)"}
+            # Without default or examples: they describe the warm job, and are ignored without warm=true.
+            **{name: {**{k: v for k, v in schema.items() if k not in ("examples", "default")},
+                      "description": f"{schema['description']} (the warm job's; ignored unless warm=true)"}
                for name, schema in specs.items()},
         },
     }

@@ -74,7 +74,8 @@ def test_another_tenant_can_neither_see_nor_use_nor_delete_a_style(client: TestC
         ("style0.png", {"warm": "maybe"}, 422, "warm"),
         ("style0.png", {"warm": "true", "size": "100"}, 422, "size"),
         ("style0.png", {"warm": "true", "steps": "many"}, 422, "steps"),
-        ("style0.png", {"size": "64"}, 422, "size"),  # size without warm
+        ("style0.png", {"size": "64x"}, 422, "size"),  # checked even without warm (ignored then)
+        ("style0.png", {"size": "100"}, 422, "size"),
         ("style0.png", {"colour": "red"}, 422, "colour"),
     ],
 )

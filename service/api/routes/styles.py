@@ -82,7 +82,8 @@ def _fields(form: FormData) -> dict[str, str | UploadFile]:
                            field=name[:80])
         if name in values:
             raise ApiError(422, "duplicate_field", f"form field {name!r} given more than once", field=name)
-        if isinstance(value, str) and value.strip() == "":
+        # An empty value is "not given" (what HTML forms send); blanks are values (a blank prompt is refused).
+        if isinstance(value, str) and value == "":
             continue
         if isinstance(value, UploadFile) and not value.filename and value.size == 0:
             continue
@@ -104,11 +105,9 @@ def _warm_params(values: dict[str, str | UploadFile]) -> TransferParams | None:
             if not text.isascii() or not text.isdigit() or len(text) > 6:
                 raise ParamError(name, f"must be an integer, got {text[:40]!r}")
             given[name] = int(text)
-    if warm == "false":
-        if given:
-            raise ParamError(next(iter(given)), "only used with warm=true")
-        return None
-    return TransferParams(**given)
+    params = TransferParams(**given)  # checked either way: a value out of range is a mistake
+    # Without warm they are ignored (they describe the warm job): a generated client may send every field.
+    return params if warm == "true" else None
 
 
 def _grey_square(size: int) -> bytes:
@@ -182,6 +181,8 @@ async def create_style(
             prompt_text = values.get("style_prompt")
             if prompt_text is not None and len(prompt_text) > MAX_PROMPT_CHARS:
                 raise ParamError("style_prompt", f"at most {MAX_PROMPT_CHARS} characters")
+            if prompt_text is not None and not prompt_text.strip():
+                raise ParamError("style_prompt", "blank; leave it out or describe a style")
             prompt = check_style_reference("image" in values, prompt_text)
             warm = _warm_params(values)
         except ParamError as exc:
