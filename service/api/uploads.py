@@ -10,8 +10,11 @@ client mistake with an ``UploadError`` carrying the HTTP status the API returns:
   header *before* any pixel is decoded (decompression-bomb guard);
 - 422 ``invalid_image``: empty, truncated or corrupt — the image is fully decoded to find out.
 
-The result carries the image re-encoded as an RGB PNG, so workers never parse a hostile
-file format, only PNGs this module wrote.
+The result carries the image as an RGB PNG without metadata, so workers never parse a hostile
+file format, only PNGs this module wrote or fully decoded: a plain 8-bit RGB PNG (no
+transparency, no EXIF rotation) is kept as sent, its ancillary chunks dropped, once it decoded
+completely — re-encoding it would change no pixel and cost the request several times the decode
+(see ``bench/service.py --submit-cpu``); anything else is re-encoded.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 # Magic bytes → Pillow format name. WebP is a RIFF container whose form type sits at bytes 8..12.
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # Errors Pillow raises on malformed data; none of them may escape as a 500.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
@@ -54,7 +58,8 @@ class ImageInfo:
     format: str  # "png" | "jpeg" | "webp" — the sniffed format of the upload
     width: int
     height: int
-    normalized_png: bytes
+    normalized_png: bytes  # the RGB PNG to store: the upload itself when it already was one
+    kept_as_sent: bool = False
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -102,6 +107,9 @@ def read_image(field: str, data: bytes, settings: Settings) -> ImageInfo:
             raise _too_large(field, settings, detail=f"{width}x{height} = {width * height} pixels")
         try:
             image.load()  # full decode: truncation and corrupt data surface here, not in the worker
+            if kind == "png" and _plain_rgb(image):
+                return ImageInfo(format=kind, width=width, height=height, normalized_png=_critical_chunks(data),
+                                 kept_as_sent=True)
             rgb = _to_rgb(image)
             out = io.BytesIO()
             # Low compression: this runs on the request path and the PNG only lives until the job ends.
@@ -113,6 +121,34 @@ def read_image(field: str, data: bytes, settings: Settings) -> ImageInfo:
                 422, "invalid_image", field, f"{field}: corrupt or truncated {kind.upper()} data ({exc})"
             ) from exc
     return ImageInfo(format=kind, width=rgb.width, height=rgb.height, normalized_png=out.getvalue())
+
+
+def _plain_rgb(image: Image.Image) -> bool:
+    """Whether ``image`` is already what normalisation makes: 8-bit RGB, opaque, upright."""
+    if image.mode != "RGB" or "transparency" in image.info:
+        return False
+    with contextlib.suppress(*_DECODE_ERRORS):
+        return image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+    return False  # an unreadable EXIF block: re-encode (which drops it)
+
+
+def _critical_chunks(png: bytes) -> bytes:
+    """``png`` with only its IHDR, IDAT and IEND chunks: the pixels as sent, without metadata.
+
+    Byte copies, no recompression; the file decoded completely already, so its chunk structure is sound.
+    """
+    kept = [png[:8]]
+    offset = 8
+    while offset + 12 <= len(png):
+        (length,) = struct.unpack(">I", png[offset:offset + 4])
+        kind = png[offset + 4:offset + 8]
+        end = offset + 12 + length
+        if kind in (b"IHDR", b"IDAT", b"IEND"):
+            kept.append(png[offset:end])
+        if kind == b"IEND":
+            break
+        offset = end
+    return b"".join(kept)
 
 
 def _too_large(field: str, settings: Settings, detail: str) -> UploadError:

@@ -67,6 +67,23 @@ def test_png_jpeg_webp_are_accepted_and_reencoded_as_rgb_png(photo: Image.Image,
     assert decoded.size == (128, 128)
 
 
+def test_a_plain_rgb_png_is_stored_as_sent_and_anything_else_is_reencoded(photo: Image.Image) -> None:
+    plain = _encode(photo, "PNG")
+    info = read_image("content", plain, SETTINGS)
+    assert info.kept_as_sent and info.normalized_png == plain
+    rotated = photo.copy()
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90° on display
+    for data in (_encode(photo.convert("RGBA"), "PNG"), _encode(photo.convert("L"), "PNG"),
+                 _encode(rotated, "PNG", exif=exif.tobytes()), _encode(photo, "PNG", transparency=(0, 0, 0))):
+        info = read_image("content", data, SETTINGS)
+        assert not info.kept_as_sent and info.normalized_png != data
+        assert _decoded(info).mode == "RGB"
+    # A truncated plain PNG is still refused: it is kept only once it decoded completely.
+    error = _refused(plain[: len(plain) // 2])
+    assert (error.status, error.code) == (422, "invalid_image")
+
+
 def test_png_pixels_survive_normalisation_exactly(photo: Image.Image) -> None:
     info = read_image("style", (DATA / "style1.png").read_bytes(), SETTINGS)
     original = Image.open(DATA / "style1.png").convert("RGB")
