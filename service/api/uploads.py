@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 # Magic bytes → Pillow format name. WebP is a RIFF container whose form type sits at bytes 8..12.
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
-_EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # Errors Pillow raises on malformed data; none of them may escape as a 500.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
@@ -105,11 +104,14 @@ def read_image(field: str, data: bytes, settings: Settings) -> ImageInfo:
             raise UploadError(422, "invalid_image", field, f"{field}: image has no pixels ({width}x{height})")
         if width * height > settings.max_image_pixels:
             raise _too_large(field, settings, detail=f"{width}x{height} = {width * height} pixels")
+        # A plain RGB PNG is checked without decoding its pixels: every chunk's CRC, and the zlib
+        # stream inflates to exactly the rows the header promises, with valid filter bytes (the
+        # decode's work is the inflate; unfiltering cannot fail). Stored as sent, without metadata.
+        plain = _checked_plain_png(field, data, width, height) if kind == "png" and _plain_rgb(image) else None
+        if plain is not None:
+            return ImageInfo(format=kind, width=width, height=height, normalized_png=plain, kept_as_sent=True)
         try:
             image.load()  # full decode: truncation and corrupt data surface here, not in the worker
-            if kind == "png" and _plain_rgb(image):
-                return ImageInfo(format=kind, width=width, height=height, normalized_png=_critical_chunks(data),
-                                 kept_as_sent=True)
             rgb = _to_rgb(image)
             out = io.BytesIO()
             # Low compression: this runs on the request path and the PNG only lives until the job ends.
@@ -124,30 +126,62 @@ def read_image(field: str, data: bytes, settings: Settings) -> ImageInfo:
 
 
 def _plain_rgb(image: Image.Image) -> bool:
-    """Whether ``image`` is already what normalisation makes: 8-bit RGB, opaque, upright."""
-    if image.mode != "RGB" or "transparency" in image.info:
-        return False
-    with contextlib.suppress(*_DECODE_ERRORS):
-        return image.getexif().get(_EXIF_ORIENTATION, 1) == 1
-    return False  # an unreadable EXIF block: re-encode (which drops it)
+    """Whether the PNG ``image`` (opened, not decoded) is 8-bit RGB, opaque and not interlaced.
 
-
-def _critical_chunks(png: bytes) -> bytes:
-    """``png`` with only its IHDR, IDAT and IEND chunks: the pixels as sent, without metadata.
-
-    Byte copies, no recompression; the file decoded completely already, so its chunk structure is sound.
+    (Its EXIF is not read here: Pillow decodes a whole PNG to look for it. An ``eXIf`` chunk sends
+    the file down the re-encoding path instead, see :func:`_checked_plain_png`.)
     """
+    return image.mode == "RGB" and "transparency" not in image.info and not image.info.get("interlace")
+
+
+def _checked_plain_png(field: str, png: bytes, width: int, height: int) -> bytes | None:
+    """``png`` (8-bit RGB, not interlaced) with only its IHDR, IDAT and IEND chunks, once its data is sound;
+    None when it carries EXIF (its orientation must be applied: the re-encoding path does it).
+
+    Sound: every chunk complete with a matching CRC up to IEND, and the IDAT stream inflating to
+    exactly ``height`` rows of ``1 + 3 * width`` bytes, each starting with a filter type 0..4 —
+    what a full decode checks, at the cost of the inflate alone (bounded: never more than the
+    rows the header promises). 422 ``invalid_image`` otherwise.
+    """
+
+    def corrupt(why: str) -> UploadError:
+        return UploadError(422, "invalid_image", field, f"{field}: corrupt or truncated PNG data ({why})")
+
     kept = [png[:8]]
+    stream = zlib.decompressobj()
+    stride = 1 + 3 * width
+    expected = stride * height
+    rows = bytearray()
     offset = 8
-    while offset + 12 <= len(png):
+    while True:
+        if offset + 12 > len(png):
+            raise corrupt("no IEND chunk")
         (length,) = struct.unpack(">I", png[offset:offset + 4])
-        kind = png[offset + 4:offset + 8]
         end = offset + 12 + length
+        if end > len(png):
+            raise corrupt("a chunk runs past the end of the file")
+        kind = png[offset + 4:offset + 8]
+        (crc,) = struct.unpack(">I", png[end - 4:end])
+        if zlib.crc32(png[offset + 4:end - 4]) != crc:
+            raise corrupt(f"{kind.decode('latin-1')} chunk CRC mismatch")
+        if kind == b"eXIf":
+            return None
+        if kind == b"IDAT":
+            try:
+                rows += stream.decompress(png[offset + 8:end - 4], expected + 1 - len(rows))
+            except zlib.error as exc:
+                raise corrupt(str(exc)) from None
+            if len(rows) > expected:
+                raise corrupt("more image data than the header's size")
         if kind in (b"IHDR", b"IDAT", b"IEND"):
             kept.append(png[offset:end])
         if kind == b"IEND":
             break
         offset = end
+    if len(rows) != expected or not stream.eof:
+        raise corrupt(f"{len(rows)} bytes of rows, the header's {width}x{height} needs {expected}")
+    if max(rows[::stride]) > 4:
+        raise corrupt("an invalid row filter")
     return b"".join(kept)
 
 

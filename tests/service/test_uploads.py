@@ -259,3 +259,16 @@ def _text_chunk(key: str, value: str):
     info = PngInfo()
     info.add_text(key, value)
     return info
+
+
+@pytest.mark.parametrize(("rows", "reason"), [
+    (b"\x00" + b"\x10" * 6 + b"\x09" + b"\x10" * 6, "row filter"),       # filter type 9 does not exist
+    (b"\x00" + b"\x10" * 6, "bytes of rows"),                            # one row of two
+    (b"\x00" + b"\x10" * 6 + b"\x00" + b"\x10" * 7, "more image data"),  # a byte too many
+])
+def test_a_plain_png_whose_data_does_not_fit_its_header_is_422_though_every_crc_matches(rows: bytes, reason: str):
+    ihdr = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(rows))
+            + _png_chunk(b"IEND", b""))
+    error = _refused(data)
+    assert (error.status, error.code) == (422, "invalid_image") and reason in error.message
