@@ -2,7 +2,7 @@
 
     python -m bench.batch_memory [--model random-small] [--size 256] [--steps 15] [--max-k 4]
 
-On CUDA the engine's ``stats["peak_memory_bytes"]`` is the allocator's peak of the run
+On CUDA the engine's ``stats.peak_memory_bytes`` is the allocator's peak of the run
 itself. On a CPU it is the process's peak RSS, which never goes down, so this script runs
 each K (cold: every style inverted and live) in its own process and reports the peak RSS
 over the RSS after loading the model: the transfer's working memory. A measurement,
@@ -41,8 +41,8 @@ def one(model: str, size: int, steps: int, k: int) -> dict:
     batch = engine.transfer_batch(content, styles, params=TransferParams(steps=steps, size=size))
     return {
         "k": k,
-        "rows_per_sampling_step": batch.stats["unet_rows_by_phase"]["sample"] // steps,
-        "rows_per_inversion_step": batch.stats["unet_rows_by_phase"]["invert"] // steps,
+        "rows_per_sampling_step": batch.stats.unet_rows_by_phase["sample"] // steps,
+        "rows_per_inversion_step": batch.stats.unet_rows_by_phase["invert"] // steps,
         "rss_after_load_bytes": loaded,
         "peak_over_load_bytes": _rss() - loaded,
     }

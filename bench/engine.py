@@ -53,7 +53,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
-from ham_engine.engine import HamEngine
+from ham_engine.engine import HamEngine, TransferStats
 from ham_engine.params import TransferParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,24 +195,24 @@ def _one_round(
     cold = engine.transfer(content, style=style, params=params)
     engine.content_cache.clear()  # "warm" is the style cache alone; the content cache is measured below
     warm = engine.transfer(content, style=style, params=params)
-    assert cold.stats["style_cache_hit"] is False and warm.stats["style_cache_hit"] is True
+    assert cold.stats.style_cache_hit is False and warm.stats.style_cache_hit is True
     pixel_diff = np.abs(np.asarray(cold.image, dtype=np.int16) - np.asarray(warm.image, dtype=np.int16)).max()
     unet = engine.model.unet
     engine.content_cache.clear()  # "off" inverts its content too, as a stock run would
     with unet_clock(unet) as off_unet_seconds:
         off_latents = engine.transfer_latents(content, style=style, params=off)
-    off_loop = off_latents.stats["seconds"]["invert"] + off_latents.stats["seconds"]["sample"]
+    off_loop = off_latents.stats.seconds["invert"] + off_latents.stats.seconds["sample"]
     with torch.inference_mode():
         with unet_clock(unet) as stock_unet_seconds:
             stock_b1, latents = stock_sample(pipe, off_latents.content_terminal, empty, params.steps, batch=1)
         stock_b3 = stock_sample(pipe, off_latents.content_terminal, empty, params.steps, batch=3)[0]
     return _Round(
-        cold=cold.stats,
-        warm=warm.stats,
-        off=off_latents.stats,
+        cold=cold.stats.to_dict(),
+        warm=warm.stats.to_dict(),
+        off=off_latents.stats.to_dict(),
         stock_b1=stock_b1,
         stock_b3=stock_b3,
-        off_loop_overhead=(off_loop - off_unet_seconds[0]) / off_latents.stats["unet_calls"],
+        off_loop_overhead=(off_loop - off_unet_seconds[0]) / off_latents.stats.unet_calls,
         stock_loop_overhead=(stock_b1 - stock_unet_seconds[0]) / params.steps,
         warm_vs_cold_pixel_max_diff=int(pixel_diff),
         off_vs_stock_latent_max_diff=(latents.float() - off_latents.student).abs().max().item(),
@@ -327,9 +327,9 @@ def bench_features(engine: HamEngine, case: BenchCase, workdir: Path) -> dict[st
     styles = [Image.open(path).convert("RGB") for path in STYLES]
     rows: dict[str, dict[str, Any]] = {}
 
-    def record(name: str, seconds: float, stats: dict[str, Any], **extra: Any) -> None:
-        rows[name] = {"seconds": seconds, "unet_rows": stats["unet_rows"], "unet_calls": stats["unet_calls"],
-                      "peak_memory_bytes": stats.get("peak_memory_bytes"), **extra}  # fmt: skip
+    def record(name: str, seconds: float, stats: TransferStats, **extra: Any) -> None:
+        rows[name] = {"seconds": seconds, "unet_rows": stats.unet_rows, "unet_calls": stats.unet_calls,
+                      "peak_memory_bytes": stats.peak_memory_bytes, **extra}  # fmt: skip
 
     store = workdir / "features"
     shutil.rmtree(store, ignore_errors=True)
@@ -349,7 +349,7 @@ def bench_features(engine: HamEngine, case: BenchCase, workdir: Path) -> dict[st
     shutil.rmtree(store / "content", ignore_errors=True)
     fresh = HamEngine(model, feature_store=store)
     seconds, style_store = _timed(lambda: fresh.transfer(content, style=styles[0], params=params))
-    assert style_store.stats["style_cache_tier"] == "store" and not style_store.stats["content_cache_hit"]
+    assert style_store.stats.style_cache_tier == "store" and not style_store.stats.content_cache_hit
     record("warm (store)", seconds, style_store.stats, pixel_diff_vs_cold=_pixel_diff(style_store.image, cold.image))
 
     batches: dict[str, dict[str, Any]] = {}
@@ -360,11 +360,11 @@ def bench_features(engine: HamEngine, case: BenchCase, workdir: Path) -> dict[st
             seconds, single = _timed(lambda style=style: HamEngine(model).transfer(content, style=style, params=params))
             singles.append(single)
             single_seconds += seconds
-            single_rows += single.stats["unet_rows"]
+            single_rows += single.stats.unet_rows
         engine_k = HamEngine(model)
         seconds, batch = _timed(lambda chosen=chosen, e=engine_k: e.transfer_batch(content, chosen, params=params))
-        cold_row = {"seconds": seconds, "unet_rows": batch.stats["unet_rows"],
-                    "peak_memory_bytes": batch.stats["peak_memory_bytes"],
+        cold_row = {"seconds": seconds, "unet_rows": batch.stats.unet_rows,
+                    "peak_memory_bytes": batch.stats.peak_memory_bytes,
                     "pixel_diff_vs_single": _max_diff(batch.images, singles)}  # fmt: skip
         # Every style warm, the content not (a new photo in K house styles).
         warm_singles_seconds, warm_singles_rows = 0.0, 0
@@ -372,13 +372,13 @@ def bench_features(engine: HamEngine, case: BenchCase, workdir: Path) -> dict[st
             engine_k.content_cache.clear()
             seconds, single = _timed(lambda style=style, e=engine_k: e.transfer(content, style=style, params=params))
             warm_singles_seconds += seconds
-            warm_singles_rows += single.stats["unet_rows"]
+            warm_singles_rows += single.stats.unet_rows
         engine_k.content_cache.clear()
         seconds, warm_batch = _timed(lambda chosen=chosen, e=engine_k: e.transfer_batch(content, chosen, params=params))
         batches[str(k)] = {
             "cold": cold_row,
             "cold_separate": {"seconds": single_seconds, "unet_rows": single_rows},
-            "warm": {"seconds": seconds, "unet_rows": warm_batch.stats["unet_rows"],
+            "warm": {"seconds": seconds, "unet_rows": warm_batch.stats.unet_rows,
                      "pixel_diff_vs_single": _max_diff(warm_batch.images, singles)},
             "warm_separate": {"seconds": warm_singles_seconds, "unet_rows": warm_singles_rows},
         }  # fmt: skip

@@ -123,9 +123,9 @@ def _timed(engine: HamEngine, **kwargs: Any) -> dict[str, Any]:
     stats = result.stats
     return {
         "seconds": time.perf_counter() - started,
-        "unet_rows": stats["unet_rows"],
-        "peak_memory_bytes": stats.get("peak_memory_bytes"),
-        "cache_hit": stats["style_cache_hit"],
+        "unet_rows": stats.unet_rows,
+        "peak_memory_bytes": stats.peak_memory_bytes,
+        "cache_hit": stats.style_cache_hit,
     }
 
 

@@ -127,11 +127,11 @@ def _one(engine: HamEngine, content: Image.Image, style: Image.Image, params: Tr
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "unet_rows": stats["unet_rows"],
-        "unet_rows_by_phase": stats["unet_rows_by_phase"],
-        "teachers": stats["teachers"],
-        "record_bytes": stats["record_bytes"],
-        "record_fallback": stats["record_fallback"],
+        "unet_rows": stats.unet_rows,
+        "unet_rows_by_phase": stats.unet_rows_by_phase,
+        "teachers": stats.teachers,
+        "record_bytes": stats.record_bytes,
+        "record_fallback": stats.record_fallback,
         "added_peak_memory_bytes": added,
         "student": result.student,
     }

@@ -59,6 +59,7 @@ class Job(BaseModel):
     style_count: int = 1
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: int = 90
+    attempt: int = 0  # the job's run: progress rises within one and restarts from 0 when this grows
     urls: JobUrls | None = None  # None from a server older than these links
     result_expires_at: datetime | None = None  # when a succeeded job's result is deleted
 

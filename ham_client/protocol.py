@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from ham_client.error_codes import error_for
 from ham_client.errors import ApiError, JobFailed, NotTheApi
 from ham_client.models import Job, JobPage, Style, StylePage
 
@@ -195,7 +196,7 @@ def check(response: httpx.Response) -> httpx.Response:
         return response
     try:
         error = response.json()["error"]
-        raise ApiError(response.status_code, str(error["code"]), str(error["message"]), error.get("field"))
+        raise error_for(response.status_code, str(error["code"]), str(error["message"]), error.get("field"))
     except (ValueError, KeyError, TypeError):
         raise ApiError(response.status_code, "http_error", response.text[:200] or response.reason_phrase) from None
 

@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING, Any
 from ham_engine.params import ParamError, TransferParams
 
 if TYPE_CHECKING:
-    from ham_engine.engine import BatchResult, HamEngine, Style, TransferCancelled, TransferResult
+    from ham_engine.engine import BatchResult, HamEngine, Style, TransferCancelled, TransferResult, TransferStats
 
-__all__ = ["BatchResult", "HamEngine", "ParamError", "Style", "TransferCancelled", "TransferParams", "TransferResult"]
+__all__ = [
+    "BatchResult", "HamEngine", "ParamError", "Style", "TransferCancelled", "TransferParams", "TransferResult",
+    "TransferStats",
+]  # fmt: skip
 
-_LAZY = {"BatchResult", "HamEngine", "Style", "TransferCancelled", "TransferResult"}
+_LAZY = {"BatchResult", "HamEngine", "Style", "TransferCancelled", "TransferResult", "TransferStats"}
 
 
 def __getattr__(name: str) -> Any:

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ham_engine.params import PARAM_SPECS, ParamError, ParamSpec, TransferParams, check_style_reference
+from ham_engine.commands import BadInput, add_param_arguments, params_from_args, run_command, transfer_params
+from ham_engine.params import ParamError, check_style_reference
+
+# add_param_arguments and params_from_args live in ham_engine.commands; `ham submit` imports them from here too.
+__all__ = ["PROG", "add_param_arguments", "add_transfer_parser", "main", "params_from_args", "run_transfer"]
 
 PROG = "ham transfer"
-
-
-class _BadInput(Exception):
-    """A user mistake: exit status 2."""
 
 
 def add_transfer_parser(subparsers: Any) -> None:
@@ -67,55 +67,24 @@ def add_transfer_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run_transfer)
 
 
-def add_param_arguments(
-    parser: argparse.ArgumentParser, server_defaults: bool, specs: tuple[ParamSpec, ...] = PARAM_SPECS
-) -> None:
-    """One flag per client parameter (:data:`ham_engine.params.PARAM_SPECS`): ``--steps``, ``--no-gar``, ...
-
-    With ``server_defaults`` (``ham submit``) an unset flag is ``None``, leaving the choice to the
-    server; otherwise (``ham transfer``) it is the parameter's default.
-    """
-    group = parser.add_argument_group("HAM parameters")
-    for spec in specs:
-        flag = spec.name.replace("_", "-")
-        if spec.kind is bool:
-            # Every switch is on by default: its flag turns it off.
-            group.add_argument(f"--no-{flag}", dest=spec.name, action="store_const", const=False,
-                               default=None if server_defaults else spec.default, help=f"turn off: {spec.help}")
-        else:
-            default = "the server's" if server_defaults else repr(spec.default)
-            group.add_argument(f"--{flag}", dest=spec.name, type=spec.kind, choices=spec.choices,
-                               default=None if server_defaults else spec.default,
-                               help=f"{spec.help}; {spec.allowed()} (default: {default})")
-
-
-def params_from_args(args: argparse.Namespace, specs: tuple[ParamSpec, ...] = PARAM_SPECS) -> dict[str, Any]:
-    """The parameters of ``specs`` set on the command line (``None``: not given)."""
-    return {spec.name: getattr(args, spec.name) for spec in specs if getattr(args, spec.name, None) is not None}
-
-
-def _params(args: argparse.Namespace) -> TransferParams:
-    return TransferParams(**{spec.name: getattr(args, spec.name) for spec in PARAM_SPECS})
-
-
 def _check_output(path: Path) -> None:
     from PIL import Image
 
     extensions = Image.registered_extensions()
     if path.suffix.lower() not in extensions:
-        raise _BadInput(f"output: {str(path)!r} needs an image extension such as .png")
+        raise BadInput(f"output: {str(path)!r} needs an image extension such as .png")
     if not path.parent.is_dir():
-        raise _BadInput(f"output: folder {str(path.parent)!r} does not exist")
+        raise BadInput(f"output: folder {str(path.parent)!r} does not exist")
     if path.is_dir():
-        raise _BadInput(f"output: {str(path)!r} is a folder")
+        raise BadInput(f"output: {str(path)!r} is a folder")
 
 
 def _transfer(args: argparse.Namespace) -> None:
+    params = transfer_params(args)
     try:
-        params = _params(args)
         style_prompt = check_style_reference(args.style is not None, args.style_prompt)
     except ParamError as exc:
-        raise _BadInput(str(exc)) from exc
+        raise BadInput(str(exc)) from exc
     output = Path(args.output).expanduser()
     _check_output(output)
     try:
@@ -134,7 +103,7 @@ def _transfer(args: argparse.Namespace) -> None:
             args.model, device=args.device, record_bytes=args.record_bytes, feature_store=args.feature_store
         )
     except (ValueError, OSError) as exc:
-        raise _BadInput(str(exc)) from exc
+        raise BadInput(str(exc)) from exc
 
     started = time.perf_counter()
     # The engine reports inversion and sampling steps together: 2 * steps in all.
@@ -149,11 +118,11 @@ def _transfer(args: argparse.Namespace) -> None:
         try:
             result = engine.transfer(content, style=style, style_prompt=style_prompt, params=params, progress=progress)
         except ValueError as exc:
-            raise _BadInput(str(exc)) from exc
+            raise BadInput(str(exc)) from exc
     result.image.save(output)
     seconds = time.perf_counter() - started
     if args.stats:
-        print(json.dumps(result.stats, default=str, sort_keys=True))
+        print(json.dumps(result.stats.to_dict(), default=str, sort_keys=True))
     elif not args.quiet:
         width, height = result.image.size
         print(f"wrote {output} ({width}x{height}) in {seconds:.1f} s", file=sys.stderr)
@@ -161,21 +130,7 @@ def _transfer(args: argparse.Namespace) -> None:
 
 def run_transfer(args: argparse.Namespace) -> int:
     """Run ``ham transfer`` for parsed ``args``; return the exit status (0, 1 or 2)."""
-    try:
-        _transfer(args)
-    except _BadInput as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a fault of ours or of the environment: still one line, not a traceback
-        if os.environ.get("HAM_DEBUG"):
-            raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{PROG}: error: {type(exc).__name__}: {message}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(PROG, lambda: _transfer(args))
 
 
 def main(argv: list[str] | None = None) -> int:

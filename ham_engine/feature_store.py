@@ -1,6 +1,6 @@
 """Where serialised features outlive a process: the ``FeatureStore`` protocol and a directory store.
 
-The engine's in-process LRU is tier 1 (:mod:`ham_engine.style_cache`); a feature store is
+The engine's in-process LRU is tier 1 (:mod:`ham_engine.feature_cache`); a feature store is
 tier 2, shared by every engine pointed at it — processes on one machine through a
 directory, a fleet through object storage (the worker adapts its job storage to this
 protocol; the engine never imports a storage client). A store holds opaque blobs
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from ham_engine.files import write_bytes_atomically
 
 _KEY = re.compile(r"[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*")
 
@@ -72,14 +73,7 @@ class DirectoryFeatureStore:
     def put(self, key: str, data: bytes) -> None:
         path = self.root / check_key(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_bytes_atomically(path, data)
 
 
 def open_feature_store(store: str | os.PathLike[str] | FeatureStore | None) -> FeatureStore | None:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ham_engine import features
+from ham_engine.feature_cache import ContentKey, ContentTrajectory, FeatureCache, StyleFeatures, StyleKey
 from ham_engine.feature_store import FeatureStore
 from ham_engine.loading import DiffusionModel
-from ham_engine.style_cache import ContentKey, ContentTrajectory, StyleCache, StyleFeatures, StyleKey
 
 log = logging.getLogger("ham.engine")
 
@@ -41,8 +41,8 @@ class FeatureTiers:
     def __init__(
         self,
         model: DiffusionModel,
-        styles: StyleCache,
-        contents: StyleCache,
+        styles: FeatureCache,
+        contents: FeatureCache,
         store: FeatureStore | None = None,
     ) -> None:
         self.model = model
@@ -101,7 +101,7 @@ class FeatureTiers:
             self._write(header, features.encode_content(value, header))
 
     def _promote(
-        self, cache: StyleCache, key: StyleKey | ContentKey, found: Any, blob: bytes | None
+        self, cache: FeatureCache, key: StyleKey | ContentKey, found: Any, blob: bytes | None
     ) -> tuple[Any, str | None]:
         if found is None:
             self.counters.misses += 1

@@ -1,7 +1,7 @@
 """Style features and content trajectories as byte blobs (safetensors with a checked header).
 
 What a repeat input lets the engine skip is fixed by the input, the request and the
-model's weights (:mod:`ham_engine.style_cache`). To share it between processes and
+model's weights (:mod:`ham_engine.feature_cache`). To share it between processes and
 machines each value becomes one safetensors blob whose metadata names what it was
 computed for:
 
@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ham_engine.feature_cache import ContentKey, ContentTrajectory, StyleFeatures, StyleKey
 from ham_engine.feature_store import content_prefix, style_prefix
-from ham_engine.style_cache import ContentKey, ContentTrajectory, StyleFeatures, StyleKey
 
 FORMAT = "ham-features"
 FORMAT_VERSION = 1

@@ -84,8 +84,8 @@ def _param(
 ) -> Any:
     """A client-settable field of :class:`TransferParams`: its default and what a client may send.
 
-    The bounds here are the ones the API schema, the CLI flags and the docs table show; the
-    checks in ``__post_init__`` enforce them (``test_param_specs_match_validation`` keeps both equal).
+    The bounds here are the only ones: the API schema, the CLI flags and the docs table show
+    them, and ``__post_init__`` enforces them through :meth:`ParamSpec.check`.
     """
     spec = {"help": help, "minimum": minimum, "maximum": maximum, "multiple_of": multiple_of,
             "choices": choices, "example": example}
@@ -173,32 +173,26 @@ class TransferParams:
                 object.__setattr__(self, f.name, int(value))
             elif f.type == "float" and isinstance(value, numbers.Real) and type(value) not in (int, float, bool):
                 object.__setattr__(self, f.name, float(value))
-        _check_int("steps", self.steps, MIN_STEPS, MAX_STEPS)
-        _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_int("size", self.size, MIN_SIZE, MAX_SIZE)
-        if self.size % SIZE_MULTIPLE:
-            raise ParamError("size", f"must be a multiple of {SIZE_MULTIPLE}, got {self.size}")
-        for name in ("alpha", "beta", "gamma", "step_start", "step_end"):
-            _check_range(name, getattr(self, name), 0.0, 1.0)
-        _check_range("guidance", self.guidance, MIN_GUIDANCE, MAX_GUIDANCE)
+        # Each client parameter against its own spec: the bounds and choices are declared once, in _param.
+        for spec in PARAM_SPECS:
+            spec.check(getattr(self, spec.name))
+        _check_layers("gar_layers", self.gar_layers)
+        _check_layers("lat_layers", self.lat_layers)
+        self._check_relations()
+
+    def _check_relations(self) -> None:
+        """The rules that tie parameters together (each parameter alone is within its spec)."""
         if self.step_start >= self.step_end:
             raise ParamError(
                 "step_start",
                 f"must be smaller than step_end ({self.step_end}), got {self.step_start}",
             )
-        for name in ("sini", "gar", "lat", "guide_student"):
-            if not isinstance(getattr(self, name), bool):
-                raise ParamError(name, f"must be true or false, got {getattr(self, name)!r}")
-        _check_choice("inversion", self.inversion, INVERSIONS)
-        _check_choice("teachers", self.teachers, TEACHERS)
         if self.teachers == "recorded" and self.inversion != "source":
             raise ParamError(
                 "teachers",
                 f"'recorded' needs inversion='source' (only its inversion calls are the teachers' calls), "
                 f"got inversion={self.inversion!r}",
             )
-        _check_layers("gar_layers", self.gar_layers)
-        _check_layers("lat_layers", self.lat_layers)
         # Like a layer pattern that matches nothing, a window between two steps would turn
         # GAR and LAT into a silent no-op (docs/method.md §6): refuse it.
         if (self.gar or self.lat) and not any(self.modulates_step(k) for k in range(self.steps)):
@@ -259,6 +253,20 @@ class ParamSpec:
         if self.example is not None:
             schema["examples"] = [self.example]
         return schema
+
+    def check(self, value: Any) -> None:
+        """Raise a :class:`ParamError` naming this parameter unless ``value`` is one it allows."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ParamError(self.name, f"must be true or false, got {value!r}")
+        elif self.choices is not None:
+            _check_choice(self.name, value, self.choices)
+        elif self.kind is int:
+            _check_int(self.name, value, self.minimum, self.maximum)
+            if self.multiple_of and value % self.multiple_of:
+                raise ParamError(self.name, f"must be a multiple of {self.multiple_of}, got {value}")
+        else:
+            _check_range(self.name, value, self.minimum, self.maximum)
 
     def allowed(self) -> str:
         """The allowed values in words, for help texts and the docs table."""

@@ -12,7 +12,7 @@ modulation will read from them, per modulated layer and step:
   bytes), per LAT layer its cross-attention query Q^c;
 * **image style teacher** (no style prompt: with one, its sampling calls are conditioned
   on the prompt and differ from the empty-prompt inversion) – what the style cache keeps,
-  :class:`~ham_engine.style_cache.StyleFeatures`: per GAR layer and step the statistics of
+  :class:`~ham_engine.feature_cache.StyleFeatures`: per GAR layer and step the statistics of
   its Q, K, V, per LAT layer its K, V once.
 
 Tensors stay in the model dtype on the model device. A :class:`TeacherRecording` is
@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention_processor import Attention
 
-from ham_engine.attention import HookedSdpaProcessor, installed_processors
+from ham_engine.attention import installed_processors
+from ham_engine.feature_cache import StyleFeatures
+from ham_engine.hooked_sdpa import HookedSdpaProcessor
 from ham_engine.modulation import channel_stats
-from ham_engine.style_cache import StyleFeatures
 
 # The default budget, as a fraction of the device's memory: recording SD 2.1 at 512² for 50
 # steps in fp16 takes ~1.3 GB, SDXL at 1024² ~11 GB (docs/performance.md).

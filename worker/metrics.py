@@ -20,6 +20,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ham_engine.results import TransferStats
 from service.core.jobs import (
     ERROR_INPUTS_MISSING,
     ERROR_INTERNAL,
@@ -137,49 +138,42 @@ class WorkerMetrics:
         for code in RUN_ERROR_CODES:
             self.job_failures.labels(code=code)
 
-    def observe_job(self, outcome: str, seconds: float, stats: dict[str, Any] | None) -> None:
-        """Record one finished job attempt and what its engine stats say."""
+    def observe_job(self, outcome: str, seconds: float, stats: TransferStats | None) -> None:
+        """Record one finished job attempt and what its engine stats say (None: the engine did not finish)."""
         self.job_seconds.labels(outcome=outcome).observe(seconds)
-        if not stats:
+        if stats is None:
             return
-        steps = stats.get("steps")
-        sample_seconds = (stats.get("seconds") or {}).get("sample")
-        if isinstance(steps, int) and steps > 0:
-            self.steps.inc(steps)
-            if isinstance(sample_seconds, (int, float)) and sample_seconds > 0:
-                self.steps_per_second.set(steps / sample_seconds)
-        rows = stats.get("unet_rows")
-        if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0:
-            self.unet_rows.observe(rows)
-        for style in stats.get("styles") or [stats]:
-            hit = style.get("style_cache_hit")
-            if hit is True:
+        sample_seconds = stats.seconds.get("sample")
+        if stats.steps > 0:
+            self.steps.inc(stats.steps)
+            if sample_seconds is not None and sample_seconds > 0:
+                self.steps_per_second.set(stats.steps / sample_seconds)
+        if stats.unet_rows > 0:
+            self.unet_rows.observe(stats.unet_rows)
+        for style in stats.styles:
+            if style.style_cache_hit is True:
                 self.style_cache_hits.inc()
-                self.feature_hits.labels(kind="style", tier=style.get("style_cache_tier") or "memory").inc()
-            elif hit is False:
+                self.feature_hits.labels(kind="style", tier=style.style_cache_tier or "memory").inc()
+            elif style.style_cache_hit is False:
                 self.style_cache_misses.inc()
                 self.feature_misses.labels(kind="style").inc()
-        content_hit = stats.get("content_cache_hit")
-        if content_hit is True:
+        if stats.content_cache_hit:
             self.content_cache_hits.inc()
-            self.feature_hits.labels(kind="content", tier=stats.get("content_cache_tier") or "memory").inc()
-        elif content_hit is False:
+            self.feature_hits.labels(kind="content", tier=stats.content_cache_tier or "memory").inc()
+        else:
             self.content_cache_misses.inc()
             self.feature_misses.labels(kind="content").inc()
-        teachers = stats.get("teachers")
-        if isinstance(teachers, dict):
-            for teacher, served in teachers.items():
-                if isinstance(served, str):
-                    self.teachers.labels(teacher=teacher, served=served).inc()
-        if stats.get("record_fallback"):
+        for teacher, served in stats.teachers.items():
+            if served is not None:
+                self.teachers.labels(teacher=teacher, served=served).inc()
+        if stats.record_fallback:
             self.record_fallbacks.inc()
         written = getattr(self.feature_store, "bytes_written", 0)
         if written > self._bytes_written_seen:
             self.feature_store_bytes_written.inc(written - self._bytes_written_seen)
             self._bytes_written_seen = written
-        peak = stats.get("peak_memory_bytes")
         # The engine reports no accelerator peak on a CPU (None): the gauge says 0, as its help text does.
-        self.device_memory.labels(kind="peak").set(peak if isinstance(peak, (int, float)) else 0)
+        self.device_memory.labels(kind="peak").set(stats.peak_memory_bytes or 0)
 
     def storage_changed(self, up: bool) -> None:
         """Count an outage of object storage when the worker's storage link first sees it."""

@@ -24,6 +24,7 @@ Redis, deliberately:
   job popped but never started is re-enqueued by the orphan check (:mod:`worker.recovery`);
 - the start-up steps that need Redis (``CLIENT SETNAME`` in the constructor, the birth
   registration, the pubsub subscription) wait for it;
+- a fenced run (see :mod:`worker.task`) leaves RQ's job to the run that owns it now;
 - RQ's own registration heartbeat, state mirror, registry maintenance, suspension check,
   shutdown timestamp and death registration are best-effort (liveness that matters is our
   heartbeat key, written by the maintenance thread).
@@ -41,6 +42,8 @@ from rq.worker.base import WorkerStatus
 from service.core.redis_client import REDIS_UNAVAILABLE
 from worker.connectivity import Link
 
+# What ``worker.task.run_transfer`` returns for a run that lost its job to another run.
+FENCED = "fenced"
 # Seconds between the pubsub thread's reconnect tries (RQ's own value).
 PUBSUB_RETRY = 2.0
 
@@ -122,6 +125,21 @@ class ResilientWorker(SimpleWorker):
         except REDIS_UNAVAILABLE as exc:
             self.log.warning("Worker %s: RQ could not record the end of job %s in Redis", self.name, job.id)
             self._outage(exc)
+
+    def handle_job_success(self, job: Any, queue: Any, started_job_registry: Any) -> None:
+        """RQ's success bookkeeping, except for a fenced run (``run_transfer`` returned ``"fenced"``).
+
+        The RQ job (its hash, keyed by our job id) then belongs to the run that took the job over:
+        RQ's own handling would delete it (``result_ttl=0``) under that run's feet. A fenced run only
+        removes its own execution, so RQ's registries keep agreeing with the job record.
+        """
+        if getattr(job, "_result", None) != FENCED:
+            super().handle_job_success(job, queue, started_job_registry)
+            return
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe)
+            pipe.execute()
+        self.log.info("Worker %s: job %s: fenced run dropped; RQ's job left to its owner", self.name, job.id)
 
     # --- best-effort RQ bookkeeping ---------------------------------------------------------
 

@@ -12,8 +12,9 @@ A job's life here:
 2. Read the normalised input PNGs from storage.
 3. Run the engine; every step writes progress and polls the cancel flag and the
    deadline (``settings.job_timeout``), which the engine honours between steps.
-4. Write ``results/{id}.png`` (a multi-style job: ``results/{id}-{i}.png`` for style
-   ``i`` >= 1, through one ``transfer_batch``), then the terminal state: succeeded; failed with
+4. Run ``transfer_batch`` over the job's styles (one or several) and write
+   ``results/{id}/run-{run}.png`` (``…/run-{run}-{i}.png`` for style ``i`` >= 1), then the
+   terminal state: succeeded; failed with
    ``invalid_input`` (the engine's own input errors, :class:`~ham_engine.params.ParamError`),
    ``numerical_error`` (the engine's ``NumericalError``: an overflow), ``inputs_missing``,
    ``timeout`` or ``internal_error`` (anything else, a library's ``ValueError`` included;
@@ -26,6 +27,13 @@ away. Reading the inputs, uploading the result and recording the terminal state 
 (backoff with jitter) for ``settings.worker_outage_deadline`` seconds; past that the job goes
 back to the queue with its attempt refunded (:meth:`TransferRunner._hand_back`). Only the
 job's own faults fail it; only repeated worker deaths use up its retries (``worker.recovery``).
+
+Fencing: every write about the job — progress, cancel poll, result upload, terminal state,
+hand-back — names the run (``Job.run``, bumped by every start) and the store applies it only
+while that run owns the job. A worker frozen long enough to be declared dead (a GC pause, CPU
+throttling, a partition) whose job was recovered and started elsewhere learns it at its next
+progress write or poll — within one diffusion step — and drops the run without writing anything
+more (outcome ``fenced``); its result files, were it to get that far, are named per run.
 
 RQ always sees the call succeed: the outcome lives in the job record, not in RQ.
 """
@@ -43,6 +51,7 @@ from PIL import Image
 from rq.timeouts import BaseTimeoutException
 
 from ham_engine.params import ParamError, TransferParams
+from ham_engine.results import TransferStats
 from service.core.config import Settings
 from service.core.jobs import (
     ERROR_INPUTS_MISSING,
@@ -50,8 +59,11 @@ from service.core.jobs import (
     ERROR_INVALID_INPUT,
     ERROR_NUMERICAL,
     ERROR_TIMEOUT,
+    POLL_FENCED,
+    POLL_GO,
     Job,
     JobConflict,
+    JobFenced,
     JobStatus,
     JobStore,
     result_key,
@@ -65,7 +77,7 @@ from service.core.styles import StyleStore
 from worker.connectivity import Link, OutageTooLong, outlast
 
 if TYPE_CHECKING:
-    from ham_engine.engine import HamEngine
+    from ham_engine.engine import HamEngine, Style
     from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("ham.worker")
@@ -92,13 +104,19 @@ PROGRESS_WEBHOOK_INTERVAL = 1.0
 @dataclass
 class _Watch:
     """The per-job callbacks the engine calls between steps. Both are best-effort: a Redis
-    outage never stops the engine (the deadline still applies; a cancel is seen once Redis is back)."""
+    outage never stops the engine (the deadline still applies; a cancel is seen once Redis is back).
+
+    Both name the run (``run``, the fencing token): once another run owns the job (this worker
+    was frozen long enough to be declared dead), ``fenced`` turns true at the next progress
+    write or poll and the engine stops before its next step."""
 
     store: JobStore
     link: Link
     job_id: str
     deadline: float
+    run: int | None = None
     timed_out: bool = False
+    fenced: bool = False
     last_progress: float = field(default=-1.0)
     quiet_until: float = 0.0
     on_progress: Callable[[], None] | None = None
@@ -106,17 +124,25 @@ class _Watch:
     def progress(self, step: int, total: int) -> None:
         # Keep 1.0 for "succeeded": the decode and upload still follow the last step.
         fraction = 0.99 * step / max(total, 1)
-        if fraction > self.last_progress:
+        if fraction > self.last_progress and not self.fenced:
             self.last_progress = fraction
-            self._best_effort(lambda: self.store.set_progress(self.job_id, fraction))
+            owned = self._best_effort(lambda: self.store.set_progress(self.job_id, fraction, self.run))
+            if owned is False:
+                self.fenced = True
+                return
             if self.on_progress is not None:
                 self.on_progress()
 
     def cancelled(self) -> bool:
+        if self.fenced:
+            return True
         if time.monotonic() > self.deadline:
             self.timed_out = True
             return True
-        return bool(self._best_effort(lambda: self.store.cancel_requested(self.job_id)))
+        verdict = self._best_effort(lambda: self.store.poll(self.job_id, self.run))
+        if verdict == POLL_FENCED:
+            self.fenced = True
+        return verdict not in (None, POLL_GO)
 
     def _best_effort(self, call: Callable[[], Any]) -> Any:
         if time.monotonic() < self.quiet_until:
@@ -168,15 +194,19 @@ class TransferRunner:
             storage, settings, metrics.storage_changed if metrics else None
         )
         self.current_job: str | None = None
+        # Set once the current run learns another run owns its job (see _Watch): it writes nothing more.
+        self.fenced = False
 
     def run(self, job_id: str) -> str:
-        """Run one job; returns its outcome (``succeeded``, ``failed``, ``canceled``, ``queued``, ``skipped``)."""
+        """Run one job; returns its outcome (``succeeded``, ``failed``, ``canceled``, ``queued``,
+        ``skipped``, or ``fenced``: another run took the job over while this one was frozen)."""
         with log_context(job_id=job_id):
             return self._run(job_id)
 
     def _run(self, job_id: str) -> str:
         # Claimed before the start, so no heartbeat after the start can deny running it.
         self.current_job = job_id
+        self.fenced = False
         job: Job | None = None
         try:
             job = self._start(job_id)
@@ -189,15 +219,15 @@ class TransferRunner:
         began = time.monotonic()
         if self.metrics:
             self.metrics.jobs_in_progress.inc()
-        stats: dict[str, Any] | None = None
+        stats: TransferStats | None = None
         try:
-            log.info("job %s: started (attempt %d, tenant %s)", job_id, job.attempts, job.tenant)
+            log.info("job %s: started (attempt %d, run %d, tenant %s)", job_id, job.attempts, job.run, job.tenant)
             final, stats = self._execute(job, began)
         except BaseException:
             # Cold shutdown (second SIGTERM, Ctrl-C) mid-job: hand the job back now instead of
             # waiting for the heartbeat to expire. Not the job's doing: the attempt is not charged.
             try:
-                self.store.requeue(job_id, expected_worker=self.worker_name, refund_attempt=True)
+                self.store.requeue(job_id, expected_worker=self.worker_name, refund_attempt=True, run=job.run)
                 log.warning("job %s: interrupted; back in the queue, attempt not charged", job_id)
             except REDIS_UNAVAILABLE:  # the other workers' recovery settles it
                 log.warning("job %s: interrupted and Redis unreachable; left to recovery", job_id)
@@ -206,7 +236,7 @@ class TransferRunner:
             self.current_job = None
             if self.metrics:
                 self.metrics.jobs_in_progress.dec()
-        outcome = final.status.value if final is not None else "lost"
+        outcome = "fenced" if self.fenced else final.status.value if final is not None else "lost"
         if self.metrics:
             self.metrics.observe_job(outcome, time.monotonic() - began, stats)
             self.metrics.set_allocated_memory(_device_allocated_bytes(self.engine))
@@ -228,11 +258,11 @@ class TransferRunner:
             log.info("job %s: not runnable any more (canceled, finished or taken); skipped", job_id)
         return job
 
-    def _execute(self, job: Job, began: float) -> tuple[Job | None, dict[str, Any] | None]:
+    def _execute(self, job: Job, began: float) -> tuple[Job | None, TransferStats | None]:
         from ham_engine.engine import NumericalError, TransferCancelled  # torch: only ever imported in a worker
 
         watch = _Watch(self.progress_store, self.redis_link, job.id, deadline=began + self.settings.job_timeout,
-                       on_progress=self._progress_webhook(job))
+                       run=job.run, on_progress=self._progress_webhook(job))
         self._event_webhook(job, "start")
         outage_deadline = time.monotonic() + self.settings.worker_outage_deadline
         try:
@@ -249,28 +279,19 @@ class TransferRunner:
         except Exception as exc:
             return self._internal_error(job, exc), None
         try:
-            if len(styles) == 1:
-                style, prompt = styles[0]
-                single = self.engine.transfer(
-                    content, style=style, style_prompt=prompt, params=params,
-                    progress=watch.progress, cancelled=watch.cancelled,
-                )  # fmt: skip
-                pictures, stats = [single.image], single.stats
-            else:
-                from ham_engine.engine import Style
-
-                batch = self.engine.transfer_batch(
-                    content, [Style(image, prompt) for image, prompt in styles], params=params,
-                    progress=watch.progress, cancelled=watch.cancelled,
-                )  # fmt: skip
-                pictures, stats = batch.images, batch.stats
+            batch = self.engine.transfer_batch(
+                content, styles, params=params, progress=watch.progress, cancelled=watch.cancelled
+            )
+            stats = batch.stats
             output = OutputSpec(job.output_format, job.output_quality)
-            encoded = [encode(picture, output) for picture in pictures]
+            encoded = [encode(picture, output) for picture in batch.images]
         except TransferCancelled:
+            if watch.fenced:
+                return self._fenced(job, "at a progress write"), None
             if watch.timed_out:
                 message = f"the job ran longer than the limit of {self.settings.job_timeout}s"
                 return self._finish_fail(job, ERROR_TIMEOUT, message), None
-            return self._record(job, "canceled", lambda: self._cancel_if_still_ours(job.id)), None
+            return self._record(job, "canceled", lambda: self.store.mark_canceled(job.id, run=job.run)), None
         except ParamError as exc:  # the engine refused the inputs; a library's ValueError is a bug
             return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc)), None
         except NumericalError as exc:
@@ -286,7 +307,10 @@ class TransferRunner:
             return self._internal_error(job, exc), None
         # The engine's work is done: from here on an outage is waited out, up to the deadline.
         outage_deadline = time.monotonic() + self.settings.worker_outage_deadline
-        keys = [result_key(job.id, output.extension, index) for index in range(len(encoded))]
+        if self._quietly(lambda: self.store.poll(job.id, job.run)) == POLL_FENCED:
+            return self._fenced(job, "before the result upload"), stats
+        # Named per run: a stale run that got this far still cannot touch the owner's files.
+        keys = [result_key(job.id, output.extension, index, job.run) for index in range(len(encoded))]
         try:
             for key, data in zip(keys, encoded, strict=True):
                 outlast(f"job {job.id}: result upload",
@@ -295,36 +319,53 @@ class TransferRunner:
         except OutageTooLong as exc:
             return self._hand_back(job, exc), stats
         self._record_style_digests(job, styles)
-        many = keys if job.styles else None
-        return self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], stats, many),
-                            outage_deadline), stats
-    def _load_styles(self, job: Job, deadline: float) -> list[tuple[Image.Image | None, str | None]]:
-        """(image, prompt) per style, in order; ``KeyError`` names a missing input or deleted library style."""
-        if not job.styles:
-            style = _open_png(self._read(job.style_key, deadline)) if job.style_key else None
-            return [(style, job.style_prompt)]
-        out = []
-        for style in job.styles:
-            key = style.get("key")
+        record = stats.to_dict()
+        final = self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], record, keys, run=job.run),
+                             outage_deadline)  # fmt: skip
+        if self.fenced:
+            self._delete_quietly(job, keys)  # this run's own files: nobody will ever point at them
+        return final, stats
+
+    def _fenced(self, job: Job, where: str) -> None:
+        """Another run owns the job now: stop, write nothing more about it, serve the next job."""
+        self.fenced = True
+        log.warning("job %s: fenced %s: run %d no longer owns the job (recovered while this worker was "
+                    "unresponsive); dropping this run without writing anything", job.id, where, job.run)
+        return None
+
+    def _delete_quietly(self, job: Job, keys: list[str]) -> None:
+        for key in keys:
             try:
-                image = _open_png(self._read(key, deadline)) if key else None
+                self.storage.delete(key)
+            except Exception:  # the expiry sweep deletes it later
+                log.warning("job %s: could not delete %s", job.id, key, exc_info=True)
+
+    def _load_styles(self, job: Job, deadline: float) -> list[Style]:
+        """The engine's style per :class:`StyleRef` of the job, in order; ``KeyError`` names a
+        missing input or a deleted library style."""
+        from ham_engine.engine import Style  # torch: only ever imported in a worker
+
+        out = []
+        for ref in job.styles:
+            try:
+                image = _open_png(self._read(ref.key, deadline)) if ref.key else None
             except KeyError:
-                raise KeyError(f"style {style['style_id']} (deleted?)" if style.get("style_id") else key) from None
-            out.append((image, style.get("prompt")))
+                raise KeyError(f"style {ref.style_id} (deleted?)" if ref.style_id else ref.key) from None
+            out.append(Style(image, ref.prompt))
         return out
 
-    def _record_style_digests(self, job: Job, styles: list[tuple[Image.Image | None, str | None]]) -> None:
+    def _record_style_digests(self, job: Job, styles: list[Style]) -> None:
         """Tell each library style where its features live, so deleting the style can remove them."""
         if self.styles is None:
             return
         from ham_engine.images import image_digest
 
-        for style, (image, _) in zip(job.styles or [], styles, strict=False):
-            if style.get("style_id") and image is not None:
+        for ref, style in zip(job.styles, styles, strict=True):
+            if ref.style_id and ref.digest is None and style.image is not None:
                 try:
-                    self.styles.set_field(style["style_id"], "image_digest", image_digest(image))
+                    self.styles.set_field(ref.style_id, "image_digest", image_digest(style.image))
                 except Exception:  # bookkeeping only: the feature TTL still bounds what is left behind
-                    log.warning("job %s: could not record the digest of style %s", job.id, style["style_id"])
+                    log.warning("job %s: could not record the digest of style %s", job.id, ref.style_id)
 
     def _event_webhook(self, job: Job, event: str) -> None:
         """A ``start`` or ``progress`` webhook with the job as it stands, if the job asked for that event."""
@@ -359,7 +400,7 @@ class TransferRunner:
         log.warning("job %s: %s; handing it back to the queue", job.id, cause)
         while True:
             try:
-                back = self.store.requeue(job.id, expected_worker=self.worker_name, refund_attempt=True)
+                back = self.store.requeue(job.id, expected_worker=self.worker_name, refund_attempt=True, run=job.run)
             except REDIS_UNAVAILABLE as exc:
                 self.redis_link.failed(exc)
                 self.redis_link.wait_until_up()
@@ -374,17 +415,8 @@ class TransferRunner:
         message = f"internal error ({type(exc).__name__}); reference job id {job.id}"
         return self._finish_fail(job, ERROR_INTERNAL, message)
 
-    def _cancel_if_still_ours(self, job_id: str) -> Job | None:
-        # cancelled() also answers True when the job stopped being ours (recovered by
-        # another worker after a missed heartbeat): then leave it to its new owner.
-        current = self.store.get(job_id)
-        if current is None or current.status != JobStatus.RUNNING or current.worker != self.worker_name:
-            log.warning("job %s: no longer ours (%s); dropping this run", job_id, current and current.status.value)
-            return None
-        return self.store.mark_canceled(job_id)
-
     def _finish_fail(self, job: Job, code: str, message: str) -> Job | None:
-        final = self._record(job, "failed", lambda: self.store.fail(job.id, code, message))
+        final = self._record(job, "failed", lambda: self.store.fail(job.id, code, message, run=job.run))
         if final is not None and final.status == JobStatus.FAILED:
             log.info("job %s: failed with %s: %s", job.id, code, message)
             if self.metrics:
@@ -404,15 +436,17 @@ class TransferRunner:
             return outlast(f"job {job.id}: recording {status}", action, self.redis_link, deadline)
         except OutageTooLong as exc:
             return self._hand_back(job, exc)
+        except JobFenced:
+            return self._fenced(job, f"recording {status}")
         except (JobConflict, KeyError) as exc:
             current = self._quietly(lambda: self.store.get(job.id))
-            if current is not None and current.status.value == status and current.worker == self.worker_name:
+            if current is not None and current.status.value == status and current.run == job.run:
                 return current
             # Finished elsewhere meanwhile (recovered and re-run, or expired): nothing to do.
             log.warning("job %s: terminal transition refused: %s", job.id, exc)
             return None
 
-    def _quietly(self, call: Callable[[], Job | None]) -> Job | None:
+    def _quietly(self, call: Callable[[], Any]) -> Any:
         try:
             return call()
         except REDIS_UNAVAILABLE:

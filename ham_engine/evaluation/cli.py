@@ -14,19 +14,13 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ham_engine.params import CLIENT_PARAMS, ParamError, TransferParams
+from ham_engine.commands import BadInput, add_param_arguments, run_command, transfer_params
 
 PROG = "ham eval"
-_DEFAULTS = TransferParams()
 DEFAULT_OUT = "ham-eval"
-
-
-class _BadInput(Exception):
-    """A user mistake: exit status 2."""
 
 
 def add_eval_parser(subparsers: Any) -> None:
@@ -57,29 +51,14 @@ def add_eval_parser(subparsers: Any) -> None:
     parser.add_argument("--dino-model", default=None,
                         help="DINO ViT for DINO: an HF id or folder (default facebook/dino-vits16)")
     parser.add_argument("--skip-metrics", action="store_true", help="only make the outputs")
-    # The engine's own parameters, as ham transfer and ham submit take them.
-    for f in fields(TransferParams):
-        if f.name not in CLIENT_PARAMS:
-            continue
-        flag, kind = f.name.replace("_", "-"), CLIENT_PARAMS[f.name]
-        if kind is bool:
-            parser.add_argument(f"--no-{flag}", dest=f.name, action="store_false", help=f"turn {f.name} off")
-        else:
-            parser.add_argument(f"--{flag}", dest=f.name, type=kind, default=getattr(_DEFAULTS, f.name),
-                                help=f"engine parameter (default {getattr(_DEFAULTS, f.name)})")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    # The engine's own parameters, the flags ham transfer and ham submit take.
+    add_param_arguments(parser, server_defaults=False)
     parser.set_defaults(handler=run_eval)
 
 
-def _params(args: argparse.Namespace) -> TransferParams:
-    return TransferParams(**{name: getattr(args, name) for name in CLIENT_PARAMS})
-
-
 def _evaluate(args: argparse.Namespace) -> None:
-    try:
-        params = _params(args)
-    except ParamError as exc:
-        raise _BadInput(str(exc)) from exc
+    params = transfer_params(args)
     try:
         from ham_engine.engine import HamEngine
         from ham_engine.evaluation import record, report
@@ -101,13 +80,13 @@ def _evaluate(args: argparse.Namespace) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         engine = HamEngine.load(args.model, device=args.device, dtype=args.dtype)
     except ValueError as exc:
-        raise _BadInput(str(exc)) from exc
+        raise BadInput(str(exc)) from exc
 
     started = time.perf_counter()
     try:
         results = run_pairs(engine, pairs, params, out_dir, quiet=args.quiet)
     except ValueError as exc:
-        raise _BadInput(str(exc)) from exc
+        raise BadInput(str(exc)) from exc
     made = sum(not r.reused for r in results)
     if not args.quiet:
         print(f"{len(results)} outputs in {out_dir / 'outputs'} ({made} made, {len(results) - made} reused) "
@@ -134,21 +113,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``ham eval`` for parsed ``args``; return the exit status (0, 1 or 2)."""
-    try:
-        _evaluate(args)
-    except _BadInput as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (finished outputs are kept; rerun to resume)", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a fault of ours or of the environment: still one line
-        if os.environ.get("HAM_DEBUG"):
-            raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{PROG}: error: {type(exc).__name__}: {message}", file=sys.stderr)
-        return 1
-    return 0
+    interrupted = "interrupted (finished outputs are kept; rerun to resume)"
+    return run_command(PROG, lambda: _evaluate(args), interrupted=interrupted)
 
 
 def main(argv: list[str] | None = None) -> int:

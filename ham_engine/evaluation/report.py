@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from PIL import Image, ImageDraw, ImageOps
 from ham_engine.evaluation.paper import COMPARED, PAPER_ROWS, PROTOCOL, implied_fid
 from ham_engine.evaluation.runner import PairResult
 from ham_engine.evaluation.suite import Evaluation, is_available
+from ham_engine.files import write_atomically, write_text_atomically
 
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "table.md"
@@ -67,7 +67,7 @@ def write_metrics(out_dir: Path, evaluation: Evaluation, results: list[PairResul
         "paper": {"protocol": PROTOCOL, "rows": {k: dict(v) for k, v in PAPER_ROWS.items()}},
     }
     path = out_dir / METRICS_FILE
-    _write_text(path, json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
+    write_text_atomically(path, json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
     return path
 
 
@@ -115,7 +115,7 @@ def markdown_table(evaluation: Evaluation, label: str, ablation: tuple[str, Any]
 def write_table(out_dir: Path, table: str) -> Path:
     """Write ``table.md`` (the text of :func:`markdown_table`); returns its path."""
     path = out_dir / TABLE_FILE
-    _write_text(path, table)
+    write_text_atomically(path, table)
     return path
 
 
@@ -169,14 +169,7 @@ def contact_sheet(results: list[PairResult], pairing: str) -> Image.Image:
 
 def write_contact_sheet(out_dir: Path, results: list[PairResult], pairing: str) -> Path:
     """Write ``contact_sheet.png``; returns its path."""
-    path = out_dir / CONTACT_SHEET_FILE
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    contact_sheet(results, pairing).save(temporary, format="PNG")
-    os.replace(temporary, path)
-    return path
+    sheet = contact_sheet(results, pairing)
+    return write_atomically(out_dir / CONTACT_SHEET_FILE, lambda path: sheet.save(path, format="PNG"))
 
 
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from ham_engine.evaluation.pairs import Pair
+from ham_engine.files import write_atomically, write_text_atomically
 from ham_engine.images import open_image
 from ham_engine.params import TransferParams
 
@@ -56,15 +55,6 @@ def _request(pair: Pair, model: str, params: TransferParams) -> dict[str, Any]:
         "style": {"file": pair.style.name, "sha256": file_digest(pair.style)},
         "params": asdict(params),
     }))
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _load_record(path: Path) -> dict[str, Any] | None:
@@ -123,10 +113,10 @@ def run_pairs(
             style = open_image(pair.style, field="style")
             result = engine.transfer(content, style=style, params=params, progress=progress)
             wall = time.perf_counter() - started
-            _write_atomically(png, lambda path, image=result.image: image.save(path, format="PNG"))
-            record = {"request": request, "wall_s": wall, "stats": result.stats}
+            write_atomically(png, lambda path, image=result.image: image.save(path, format="PNG"))
+            record = {"request": request, "wall_s": wall, "stats": result.stats.to_dict()}
             text = json.dumps(record, indent=2, sort_keys=True, default=str)
-            _write_atomically(record_path, lambda path, text=text: path.write_text(text, encoding="utf-8"))
-            results.append(PairResult(pair, png, wall, False, result.stats))
+            write_text_atomically(record_path, text)
+            results.append(PairResult(pair, png, wall, False, record["stats"]))
             bar.update()
     return results

@@ -108,6 +108,25 @@ def _preprocessor_stats(folder: Path, mean: tuple[float, ...], std: tuple[float,
     return mean, std
 
 
+def _available_values(
+    computations: dict[str, Callable[[], float]], unavailable: dict[str, str]
+) -> dict[str, float | str]:
+    """Each metric's value, or why it is unavailable; a metric whose network is missing is not retried."""
+    values: dict[str, float | str] = {}
+    for name, compute in computations.items():
+        known = unavailable.get("clip_i" if name == "clip_t" else name)
+        if known is not None:  # its network is missing: say so once per pair, without retrying
+            values[name] = known
+            continue
+        try:
+            values[name] = compute()
+        except WeightsUnavailable as exc:
+            values[name] = f"{UNAVAILABLE}{exc}"
+            if name != "clip_t":  # a missing network stays missing; a missing text is per style
+                unavailable[name] = values[name]
+    return values
+
+
 class MetricSuite:
     """The paper's metrics; networks load lazily from ``store`` and are kept for the suite's life.
 
@@ -253,7 +272,6 @@ class MetricSuite:
     def _pair_metrics(self, result: PairResult, content: torch.Tensor, output: torch.Tensor,
                       unavailable: dict[str, str]) -> dict[str, float | str]:
         """One pair's per-pair metrics; the first failure of a metric's loading is kept in ``unavailable``."""
-        values: dict[str, float | str] = {}
         content_at_output = resize(content, tuple(output.shape[-2:]))
         height, width = output.shape[-2:]
         scale = CFSD_SIZE / max(height, width)
@@ -300,18 +318,7 @@ class MetricSuite:
             "clip_i": lambda: float(metrics.cosine(content_clip(), output_clip())[0]),
             "clip_t": clip_t_value,
         }
-        for name, compute in computations.items():
-            known = unavailable.get("clip_i" if name == "clip_t" else name)
-            if known is not None:  # its network is missing: say so once per pair, without retrying
-                values[name] = known
-                continue
-            try:
-                values[name] = compute()
-            except WeightsUnavailable as exc:
-                values[name] = f"{UNAVAILABLE}{exc}"
-                if name != "clip_t":  # a missing network stays missing; a missing text is per style
-                    unavailable[name] = values[name]
-        return values
+        return _available_values(computations, unavailable)
 
     @torch.inference_mode()
     def evaluate(self, results: list[PairResult], quiet: bool = True) -> Evaluation:

@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from service.api.errors import ApiError
+from service.api.errors import RateLimited, Unauthorized
 from service.api.ratelimit import RateLimiter
 from service.core.config import LOCAL_TENANT, Settings
 from service.core.logs import bind
@@ -87,11 +87,11 @@ def authenticate(credentials: CredentialsDep, services: ServicesDep) -> str:
         return LOCAL_TENANT
     key = _presented_key(credentials)
     if key is None:
-        raise ApiError(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
-                       headers=_BEARER_CHALLENGE)
+        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'",
+                           headers=_BEARER_CHALLENGE)
     tenant = _tenant_for_key(settings, key)
     if tenant is None:
-        raise ApiError(401, "unauthorized", "invalid API key", headers=_BEARER_CHALLENGE)
+        raise Unauthorized("invalid API key", headers=_BEARER_CHALLENGE)
     bind(tenant=tenant)
     return tenant
 
@@ -104,12 +104,8 @@ def current_tenant(tenant: Annotated[str, Depends(authenticate)], credentials: C
     decision = services.limiter.hit(f"key:{identity}")
     request.state.rate_decision = decision  # the RateLimit headers of the answer (RateLimitHeaders)
     if not decision.allowed:
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"more than {decision.limit} requests per minute for this API key; retry in {decision.retry_after}s",
-            headers={"Retry-After": str(decision.retry_after)},
-        )
+        raise RateLimited(limit=decision.limit, retry_after=decision.retry_after,
+                          headers={"Retry-After": str(decision.retry_after)})
     return tenant
 
 

@@ -4,8 +4,9 @@ A reference is an ``http(s)://`` URL or a ``data:`` URI. A URL is fetched under 
 of :mod:`service.core.ssrf` (public addresses only unless ``HAM_FETCH_ALLOW_PRIVATE``; the
 request connects to the address that was vetted), following at most :data:`MAX_REDIRECTS`
 redirects, each vetted again, within ``HAM_FETCH_TIMEOUT`` seconds in all and
-``HAM_MAX_UPLOAD_BYTES`` bytes. Every failure is a :class:`FetchError` naming the field, so the
-API answers 4xx (``content_url: ...``) and nothing of the job exists yet.
+``HAM_MAX_UPLOAD_BYTES`` bytes. Every failure is one of the API's errors naming the field
+(:class:`InvalidUrl`, :class:`FetchFailed`, :class:`InvalidDataUri`, :class:`UploadTooLarge`), so
+the API answers 4xx (``content_url: ...``) and nothing of the job exists yet.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 import httpx
 from starlette.concurrency import run_in_threadpool
 
+from service.api.errors import FetchFailed, InvalidDataUri, InvalidUrl, UploadTooLarge
 from service.core.ssrf import check_public_url, pinned_request
 
 if TYPE_CHECKING:
@@ -31,30 +33,19 @@ USER_AGENT = "ham-fetch/1"
 _DATA_URI = re.compile(r"(?i:data):(?P<type>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)", re.DOTALL)
 
 
-class FetchError(Exception):
-    """A reference the service could not turn into bytes; ``status`` is the HTTP answer (413 or 422)."""
-
-    def __init__(self, status: int, code: str, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.status = status
-        self.code = code
-        self.field = field
-        self.message = f"{field}: {message}"
-
-
 async def fetch_reference(field: str, reference: str, settings: Settings) -> bytes:
-    """The bytes behind ``reference`` (a URL or a ``data:`` URI), or :class:`FetchError`."""
+    """The bytes behind ``reference`` (a URL or a ``data:`` URI), or one of the errors above."""
     if reference[:5].lower() == "data:":  # URI schemes are case-insensitive (RFC 3986 §3.1)
         return decode_data_uri(field, reference, settings.max_upload_bytes)
     if len(reference) > MAX_REFERENCE_CHARS:
-        raise FetchError(422, "invalid_url", field, f"at most {MAX_REFERENCE_CHARS} characters (or use a data: URI)")
+        raise InvalidUrl(f"at most {MAX_REFERENCE_CHARS} characters (or use a data: URI)", field=field)
     scheme = urlsplit(reference).scheme if "://" in reference else ""
     if scheme not in ("http", "https"):
-        raise FetchError(422, "invalid_url", field, "must be an http(s):// URL or a data: URI")
+        raise InvalidUrl("must be an http(s):// URL or a data: URI", field=field)
     try:
         return await asyncio.wait_for(_fetch(field, reference, settings), timeout=settings.fetch_timeout)
     except asyncio.TimeoutError:
-        raise FetchError(422, "fetch_failed", field, f"not fetched within {settings.fetch_timeout:g}s") from None
+        raise FetchFailed(f"not fetched within {settings.fetch_timeout:g}s", field=field) from None
 
 
 async def _fetch(field: str, url: str, settings: Settings) -> bytes:
@@ -68,7 +59,7 @@ async def _fetch(field: str, url: str, settings: Settings) -> bytes:
                     check_public_url, url, settings.fetch_allow_private, field, "HAM_FETCH_ALLOW_PRIVATE"
                 )
             except ValueError as exc:
-                raise FetchError(422, "invalid_url", field, str(exc).removeprefix(f"{field} ")) from None
+                raise InvalidUrl(str(exc).removeprefix(f"{field} "), field=field) from None
             target, host, extensions = pinned_request(url, address)
             # identity: the byte cap counts what arrives, and a compressed body would not be an image.
             headers = {**host, "User-Agent": USER_AGENT, "Accept": "image/png, image/jpeg, image/webp",
@@ -79,8 +70,8 @@ async def _fetch(field: str, url: str, settings: Settings) -> bytes:
                         url = urljoin(url, response.headers.get("location", ""))
                         continue
                     if response.status_code != 200:
-                        raise FetchError(422, "fetch_failed", field, f"GET {_short(url)} answered HTTP "
-                                         f"{response.status_code}")
+                        raise FetchFailed(f"GET {_short(url)} answered HTTP "
+                                         f"{response.status_code}", field=field)
                     declared = response.headers.get("content-length", "")
                     if declared.isdigit() and int(declared) > limit:
                         raise _too_large(field, limit)
@@ -91,16 +82,16 @@ async def _fetch(field: str, url: str, settings: Settings) -> bytes:
                             raise _too_large(field, limit)
                     return bytes(body)
             except httpx.HTTPError as exc:
-                raise FetchError(422, "fetch_failed", field, f"GET {_short(url)} failed: "
-                                 f"{type(exc).__name__} {exc}".rstrip()) from None
-    raise FetchError(422, "fetch_failed", field, f"more than {MAX_REDIRECTS} redirects")
+                raise FetchFailed(f"GET {_short(url)} failed: "
+                                 f"{type(exc).__name__} {exc}".rstrip(), field=field) from None
+    raise FetchFailed(f"more than {MAX_REDIRECTS} redirects", field=field)
 
 
 def decode_data_uri(field: str, uri: str, limit: int) -> bytes:
     """The payload of a ``data:[<type>][;base64],<data>`` URI (RFC 2397), at most ``limit`` bytes."""
     match = _DATA_URI.fullmatch(uri)
     if match is None:
-        raise FetchError(422, "invalid_data_uri", field, "not a data: URI (data:[<type>][;base64],<data>)")
+        raise InvalidDataUri("not a data: URI (data:[<type>][;base64],<data>)", field=field)
     data = match.group("data")
     # Every 4 base64 characters carry 3 bytes: refuse before decoding anything oversized.
     if len(data) * 3 // 4 > limit + 3:
@@ -109,7 +100,7 @@ def decode_data_uri(field: str, uri: str, limit: int) -> bytes:
         try:
             payload = base64.b64decode("".join(data.split()), validate=True)
         except (binascii.Error, ValueError):
-            raise FetchError(422, "invalid_data_uri", field, "the data: URI's base64 is malformed") from None
+            raise InvalidDataUri("the data: URI's base64 is malformed", field=field) from None
     else:
         payload = unquote_to_bytes(data)
     if len(payload) > limit:
@@ -117,8 +108,8 @@ def decode_data_uri(field: str, uri: str, limit: int) -> bytes:
     return payload
 
 
-def _too_large(field: str, limit: int) -> FetchError:
-    return FetchError(413, "upload_too_large", field, f"larger than {limit} bytes")
+def _too_large(field: str, limit: int) -> UploadTooLarge:
+    return UploadTooLarge(f"larger than {limit} bytes", field=field)
 
 
 def _short(url: str) -> str:

@@ -18,18 +18,26 @@ from fastapi import Request
 
 from ham_engine.params import ParamSpec
 from service.api.deps import Services
-from service.api.errors import ApiError
-from service.api.fetch import FetchError, fetch_reference
+from service.api.errors import (
+    InvalidJson,
+    InvalidParameter,
+    InvalidRequest,
+    MissingField,
+    TooManyStyles,
+    UnknownField,
+)
+from service.api.fetch import fetch_reference
 from service.api.submission import (
     REQUEST_SPECS,
     Submission,
     build_params,
     check_webhook,
     normalise_image,
-    style_reference,
+    one_style,
     webhook_events,
 )
 from service.core.idempotency import json_fingerprint
+from service.core.style_refs import StyleRef
 
 REFERENCE_FIELDS = ("content_url", "style_url")
 TEXT_FIELDS = ("style_prompt", "webhook_url")
@@ -48,9 +56,8 @@ async def read_json(request: Request, services: Services) -> Submission:
     body = await _object(request)
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
-        raise ApiError(422, "unknown_field",
-                       f"unknown field {unknown[0][:80]!r}; known: {', '.join(sorted(KNOWN_FIELDS))}",
-                       field=unknown[0][:80])
+        raise UnknownField(where="", name=unknown[0][:80], known=", ".join(sorted(KNOWN_FIELDS)),
+                           field=unknown[0][:80])
     given = {name: _typed(_SPECS[name], value) for name, value in body.items() if name in _SPECS}
     params, output = build_params(given)
     texts = {name: _string(name, body[name]) if name in body else None for name in ("content_url", *TEXT_FIELDS)}
@@ -58,41 +65,32 @@ async def read_json(request: Request, services: Services) -> Submission:
     style_ids = _strings("style_id", body)
     limit = services.settings.max_styles_per_job
     if len(style_urls) + len(style_ids) > limit:
-        raise ApiError(422, "too_many_styles", f"at most {limit} styles per job (style_urls and style_ids), got "
-                       f"{len(style_urls) + len(style_ids)}", field="style_url" if style_urls else "style_id")
+        raise TooManyStyles(limit=limit, count=len(style_urls) + len(style_ids),
+                            field="style_url" if style_urls else "style_id")
     # One style_url (or none) is the single-style job of style image and/or prompt; otherwise a style list.
-    one_style = len(style_urls) <= 1 and not style_ids
-    if one_style:
-        prompt = style_reference(bool(style_urls), texts["style_prompt"])
+    single = len(style_urls) <= 1 and not style_ids
+    if single:
+        styles: tuple[StyleRef, ...] = (one_style(bool(style_urls), texts["style_prompt"]),)
     elif texts["style_prompt"] is not None:
-        raise ApiError(422, "invalid_parameter", "style_prompt: with a style_id or several styles, give each its "
-                       "prompt through the style library", field="style_prompt")
+        raise InvalidParameter("style_prompt: with a style_id or several styles, give each its prompt through the "
+                               "style library", field="style_prompt")
     else:
-        prompt = None
+        styles = tuple(StyleRef.uploaded() for _ in style_urls) + tuple(StyleRef.library(i) for i in style_ids)
     if not texts["content_url"]:
-        raise ApiError(422, "missing_field", "content_url: the content image's URL or data: URI is required",
-                       field="content_url")
+        raise MissingField("the content image's URL or data: URI is required", field="content_url")
     events = body.get("webhook_events")
     if "webhook_events" in body and (not isinstance(events, list) or not all(isinstance(e, str) for e in events)):
-        raise ApiError(422, "invalid_parameter", "webhook_events: must be an array of event names",
-                       field="webhook_events")
+        raise InvalidParameter("webhook_events: must be an array of event names",
+                               field="webhook_events")
     chosen_events = webhook_events(events)
     webhook_url = await check_webhook(services, texts["webhook_url"])
     references = [("content_url", texts["content_url"])] + [("style_url", url) for url in style_urls]
-    try:
-        fetched = await asyncio.gather(
-            *(fetch_reference(name, reference, services.settings) for name, reference in references)
-        )
-    except FetchError as exc:
-        raise ApiError(exc.status, exc.code, exc.message, field=exc.field) from None
-    content = await normalise_image(services, "content_url", fetched[0])
-    pngs = [await normalise_image(services, "style_url", data) for data in fetched[1:]]
-    if one_style:
-        return Submission(params, output, prompt, webhook_url, chosen_events, content, pngs[0] if pngs else None)
-    styles = tuple({"png": png, "key": None, "prompt": None, "style_id": None} for png in pngs) + tuple(
-        {"png": None, "key": None, "prompt": None, "style_id": style_id} for style_id in style_ids
+    fetched = await asyncio.gather(
+        *(fetch_reference(name, reference, services.settings) for name, reference in references)
     )
-    return Submission(params, output, None, webhook_url, chosen_events, content, None, styles)
+    content = await normalise_image(services, "content_url", fetched[0])
+    pngs = tuple([await normalise_image(services, "style_url", data) for data in fetched[1:]])
+    return Submission(params, output, webhook_url, chosen_events, content, styles, pngs)
 
 
 def _strings(name: str, body: dict[str, Any]) -> list[str]:
@@ -102,8 +100,7 @@ def _strings(name: str, body: dict[str, Any]) -> list[str]:
     value = body[name]
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(item, str) and item.strip() for item in values):
-        raise ApiError(422, "invalid_parameter", f"{name}: must be a non-empty string or a non-empty array of them",
-                       field=name)
+        raise InvalidParameter(f"{name}: must be a non-empty string or a non-empty array of them", field=name)
     return [item.strip() for item in values]
 
 
@@ -128,15 +125,15 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     except RecursionError:
         # The parser gives up about 1000 levels down (a 200 kB body of brackets): a client's
         # mistake, not a 500 with a traceback per request.
-        raise ApiError(400, "invalid_json", f"the body nests too deep; at most {MAX_DEPTH} levels") from None
+        raise InvalidJson(f"it nests too deep; at most {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
+        raise InvalidJson(str(exc)[:200]) from None
     if _too_deep(body):
         # Within the parser's reach but not ours: canonical re-encoding (the idempotency
         # fingerprint) recurses too, and a submission needs two levels.
-        raise ApiError(400, "invalid_json", f"the body nests too deep; at most {MAX_DEPTH} levels")
+        raise InvalidJson(f"it nests too deep; at most {MAX_DEPTH} levels")
     if not isinstance(body, dict):
-        raise ApiError(422, "invalid_request", "the JSON body must be an object")
+        raise InvalidRequest("the JSON body must be an object")
     return body
 
 
@@ -165,13 +162,13 @@ def _typed(spec: ParamSpec, value: Any) -> Any:
         str: isinstance(value, str),
     }[spec.kind]
     if not ok:
-        raise ApiError(422, "invalid_parameter", f"{spec.name}: must be {_JSON_TYPES[spec.kind]}, got "
-                       f"{json.dumps(value)[:40]}", field=spec.name)
+        raise InvalidParameter(f"{spec.name}: must be {_JSON_TYPES[spec.kind]}, got "
+                               f"{json.dumps(value)[:40]}", field=spec.name)
     return float(value) if spec.kind is float else value
 
 
 def _string(name: str, value: Any) -> str | None:
     # null is refused like any other non-string: leave the field out to mean "not given".
     if not isinstance(value, str):
-        raise ApiError(422, "invalid_parameter", f"{name}: must be a string", field=name)
+        raise InvalidParameter(f"{name}: must be a string", field=name)
     return value

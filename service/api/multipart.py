@@ -16,7 +16,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ham_engine.params import ParamError, ParamSpec
 from service.api.deps import Services
-from service.api.errors import ApiError
+from service.api.errors import (
+    DuplicateField,
+    InvalidField,
+    InvalidMultipart,
+    InvalidParameter,
+    MissingField,
+    TooManyStyles,
+    UnknownField,
+    UploadTooLarge,
+)
 from service.api.submission import (
     REQUEST_SPECS,
     Submission,
@@ -24,10 +33,11 @@ from service.api.submission import (
     check_webhook,
     invalid,
     normalise_image,
-    style_reference,
+    one_style,
     webhook_events,
 )
 from service.core.idempotency import file_digest, form_fingerprint
+from service.core.style_refs import StyleRef
 
 FILE_FIELDS = ("content", "style")
 TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url", "webhook_events")
@@ -65,25 +75,25 @@ async def read_multipart(request: Request, services: Services) -> Submission:
                     raise invalid(exc) from None
         params, output = build_params(given)
         if one_upload:
-            prompt = style_reference(values.get("style") is not None, _text(values, "style_prompt"))
+            styles: tuple[StyleRef, ...] = (one_style(values.get("style") is not None, _text(values, "style_prompt")),)
         elif _text(values, "style_prompt") is not None:
-            raise ApiError(422, "invalid_parameter",
-                           "style_prompt: with a style_id or several styles, give each its prompt through the "
-                           "style library", field="style_prompt")
+            raise InvalidParameter("style_prompt: with a style_id or several styles, give each its prompt through the "
+                                   "style library", field="style_prompt")
         else:
-            prompt = None
+            styles = tuple(StyleRef.library(value.strip()) if name == "style_id" else StyleRef.uploaded()
+                           for name, value in _text_style_ids(refs))
         if values.get("content") is None:
-            raise ApiError(422, "missing_field", "content: the content image is required", field="content")
+            raise MissingField("the content image is required", field="content")
         events_text = _text(values, "webhook_events")
         events = webhook_events(None if events_text is None else [e.strip() for e in events_text.split(",")])
         webhook_url = await check_webhook(services, _text(values, "webhook_url"))
         content = await _read_upload(services, values, "content")
-        style = await _read_upload(services, values, "style") if one_upload else None
-        styles = None if one_upload else await _uploaded_and_library_styles(services, refs)
+        uploads = [values["style"]] if one_upload and "style" in values else [v for n, v in refs if n == "style"]
+        pngs = [await _read_upload(services, {"style": upload}, "style") for upload in uploads]
     finally:
         await form.close()
     assert content is not None  # checked above
-    return Submission(params, output, prompt, webhook_url, events, content, style, styles)
+    return Submission(params, output, webhook_url, events, content, styles, tuple(png for png in pngs if png))
 
 
 def _style_fields(form: FormData, limit: int) -> list[tuple[str, str | UploadFile]]:
@@ -101,27 +111,16 @@ def _style_fields(form: FormData, limit: int) -> list[tuple[str, str | UploadFil
             continue
         refs.append((name, value))
     if parts > limit:
-        raise ApiError(
-            422, "too_many_styles", f"at most {limit} styles per job (style files and style_ids), got {parts}",
-            field="style",
-        )
+        raise TooManyStyles(limit=limit, count=parts)
     return refs
 
 
-async def _uploaded_and_library_styles(
-    services: Services, refs: list[tuple[str, str | UploadFile]]
-) -> tuple[dict[str, Any], ...]:
-    """Each style of a job naming library styles or several images (library ones resolved by the route)."""
-    styles: list[dict[str, Any]] = []
+def _text_style_ids(refs: list[tuple[str, str | UploadFile]]) -> list[tuple[str, str | UploadFile]]:
+    """``refs``, each ``style_id`` checked to be a text field (422 naming it otherwise)."""
     for name, value in refs:
-        if name == "style_id":
-            if not isinstance(value, str):
-                raise ApiError(422, "invalid_field", "style_id must be a text field, not a file", field="style_id")
-            styles.append({"png": None, "key": None, "prompt": None, "style_id": value.strip()})
-            continue
-        png = await _read_upload(services, {"style": value}, "style")
-        styles.append({"png": png, "key": None, "prompt": None, "style_id": None})
-    return tuple(styles)
+        if name == "style_id" and not isinstance(value, str):
+            raise InvalidField("style_id must be a text field, not a file", field="style_id")
+    return refs
 
 
 async def multipart_fingerprint(request: Request, services: Services) -> str:
@@ -153,7 +152,7 @@ async def _parse_form(request: Request, styles: int) -> FormData:
         return await request.form(max_files=len(FILE_FIELDS) + MAX_STYLE_PARTS, max_fields=len(KNOWN_FIELDS)
                                   + MAX_STYLE_PARTS, max_part_size=MAX_TEXT_FIELD_BYTES)
     except StarletteHTTPException as exc:
-        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from None
+        raise InvalidMultipart(str(exc.detail)) from None
 
 
 def _coerce(spec: ParamSpec, raw: str) -> Any:
@@ -182,12 +181,9 @@ def _form_fields(form: FormData) -> dict[str, str | UploadFile]:
     values: dict[str, str | UploadFile] = {}
     for name, value in form.multi_items():
         if name not in KNOWN_FIELDS:
-            raise ApiError(
-                422, "unknown_field", f"unknown form field {name[:80]!r}; known: {', '.join(sorted(KNOWN_FIELDS))}",
-                field=name[:80],
-            )
+            raise UnknownField(where="form ", name=name[:80], known=", ".join(sorted(KNOWN_FIELDS)), field=name[:80])
         if name in values and name not in STYLE_FIELDS:
-            raise ApiError(422, "duplicate_field", f"form field {name!r} given more than once", field=name)
+            raise DuplicateField(field=name)
         # An empty text value means "not given" (what HTML forms and Swagger UI send for blanks).
         if isinstance(value, str) and value == "":
             continue
@@ -201,7 +197,7 @@ def _text(values: dict[str, str | UploadFile], name: str) -> str | None:
     value = values.get(name)
     if value is None or isinstance(value, str):
         return value
-    raise ApiError(422, "invalid_field", f"{name} must be a text field, not a file", field=name)
+    raise InvalidField(f"{name} must be a text field, not a file", field=name)
 
 
 async def _read_upload(services: Services, values: dict[str, str | UploadFile], name: str) -> bytes | None:
@@ -210,9 +206,9 @@ async def _read_upload(services: Services, values: dict[str, str | UploadFile], 
     if upload is None:
         return None
     if not isinstance(upload, UploadFile):
-        raise ApiError(422, "invalid_field", f"{name} must be an image file upload, not text", field=name)
+        raise InvalidField(f"{name} must be an image file upload, not text", field=name)
     limit = services.settings.max_upload_bytes
     data = await upload.read(limit + 1)  # never more than the limit (+1 to detect "over")
     if len(data) > limit:
-        raise ApiError(413, "upload_too_large", f"{name}: larger than {limit} bytes", field=name)
+        raise UploadTooLarge(f"larger than {limit} bytes", field=name)
     return await normalise_image(services, name, data)

@@ -12,32 +12,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ham_engine.params import MAX_PROMPT_CHARS
+from service.api.errors import ErrorDetail, ErrorResponse
 from service.api.submission import MAX_WEBHOOK_URL_CHARS, REQUEST_SPECS
 from service.core.jobs import WEBHOOK_EVENTS
 from service.core.resource import TransferJob
 
-
-class ErrorDetail(BaseModel):
-    """Why a request failed."""
-
-    code: str = Field(description="Stable machine-readable code, e.g. `invalid_parameter`.")
-    message: str = Field(description="What went wrong and what is allowed.")
-    field: str | None = Field(None, description="The input to blame, when there is one.")
-
-
-class ErrorResponse(BaseModel):
-    """Every non-2xx answer has this shape."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"error": {"code": "invalid_parameter", "message": "alpha: must be in [0.0, 1.0], got 2.0",
-                           "field": "alpha"}}
-            ]
-        }
-    )
-
-    error: ErrorDetail
+# The error shape lives with the error catalogue; named here too, with the other public shapes.
+__all__ = ["ErrorDetail", "ErrorResponse"]
 
 
 class TransferList(BaseModel):

@@ -17,10 +17,11 @@ from starlette.concurrency import run_in_threadpool
 
 from ham_engine.params import PARAM_SPECS, ParamError, ParamSpec, TransferParams, check_style_reference
 from service.api.deps import Services
-from service.api.errors import ApiError
-from service.api.uploads import UploadError, read_image
-from service.core.jobs import WEBHOOK_EVENTS, Job, extra_style_key, style_key
+from service.api.errors import ApiError, InvalidParameter, InvalidWebhookUrl, StyleNotFound, WebhooksDisabled
+from service.api.uploads import read_image
+from service.core.jobs import WEBHOOK_EVENTS, Job
 from service.core.output import OUTPUT_SPECS, OutputSpec
+from service.core.style_refs import PENDING_UPLOAD, StyleRef, assign_upload_keys
 from service.core.styles import StyleRecord
 from service.core.webhooks import check_webhook_url
 
@@ -37,58 +38,37 @@ class Submission:
 
     params: TransferParams
     output: OutputSpec
-    style_prompt: str | None
     webhook_url: str | None
     webhook_events: tuple[str, ...]
     content_png: bytes
-    style_png: bytes | None
-    # A job naming library styles or several styles: each {"png": uploaded PNG or None,
-    # "key": a library style's image key or None, "prompt", "style_id"}, in order. None: the one
-    # style of style_png / style_prompt.
-    styles: tuple[dict[str, Any], ...] | None = None
+    # The job's styles, in order; an uploaded one is pending (its key comes with the job id).
+    styles: tuple[StyleRef, ...]
+    # The normalised PNG of each pending upload among ``styles``, in the same order.
+    style_pngs: tuple[bytes, ...] = ()
 
     def uploads(self, job_id: str) -> list[tuple[str, bytes]]:
         """The style images to store with the job: (storage key, PNG)."""
-        if self.styles is None:
-            return [(style_key(job_id), self.style_png)] if self.style_png is not None else []
-        return [(key, ref["png"]) for key, ref in zip(self._keys(job_id), self.styles, strict=True) if ref["png"]]
-
-    def _keys(self, job_id: str) -> list[str | None]:
-        keys: list[str | None] = []
-        uploaded = 0
-        for index, ref in enumerate(self.styles or ()):
-            if ref["png"] is None:
-                keys.append(ref["key"])
-                continue
-            keys.append(style_key(job_id) if uploaded == 0 else extra_style_key(job_id, index))
-            uploaded += 1
-        return keys
+        keyed = assign_upload_keys(self.styles, job_id)
+        keys = [str(ref.key) for ref, given in zip(keyed, self.styles, strict=True) if given.pending_upload]
+        return list(zip(keys, self.style_pngs, strict=True))
 
     def job(self, job_id: str, tenant: str) -> Job:
         """The job record this submission becomes."""
-        styles = None
-        if self.styles is not None:
-            styles = [
-                {"key": key, "prompt": ref["prompt"], "style_id": ref["style_id"]}
-                for key, ref in zip(self._keys(job_id), self.styles, strict=True)
-            ]
         return Job(
             id=job_id,
             tenant=tenant,
             params=self.params.to_dict(),
-            style_prompt=self.style_prompt,
-            has_style=self.style_png is not None or any(s["key"] for s in styles or []),
+            styles=assign_upload_keys(self.styles, job_id),
             webhook_url=self.webhook_url,
             webhook_events=self.webhook_events,
             output_format=self.output.format,
             output_quality=self.output.quality,
-            styles=styles,
         )
 
 
 def invalid(exc: ParamError) -> ApiError:
     """The 422 for a parameter out of range."""
-    return ApiError(422, "invalid_parameter", str(exc), field=exc.field)
+    return InvalidParameter(str(exc), field=exc.field)
 
 
 def build_params(given: Mapping[str, Any]) -> tuple[TransferParams, OutputSpec]:
@@ -101,15 +81,20 @@ def build_params(given: Mapping[str, Any]) -> tuple[TransferParams, OutputSpec]:
         raise invalid(exc) from None
 
 
-def style_reference(has_style_image: bool, style_prompt: str | None) -> str | None:
-    """The normalised prompt; 422 when there is no style at all, or a prompt of blanks only."""
+def one_style(has_style_image: bool, style_prompt: str | None) -> StyleRef:
+    """The one style of a request giving a style image and/or ``style_prompt``; 422 when there is
+    no style at all, or a prompt of blanks only."""
     if style_prompt is not None and not style_prompt.strip():
-        raise ApiError(422, "invalid_parameter", "style_prompt: blank; leave it out or describe a style",
-                       field="style_prompt")
+        raise InvalidParameter("style_prompt: blank; leave it out or describe a style",
+                               field="style_prompt")
     try:
-        return check_style_reference(has_style_image, style_prompt)
+        prompt = check_style_reference(has_style_image, style_prompt)
     except ParamError as exc:
         raise invalid(exc) from None
+    if has_style_image:
+        return StyleRef.uploaded(prompt)
+    assert prompt is not None  # check_style_reference refuses a style with neither
+    return StyleRef.text(prompt)
 
 
 def webhook_events(events: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -119,13 +104,14 @@ def webhook_events(events: list[str] | tuple[str, ...] | None) -> tuple[str, ...
     chosen = []
     for event in events:
         if event not in WEBHOOK_EVENTS:
-            raise ApiError(422, "invalid_parameter",
-                           f"webhook_events: each must be one of {', '.join(WEBHOOK_EVENTS)}, got {str(event)[:40]!r}",
-                           field="webhook_events")
+            raise InvalidParameter(
+                f"webhook_events: each must be one of {', '.join(WEBHOOK_EVENTS)}, got {str(event)[:40]!r}",
+                field="webhook_events",
+            )
         if event not in chosen:
             chosen.append(event)
     if not chosen:
-        raise ApiError(422, "invalid_parameter", "webhook_events: name at least one event", field="webhook_events")
+        raise InvalidParameter("webhook_events: name at least one event", field="webhook_events")
     return tuple(event for event in WEBHOOK_EVENTS if event in chosen)
 
 
@@ -134,48 +120,49 @@ async def check_webhook(services: Services, url: str | None) -> str | None:
     if url is None:
         return None
     if not services.settings.webhook_secret:
-        raise ApiError(
-            422, "webhooks_disabled",
-            "webhooks are disabled on this server (the operator must set HAM_WEBHOOK_SECRET)", field="webhook_url",
-        )
+        raise WebhooksDisabled()
     url = url.strip()
     if len(url) > MAX_WEBHOOK_URL_CHARS:
-        raise ApiError(422, "invalid_webhook_url", f"at most {MAX_WEBHOOK_URL_CHARS} characters", field="webhook_url")
+        raise InvalidWebhookUrl(f"at most {MAX_WEBHOOK_URL_CHARS} characters", field="webhook_url")
     try:
         # Resolves DNS: off the event loop.
         await run_in_threadpool(check_webhook_url, url, services.settings.webhook_allow_private)
     except ValueError as exc:
-        raise ApiError(422, "invalid_webhook_url", str(exc), field="webhook_url") from None
+        raise InvalidWebhookUrl(str(exc), field="webhook_url") from None
     return url
 
 
 async def normalise_image(services: Services, field: str, data: bytes) -> bytes:
     """The image's RGB PNG (the only form workers read); 413/415/422 naming ``field``."""
-    try:
-        info = await run_in_threadpool(read_image, field, data, services.settings)
-    except UploadError as exc:
-        raise ApiError(exc.status, exc.code, str(exc.message), field=exc.field or field) from None
+    info = await run_in_threadpool(read_image, field, data, services.settings)
     return info.normalized_png
 
 
 def resolve_library_styles(services: Services, tenant: str, submission: Submission) -> Submission:
     """``submission`` with each ``style_id`` resolved to the tenant's library style; 404 naming it otherwise.
 
-    The job keeps its own copy of a library style's image (stored with its other inputs): deleting
-    the style while the job is queued cannot take the image from under it.
+    The job keeps its own copy of a library style's image (stored with its other inputs, as an
+    upload is): deleting the style while the job is queued cannot take the image from under it.
     """
-    if submission.styles is None:
+    if not any(ref.style_id for ref in submission.styles):
         return submission
-    resolved = []
+    resolved: list[StyleRef] = []
+    pngs: list[bytes] = []
+    uploads = iter(submission.style_pngs)
     for ref in submission.styles:
-        if ref["style_id"] is not None:
-            record = services.styles.get(tenant, ref["style_id"])
+        if ref.pending_upload:
+            pngs.append(next(uploads))
+        elif ref.style_id is not None:
+            record = services.styles.get(tenant, ref.style_id)
             png = _library_image(services, record) if record is not None else None
             if record is None or (record.has_image and png is None):
-                raise ApiError(404, "style_not_found", f"no style {ref['style_id'][:80]!r}", field="style_id")
-            ref = {**ref, "png": png, "key": None, "prompt": record.style_prompt, "style_id": record.id}
+                raise StyleNotFound(style_id=ref.style_id[:80])
+            ref = record.ref()
+            if png is not None:
+                ref = replace(ref, key=PENDING_UPLOAD)  # stored with the job, as an upload
+                pngs.append(png)
         resolved.append(ref)
-    return replace(submission, styles=tuple(resolved))
+    return replace(submission, styles=tuple(resolved), style_pngs=tuple(pngs))
 
 
 def _library_image(services: Services, record: StyleRecord) -> bytes | None:

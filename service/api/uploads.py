@@ -1,7 +1,7 @@
 """Validation of an uploaded image before anything is stored or enqueued.
 
 ``read_image`` is the only door through which client bytes become an image. It answers every
-client mistake with an ``UploadError`` carrying the HTTP status the API returns:
+client mistake with one of the API's errors (:mod:`service.api.errors`), which carries its HTTP status:
 
 - 415 ``unsupported_media_type``: not PNG, JPEG or WebP by its magic bytes (the filename and
   the declared content type are never trusted);
@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.api.errors import ImageTooLarge, InvalidField, InvalidImage, UnsupportedMediaType, UploadTooLarge
+
 if TYPE_CHECKING:
     from service.core.config import Settings
 
@@ -37,17 +39,6 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # Errors Pillow raises on malformed data; none of them may escape as a 500.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
-
-
-class UploadError(ValueError):
-    """A client's upload the service refuses; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, code: str, field: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -76,32 +67,29 @@ def read_image(field: str, data: bytes, settings: Settings) -> ImageInfo:
     """Validate one uploaded image and return it normalised to an RGB PNG.
 
     ``field`` is the form field name (``content`` or ``style``), used in error messages.
-    Raises ``UploadError`` (413, 415 or 422) for anything the service will not process.
+    Raises :class:`UploadTooLarge`, :class:`ImageTooLarge` (413), :class:`UnsupportedMediaType` (415)
+    or :class:`InvalidImage` (422) for anything the service will not process.
     """
     if len(data) > settings.max_upload_bytes:
-        raise UploadError(
-            413,
-            "upload_too_large",
-            field,
-            f"{field}: {len(data)} bytes exceeds the limit of {settings.max_upload_bytes} bytes",
+        raise UploadTooLarge(
+            f"{len(data)} bytes exceeds the limit of {settings.max_upload_bytes} bytes",
+            field=field,
         )
     if not data:
-        raise UploadError(422, "invalid_image", field, f"{field}: the file is empty")
+        raise InvalidImage("the file is empty", field=field)
     kind = sniff_format(data)
     if kind is None:
-        raise UploadError(
-            415, "unsupported_media_type", field, f"{field}: not a PNG, JPEG or WebP image (judged by its content)"
-        )
+        raise UnsupportedMediaType(f"{field}: not a PNG, JPEG or WebP image (judged by its content)", field=field)
     try:
         image = Image.open(io.BytesIO(data), formats=[kind.upper()])
     except Image.DecompressionBombError as exc:
         raise _too_large(field, settings, detail=str(exc)) from exc
     except (UnidentifiedImageError, *_DECODE_ERRORS) as exc:
-        raise UploadError(422, "invalid_image", field, f"{field}: unreadable {kind.upper()} header") from exc
+        raise InvalidImage(f"unreadable {kind.upper()} header", field=field) from exc
     with image:
         width, height = image.size  # from the header: nothing decoded yet
         if width <= 0 or height <= 0:
-            raise UploadError(422, "invalid_image", field, f"{field}: image has no pixels ({width}x{height})")
+            raise InvalidImage(f"image has no pixels ({width}x{height})", field=field)
         if width * height > settings.max_image_pixels:
             raise _too_large(field, settings, detail=f"{width}x{height} = {width * height} pixels")
         # A plain RGB PNG is checked without decoding its pixels: every chunk's CRC, and the zlib
@@ -119,9 +107,7 @@ def read_image(field: str, data: bytes, settings: Settings) -> ImageInfo:
         except Image.DecompressionBombError as exc:
             raise _too_large(field, settings, detail=str(exc)) from exc
         except _DECODE_ERRORS as exc:
-            raise UploadError(
-                422, "invalid_image", field, f"{field}: corrupt or truncated {kind.upper()} data ({exc})"
-            ) from exc
+            raise InvalidImage(f"corrupt or truncated {kind.upper()} data ({exc})", field=field) from exc
     return ImageInfo(format=kind, width=rgb.width, height=rgb.height, normalized_png=out.getvalue())
 
 
@@ -144,8 +130,8 @@ def _checked_plain_png(field: str, png: bytes, width: int, height: int) -> bytes
     rows the header promises). 422 ``invalid_image`` otherwise.
     """
 
-    def corrupt(why: str) -> UploadError:
-        return UploadError(422, "invalid_image", field, f"{field}: corrupt or truncated PNG data ({why})")
+    def corrupt(why: str) -> InvalidImage:
+        return InvalidImage(f"corrupt or truncated PNG data ({why})", field=field)
 
     kept = [png[:8]]
     stream = zlib.decompressobj()
@@ -185,13 +171,8 @@ def _checked_plain_png(field: str, png: bytes, width: int, height: int) -> bytes
     return b"".join(kept)
 
 
-def _too_large(field: str, settings: Settings, detail: str) -> UploadError:
-    return UploadError(
-        413,
-        "image_too_large",
-        field,
-        f"{field}: image too large ({detail}); the limit is {settings.max_image_pixels} pixels",
-    )
+def _too_large(field: str, settings: Settings, detail: str) -> ImageTooLarge:
+    return ImageTooLarge(f"image too large ({detail}); the limit is {settings.max_image_pixels} pixels", field=field)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -211,20 +192,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 async def read_upload(upload: object, name: str, settings: Settings) -> bytes:
-    """The normalised PNG of the multipart file ``upload`` of field ``name``; :class:`ApiError` otherwise."""
+    """The normalised PNG of the multipart file ``upload`` of field ``name``; an API error otherwise."""
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
 
-    from service.api.errors import ApiError
-
     if not isinstance(upload, UploadFile):
-        raise ApiError(422, "invalid_field", f"{name} must be an image file upload, not text", field=name)
+        raise InvalidField(f"{name} must be an image file upload, not text", field=name)
     limit = settings.max_upload_bytes
     data = await upload.read(limit + 1)  # never more than the limit (+1 to detect "over")
     if len(data) > limit:
-        raise ApiError(413, "upload_too_large", f"{name}: larger than {limit} bytes", field=name)
-    try:
-        info = await run_in_threadpool(read_image, name, data, settings)
-    except UploadError as exc:
-        raise ApiError(exc.status, exc.code, str(exc.message), field=exc.field or name) from None
+        raise UploadTooLarge(f"larger than {limit} bytes", field=name)
+    info = await run_in_threadpool(read_image, name, data, settings)
     return info.normalized_png

@@ -3,9 +3,9 @@
 Redis layout (everything expires ``settings.result_ttl`` after its last transition):
 
 - ``ham:job:{id}`` — hash, one field per :class:`Job` attribute. Scalars are stored
-  raw so the Lua transitions can read and write them; ``params`` and ``stats`` are
-  JSON. A missing field means ``None``. ``cancel`` = ``1`` once a cancel was asked for
-  a running job.
+  raw so the Lua transitions can read and write them; ``params``, ``styles`` (a list
+  of :class:`~service.core.style_refs.StyleRef`) and ``stats`` are JSON. A missing field
+  means ``None``. ``cancel`` = ``1`` once a cancel was asked for a running job.
 - ``ham:idem:{tenant}:{sha256(key)}`` — ``"{job id} {request fingerprint}"`` for an
   ``Idempotency-Key`` (claimed in the submit transaction; a record written before fingerprints
   holds the job id alone, and replays whatever the request).
@@ -38,6 +38,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from service.core.config import Settings
+from service.core.style_refs import StyleRef, refs_from_record, refs_to_json, upload_key
 
 TASK_FUNCTION = "worker.task.run_transfer"
 KEY_PREFIX = "ham"
@@ -50,6 +51,12 @@ ERROR_TIMEOUT = "timeout"
 ERROR_WORKER_LOST = "worker_lost"
 # RQ's hard time limit is a backstop behind the worker's own cooperative timeout.
 RQ_TIMEOUT_MARGIN = 120
+
+
+# What a running job's worker should do next (:meth:`JobStore.poll`).
+POLL_GO = "go"
+POLL_CANCEL = "cancel"
+POLL_FENCED = "fenced"
 
 
 class JobStatus(str, Enum):
@@ -75,6 +82,16 @@ class JobConflict(Exception):
         self.job_id = job_id
         self.status = status
         self.action = action
+
+
+class JobFenced(JobConflict):
+    """The run that asked no longer owns the job: another run took it over (after a freeze, the
+    job was recovered and started again) or it was handed back. The stale run must stop writing."""
+
+    def __init__(self, job_id: str, status: str, action: str, run: int) -> None:
+        super().__init__(job_id, status, action)
+        self.args = (f"job {job_id}: run {run} no longer owns it ({status}); cannot {action}",)
+        self.run = run
 
 
 class IdempotencyConflict(Exception):
@@ -103,15 +120,15 @@ def new_job_id() -> str:
 @dataclass
 class Job:
     """One transfer job as stored in Redis. The API builds it with ``id``, ``tenant``,
-    ``params`` and the style reference; everything else is filled in by transitions."""
+    ``params`` and its styles; everything else is filled in by transitions."""
 
     id: str
     tenant: str
     status: JobStatus = JobStatus.QUEUED
     progress: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
-    style_prompt: str | None = None
-    has_style: bool = False
+    # The job's styles, in order: one result each.
+    styles: list[StyleRef] = field(default_factory=list)
     webhook_url: str | None = None
     # Which transitions the webhook hears about: a subset of WEBHOOK_EVENTS.
     webhook_events: tuple[str, ...] = ("completed",)
@@ -128,13 +145,12 @@ class Job:
     stats: dict[str, Any] | None = None
     # The X-Request-ID of the submission: the worker's log lines for this job carry it too.
     request_id: str | None = None
-    # A job with a library style or several styles lists them here, in order; each entry
-    # {"key": storage key of its PNG or None, "prompt": str or None, "style_id": str or None}.
-    # None: the one style of has_style / style_prompt.
-    styles: list[dict[str, Any]] | None = None
     result_keys: list[str] | None = None  # one per style once succeeded (the first is result_key)
     # Bumped by every transition and progress write; the id of the job's server-sent events.
     version: int = 0
+    # Runs started so far (never refunded, unlike ``attempts``): the current run's fencing token.
+    # Every worker write about the job names its run and is refused once another run owns the job.
+    run: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -143,25 +159,32 @@ class Job:
     @property
     def style_ids(self) -> list[str]:
         """The library styles this job uses, in order."""
-        return [s["style_id"] for s in self.styles or [] if s.get("style_id")]
+        return [ref.style_id for ref in self.styles if ref.style_id]
+
+    @property
+    def has_style(self) -> bool:
+        """Whether a style image was given (uploaded or from the library)."""
+        return any(ref.has_image for ref in self.styles)
+
+    @property
+    def style_prompt(self) -> str | None:
+        """The prompt given with the request itself: that of a job's one style not from the library."""
+        if len(self.styles) == 1 and self.styles[0].style_id is None:
+            return self.styles[0].prompt
+        return None
 
     @property
     def input_keys(self) -> list[str]:
         """Every stored input of this job (never a library style's image: that outlives the job)."""
-        keys = [self.content_key] + ([self.style_key] if self.style_key else [])
-        for style in self.styles or []:
-            key = style.get("key")
-            if key and key.startswith(f"inputs/{self.id}/") and key not in keys:
-                keys.append(key)
+        keys = [self.content_key]
+        for ref in self.styles:
+            if ref.key and ref.key.startswith(f"inputs/{self.id}/") and ref.key not in keys:
+                keys.append(ref.key)
         return keys
 
     @property
     def content_key(self) -> str:
         return content_key(self.id)
-
-    @property
-    def style_key(self) -> str | None:
-        return style_key(self.id) if self.has_style else None
 
     def to_fields(self) -> dict[str, str]:
         """The Redis hash fields; ``None`` attributes are left out."""
@@ -171,8 +194,7 @@ class Job:
             "status": JobStatus(self.status).value,
             "progress": repr(float(self.progress)),
             "params": json.dumps(self.params, sort_keys=True),
-            "style_prompt": self.style_prompt,
-            "has_style": "1" if self.has_style else "0",
+            "styles": refs_to_json(self.styles),
             "webhook_url": self.webhook_url,
             "webhook_events": ",".join(self.webhook_events),
             "output_format": self.output_format,
@@ -187,9 +209,9 @@ class Job:
             "worker": self.worker,
             "stats": None if self.stats is None else json.dumps(self.stats, sort_keys=True),
             "request_id": self.request_id,
-            "styles": None if self.styles is None else json.dumps(self.styles, sort_keys=True),
             "result_keys": None if self.result_keys is None else json.dumps(self.result_keys),
             "version": str(int(self.version)),
+            "run": str(int(self.run)),
         }
         return {k: v for k, v in raw.items() if v is not None}
 
@@ -207,8 +229,7 @@ class Job:
             status=JobStatus(f["status"]),
             progress=float(f.get("progress") or 0.0),
             params=json.loads(f.get("params") or "{}"),
-            style_prompt=f.get("style_prompt"),
-            has_style=f.get("has_style") == "1",
+            styles=refs_from_record(f, f["id"]),
             webhook_url=f.get("webhook_url"),
             webhook_events=tuple(filter(None, (f.get("webhook_events") or "completed").split(","))),
             output_format=f.get("output_format") or "png",
@@ -223,9 +244,9 @@ class Job:
             worker=f.get("worker"),
             stats=json.loads(f["stats"]) if f.get("stats") else None,
             request_id=f.get("request_id"),
-            styles=json.loads(f["styles"]) if f.get("styles") else None,
             result_keys=json.loads(f["result_keys"]) if f.get("result_keys") else None,
             version=int(f.get("version") or 0),
+            run=int(f.get("run") or 0),
         )
 
 
@@ -239,19 +260,23 @@ def content_key(job_id: str) -> str:
 
 
 def style_key(job_id: str) -> str:
-    """Storage key of a job's (normalised PNG) style image."""
-    return f"inputs/{job_id}/style.png"
+    """Storage key of a job's (normalised PNG) style image: the first one uploaded with it."""
+    return upload_key(job_id, 0, first=True)
 
 
-def result_key(job_id: str, extension: str = "png", index: int = 0) -> str:
+def result_key(job_id: str, extension: str = "png", index: int = 0, run: int = 0) -> str:
     """Storage key of a job's result (``extension``: that of its output format; ``index``: the
-    style's place in a multi-style job)."""
-    return f"results/{job_id}.{extension}" if index == 0 else f"results/{job_id}-{index}.{extension}"
+    style's place in a multi-style job; ``run``: the run that made it, see :attr:`Job.run`).
+
+    Named per run, so a stale run (fenced after a freeze) can never overwrite the owner's file.
+    """
+    stem = f"results/{job_id}" if run == 0 else f"results/{job_id}/run-{run}"
+    return f"{stem}.{extension}" if index == 0 else f"{stem}-{index}.{extension}"
 
 
 def extra_style_key(job_id: str, index: int) -> str:
     """Storage key of the (normalised PNG) style image number ``index`` >= 1 uploaded with a job."""
-    return f"inputs/{job_id}/style-{index}.png"
+    return upload_key(job_id, index, first=False)
 
 
 def events_channel(job_id: str) -> str:
@@ -261,6 +286,11 @@ def events_channel(job_id: str) -> str:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _token(run: int | None) -> str:
+    """A run as the Lua fence reads it ('' = no fence: the API's and tools' writes)."""
+    return "" if run is None else str(int(run))
 
 
 # What list_for_tenant hands out as next_cursor, "<created_at>:<job id>" (the API declares it as the pattern).
@@ -304,6 +334,7 @@ end
 if st ~= 'queued' then return {'skip', st} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3], 'progress', '0.0')
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HINCRBY', KEYS[1], 'run', 1)
 redis.call('HDEL', KEYS[1], 'finished_at', 'cancel')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -314,24 +345,37 @@ announce(KEYS[1], ARGV[5])
 return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: job   ARGV: progress, channel
-_PROGRESS = _ANNOUNCE + """
+# A fenced write: the run named by the caller (ARGV run; '' = no fence) no longer owns the job.
+_FENCE = """
+local function fenced(job, run)
+  if run == '' then return false end
+  return redis.call('HGET', job, 'status') ~= 'running' or redis.call('HGET', job, 'run') ~= run
+end
+"""
+
+# Progress of the running job, only ever forward within one run (a new run starts at 0).
+# KEYS: job   ARGV: progress, channel, run   →  1 recorded (or no change), 0 not running, -1 fenced
+_PROGRESS = _ANNOUNCE + _FENCE + """
+if not redis.call('HGET', KEYS[1], 'status') then return 0 end
+if fenced(KEYS[1], ARGV[3]) then return -1 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-if redis.call('HGET', KEYS[1], 'progress') == ARGV[1] then return 1 end
+if tonumber(redis.call('HGET', KEYS[1], 'progress') or '0') >= tonumber(ARGV[1]) then return 1 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 announce(KEYS[1], ARGV[2])
 return 1
 """
 
-# Any non-terminal state → a terminal one, setting the given fields.
+# Any non-terminal state → a terminal one, setting the given fields; with a run, only while
+# that run owns the job.
 # KEYS: job, queued, queued_tenant, running, rq_queue, finished
-# ARGV: job_id, new_status, now, ttl, channel, field1, value1, ...
-_FINISH = _ANNOUNCE + """
+# ARGV: job_id, new_status, now, ttl, channel, run, field1, value1, ...
+_FINISH = _ANNOUNCE + _FENCE + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing'} end
 if st == 'succeeded' or st == 'failed' or st == 'canceled' then return {'conflict', st} end
+if fenced(KEYS[1], ARGV[6]) then return {'fenced', st} end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HDEL', KEYS[1], 'cancel')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -606,10 +650,22 @@ class JobStore:
         )
         return self._result(job_id, out, "cancel")
 
-    def cancel_requested(self, job_id: str) -> bool:
-        """Whether the worker running ``job_id`` should stop (cancel asked, or job gone/finished)."""
-        status, flag = self.redis.hmget(self.job_key(job_id), ["status", "cancel"])
-        return status is None or _text(status) != JobStatus.RUNNING.value or flag is not None
+    def cancel_requested(self, job_id: str, run: int | None = None) -> bool:
+        """Whether the worker running ``job_id`` should stop (cancel asked, job gone/finished, or
+        with ``run``: that run no longer owns the job)."""
+        return self.poll(job_id, run) != POLL_GO
+
+    def poll(self, job_id: str, run: int | None = None) -> str:
+        """What run ``run`` of ``job_id`` should do now: :data:`POLL_GO` on, :data:`POLL_CANCEL`
+        (a cancel was asked, or the job is gone) or :data:`POLL_FENCED` (another run owns it)."""
+        status, flag, owner = self.redis.hmget(self.job_key(job_id), ["status", "cancel", "run"])
+        if status is None:
+            return POLL_CANCEL
+        if run is not None and (_text(status) != JobStatus.RUNNING.value or int(owner or 0) != run):
+            return POLL_FENCED
+        if _text(status) != JobStatus.RUNNING.value or flag is not None:
+            return POLL_CANCEL
+        return POLL_GO
 
     # --- the worker's transitions ----------------------------------------------
     def start(self, job_id: str, worker: str) -> Job | None:
@@ -625,49 +681,68 @@ class JobStore:
             return None
         return Job.from_fields(_pairs(out[1]))
 
-    def set_progress(self, job_id: str, progress: float) -> None:
-        """Record progress in [0, 1] of a running job (ignored once it is not running)."""
-        self._progress(
-            keys=[self.job_key(job_id)], args=[repr(min(1.0, max(0.0, float(progress)))), events_channel(job_id)]
-        )
+    def set_progress(self, job_id: str, progress: float, run: int | None = None) -> bool:
+        """Record progress in [0, 1] of a running job; it only ever rises within a run.
+
+        Ignored once the job is not running. With ``run``, returns False when that run no
+        longer owns the job (fenced: stop computing, write nothing more); else True.
+        """
+        value = repr(min(1.0, max(0.0, float(progress))))
+        out = self._progress(keys=[self.job_key(job_id)], args=[value, events_channel(job_id), _token(run)])
+        return int(out) != -1
 
     def succeed(
-        self, job_id: str, result_key: str, stats: dict[str, Any], result_keys: list[str] | None = None
+        self,
+        job_id: str,
+        result_key: str,
+        stats: dict[str, Any],
+        result_keys: list[str] | None = None,
+        run: int | None = None,
     ) -> Job:
-        """→ succeeded with the stored result(s). :class:`JobConflict` if already terminal."""
+        """→ succeeded with the stored result(s). :class:`JobConflict` if already terminal,
+        :class:`JobFenced` if ``run`` no longer owns the job."""
         fields = {"result_key": result_key, "stats": json.dumps(stats, sort_keys=True, default=str), "progress": "1.0"}
         if result_keys is not None:
             fields["result_keys"] = json.dumps(result_keys)
-        return self._terminal(job_id, JobStatus.SUCCEEDED, fields)
+        return self._terminal(job_id, JobStatus.SUCCEEDED, fields, run)
 
-    def fail(self, job_id: str, code: str, message: str) -> Job:
-        """→ failed with an error code and a message for the client."""
-        return self._terminal(job_id, JobStatus.FAILED, {"error_code": code, "error_message": message})
+    def fail(self, job_id: str, code: str, message: str, run: int | None = None) -> Job:
+        """→ failed with an error code and a message for the client (fenced by ``run`` as :meth:`succeed`)."""
+        return self._terminal(job_id, JobStatus.FAILED, {"error_code": code, "error_message": message}, run)
 
-    def mark_canceled(self, job_id: str) -> Job:
-        """→ canceled (the worker stopped a running job on request)."""
-        return self._terminal(job_id, JobStatus.CANCELED, {})
+    def mark_canceled(self, job_id: str, run: int | None = None) -> Job:
+        """→ canceled (the worker stopped a running job on request; fenced by ``run`` as :meth:`succeed`)."""
+        return self._terminal(job_id, JobStatus.CANCELED, {}, run)
 
-    def _terminal(self, job_id: str, status: JobStatus, fields: dict[str, str]) -> Job:
+    def _terminal(self, job_id: str, status: JobStatus, fields: dict[str, str], run: int | None) -> Job:
         job = self._require(job_id)
-        args: list[Any] = [job_id, status.value, repr(time.time()), self.settings.result_ttl, events_channel(job_id)]
+        args: list[Any] = [
+            job_id, status.value, repr(time.time()), self.settings.result_ttl, events_channel(job_id), _token(run)
+        ]  # fmt: skip
         for name, value in fields.items():
             args += [name, value]
         out = self._finish(keys=self._transition_keys(job_id, job.tenant), args=args)
-        return self._result(job_id, out, f"mark it {status.value}")
+        return self._result(job_id, out, f"mark it {status.value}", run)
 
     # --- recovery --------------------------------------------------------------
     def requeue(
-        self, job_id: str, expected_worker: str | None = None, at_front: bool = True, refund_attempt: bool = False
+        self,
+        job_id: str,
+        expected_worker: str | None = None,
+        at_front: bool = True,
+        refund_attempt: bool = False,
+        run: int | None = None,
     ) -> Job | None:
         """running → queued and back into RQ's list (front by default: it has waited already).
 
-        Only if the job is still running (on ``expected_worker`` when given); otherwise
-        returns ``None`` and changes nothing. Progress resets; ``attempts`` is kept so
+        Only if the job is still running (on ``expected_worker`` and as run ``run`` when given);
+        otherwise returns ``None`` and changes nothing. Progress resets; ``attempts`` is kept so
         the retry limit holds across re-runs, unless ``refund_attempt``: the run ended for a
         reason that was not the job's (an outage, a shutdown), so it does not count.
         """
-        return self.recover(job_id, expected_worker, max_retries=None, at_front=at_front, refund=refund_attempt)
+        return self.recover(
+            job_id, expected_worker, max_retries=None, at_front=at_front, refund=refund_attempt, run=run
+        )
 
     def requeue_queued(self, job_id: str) -> bool:
         """Put a queued job whose id is missing from RQ's list back at its front.
@@ -698,6 +773,7 @@ class JobStore:
         max_retries: int | None,
         at_front: bool = True,
         refund: bool = False,
+        run: int | None = None,
     ) -> Job | None:
         """Settle a job whose worker died mid-run, in one transaction.
 
@@ -717,8 +793,10 @@ class JobStore:
                         pipe.unwatch()
                         return None
                     fields = {_text(k): _text(v) for k, v in raw.items()}
-                    if fields.get("status") != JobStatus.RUNNING.value or (
-                        dead_worker is not None and fields.get("worker") != dead_worker
+                    if (
+                        fields.get("status") != JobStatus.RUNNING.value
+                        or (dead_worker is not None and fields.get("worker") != dead_worker)
+                        or (run is not None and int(fields.get("run") or 0) != run)
                     ):
                         pipe.unwatch()
                         return None
@@ -775,12 +853,14 @@ class JobStore:
             raise KeyError(job_id)
         return job
 
-    def _result(self, job_id: str, out: list[Any], action: str) -> Job:
+    def _result(self, job_id: str, out: list[Any], action: str, run: int | None = None) -> Job:
         tag = _text(out[0])
         if tag == "missing":
             raise KeyError(job_id)
         if tag == "conflict":
             raise JobConflict(job_id, _text(out[1]), action)
+        if tag == "fenced":
+            raise JobFenced(job_id, _text(out[1]), action, run or 0)
         return Job.from_fields(_pairs(out[1]))
 
 

@@ -144,6 +144,13 @@ class TransferJob(BaseModel):
     style_count: int = Field(1, description="How many styles the job carries (one result per style).")
     output_format: Literal["png", "jpeg", "webp"] = Field(description="The result's file format.")
     output_quality: int = Field(ge=1, le=100, description="Encoder quality of a jpeg or webp result.")
+    attempt: int = Field(
+        0,
+        ge=0,
+        description="Which run of the job this is: 0 until a worker starts it, then 1, 2, ... each time a worker "
+        "starts it (again, after a worker was lost or an outage). `progress` only rises within one run and starts "
+        "again from 0 when this grows.",
+    )
     urls: JobUrls = Field(description="Links to this job, its cancel action and its event stream.")
     result_expires_at: datetime | None = Field(
         None,
@@ -177,9 +184,10 @@ class TransferJob(BaseModel):
             style_prompt=job.style_prompt,
             has_style=job.has_style,
             style_ids=job.style_ids,
-            style_count=len(job.styles) if job.styles else 1,
+            style_count=len(job.styles) or 1,
             output_format=job.output_format,
             output_quality=job.output_quality,
+            attempt=job.run,
             urls=JobUrls.of(job.id),
             result_expires_at=_utc(job.finished_at + result_ttl)
             if result_ttl is not None and job.finished_at is not None and job.status == JobStatus.SUCCEEDED

@@ -27,6 +27,7 @@ from typing import Any
 from redis import Redis
 
 from service.core.jobs import KEY_PREFIX
+from service.core.style_refs import StyleRef
 
 STYLE_ID = re.compile(r"[0-9a-f]{32}")
 _CURSOR = re.compile(r"(\d{1,12}(?:\.\d{1,9})?):([0-9a-f]{32})")
@@ -62,6 +63,10 @@ class StyleRecord:
     @property
     def image_key(self) -> str | None:
         return style_image_key(self.id) if self.has_image else None
+
+    def ref(self) -> StyleRef:
+        """This style as a job refers to it."""
+        return StyleRef.library(self.id, self.image_key, self.style_prompt, self.image_digest)
 
     def to_fields(self) -> dict[str, str]:
         raw = {

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
     for i, (content, style) in enumerate(zip(paths[::2], paths[1::2], strict=True)):
         result = engine.transfer(Image.open(content), style=Image.open(style), params=PARAMS)
         result.image.save(Path(out) / f"{i}.png")
-        stats.append(result.stats)
+        stats.append(result.stats.to_dict())
     (Path(out) / "stats.json").write_text(json.dumps(stats))
 
 

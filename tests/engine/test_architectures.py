@@ -94,14 +94,14 @@ def test_image_style_cold_then_warm_gives_the_same_picture_with_fewer_rows(
     engine.content_cache.clear()
     cold = engine.transfer(content_image, style=style_image, params=params)
     warm = engine.transfer(content_image, style=style_image, params=params)
-    assert (cold.stats["style_cache_hit"], warm.stats["style_cache_hit"]) == (False, True)
+    assert (cold.stats.style_cache_hit, warm.stats.style_cache_hit) == (False, True)
     # The repeat finds the content's inversion in the content cache too: no inversion pass.
-    assert (cold.stats["content_cache_hit"], warm.stats["content_cache_hit"]) == (False, True)
-    assert cold.stats["unet_rows_by_phase"] == {"invert": 2 * steps, "sample": 3 * steps}
-    assert warm.stats["unet_rows_by_phase"] == {"invert": 0, "sample": 2 * steps}
+    assert (cold.stats.content_cache_hit, warm.stats.content_cache_hit) == (False, True)
+    assert cold.stats.unet_rows_by_phase == {"invert": 2 * steps, "sample": 3 * steps}
+    assert warm.stats.unet_rows_by_phase == {"invert": 0, "sample": 2 * steps}
     assert cold.image.size == (64, 64)
     diff = np.abs(_pixels(cold.image) - _pixels(warm.image))
-    assert diff.max() <= 1, f"warm differs from cold by up to {diff.max()}/255 ({cold.stats['dtype']})"
+    assert diff.max() <= 1, f"warm differs from cold by up to {diff.max()}/255 ({cold.stats.dtype})"
     assert _pixels(cold.image).std() > 1.0  # a picture, not a constant (the engine refuses NaN)
 
 
@@ -110,6 +110,6 @@ def test_text_style_runs_under_cfg_with_five_rows_per_step(architecture, content
     params = _params(name)
     engine.content_cache.clear()
     result = engine.transfer(content_image, style_prompt="an ink engraving", params=params)
-    assert result.stats["cfg"] is True
-    assert result.stats["unet_rows_by_phase"] == {"invert": params.steps, "sample": 5 * params.steps}
+    assert result.stats.cfg is True
+    assert result.stats.unet_rows_by_phase == {"invert": params.steps, "sample": 5 * params.steps}
     assert _pixels(result.image).std() > 1.0

@@ -22,8 +22,8 @@ from ham_engine.attention import (
     modulated_attention,
     resolve_layers,
 )
+from ham_engine.feature_cache import StyleFeatures
 from ham_engine.params import ParamError
-from ham_engine.style_cache import StyleFeatures
 
 THREE = BranchLayout((CONTENT_TEACHER, STYLE_TEACHER, STUDENT))
 TEXT_DIM = 16

@@ -35,9 +35,9 @@ def test_four_cold_image_styles_run_14n_rows_and_match_their_one_style_transfers
     engine = HamEngine(tiny_engine.model)
     batch = engine.transfer_batch(content_image, STYLES, params=SMALL)
     assert len(batch.images) == 4
-    assert batch.stats["unet_rows_by_phase"] == {"invert": 5 * STEPS, "sample": 9 * STEPS}
-    assert batch.stats["unet_calls"] == 2 * STEPS
-    assert [s["style_cache_hit"] for s in batch.stats["styles"]] == [False] * 4
+    assert batch.stats.unet_rows_by_phase == {"invert": 5 * STEPS, "sample": 9 * STEPS}
+    assert batch.stats.unet_calls == 2 * STEPS
+    assert [s.style_cache_hit for s in batch.stats.styles] == [False] * 4
     singles = [HamEngine(tiny_engine.model).transfer(content_image, style=s, params=SMALL) for s in STYLES]
     for image, single in zip(batch.images, singles, strict=True):
         assert _max_diff(image, single.image) <= PIXEL_BOUND
@@ -47,11 +47,11 @@ def test_four_cold_image_styles_run_14n_rows_and_match_their_one_style_transfers
     # All four warm: the content teacher and four students, 5 rows a step; the content
     # warm too, so no inversion (6N with a new content).
     warm = engine.transfer_batch(content_image, STYLES, params=SMALL)
-    assert warm.stats["unet_rows_by_phase"] == {"invert": 0, "sample": 5 * STEPS}
-    assert [s["style_cache_tier"] for s in warm.stats["styles"]] == ["memory"] * 4
+    assert warm.stats.unet_rows_by_phase == {"invert": 0, "sample": 5 * STEPS}
+    assert [s.style_cache_tier for s in warm.stats.styles] == ["memory"] * 4
     other_content = _image("content1.png")
     fresh_content = engine.transfer_batch(other_content, STYLES, params=SMALL)
-    assert fresh_content.stats["unet_rows"] == 6 * STEPS
+    assert fresh_content.stats.unet_rows == 6 * STEPS
     for image, single in zip(warm.images, singles, strict=True):
         assert _max_diff(image, single.image) <= PIXEL_BOUND
 
@@ -62,11 +62,11 @@ def test_a_mixed_batch_of_image_text_and_image_with_prompt_styles_matches_each_a
     styles = [STYLES[0], "a watercolour", Style(image=STYLES[1], prompt="an oil painting"), STYLES[0]]
     engine = HamEngine(tiny_engine.model)
     batch = engine.transfer_batch(content_image, styles, params=SMALL)
-    assert [s["mode"] for s in batch.stats["styles"]] == ["image", "text", "image+text", "image"]
-    assert [s["cfg"] for s in batch.stats["styles"]] == [False, True, False, False]
+    assert [s.mode for s in batch.stats.styles] == ["image", "text", "image+text", "image"]
+    assert [s.cfg for s in batch.stats.styles] == [False, True, False, False]
     # CFG for the text style: its teacher and its student get an uncond and a cond row each;
     # the content teacher and the image styles' rows serve both halves: 1 + 2 + 4 + 2 + 2 rows a step.
-    assert batch.stats["unet_rows_by_phase"]["sample"] == 11 * STEPS
+    assert batch.stats.unet_rows_by_phase["sample"] == 11 * STEPS
     alone = [
         HamEngine(tiny_engine.model).transfer(content_image, style=STYLES[0], params=SMALL),
         HamEngine(tiny_engine.model).transfer(content_image, style_prompt="a watercolour", params=SMALL),
@@ -79,8 +79,8 @@ def test_a_mixed_batch_of_image_text_and_image_with_prompt_styles_matches_each_a
     # Again with the image styles cached: their students share one row across the CFG halves
     # beside the text style's two, and the content comes from the cache (no inversion).
     warm = engine.transfer_batch(content_image, styles, params=SMALL)
-    assert [s["style_cache_hit"] for s in warm.stats["styles"]] == [True, None, True, True]
-    assert warm.stats["unet_rows_by_phase"] == {"invert": 0, "sample": (1 + 1 + 4 + 1 + 1) * STEPS}
+    assert [s.style_cache_hit for s in warm.stats.styles] == [True, None, True, True]
+    assert warm.stats.unet_rows_by_phase == {"invert": 0, "sample": (1 + 1 + 4 + 1 + 1) * STEPS}
     for i, single in enumerate([*alone, alone[0]]):
         assert _max_diff(warm.images[i], single.image) <= PIXEL_BOUND, i
 
@@ -89,7 +89,7 @@ def test_one_style_batch_is_the_one_style_transfer(tiny_engine: HamEngine, conte
     batch = HamEngine(tiny_engine.model).transfer_batch(content_image, [STYLES[2]], params=SMALL)
     single = HamEngine(tiny_engine.model).transfer(content_image, style=STYLES[2], params=SMALL)
     assert np.array_equal(np.asarray(batch.images[0]), np.asarray(single.image))
-    assert batch.stats["unet_rows"] == single.stats["unet_rows"] == 5 * STEPS
+    assert batch.stats.unet_rows == single.stats.unet_rows == 5 * STEPS
 
 
 @pytest.mark.parametrize(

@@ -96,15 +96,15 @@ def test_sdxl_transfer_runs_the_rows_an_sd_transfer_runs_cold_warm_and_text(
     cold = xl.transfer(content_image, style=style_image, params=SMALL)
     warm = xl.transfer(content_image, style=style_image, params=SMALL)
     text = xl.transfer(content_image, style_prompt="an ink engraving", params=SMALL)
-    assert (cold.stats["style_cache_hit"], warm.stats["style_cache_hit"]) == (False, True)
+    assert (cold.stats.style_cache_hit, warm.stats.style_cache_hit) == (False, True)
     # The repeats find the content's inversion in the content cache: no inversion pass.
-    assert (cold.stats["content_cache_hit"], warm.stats["content_cache_hit"], text.stats["content_cache_hit"]) == (
+    assert (cold.stats.content_cache_hit, warm.stats.content_cache_hit, text.stats.content_cache_hit) == (
         False, True, True
     )
-    assert cold.stats["unet_rows"] == 5 * STEPS and warm.stats["unet_rows"] == 2 * STEPS
-    assert text.stats["unet_rows_by_phase"] == {"invert": 0, "sample": 5 * STEPS} and text.stats["cfg"]
+    assert cold.stats.unet_rows == 5 * STEPS and warm.stats.unet_rows == 2 * STEPS
+    assert text.stats.unet_rows_by_phase == {"invert": 0, "sample": 5 * STEPS} and text.stats.cfg
     assert cold.image.size == warm.image.size == text.image.size == (64, 64)
-    assert cold.stats["family"] == "sdxl"
+    assert cold.stats.family == "sdxl"
     diff = (torch.tensor(list(cold.image.getdata())) - torch.tensor(list(warm.image.getdata()))).abs()
     assert int(diff.max()) <= 1  # warm == cold within 1/255
 

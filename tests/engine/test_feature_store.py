@@ -105,21 +105,21 @@ def test_a_fresh_engine_on_the_same_store_is_warm_on_its_first_transfer(
     store = MemoryStore()
     first = HamEngine(tiny_engine.model, feature_store=store)
     cold = first.transfer(content_image, style=style_image, params=SMALL)
-    assert (cold.stats["style_cache_tier"], cold.stats["content_cache_tier"]) == (None, None)
+    assert (cold.stats.style_cache_tier, cold.stats.content_cache_tier) == (None, None)
     assert sorted(k.split("/")[0] for k in store.blobs) == ["content", "style"]
 
     second = HamEngine(tiny_engine.model, feature_store=store)
     warm = second.transfer(content_image, style=style_image, params=SMALL)
-    assert (warm.stats["style_cache_tier"], warm.stats["content_cache_tier"]) == ("store", "store")
-    assert warm.stats["unet_rows"] == 2 * STEPS
+    assert (warm.stats.style_cache_tier, warm.stats.content_cache_tier) == ("store", "store")
+    assert warm.stats.unet_rows == 2 * STEPS
     assert _max_diff(warm.image, cold.image) <= PIXEL_BOUND
     # The store hit was promoted to memory.
     again = second.transfer(content_image, style=style_image, params=SMALL)
-    assert (again.stats["style_cache_tier"], again.stats["content_cache_tier"]) == ("memory", "memory")
+    assert (again.stats.style_cache_tier, again.stats.content_cache_tier) == ("memory", "memory")
     assert second.features.counters.hits == 2 and second.features.counters.writes == 0
     # Another style on the warm content: the content from memory, the style computed and written.
     other = second.transfer(content_image, style=other_style_image, params=SMALL)
-    assert (other.stats["style_cache_hit"], other.stats["content_cache_tier"]) == (False, "memory")
+    assert (other.stats.style_cache_hit, other.stats.content_cache_tier) == (False, "memory")
     assert second.features.counters.writes == 1
 
 
@@ -149,12 +149,12 @@ def test_a_damaged_blob_is_ignored_recomputed_and_overwritten(
 
     again = HamEngine(tiny_engine.model, feature_store=tmp_path)
     result = again.transfer(content_image, style=style_image, params=SMALL)
-    assert (result.stats["style_cache_hit"], result.stats["content_cache_hit"]) == (False, False)
+    assert (result.stats.style_cache_hit, result.stats.content_cache_hit) == (False, False)
     assert again.features.counters.rejected == 2
     assert np.array_equal(_pixels(result.image), _pixels(reference.image))  # the same cold run, bit for bit
     # ... and the store holds sound blobs again.
     third = HamEngine(tiny_engine.model, feature_store=tmp_path).transfer(content_image, style_image, params=SMALL)
-    assert (third.stats["style_cache_tier"], third.stats["content_cache_tier"]) == ("store", "store")
+    assert (third.stats.style_cache_tier, third.stats.content_cache_tier) == ("store", "store")
 
 
 def test_a_blob_of_another_format_version_or_model_is_ignored_and_overwritten(
@@ -169,7 +169,7 @@ def test_a_blob_of_another_format_version_or_model_is_ignored_and_overwritten(
         patch.setattr(features, "FORMAT_VERSION", features.FORMAT_VERSION + 1)
         HamEngine(tiny_engine.model, feature_store=tmp_path).transfer(content_image, style_image, params=SMALL)
     stale = HamEngine(tiny_engine.model, feature_store=tmp_path)
-    assert stale.transfer(content_image, style_image, params=SMALL).stats["style_cache_hit"] is False
+    assert stale.transfer(content_image, style_image, params=SMALL).stats.style_cache_hit is False
     assert stale.features.counters.rejected == 2
 
     # Written for other weights under the same model name (a retrained checkpoint).
@@ -182,11 +182,11 @@ def test_a_blob_of_another_format_version_or_model_is_ignored_and_overwritten(
     assert _header(_blobs(tmp_path, "style")[0].read_bytes())["fingerprint"] == "0" * 40
     ours = HamEngine(tiny_engine.model, feature_store=tmp_path)
     result = ours.transfer(content_image, style_image, params=SMALL)
-    assert (result.stats["style_cache_hit"], result.stats["content_cache_hit"]) == (False, False)
+    assert (result.stats.style_cache_hit, result.stats.content_cache_hit) == (False, False)
     assert ours.features.counters.rejected == 2
     assert ours.features.counters.writes == 2  # overwritten with ours
     fresh = HamEngine(tiny_engine.model, feature_store=tmp_path).transfer(content_image, style_image, params=SMALL)
-    assert fresh.stats["style_cache_tier"] == "store"
+    assert fresh.stats.style_cache_tier == "store"
 
 
 def test_a_blob_missing_what_the_request_reads_is_refused(
@@ -202,7 +202,7 @@ def test_a_blob_missing_what_the_request_reads_is_refused(
     store.blobs[key] = features.encode_style(decoded, header)
     engine = HamEngine(tiny_engine.model, feature_store=store)
     result = engine.transfer(content_image, style=style_image, params=SMALL)
-    assert result.stats["style_cache_hit"] is False and engine.features.counters.rejected == 1
+    assert result.stats.style_cache_hit is False and engine.features.counters.rejected == 1
 
 
 def _header(blob: bytes) -> dict[str, str]:
@@ -223,8 +223,8 @@ def test_a_failing_store_costs_a_recomputation_never_the_transfer(
 
     engine = HamEngine(tiny_engine.model, feature_store=Broken())
     result = engine.transfer(content_image, style=style_image, params=SMALL)
-    assert result.stats["style_cache_hit"] is False and engine.features.counters.errors == 4
-    assert engine.transfer(content_image, style=style_image, params=SMALL).stats["style_cache_tier"] == "memory"
+    assert result.stats.style_cache_hit is False and engine.features.counters.errors == 4
+    assert engine.transfer(content_image, style=style_image, params=SMALL).stats.style_cache_tier == "memory"
 
 
 # -- engines in other processes ------------------------------------------------------------------

@@ -83,8 +83,8 @@ def test_warm_equals_cold_within_one_level_in_bf16(
     engine = HamEngine(bf16_engine.model)
     cold = engine.transfer(content_image, style=style_image, params=SMALL)
     warm = engine.transfer(content_image, style=style_image, params=SMALL)
-    assert (cold.stats["style_cache_hit"], warm.stats["style_cache_hit"]) == (False, True)
-    assert cold.stats["dtype"] == "bfloat16"
+    assert (cold.stats.style_cache_hit, warm.stats.style_cache_hit) == (False, True)
+    assert cold.stats.dtype == "bfloat16"
     diff = np.abs(np.asarray(cold.image, dtype=np.int16) - np.asarray(warm.image, dtype=np.int16))
     assert diff.max() <= 1, f"warm differs from cold by up to {diff.max()}/255"
     # ... while the picture is not a constant (a NaN turned black would pass the bound above).

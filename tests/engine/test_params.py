@@ -91,3 +91,26 @@ def test_recorded_teachers_with_the_source_inversion_round_trip_through_a_dict()
     params = TransferParams(inversion="source", teachers="recorded")
     assert TransferParams.from_dict(params.to_dict()) == params
     assert (TransferParams().inversion, TransferParams().teachers) == ("target", "auto")
+
+
+def test_each_parameter_is_checked_against_its_own_spec_and_the_message_quotes_it() -> None:
+    """The bounds live in one place, the spec: its check refuses what lies outside and says what is allowed."""
+    from ham_engine.params import PARAM_SPECS
+
+    for spec in PARAM_SPECS:
+        spec.check(spec.default)
+        if spec.kind is bool:
+            with pytest.raises(ParamError, match=f"{spec.name}: must be true or false"):
+                spec.check("yes")
+        elif spec.choices is not None:
+            with pytest.raises(ParamError, match=spec.name) as refused:
+                spec.check("none of the choices")
+            assert all(repr(choice) in str(refused.value) for choice in spec.choices)
+        else:
+            with pytest.raises(ParamError) as refused:
+                spec.check(spec.kind(spec.maximum) + spec.kind(1))
+            assert refused.value.field == spec.name
+            assert f"[{spec.minimum}, {spec.maximum}]" in str(refused.value)
+    size = next(spec for spec in PARAM_SPECS if spec.name == "size")
+    with pytest.raises(ParamError, match=f"multiple of {size.multiple_of}"):
+        size.check(size.minimum + 1)

@@ -15,6 +15,7 @@ from ham_engine.inversion import DdimSchedule, ddim_invert
 from ham_engine.modulation import channel_stats
 from ham_engine.params import TransferParams
 from ham_engine.recording import TeacherRecording, check_record_bytes, recording_attention
+from ham_engine.request import build_request
 
 STEPS = 4
 N = STEPS
@@ -61,21 +62,21 @@ def test_recorded_teachers_give_the_live_latents_and_image_in_fewer_rows(
         torch.testing.assert_close(recorded.student, live.student, **ROUNDING, msg=f"{which} latents")
         pixels = [tiny_engine.model.decode_latents(r.student) for r in (recorded, live)]
         torch.testing.assert_close(*pixels, **ROUNDING, msg=f"{which} image")
-        assert recorded.stats["teachers"]["content_teacher"] == "recorded"
-        assert live.stats["teachers"]["content_teacher"] == "live"
-        assert recorded.stats["record_bytes"] > 0 and live.stats["record_bytes"] == 0
+        assert recorded.stats.teachers["content_teacher"] == "recorded"
+        assert live.stats.teachers["content_teacher"] == "live"
+        assert recorded.stats.record_bytes > 0 and live.stats.record_bytes == 0
     # The live source-convention run costs what a target-convention run does.
-    assert results["live"][0].stats["unet_rows"] == live_rows
+    assert results["live"][0].stats.unet_rows == live_rows
     cold, warm = results["recorded"]
-    assert (cold.stats["unet_rows"], warm.stats["unet_rows"]) == (cold_rows, warm_rows)
-    assert cold.stats["unet_calls"] == warm.stats["unet_calls"] == 2 * N
+    assert (cold.stats.unet_rows, warm.stats.unet_rows) == (cold_rows, warm_rows)
+    assert cold.stats.unet_calls == warm.stats.unet_calls == 2 * N
     if has_style:
         expected_style = "recorded" if prompt is None else "live"
-        assert (cold.stats["teachers"]["style_teacher"], warm.stats["teachers"]["style_teacher"]) == (
+        assert (cold.stats.teachers["style_teacher"], warm.stats.teachers["style_teacher"]) == (
             expected_style,
             "cached",
         )
-        assert (cold.stats["style_cache_hit"], warm.stats["style_cache_hit"]) == (False, True)
+        assert (cold.stats.style_cache_hit, warm.stats.style_cache_hit) == (False, True)
 
 
 def test_a_content_from_the_content_cache_has_no_inversion_so_its_teacher_runs_live(
@@ -88,11 +89,11 @@ def test_a_content_from_the_content_cache_has_no_inversion_so_its_teacher_runs_l
     params = _params(teachers="recorded")
     cold = engine.transfer_latents(content_image, style=style_image, params=params)
     warm = engine.transfer_latents(content_image, style=style_image, params=params)
-    assert (cold.stats["content_cache_hit"], warm.stats["content_cache_hit"]) == (False, True)
-    assert cold.stats["teachers"] == {"content_teacher": "recorded", "style_teacher": "recorded"}
-    assert warm.stats["teachers"] == {"content_teacher": "live", "style_teacher": "cached"}
+    assert (cold.stats.content_cache_hit, warm.stats.content_cache_hit) == (False, True)
+    assert cold.stats.teachers == {"content_teacher": "recorded", "style_teacher": "recorded"}
+    assert warm.stats.teachers == {"content_teacher": "live", "style_teacher": "cached"}
     # No inversion at all: per step the content teacher and the student.
-    assert warm.stats["unet_rows_by_phase"] == {"invert": 0, "sample": 2 * N}
+    assert warm.stats.unet_rows_by_phase == {"invert": 0, "sample": 2 * N}
     for result in (cold, warm):
         torch.testing.assert_close(result.student, live.student, **ROUNDING)
 
@@ -120,7 +121,7 @@ def _record(
     engine: HamEngine, content: Image.Image, style: Image.Image, params: TransferParams, content_row: int | None = 0
 ) -> TeacherRecording:
     """A source inversion of [content, style] as the engine runs it, recorded in full."""
-    request = engine._validate(content, [Style(style)], params)
+    request = build_request(engine.model, content, [Style(style)], params)
     width, height = request.size
     pixels = torch.cat(
         [images.image_to_tensor(content, width, height), images.image_to_tensor(style, width, height, fit="cover")]
@@ -212,7 +213,7 @@ def test_record_bytes_count_every_tensor_the_recording_holds(
         if event.module == "gar":
             expected += 2 * 3 * q.shape[-1] * 4
     stats = HamEngine(tiny_engine.model).transfer(content_image, style=style_image, params=params).stats
-    assert stats["record_bytes"] == recording.nbytes == expected
+    assert stats.record_bytes == recording.nbytes == expected
 
 
 def test_a_recording_without_a_content_row_records_the_style_alone(
@@ -231,11 +232,11 @@ def test_a_recording_over_the_budget_falls_back_to_live_teachers_with_the_same_i
 ) -> None:
     params = _params(teachers="recorded")
     needed = HamEngine(tiny_engine.model).transfer_latents(content_image, style=style_image, params=params)
-    size = needed.stats["record_bytes"]
+    size = needed.stats.record_bytes
     exact = HamEngine(tiny_engine.model, record_bytes=size).transfer_latents(
         content_image, style=style_image, params=params
     )
-    assert exact.stats["teachers"]["content_teacher"] == "recorded" and exact.stats["record_fallback"] is None
+    assert exact.stats.teachers["content_teacher"] == "recorded" and exact.stats.record_fallback is None
 
     live = HamEngine(tiny_engine.model).transfer_latents(
         content_image, style=style_image, params=_params(teachers="live")
@@ -244,14 +245,14 @@ def test_a_recording_over_the_budget_falls_back_to_live_teachers_with_the_same_i
         engine = HamEngine(tiny_engine.model, record_bytes=budget)
         result = engine.transfer_latents(content_image, style=style_image, params=params)
         stats = result.stats
-        assert stats["teachers"] == {"content_teacher": "live", "style_teacher": "live"}
-        assert stats["record_bytes"] == 0 and stats["record_budget_bytes"] == budget
-        assert f"over the budget of {budget}" in stats["record_fallback"]
-        assert stats["unet_rows"] == live.stats["unet_rows"] == 5 * N
+        assert stats.teachers == {"content_teacher": "live", "style_teacher": "live"}
+        assert stats.record_bytes == 0 and stats.record_budget_bytes == budget
+        assert f"over the budget of {budget}" in stats.record_fallback
+        assert stats.unet_rows == live.stats.unet_rows == 5 * N
         # The fallback is the live path: the same calls at the same batch sizes, bit for bit.
         assert torch.equal(result.student, live.student)
         # ... and it still fills the style cache for a repeat.
-        assert engine.transfer_latents(content_image, style=style_image, params=params).stats["style_cache_hit"]
+        assert engine.transfer_latents(content_image, style=style_image, params=params).stats.style_cache_hit
 
 
 def test_target_convention_and_live_teachers_record_nothing(
@@ -259,9 +260,9 @@ def test_target_convention_and_live_teachers_record_nothing(
 ) -> None:
     for params in (TransferParams(steps=STEPS, size=64), _params(teachers="live")):
         stats = engine.transfer_latents(content_image, style=style_image, params=params).stats
-        assert stats["record_bytes"] == 0 and stats["record_fallback"] is None
-        assert stats["teachers"]["content_teacher"] == "live"
-        assert stats["unet_rows_by_phase"]["invert"] == 2 * N and stats["inversion"] == params.inversion
+        assert stats.record_bytes == 0 and stats.record_fallback is None
+        assert stats.teachers["content_teacher"] == "live"
+        assert stats.unet_rows_by_phase["invert"] == 2 * N and stats.inversion == params.inversion
 
 
 def test_style_cache_entries_of_the_two_conventions_are_kept_apart(
@@ -269,8 +270,8 @@ def test_style_cache_entries_of_the_two_conventions_are_kept_apart(
 ) -> None:
     engine.transfer_latents(content_image, style=style_image, params=TransferParams(steps=STEPS, size=64))
     source = engine.transfer_latents(content_image, style=style_image, params=_params())
-    assert source.stats["style_cache_hit"] is False  # another trajectory, other features
-    assert source.stats["content_cache_hit"] is False  # likewise the content's inversion
+    assert source.stats.style_cache_hit is False  # another trajectory, other features
+    assert source.stats.content_cache_hit is False  # likewise the content's inversion
     assert len(engine.style_cache) == 2
 
 
@@ -279,12 +280,12 @@ def test_recorded_teachers_follow_the_step_window_and_lat_alone(
 ) -> None:
     # Steps 2-3 only, both recorded: no teacher runs in the sampling batch at all.
     late = engine.transfer_latents(content_image, style=style_image, params=_params(step_start=0.5))
-    assert late.stats["unet_rows_by_phase"] == {"invert": 2 * N, "sample": N}
+    assert late.stats.unet_rows_by_phase == {"invert": 2 * N, "sample": N}
     # LAT alone: the style's K/V come from the text, recorded once; step 0 runs the content live.
     engine.style_cache.clear()
     engine.content_cache.clear()  # the content is inverted (and its teacher recorded) again
     lat_only = engine.transfer_latents(content_image, style=style_image, params=_params(gar=False))
-    assert lat_only.stats["unet_rows_by_phase"] == {"invert": 2 * N, "sample": 2 + (N - 1)}
+    assert lat_only.stats.unet_rows_by_phase == {"invert": 2 * N, "sample": 2 + (N - 1)}
 
 
 def _live_recordings() -> list[TeacherRecording]:
@@ -312,7 +313,7 @@ def test_cancelling_frees_what_was_recorded(
     del info, kept
     assert _live_recordings() == []
     assert len(engine.style_cache) == 0
-    assert engine.transfer(content_image, style=style_image, params=_params()).stats["record_bytes"] > 0
+    assert engine.transfer(content_image, style=style_image, params=_params()).stats.record_bytes > 0
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "1GB", True])
@@ -340,5 +341,5 @@ def test_recorded_teachers_work_for_the_sdxl_family(
     for recorded, live in zip(results["recorded"], results["live"], strict=True):
         torch.testing.assert_close(recorded.student, live.student, **ROUNDING)
     cold, warm = results["recorded"]
-    assert (cold.stats["unet_rows"], warm.stats["unet_rows"]) == (3 * N + 2, 2 * N + 1)
-    assert cold.stats["teachers"] == {"content_teacher": "recorded", "style_teacher": "recorded"}
+    assert (cold.stats.unet_rows, warm.stats.unet_rows) == (3 * N + 2, 2 * N + 1)
+    assert cold.stats.teachers == {"content_teacher": "recorded", "style_teacher": "recorded"}

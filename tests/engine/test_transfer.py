@@ -75,8 +75,8 @@ def test_all_modulation_off_matches_a_plain_diffusers_ddim_regeneration(
             latents = scheduler.step(output, t, latents).prev_sample
     assert torch.equal(result.student, latents)
     # Nothing reads the style: it is neither inverted nor sampled.
-    assert result.stats["unet_rows"] == 2 * STEPS
-    assert result.stats["style_cache_hit"] is None
+    assert result.stats.unet_rows == 2 * STEPS
+    assert result.stats.style_cache_hit is None
 
 
 def test_sini_with_gamma_one_starts_the_student_from_the_content_latent(
@@ -105,7 +105,7 @@ def test_gar_with_alpha_one_and_lat_off_matches_the_unmodulated_transfer(
     gar_only = _params(sini=False, lat=False, alpha=1.0)
     modulated = engine.transfer_latents(content_image, style=style_image, params=gar_only)
     plain = engine.transfer_latents(content_image, style=style_image, params=OFF)
-    assert modulated.stats["unet_rows_by_phase"]["sample"] == 3 * STEPS  # the teachers did run
+    assert modulated.stats.unet_rows_by_phase["sample"] == 3 * STEPS  # the teachers did run
     torch.testing.assert_close(modulated.student, plain.student, **BATCH_NOISE)
 
 
@@ -161,7 +161,7 @@ def test_step_window_leaves_the_teachers_out_of_steps_outside_it(
     params = _params(step_start=0.5)
     result = engine.transfer(content_image, style=style_image, params=params)
     # Steps 0-1: the student alone; steps 2-3: content, style and student.
-    assert result.stats["unet_rows_by_phase"]["sample"] == 2 * 1 + 2 * 3
+    assert result.stats.unet_rows_by_phase["sample"] == 2 * 1 + 2 * 3
 
 
 def test_v_prediction_model_runs_the_full_method(tiny_v_engine: HamEngine, content_image: Image.Image) -> None:
@@ -181,11 +181,11 @@ def test_text_guided_transfer_samples_the_style_teacher_with_cfg(engine: HamEngi
     result = engine.transfer(content_image, style_prompt="an ink engraving", params=SMALL)
     assert result.image.size == (64, 64) and result.image.mode == "RGB"
     stats = result.stats
-    assert (stats["mode"], stats["cfg"], stats["style_cache_hit"]) == ("text", True, None)
+    assert (stats.mode, stats.cfg, stats.style_cache_hit) == ("text", True, None)
     # Inversion: the content alone. Sampling: [uncond | cond] x (style, student) and the
     # content teacher once for both halves.
-    assert stats["unet_rows_by_phase"] == {"invert": STEPS, "sample": 5 * STEPS}
-    assert stats["unet_calls"] == 2 * STEPS
+    assert stats.unet_rows_by_phase == {"invert": STEPS, "sample": 5 * STEPS}
+    assert stats.unet_calls == 2 * STEPS
     assert len(engine.style_cache) == 0
 
 
@@ -194,8 +194,8 @@ def test_text_guided_cfg_runs_rows_whose_halves_are_identical_once(
 ) -> None:
     def sample_rows(params: TransferParams) -> int:
         result = engine.transfer_latents(content_image, style_prompt="an ink engraving", params=params)
-        assert result.stats["cfg"] is True
-        return result.stats["unet_rows_by_phase"]["sample"]
+        assert result.stats.cfg is True
+        return result.stats.unet_rows_by_phase["sample"]
 
     # A modulated step: content teacher once, style teacher and student in each half.
     assert sample_rows(SMALL) == 5 * STEPS
@@ -237,8 +237,8 @@ def test_text_guided_cfg_modulates_each_half_with_the_shared_content_teacher_row
 
 def test_text_guided_transfer_without_guidance_uses_one_half(engine: HamEngine, content_image: Image.Image) -> None:
     result = engine.transfer(content_image, style_prompt="an ink engraving", params=_params(guidance=1.0))
-    assert result.stats["cfg"] is False
-    assert result.stats["unet_rows_by_phase"]["sample"] == 3 * STEPS
+    assert result.stats.cfg is False
+    assert result.stats.unet_rows_by_phase["sample"] == 3 * STEPS
 
 
 def test_guide_student_switches_cfg_on_the_student_only_under_cfg(
@@ -258,8 +258,8 @@ def test_image_and_prompt_transfer_conditions_the_style_teacher_on_the_prompt(
 ) -> None:
     with_prompt = engine.transfer(content_image, style=style_image, style_prompt="an oil painting", params=SMALL)
     without = engine.transfer(content_image, style=style_image, params=SMALL)
-    assert with_prompt.stats["mode"] == "image+text" and with_prompt.stats["cfg"] is False
-    assert with_prompt.stats["unet_rows_by_phase"] == {"invert": 2 * STEPS, "sample": 3 * STEPS}
+    assert with_prompt.stats.mode == "image+text" and with_prompt.stats.cfg is False
+    assert with_prompt.stats.unet_rows_by_phase == {"invert": 2 * STEPS, "sample": 3 * STEPS}
     assert not np.array_equal(_pixels(with_prompt.image), _pixels(without.image))
 
 
@@ -272,11 +272,11 @@ def test_repeat_style_hits_the_cache_with_fewer_rows_and_the_same_image(
     engine = HamEngine(tiny_engine.model, content_cache_bytes=0)  # the style cache alone
     cold = engine.transfer_latents(content_image, style=style_image, params=SMALL)
     warm = engine.transfer_latents(content_image, style=style_image, params=SMALL)
-    assert (cold.stats["style_cache_hit"], warm.stats["style_cache_hit"]) == (False, True)
-    assert (warm.stats["style_cache_tier"], warm.stats["content_cache_hit"]) == ("memory", False)
-    assert cold.stats["unet_rows_by_phase"] == {"invert": 2 * STEPS, "sample": 3 * STEPS}
-    assert warm.stats["unet_rows_by_phase"] == {"invert": STEPS, "sample": 2 * STEPS}
-    assert cold.stats["unet_calls"] == warm.stats["unet_calls"] == 2 * STEPS
+    assert (cold.stats.style_cache_hit, warm.stats.style_cache_hit) == (False, True)
+    assert (warm.stats.style_cache_tier, warm.stats.content_cache_hit) == ("memory", False)
+    assert cold.stats.unet_rows_by_phase == {"invert": 2 * STEPS, "sample": 3 * STEPS}
+    assert warm.stats.unet_rows_by_phase == {"invert": STEPS, "sample": 2 * STEPS}
+    assert cold.stats.unet_calls == warm.stats.unet_calls == 2 * STEPS
     torch.testing.assert_close(warm.student, cold.student, **BATCH_NOISE)
     cold_pixels = engine.model.decode_latents(cold.student)
     warm_pixels = engine.model.decode_latents(warm.student)
@@ -291,21 +291,21 @@ def test_repeat_content_and_style_skip_the_inversion_too(
 ) -> None:
     cold = engine.transfer_latents(content_image, style=style_image, params=SMALL)
     warm = engine.transfer_latents(content_image, style=style_image, params=SMALL)
-    assert (cold.stats["content_cache_hit"], cold.stats["content_cache_tier"]) == (False, None)
-    assert (warm.stats["content_cache_hit"], warm.stats["content_cache_tier"]) == (True, "memory")
-    assert warm.stats["unet_rows_by_phase"] == {"invert": 0, "sample": 2 * STEPS}
-    assert warm.stats["unet_calls"] == STEPS
+    assert (cold.stats.content_cache_hit, cold.stats.content_cache_tier) == (False, None)
+    assert (warm.stats.content_cache_hit, warm.stats.content_cache_tier) == (True, "memory")
+    assert warm.stats.unet_rows_by_phase == {"invert": 0, "sample": 2 * STEPS}
+    assert warm.stats.unet_calls == STEPS
     torch.testing.assert_close(warm.content_terminal, cold.content_terminal, rtol=0, atol=0)
     torch.testing.assert_close(warm.student, cold.student, **BATCH_NOISE)
     # A warm content with a new style inverts the style alone: 4N rows.
     flipped = style_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     half = engine.transfer_latents(content_image, style=flipped, params=SMALL)
-    assert (half.stats["content_cache_hit"], half.stats["style_cache_hit"]) == (True, False)
-    assert half.stats["unet_rows_by_phase"] == {"invert": STEPS, "sample": 3 * STEPS}
+    assert (half.stats.content_cache_hit, half.stats.style_cache_hit) == (True, False)
+    assert half.stats.unet_rows_by_phase == {"invert": STEPS, "sample": 3 * STEPS}
     # The content entry depends on the size and the steps, not on the style or α.
-    assert not engine.transfer(content_image, style=style_image, params=_params(size=128)).stats["content_cache_hit"]
-    assert not engine.transfer(content_image, style=style_image, params=_params(steps=3)).stats["content_cache_hit"]
-    assert engine.transfer(content_image, style_prompt="ink", params=_params(alpha=0.1)).stats["content_cache_hit"]
+    assert not engine.transfer(content_image, style=style_image, params=_params(size=128)).stats.content_cache_hit
+    assert not engine.transfer(content_image, style=style_image, params=_params(steps=3)).stats.content_cache_hit
+    assert engine.transfer(content_image, style_prompt="ink", params=_params(alpha=0.1)).stats.content_cache_hit
 
 
 def test_progress_counts_only_the_sampling_when_nothing_is_inverted(
@@ -329,10 +329,10 @@ def test_cache_entry_depends_on_size_prompt_and_layers(
     ]
     for variant in variants:
         result = engine.transfer(content_image, style=style_image, **variant)
-        assert result.stats["style_cache_hit"] is False, variant
+        assert result.stats.style_cache_hit is False, variant
     # The content, α, β, γ and the seed do not change what the style teacher gives.
     other = _params(alpha=0.5, beta=0.5, gamma=0.9, seed=3)
-    assert engine.transfer(content_image.rotate(90), style=style_image, params=other).stats["style_cache_hit"]
+    assert engine.transfer(content_image.rotate(90), style=style_image, params=other).stats.style_cache_hit
 
 
 def test_style_cache_respects_its_byte_limit_and_evicts_the_least_recently_used(
@@ -347,13 +347,13 @@ def test_style_cache_respects_its_byte_limit_and_evicts_the_least_recently_used(
     engine.transfer(content_image, style=style_image, params=SMALL)
     engine.transfer(content_image, style=other_style_image, params=SMALL)
     assert len(engine.style_cache) == 1 and engine.style_cache.nbytes <= engine.style_cache.max_bytes
-    assert engine.transfer(content_image, style=other_style_image, params=SMALL).stats["style_cache_hit"]
-    assert not engine.transfer(content_image, style=style_image, params=SMALL).stats["style_cache_hit"]
+    assert engine.transfer(content_image, style=other_style_image, params=SMALL).stats.style_cache_hit
+    assert not engine.transfer(content_image, style=style_image, params=SMALL).stats.style_cache_hit
 
     too_small = HamEngine(tiny_engine.model, style_cache_bytes=entry - 1)
     too_small.transfer(content_image, style=style_image, params=SMALL)
     assert len(too_small.style_cache) == 0
-    assert not too_small.transfer(content_image, style=style_image, params=SMALL).stats["style_cache_hit"]
+    assert not too_small.transfer(content_image, style=style_image, params=SMALL).stats.style_cache_hit
 
 
 # -- progress, cancellation, errors, determinism ----------------------------------------------
@@ -397,7 +397,7 @@ def test_a_failure_inside_sampling_restores_the_processors_and_leaves_the_engine
         engine.transfer(content_image, style=style_image, params=SMALL, progress=progress)
     assert _stock_processors(engine)
     assert len(engine.style_cache) == 0
-    assert engine.transfer(content_image, style=style_image, params=SMALL).stats["style_cache_hit"] is False
+    assert engine.transfer(content_image, style=style_image, params=SMALL).stats.style_cache_hit is False
 
 
 @pytest.mark.parametrize(("size", "expected"), [((1, 1), (128, 128)), ((4000, 10), (128, 64)), ((10, 4000), (64, 128))])
@@ -451,7 +451,7 @@ def test_output_keeps_the_content_aspect_ratio(engine: HamEngine, content_image:
     wide = content_image.resize((128, 64))
     result = engine.transfer(wide, style_prompt="a mosaic", params=_params(size=128))
     assert result.image.size == (128, 64)
-    assert result.stats["size"] == [128, 64]
+    assert result.stats.size == (128, 64)
 
 
 def test_same_inputs_and_seed_give_an_identical_image(engine: HamEngine, content_image: Image.Image) -> None:
@@ -485,15 +485,15 @@ def test_stats_report_counts_phases_and_memory(
 ) -> None:
     rss_before = _current_rss_bytes()
     stats = engine.transfer(content_image, style=style_image, params=SMALL).stats
-    assert set(stats["seconds"]) == {"encode", "invert", "sample", "decode", "total"}
-    assert stats["seconds"]["total"] >= stats["seconds"]["sample"] > 0
-    assert stats["unet_rows"] == sum(stats["unet_rows_by_phase"].values())
+    assert set(stats.seconds) == {"encode", "invert", "sample", "decode", "total"}
+    assert stats.seconds["total"] >= stats.seconds["sample"] > 0
+    assert stats.unet_rows == sum(stats.unet_rows_by_phase.values())
     # A CPU has no per-transfer figure: peak_memory_bytes says so, and the process's lifetime
     # peak RSS carries its own name. It is about the RSS before or more (in bytes, not kilobytes;
     # the kernel updates its high-water mark lazily, so allow a little slack).
-    assert stats["peak_memory_bytes"] is None
-    assert stats["process_peak_rss_bytes"] >= 0.9 * rss_before > 0
-    assert (stats["steps"], stats["size"], stats["device"], stats["family"]) == (STEPS, [64, 64], "cpu", "sd")
+    assert stats.peak_memory_bytes is None
+    assert stats.process_peak_rss_bytes >= 0.9 * rss_before > 0
+    assert (stats.steps, stats.size, stats.device, stats.family) == (STEPS, (64, 64), "cpu", "sd")
 
 
 def _current_rss_bytes() -> int:

@@ -260,3 +260,25 @@ def test_an_interrupted_run_keeps_finished_outputs_and_the_next_run_resumes(
     assert main(argv) == 0
     assert len(list((out / "outputs").glob("*.png"))) == len(list((out / "outputs").glob("*.json"))) == 4
     assert {name: (out / "outputs" / f"{name}.png").stat().st_mtime_ns for name in finished} == stamps
+
+
+def test_ham_eval_flags_come_from_the_param_specs_with_their_bounds_and_choices() -> None:
+    """``ham eval`` takes the engine parameters as ``ham transfer`` does: one flag per spec, its range in --help."""
+    import argparse
+
+    from ham_engine.evaluation.cli import add_eval_parser
+    from ham_engine.params import PARAM_SPECS, TransferParams
+
+    parser = argparse.ArgumentParser(prog="ham")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    subparser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
+    text = " ".join(subparser.format_help().split())
+    for spec in PARAM_SPECS:
+        flag = spec.name.replace("_", "-")
+        assert (f"--no-{flag}" if spec.kind is bool else f"--{flag}") in text
+        if spec.kind is not bool:
+            assert spec.allowed() in text, spec.name
+    args = parser.parse_args(["eval", "--content", "c", "--style", "s"])
+    assert TransferParams(**{spec.name: getattr(args, spec.name) for spec in PARAM_SPECS}) == TransferParams()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--content", "c", "--style", "s", "--inversion", "forward"])

@@ -282,10 +282,10 @@ def test_a_json_job_takes_style_ids_and_lists_of_style_urls_in_order(client, red
     job = response.json()
     assert (job["style_count"], job["style_ids"], job["has_style"]) == (3, [library], True)
     stored = client.app.state.services.jobs.get(job["id"])
-    assert [s["style_id"] for s in stored.styles] == [None, None, library]
-    assert [s["prompt"] for s in stored.styles] == [None, None, "ink"]
+    assert [s.style_id for s in stored.styles] == [None, None, library]
+    assert [s.prompt for s in stored.styles] == [None, None, "ink"]
     storage = client.app.state.services.storage
-    normalised = [storage.get(s["key"]) for s in stored.styles]
+    normalised = [storage.get(s.key) for s in stored.styles]
     assert normalised[2] == storage.get(f"styles/{library}.png") and len(set(normalised)) == 3
     # One style_id alone, as a string or a one-item array: a one-style job of the library style.
     for given in (library, [library]):

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from service.api import fetch
-from service.api.fetch import FetchError, decode_data_uri, fetch_reference
+from service.api.errors import ApiError
+from service.api.fetch import decode_data_uri, fetch_reference
 from service.core.config import Settings
 from service.core.ssrf import check_public_url
 from tests.fixtures.servers import free_port
@@ -93,7 +94,7 @@ def test_every_redirect_hop_is_vetted_again(server, public_test_host):
                                      "http://169.254.169.254/latest/meta-data"])
 def test_a_redirect_to_a_private_address_is_refused_before_connecting(server, public_test_host, private):
     port, seen = server
-    with pytest.raises(FetchError) as refused:
+    with pytest.raises(ApiError) as refused:
         run(f"http://images.test:{port}/to/{private.format(port=port)}")
     assert refused.value.status == 422 and refused.value.code == "invalid_url"
     assert refused.value.message.startswith("content_url: host ") and "HAM_FETCH_ALLOW_PRIVATE" in refused.value.message
@@ -103,12 +104,12 @@ def test_a_redirect_to_a_private_address_is_refused_before_connecting(server, pu
 def test_the_allowance_lets_loopback_through(server):
     port, _ = server
     assert run(f"http://127.0.0.1:{port}/x.png", fetch_allow_private=True) == PNG
-    with pytest.raises(FetchError, match="loopback"):
+    with pytest.raises(ApiError, match="loopback"):
         run(f"http://127.0.0.1:{port}/x.png")
 
 
 def test_an_unresolvable_host_is_a_422_naming_the_field():
-    with pytest.raises(FetchError) as refused:
+    with pytest.raises(ApiError) as refused:
         run("http://no-such-host.invalid/x.png")
     assert refused.value.field == "content_url" and "does not resolve" in refused.value.message
 
@@ -118,10 +119,10 @@ def test_data_uris_decode_and_refuse_bad_base64_and_oversize():
     assert decode_data_uri("style_url", f"data:image/png;base64,{encoded}", 1000) == PNG
     assert decode_data_uri("style_url", "data:,hello%20world", 1000) == b"hello world"
     for bad in ("data:image/png;base64,%%%", "data:image/png;base64,abc", "data:nocomma"):
-        with pytest.raises(FetchError) as refused:
+        with pytest.raises(ApiError) as refused:
             decode_data_uri("style_url", bad, 1000)
         assert (refused.value.status, refused.value.code, refused.value.field) == (422, "invalid_data_uri",
                                                                                     "style_url")
-    with pytest.raises(FetchError) as big:
+    with pytest.raises(ApiError) as big:
         decode_data_uri("style_url", "data:image/png;base64," + "A" * 4000, 1000)
     assert (big.value.status, big.value.code) == (413, "upload_too_large")

@@ -17,11 +17,15 @@ from service.core.jobs import (
     TASK_FUNCTION,
     Job,
     JobConflict,
+    JobFenced,
     JobStatus,
     JobStore,
     QueueFull,
     new_job_id,
+    result_key,
+    style_key,
 )
+from service.core.style_refs import StyleRef
 
 
 @pytest.fixture
@@ -35,7 +39,9 @@ def store(redis_client: redis.Redis, settings: Settings) -> JobStore:
 
 
 def make_job(tenant: str = "acme", **kw) -> Job:
-    return Job(id=new_job_id(), tenant=tenant, params={"steps": 5, "size": 64}, has_style=True, **kw)
+    job_id, prompt = new_job_id(), kw.pop("style_prompt", None)
+    return Job(id=job_id, tenant=tenant, params={"steps": 5, "size": 64}, styles=[StyleRef(style_key(job_id), prompt)],
+               **kw)
 
 
 def test_submit_stores_the_record_and_enqueues_an_rq_job_carrying_only_the_id(store, redis_client, settings):
@@ -294,7 +300,7 @@ def test_finished_counts_count_each_terminal_outcome_once(store):
 def test_list_for_tenant_pages_through_jobs_created_in_the_same_instant(store):
     ids = []
     for _ in range(5):
-        job, _ = store.submit(Job(id=new_job_id(), tenant="a", params={}, style_prompt="x", has_style=False))
+        job, _ = store.submit(Job(id=new_job_id(), tenant="a", params={}, styles=[StyleRef.text("x")]))
         ids.append(job.id)
     # Same created_at for all of them, as two API replicas can write.
     instant = time.time()
@@ -312,3 +318,91 @@ def test_list_for_tenant_pages_through_jobs_created_in_the_same_instant(store):
 def test_list_for_tenant_refuses_loose_cursors(store, cursor):
     with pytest.raises(ValueError, match="cursor"):
         store.list_for_tenant("a", limit=2, cursor=cursor)
+
+
+# --- fencing: every worker write names its run -------------------------------------------
+
+
+def _stolen(store: JobStore, settings: Settings) -> tuple[Job, Job]:
+    """A job started by a run on ``stale`` (frozen, declared dead, recovered) and started again on ``owner``."""
+    job, _ = store.submit(make_job())
+    stale = store.start(job.id, "stale")
+    store.set_progress(job.id, 0.6, run=stale.run)
+    assert store.recover(job.id, "stale", settings.job_max_retries) is not None
+    owner = store.start(job.id, "owner")
+    return stale, owner
+
+
+def test_each_start_is_a_new_run_and_a_refund_never_gives_the_run_number_back(store):
+    job, _ = store.submit(make_job())
+    first = store.start(job.id, "w1")
+    assert (first.run, store.start(job.id, "w1").run) == (1, 1)  # a retried start is the same run
+    store.requeue(job.id, expected_worker="w1", refund_attempt=True, run=1)
+    second = store.start(job.id, "w1")
+    assert (second.attempts, second.run) == (1, 2)
+
+
+def test_a_stale_run_is_fenced_from_progress_poll_and_every_terminal_transition(store, settings):
+    stale, owner = _stolen(store, settings)
+    assert (owner.run, owner.progress) == (2, 0.0)  # the new run starts from 0, visibly another run
+    assert store.set_progress(stale.id, 0.9, run=stale.run) is False
+    assert store.get(stale.id).progress == 0.0  # the stale write changed nothing
+    assert store.poll(stale.id, stale.run) == "fenced" and store.cancel_requested(stale.id, stale.run)
+    assert store.poll(owner.id, owner.run) == "go"
+    for write in (
+        lambda: store.succeed(stale.id, "results/stale.png", {"steps": 5}, run=stale.run),
+        lambda: store.fail(stale.id, "internal_error", "late", run=stale.run),
+        lambda: store.mark_canceled(stale.id, run=stale.run),
+    ):
+        with pytest.raises(JobFenced) as err:
+            write()
+        assert err.value.status == "running" and err.value.run == stale.run
+    assert store.requeue(stale.id, refund_attempt=True, run=stale.run) is None
+    now = store.get(stale.id)
+    assert (now.status, now.worker, now.run, now.attempts) == (JobStatus.RUNNING, "owner", 2, 2)
+    done = store.succeed(owner.id, "results/owner.png", {"steps": 5}, run=owner.run)
+    assert (done.status, done.result_key) == (JobStatus.SUCCEEDED, "results/owner.png")
+
+
+def test_a_run_handed_back_to_the_queue_is_fenced_until_it_starts_again(store):
+    job, _ = store.submit(make_job())
+    run = store.start(job.id, "w1").run
+    store.requeue(job.id, expected_worker="w1", refund_attempt=True, run=run)
+    assert store.set_progress(job.id, 0.3, run=run) is False
+    with pytest.raises(JobFenced):
+        store.succeed(job.id, "results/x.png", {}, run=run)
+    assert store.get(job.id).status is JobStatus.QUEUED
+
+
+def test_progress_never_goes_backwards_within_a_run(store):
+    job, _ = store.submit(make_job())
+    run = store.start(job.id, "w1").run
+    seen = []
+    for value in (0.2, 0.5, 0.3, 0.5, 0.7):
+        assert store.set_progress(job.id, value, run=run)
+        seen.append(store.get(job.id).progress)
+    assert seen == [0.2, 0.5, 0.5, 0.5, 0.7]
+
+
+def test_a_cancel_reaches_the_owning_run_and_its_canceled_write(store):
+    job, _ = store.submit(make_job())
+    run = store.start(job.id, "w1").run
+    store.request_cancel(job.id)
+    assert store.poll(job.id, run) == "cancel"
+    assert store.mark_canceled(job.id, run=run).status is JobStatus.CANCELED
+
+
+def test_result_keys_are_named_per_run():
+    keys = {result_key("j", "png", 0, 1), result_key("j", "png", 0, 2), result_key("j", "webp", 1, 2)}
+    assert keys == {"results/j/run-1.png", "results/j/run-2.png", "results/j/run-2-1.webp"}
+    assert result_key("j") == "results/j.png"  # no run: the name older records point at
+
+
+def test_the_task_function_named_by_the_queue_is_the_workers_entry_point():
+    # The core names the worker's function by string (it never imports the worker): the string must resolve.
+    import importlib
+
+    from worker.task import run_transfer
+
+    module, _, name = TASK_FUNCTION.rpartition(".")
+    assert getattr(importlib.import_module(module), name) is run_transfer

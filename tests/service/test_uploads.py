@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from service.api.uploads import ImageInfo, UploadError, read_image, sniff_format
+from service.api.errors import ApiError
+from service.api.uploads import ImageInfo, read_image, sniff_format
 from service.core.config import Settings
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -46,8 +47,8 @@ def photo() -> Image.Image:
     return Image.open(DATA / "content0.png").convert("RGB")
 
 
-def _refused(data: bytes, settings: Settings = SETTINGS, field: str = "content") -> UploadError:
-    with pytest.raises(UploadError) as caught:
+def _refused(data: bytes, settings: Settings = SETTINGS, field: str = "content") -> ApiError:
+    with pytest.raises(ApiError) as caught:
         read_image(field, data, settings)
     assert caught.value.field == field
     assert field in caught.value.message

@@ -23,6 +23,7 @@ import redis
 from service.core.config import Settings
 from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, style_key
 from service.core.storage import FileStorage
+from service.core.style_refs import StyleRef
 from tests.fixtures.servers import RedisServer, free_port, log_tail, terminate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,7 +124,8 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[Worker]:
 
 def submit(store: JobStore, settings: Settings, steps: int) -> str:
     storage = FileStorage(Path(settings.storage_url.removeprefix("file://")), "http://127.0.0.1:1", b"k")
-    job = Job(id=new_job_id(), tenant="t", params={"steps": steps, "size": 64}, has_style=True)
+    job_id = new_job_id()
+    job = Job(id=job_id, tenant="t", params={"steps": steps, "size": 64}, styles=[StyleRef(style_key(job_id))])
     storage.put(content_key(job.id), (DATA / "content0.png").read_bytes())
     storage.put(style_key(job.id), (DATA / "style0.png").read_bytes())
     store.submit(job)

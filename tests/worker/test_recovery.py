@@ -12,6 +12,7 @@ import redis
 from service.core.config import Settings
 from service.core.jobs import ERROR_WORKER_LOST, Job, JobStatus, JobStore, content_key, new_job_id, style_key
 from service.core.storage import FileStorage
+from service.core.style_refs import StyleRef
 from worker.recovery import (
     HEARTBEAT_MISSES,
     Maintenance,
@@ -50,7 +51,9 @@ def storage(tmp_path: Path) -> FileStorage:
 
 
 def running_job(store: JobStore, storage: FileStorage, worker: str, webhook_url: str | None = None) -> Job:
-    job = Job(id=new_job_id(), tenant="t", params={"steps": 2, "size": 64}, has_style=True, webhook_url=webhook_url)
+    job_id = new_job_id()
+    job = Job(id=job_id, tenant="t", params={"steps": 2, "size": 64}, styles=[StyleRef(style_key(job_id))],
+              webhook_url=webhook_url)
     storage.put(content_key(job.id), b"png")
     storage.put(style_key(job.id), b"png")
     store.submit(job)

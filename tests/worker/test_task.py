@@ -16,6 +16,7 @@ from service.core.config import Settings
 from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
 from service.core.redis_client import connect_redis
 from service.core.storage import FileStorage
+from service.core.style_refs import StyleRef
 from worker.metrics import WorkerMetrics
 from worker.task import TransferRunner, install_runner, run_transfer
 
@@ -56,7 +57,9 @@ def make_runner(engine, redis_client, storage, settings, hooks=None, metrics=Non
 
 
 def submit(runner: TransferRunner, params: dict | None = None, content: bytes | None = None, **kw) -> Job:
-    job = Job(id=new_job_id(), tenant="t", params=params or {"steps": 3, "size": 64}, has_style=True, **kw)
+    job_id, prompt = new_job_id(), kw.pop("style_prompt", None)
+    job = Job(id=job_id, tenant="t", params=params or {"steps": 3, "size": 64},
+              styles=[StyleRef(style_key(job_id), prompt)], **kw)
     runner.storage.put(content_key(job.id), content or (DATA / "content0.png").read_bytes())
     runner.storage.put(style_key(job.id), (DATA / "style0.png").read_bytes())
     runner.store.submit(job)
@@ -71,9 +74,9 @@ def test_successful_job_stores_the_png_deletes_inputs_records_stats_and_sends_th
     job = submit(runner, webhook_url="https://example.com/hook")
     assert runner.run(job.id) == "succeeded"
     done = runner.store.get(job.id)
-    assert done.status is JobStatus.SUCCEEDED and done.result_key == result_key(job.id) and done.progress == 1.0
+    assert done.status is JobStatus.SUCCEEDED and done.result_key == result_key(job.id, run=1) and done.progress == 1.0
     assert done.stats["steps"] == 3 and done.stats["unet_calls"] > 0
-    assert Image.open(io.BytesIO(storage.get(result_key(job.id)))).size == (64, 64)
+    assert Image.open(io.BytesIO(storage.get(result_key(job.id, run=1)))).size == (64, 64)
     with pytest.raises(KeyError):
         storage.get(content_key(job.id))
     [(url, payload)] = hooks.sent
@@ -113,9 +116,9 @@ def test_progress_is_written_every_step_and_rises(engine, redis_client, storage,
     job = submit(runner, params={"steps": 5, "size": 64})
     written: list[float] = []
     original = runner.store.set_progress
-    runner.store.set_progress = lambda job_id, p: (written.append(p), original(job_id, p))  # observe, still write
+    runner.store.set_progress = lambda job_id, p, run=None: (written.append(p), original(job_id, p, run))[1]  # observe
     runner.run(job.id)
-    assert len(written) == 10  # inversion + sampling: total = 2 * steps
+    assert len(written) == 10, written  # inversion + sampling: total = 2 * steps
     assert written == sorted(written) and written[-1] == pytest.approx(0.99)
 
 
@@ -146,7 +149,7 @@ def test_cancel_while_running_stops_the_engine_and_marks_the_job_canceled(engine
     canceled = runner.store.get(job.id)
     assert canceled.status is JobStatus.CANCELED and canceled.progress < 0.5
     with pytest.raises(KeyError):
-        storage.get(result_key(job.id))
+        storage.get(result_key(job.id, run=1))
 
 
 def test_job_canceled_while_queued_is_skipped(engine, redis_client, storage, settings):
@@ -193,7 +196,7 @@ def test_an_overflow_fails_the_job_with_numerical_error_not_a_black_image(redis_
     failed = runner.store.get(job.id)
     assert failed.error_code == "numerical_error" and "not finite" in failed.error_message
     with pytest.raises(KeyError):
-        storage.get(result_key(job.id))
+        storage.get(result_key(job.id, run=1))
 
 
 def test_an_sdxl_worker_runs_image_and_image_plus_prompt_jobs(redis_client, storage, settings):
@@ -205,7 +208,7 @@ def test_an_sdxl_worker_runs_image_and_image_plus_prompt_jobs(redis_client, stor
     assert [runner.run(image_job.id), runner.run(text_job.id)] == ["succeeded", "succeeded"]
     done = runner.store.get(text_job.id)
     assert (done.stats["family"], done.stats["mode"]) == ("sdxl", "image+text")
-    assert Image.open(io.BytesIO(storage.get(result_key(text_job.id)))).size == (64, 64)
+    assert Image.open(io.BytesIO(storage.get(result_key(text_job.id, run=1)))).size == (64, 64)
 
 
 class _LibraryFailure:
@@ -277,7 +280,7 @@ def test_storage_outage_shorter_than_the_deadline_is_waited_out_within_the_run(e
     healer.join()
     done = runner.store.get(job.id)
     assert (done.status, done.attempts) == (JobStatus.SUCCEEDED, 1)
-    assert Image.open(io.BytesIO(storage.get(result_key(job.id)))).size == (64, 64)
+    assert Image.open(io.BytesIO(storage.get(result_key(job.id, run=1)))).size == (64, 64)
 
 
 def test_a_recorded_success_whose_reply_was_lost_is_taken_as_done(engine, redis_client, storage, settings):
@@ -288,9 +291,9 @@ def test_a_recorded_success_whose_reply_was_lost_is_taken_as_done(engine, redis_
     original = runner.store.succeed
     calls: list[str] = []
 
-    def succeed_then_lose_the_reply(job_id, key, stats, result_keys=None):
+    def succeed_then_lose_the_reply(job_id, key, stats, result_keys=None, run=None):
         calls.append(job_id)
-        done = original(job_id, key, stats, result_keys)
+        done = original(job_id, key, stats, result_keys, run)
         if len(calls) == 1:
             raise redis.ConnectionError("Connection closed by server.")
         return done
@@ -327,20 +330,20 @@ def test_run_transfer_needs_an_installed_runner(engine, redis_client, storage, s
 
 
 def test_metrics_count_feature_hits_per_kind_and_tier_for_one_and_several_styles():
+    from ham_engine.results import StyleStats, TransferStats
     from worker.metrics import WorkerMetrics
 
     metrics = WorkerMetrics()
-    one = {"steps": 3, "style_cache_hit": True, "style_cache_tier": "store", "content_cache_hit": False}
-    batch = {
-        "steps": 3,
-        "content_cache_hit": True,
-        "content_cache_tier": "memory",
-        "styles": [
-            {"style_cache_hit": True, "style_cache_tier": "memory"},
-            {"style_cache_hit": False, "style_cache_tier": None},
-            {"style_cache_hit": None, "style_cache_tier": None},  # a text style: nothing to cache
-        ],
-    }
+    run = dict(unet_calls=6, unet_rows=6, unet_rows_by_phase={"invert": 0, "sample": 6}, seconds={}, steps=3,
+               size=(64, 64), device="cpu", dtype="float32", model="tiny", family="sd", inversion="target",
+               teachers={}, record_bytes=0, record_budget_bytes=0, record_fallback=None)  # fmt: skip
+    one = TransferStats(**run, content_cache_hit=False, content_cache_tier=None,
+                        styles=(StyleStats(True, "store", "image", False),))  # fmt: skip
+    batch = TransferStats(**run, content_cache_hit=True, content_cache_tier="memory", styles=(
+        StyleStats(True, "memory", "image", False),
+        StyleStats(False, None, "image", False),
+        StyleStats(None, None, "text", True),  # a text style: nothing to cache
+    ))  # fmt: skip
     metrics.observe_job("succeeded", 1.0, one)
     metrics.observe_job("succeeded", 1.0, batch)
     text = metrics.render().decode()

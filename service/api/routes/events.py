@@ -18,9 +18,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ServicesDep, TenantDep
+from service.api.errors import InvalidRequest, NotFound, RateLimited, Unauthorized, Unavailable, error_responses
+from service.api.job_access import job_resource, owned_job
 from service.api.live import job_versions
-from service.api.routes.transfers import ERRORS, job_resource, owned_job
-from service.api.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v1/transfers", tags=["transfers"])
 
@@ -36,7 +36,7 @@ _EXAMPLE = (
     summary="Follow a transfer job (server-sent events)",
     response_class=EventSourceResponse,
     responses={
-        **ERRORS,
+        **error_responses(Unauthorized, RateLimited, InvalidRequest, Unavailable, NotFound),
         200: {"description": "`text/event-stream`: `progress` events, then one terminal event "
               "(`succeeded`, `failed` or `canceled`), after which the server closes the stream. Each event is a "
               "`TransferEvent`: `event` its name, `id` the job's version, `data` the job resource as JSON. "
@@ -48,7 +48,6 @@ _EXAMPLE = (
                   "itemSchema": {"$ref": "#/components/schemas/TransferEvent"},
                   "example": _EXAMPLE}}},
         204: {"description": "`Last-Event-ID` is the terminal event already: nothing more will come."},
-        404: {"model": ErrorResponse, "description": "No such job for this tenant."},
     },
 )
 async def transfer_events(

@@ -14,8 +14,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
 from service.api.deps import ServicesDep
-from service.api.errors import ApiError
-from service.api.schemas import ErrorResponse
+from service.api.errors import InvalidRequest, InvalidSignature, NotFound, error_responses
 from service.core.storage import FileStorage
 
 router = APIRouter(tags=["files"])
@@ -29,9 +28,7 @@ router = APIRouter(tags=["files"])
         200: {"content": {media: {"schema": {"type": "string", "format": "binary"}}
                           for media in ("image/png", "image/jpeg", "image/webp")},
               "description": "The file (a result, in its job's `output_format`)."},
-        403: {"model": ErrorResponse, "description": "Signature invalid or expired."},
-        404: {"model": ErrorResponse, "description": "No such file, or storage is not file://."},
-        422: {"model": ErrorResponse, "description": "Malformed request."},
+        **error_responses(InvalidSignature, NotFound, InvalidRequest),
     },
 )
 def download_file(
@@ -43,14 +40,14 @@ def download_file(
     """Serve one object if `expires`/`sig` verify; tampered or expired → 403."""
     storage = services.storage
     if not isinstance(storage, FileStorage):
-        raise ApiError(404, "not_found", "file downloads are served by the object store, not this API")
+        raise NotFound("file downloads are served by the object store, not this API")
     if expires is None or sig is None or not storage.verify(key, expires, sig):
-        raise ApiError(403, "invalid_signature", "the download URL is invalid or has expired; fetch the job again")
+        raise InvalidSignature()
     try:
         path = storage.path_for(key)
     except (ValueError, KeyError):
-        raise ApiError(404, "not_found", "no such file") from None
+        raise NotFound("no such file") from None
     if not path.is_file():
-        raise ApiError(404, "not_found", "no such file (it may have expired)")
+        raise NotFound("no such file (it may have expired)")
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=60"})

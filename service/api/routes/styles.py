@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import logging
 from datetime import datetime, timezone
-from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from PIL import Image
@@ -23,8 +22,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ham_engine.params import MAX_PROMPT_CHARS, ParamError, TransferParams, check_style_reference
 from service.api.deps import Services, current_tenant, get_services
-from service.api.errors import ApiError
-from service.api.schemas import ErrorResponse, StyleList, StyleResource
+from service.api.errors import (
+    DuplicateField,
+    ImageTooLarge,
+    InvalidCursor,
+    InvalidField,
+    InvalidImage,
+    InvalidMultipart,
+    InvalidParameter,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    RequestTooLarge,
+    Unauthorized,
+    Unavailable,
+    UnknownField,
+    UnsupportedMediaType,
+    UploadTooLarge,
+    error_responses,
+)
+from service.api.schemas import StyleList, StyleResource
 from service.api.uploads import read_upload
 from service.core.feature_store import delete_style_features
 from service.core.jobs import CURSOR_PATTERN, Job, QueueFull, content_key, new_job_id
@@ -38,12 +55,8 @@ FIELDS = ("image", "style_prompt", "name", "warm", "size", "steps")
 MAX_NAME_CHARS = 200
 _WARM_GREY = (128, 128, 128)
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
-    429: {"model": ErrorResponse, "description": "Rate limit reached; see `Retry-After`."},
-    503: {"model": ErrorResponse, "description": "Redis or storage unreachable; see `Retry-After`."},
-}
-_NOT_FOUND = {404: {"model": ErrorResponse, "description": "No such style for this tenant."}}
+# What every route of a tenant's styles may answer with, besides its own errors.
+_ERRORS = (Unauthorized, RateLimited, Unavailable)
 
 
 def style_resource(record: StyleRecord) -> StyleResource:
@@ -61,34 +74,33 @@ def style_resource(record: StyleRecord) -> StyleResource:
 def _owned_style(services: Services, tenant: str, style_id: str) -> StyleRecord:
     record = services.styles.get(tenant, style_id)
     if record is None:
-        raise ApiError(404, "not_found", f"no style {style_id[:80]!r}")
+        raise NotFound(f"no style {style_id[:80]!r}")
     return record
 
 
 async def _style_form(request: Request) -> FormData:
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type", "send the style as multipart/form-data")
+        raise UnsupportedMediaType("send the style as multipart/form-data")
     try:
         return await request.form(max_files=2, max_fields=len(FIELDS) + 4, max_part_size=64 * 1024)
     except StarletteHTTPException as exc:
-        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from None
+        raise InvalidMultipart(str(exc.detail)) from None
 
 
 def _fields(form: FormData) -> dict[str, str | UploadFile]:
     values: dict[str, str | UploadFile] = {}
     for name, value in form.multi_items():
         if name not in FIELDS:
-            raise ApiError(422, "unknown_field", f"unknown form field {name[:80]!r}; known: {', '.join(FIELDS)}",
-                           field=name[:80])
+            raise UnknownField(where="form ", name=name[:80], known=", ".join(FIELDS), field=name[:80])
         if name in values:
-            raise ApiError(422, "duplicate_field", f"form field {name!r} given more than once", field=name)
+            raise DuplicateField(field=name)
         # An empty value is "not given" (what HTML forms send); blanks are values (a blank prompt is refused).
         if isinstance(value, str) and value == "":
             continue
         if isinstance(value, UploadFile) and not value.filename and value.size == 0:
             continue
         if name != "image" and not isinstance(value, str):
-            raise ApiError(422, "invalid_field", f"{name} must be a text field, not a file", field=name)
+            raise InvalidField(f"{name} must be a text field, not a file", field=name)
         values[name] = value
     return values
 
@@ -126,8 +138,7 @@ def _create(services: Services, record: StyleRecord, image_png: bytes | None, wa
             id=new_job_id(),
             tenant=record.tenant,
             params=warm.to_dict(),
-            has_style=record.has_image,
-            styles=[{"key": record.image_key, "prompt": record.style_prompt, "style_id": record.id}],
+            styles=[record.ref()],
         )
         record.warm_job_id = warm_job.id
     services.styles.create(record)
@@ -149,13 +160,10 @@ def _create(services: Services, record: StyleRecord, image_png: bytes | None, wa
     status_code=201,
     response_model=StyleResource,
     summary="Add a style to your library",
-    responses={
-        **_ERRORS,
-        400: {"model": ErrorResponse, "description": "Malformed multipart body."},
-        413: {"model": ErrorResponse, "description": "Image too large."},
-        415: {"model": ErrorResponse, "description": "Not multipart/form-data, or not a PNG/JPEG/WebP image."},
-        422: {"model": ErrorResponse, "description": "A field is missing, unknown or invalid (`field` names it)."},
-    },
+    responses=error_responses(
+        *_ERRORS, InvalidMultipart, RequestTooLarge, UploadTooLarge, ImageTooLarge, UnsupportedMediaType,
+        UnknownField, DuplicateField, InvalidField, InvalidParameter, InvalidImage,
+    ),
     # Parsed by hand (below); the form is declared as a named schema so generated clients get a model for it.
     openapi_extra={"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"$ref": "#/components/schemas/StyleForm"}}}}},
@@ -176,7 +184,7 @@ async def create_style(
         values = _fields(form)
         name = values.get("name")
         if name is not None and len(name) > MAX_NAME_CHARS:
-            raise ApiError(422, "invalid_field", f"name: at most {MAX_NAME_CHARS} characters", field="name")
+            raise InvalidField(f"name: at most {MAX_NAME_CHARS} characters", field="name")
         try:
             prompt_text = values.get("style_prompt")
             if prompt_text is not None and len(prompt_text) > MAX_PROMPT_CHARS:
@@ -187,7 +195,7 @@ async def create_style(
             warm = _warm_params(values)
         except ParamError as exc:
             field = "image" if exc.field == "style" else exc.field
-            raise ApiError(422, "invalid_parameter", str(exc).replace("style:", "image:", 1), field=field) from None
+            raise InvalidParameter(str(exc).replace("style:", "image:", 1), field=field) from None
         image_png = await read_upload(values["image"], "image", services.settings) if "image" in values else None
     finally:
         await form.close()
@@ -208,7 +216,7 @@ async def create_style(
     "",
     response_model=StyleList,
     summary="List your styles",
-    responses={**_ERRORS, 422: {"model": ErrorResponse, "description": "`limit` out of 1..100 or a bad `cursor`."}},
+    responses=error_responses(*_ERRORS, InvalidRequest, InvalidCursor),
 )
 def list_styles(
     limit: int = Query(20, ge=1, le=100, description="Page size."),
@@ -224,11 +232,13 @@ def list_styles(
     try:
         records, next_cursor = services.styles.list_for_tenant(tenant, limit, cursor)
     except ValueError as exc:
-        raise ApiError(422, "invalid_cursor", str(exc), field="cursor") from None
+        raise InvalidCursor(str(exc), field="cursor") from None
     return StyleList(items=[style_resource(r) for r in records], next_cursor=next_cursor)
 
 
-@router.get("/{style_id}", response_model=StyleResource, summary="Get a style", responses={**_ERRORS, **_NOT_FOUND})
+@router.get(
+    "/{style_id}", response_model=StyleResource, summary="Get a style", responses=error_responses(*_ERRORS, NotFound)
+)
 def get_style(
     style_id: str, tenant: str = Depends(current_tenant), services: Services = Depends(get_services)
 ) -> StyleResource:
@@ -237,7 +247,7 @@ def get_style(
 
 
 @router.delete(
-    "/{style_id}", status_code=204, summary="Delete a style", responses={**_ERRORS, **_NOT_FOUND}
+    "/{style_id}", status_code=204, summary="Delete a style", responses=error_responses(*_ERRORS, NotFound)
 )
 def delete_style(
     style_id: str, tenant: str = Depends(current_tenant), services: Services = Depends(get_services)
@@ -246,7 +256,7 @@ def delete_style(
     their own copy of its image and run as submitted."""
     record = services.styles.delete(tenant, style_id)
     if record is None:
-        raise ApiError(404, "not_found", f"no style {style_id[:80]!r}")
+        raise NotFound(f"no style {style_id[:80]!r}")
     if record.image_key:
         services.storage.delete(record.image_key)
     if record.image_digest:

@@ -14,17 +14,51 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Services, ServicesDep, TenantDep
-from service.api.errors import ApiError
+from service.api.errors import (
+    ApiError,
+    DuplicateField,
+    FetchFailed,
+    IdempotencyKeyReused,
+    ImageTooLarge,
+    InvalidCursor,
+    InvalidDataUri,
+    InvalidField,
+    InvalidIdempotencyKey,
+    InvalidImage,
+    InvalidJson,
+    InvalidMultipart,
+    InvalidParameter,
+    InvalidRequest,
+    InvalidUrl,
+    InvalidWebhookUrl,
+    JobFinished,
+    MissingField,
+    NotFound,
+    RateLimited,
+    RequestTooLarge,
+    ServiceQueueFull,
+    StyleNotFound,
+    TenantQueueFull,
+    TooManyStyles,
+    Unauthorized,
+    Unavailable,
+    UnknownField,
+    UnsupportedMediaType,
+    UploadTooLarge,
+    WebhooksDisabled,
+    error_responses,
+)
+from service.api.job_access import job_resource, owned_job
 from service.api.json_body import json_body_fingerprint, read_json
 from service.api.live import preferred_wait, wait_until_terminal
 from service.api.multipart import multipart_fingerprint, read_multipart
-from service.api.schemas import ErrorResponse, TransferJob, TransferList
+from service.api.schemas import TransferJob, TransferList
 from service.api.submission import Submission, resolve_library_styles
 from service.core.config import Settings
 from service.core.jobs import (
@@ -38,7 +72,6 @@ from service.core.jobs import (
     new_job_id,
 )
 from service.core.logs import bind, current_context
-from service.core.resource import job_resource as public_job
 
 log = logging.getLogger("ham.api")
 
@@ -46,33 +79,19 @@ router = APIRouter(prefix="/v1/transfers", tags=["transfers"])
 
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]+")
-# Job ids are what JobStore issues; anything else cannot exist, so it is a 404 without a lookup.
-_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
-    429: {"model": ErrorResponse, "description": "Rate limit or queue limit reached; see `Retry-After`."},
-    422: {"model": ErrorResponse, "description": "A parameter is invalid; `field` names it."},
-    503: {"model": ErrorResponse, "description": "Redis or storage unreachable; see `Retry-After`."},
-}
+# What every route of a tenant's jobs may answer with, besides its own errors.
+ERRORS = (Unauthorized, RateLimited, InvalidRequest, Unavailable)
 
 _SUBMIT_ERRORS = {
-    **ERRORS,
+    **error_responses(
+        *ERRORS, TenantQueueFull, ServiceQueueFull, InvalidMultipart, InvalidJson, RequestTooLarge, UploadTooLarge,
+        ImageTooLarge, UnsupportedMediaType, StyleNotFound, InvalidParameter, MissingField, UnknownField,
+        DuplicateField, InvalidField, TooManyStyles, InvalidIdempotencyKey, WebhooksDisabled, InvalidWebhookUrl,
+        InvalidImage, InvalidUrl, InvalidDataUri, FetchFailed, IdempotencyKeyReused,
+    ),
     200: {"model": TransferJob, "description": "Idempotent replay: the job this `Idempotency-Key` already created "
           "for the same request; or, with `Prefer: wait`, the job finished within the wait."},
-    400: {"model": ErrorResponse, "description": "Malformed multipart or JSON body (JSON nested too deep included)."},
-    404: {"model": ErrorResponse, "description": "`style_not_found`: a `style_id` names no style of yours."},
-    409: {"model": ErrorResponse, "description": "`idempotency_key_reused`: this `Idempotency-Key` already created a "
-          "job for a different request (other images, fields or parameters)."},
-    413: {"model": ErrorResponse, "description": "An image (uploaded or fetched) larger than the limit, or one "
-          "with too many pixels."},
-    415: {"model": ErrorResponse, "description": "Neither multipart/form-data nor application/json, or an image "
-          "that is not PNG/JPEG/WebP."},
-    422: {
-        "model": ErrorResponse,
-        "description": "A field is missing, unknown or out of range (`field` names it), an image is corrupt, or a "
-        "`content_url`/`style_url` is refused or cannot be fetched.",
-    },
 }
 
 
@@ -88,24 +107,6 @@ PreferHeader = Annotated[str | None, Header(
     description="`wait=N` (N ≤ 60): answer when the job is terminal or after N seconds (RFC 7240).",
     examples=["wait=5"],
 )]
-
-
-def job_resource(job: Job, services: Services) -> TransferJob:
-    """The public view of a job record, with its live queue position and a fresh result URL."""
-    queue_position = services.jobs.queue_position(job.id) if job.status == JobStatus.QUEUED else None
-    settings = services.settings
-    return public_job(job, services.storage, settings.url_ttl, queue_position, settings.result_ttl)
-
-
-def owned_job(services: Services, tenant: str, job_id: str) -> Job:
-    # Another tenant's job is indistinguishable from a missing one: never confirm existence.
-    if _JOB_ID.fullmatch(job_id):
-        bind(job_id=job_id)
-    job = services.jobs.get(job_id) if _JOB_ID.fullmatch(job_id) else None
-    if job is None or job.tenant != tenant:
-        # Truncated: the id is client input, and a 5000-character path should not come back in full.
-        raise ApiError(404, "not_found", f"no transfer job {job_id[:80]!r}")
-    return job
 
 
 # --- the submission --------------------------------------------------------------------------------
@@ -129,40 +130,26 @@ def _body_reader(request: Request) -> BodyReader:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     reader = BODY_READERS.get(media_type)
     if reader is None:
-        raise ApiError(415, "unsupported_media_type", "send the transfer as multipart/form-data or application/json")
+        raise UnsupportedMediaType("send the transfer as multipart/form-data or application/json")
     return reader
 
 
 def _key_reused(exc: IdempotencyConflict) -> ApiError:
-    return ApiError(
-        409, "idempotency_key_reused",
-        f"Idempotency-Key {exc.key!r} was already used for a different request (job {exc.job_id}); "
-        "send a new key with a new request, or the same request to get that job back",
-        field="Idempotency-Key",
-    )
+    return IdempotencyKeyReused(key=exc.key, job_id=exc.job_id)
 
 
 def _check_idempotency_key(key: str | None) -> str | None:
     if key is None:
         return None
     if not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY_CHARS or not _IDEMPOTENCY_KEY.fullmatch(key):
-        raise ApiError(
-            422,
-            "invalid_idempotency_key",
-            f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters",
-            field="Idempotency-Key",
-        )
+        raise InvalidIdempotencyKey(limit=MAX_IDEMPOTENCY_KEY_CHARS)
     return key
 
 
 def _queue_full(settings: Settings, scope: str) -> ApiError:
     if scope == "tenant":
-        return ApiError(
-            429, "tenant_queue_full",
-            f"you already have {settings.max_queued_per_tenant} queued jobs; wait for some to start",
-            headers={"Retry-After": "10"},
-        )
-    return ApiError(429, "queue_full", "the service queue is full; retry later", headers={"Retry-After": "30"})
+        return TenantQueueFull(limit=settings.max_queued_per_tenant, headers={"Retry-After": "10"})
+    return ServiceQueueFull(headers={"Retry-After": "30"})
 
 
 def _check_backpressure(services: Services, tenant: str) -> None:
@@ -296,7 +283,7 @@ async def _answer(services: Services, response: Response, job: Job, status: int,
     "",
     response_model=TransferList,
     summary="List your transfer jobs",
-    responses={**ERRORS, 422: {"model": ErrorResponse, "description": "`limit` out of 1..100 or a bad `cursor`."}},
+    responses=error_responses(*ERRORS, InvalidCursor),
 )
 def list_transfers(
     tenant: TenantDep,
@@ -312,7 +299,7 @@ def list_transfers(
         jobs, next_cursor = services.jobs.list_for_tenant(tenant, limit, cursor)
     except ValueError as exc:
         # The store's message already starts with "cursor: ".
-        raise ApiError(422, "invalid_cursor", str(exc), field="cursor") from None
+        raise InvalidCursor(str(exc), field="cursor") from None
     return TransferList(items=[job_resource(job, services) for job in jobs], next_cursor=next_cursor)
 
 
@@ -320,7 +307,7 @@ def list_transfers(
     "/{job_id}",
     response_model=TransferJob,
     summary="Get a transfer job",
-    responses={**ERRORS, 404: {"model": ErrorResponse, "description": "No such job for this tenant."}},
+    responses=error_responses(*ERRORS, NotFound),
 )
 async def get_transfer(
     job_id: str, response: Response, tenant: TenantDep, services: ServicesDep, prefer: PreferHeader = None
@@ -341,11 +328,7 @@ async def get_transfer(
     "/{job_id}/cancel",
     response_model=TransferJob,
     summary="Cancel a transfer job",
-    responses={
-        **ERRORS,
-        404: {"model": ErrorResponse, "description": "No such job for this tenant."},
-        409: {"model": ErrorResponse, "description": "The job already finished."},
-    },
+    responses=error_responses(*ERRORS, NotFound, JobFinished),
 )
 def cancel_transfer(job_id: str, tenant: TenantDep, services: ServicesDep) -> TransferJob:
     """A queued job is canceled at once and never runs; a running job stops at its next step."""
@@ -353,10 +336,9 @@ def cancel_transfer(job_id: str, tenant: TenantDep, services: ServicesDep) -> Tr
     try:
         job = services.jobs.request_cancel(job.id)
     except JobConflict as exc:
-        message = f"job {job_id} already finished ({exc.status}); nothing to cancel"
-        raise ApiError(409, "job_finished", message) from None
+        raise JobFinished(job_id=job_id, status=exc.status) from None
     except KeyError:
-        raise ApiError(404, "not_found", f"no transfer job {job_id!r}") from None
+        raise NotFound(f"no transfer job {job_id!r}") from None
     resource = job_resource(job, services)
     if job.status == JobStatus.CANCELED and job.webhook_url and "completed" in job.webhook_events:
         # Canceled while queued: no worker will ever see it, so the terminal webhook leaves from here.

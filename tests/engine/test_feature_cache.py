@@ -1,11 +1,11 @@
-"""The style cache: a byte-bounded LRU of style-teacher features."""
+"""The feature cache: a byte-bounded LRU of style-teacher features (and content trajectories)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ham_engine.style_cache import StyleCache, StyleFeatures, StyleKey
+from ham_engine.feature_cache import FeatureCache, StyleFeatures, StyleKey
 
 
 def _key(digest: str) -> StyleKey:
@@ -40,7 +40,7 @@ def test_features_count_the_bytes_of_every_tensor() -> None:
 
 
 def test_get_returns_what_put_stored_and_counts_hits_and_misses() -> None:
-    cache = StyleCache(max_bytes=1000)
+    cache = FeatureCache(max_bytes=1000, field="style_cache_bytes")
     value = _features(10)
     assert cache.get(_key("a")) is None
     assert cache.put(_key("a"), value)
@@ -49,7 +49,7 @@ def test_get_returns_what_put_stored_and_counts_hits_and_misses() -> None:
 
 
 def test_put_evicts_least_recently_used_entries_to_stay_within_the_byte_limit() -> None:
-    cache = StyleCache(max_bytes=100)  # room for two entries of 40 bytes
+    cache = FeatureCache(max_bytes=100, field="style_cache_bytes")  # room for two entries of 40 bytes
     cache.put(_key("a"), _features(10))
     cache.put(_key("b"), _features(10))
     cache.get(_key("a"))  # "b" is now the least recently used
@@ -60,7 +60,7 @@ def test_put_evicts_least_recently_used_entries_to_stay_within_the_byte_limit() 
 
 
 def test_entry_larger_than_the_limit_is_not_stored_and_evicts_nothing() -> None:
-    cache = StyleCache(max_bytes=100)
+    cache = FeatureCache(max_bytes=100, field="style_cache_bytes")
     cache.put(_key("a"), _features(10))
     assert not cache.put(_key("big"), _features(26))
     assert _key("big") not in cache and _key("a") in cache
@@ -68,14 +68,14 @@ def test_entry_larger_than_the_limit_is_not_stored_and_evicts_nothing() -> None:
 
 
 def test_replacing_an_entry_updates_the_byte_count() -> None:
-    cache = StyleCache(max_bytes=100)
+    cache = FeatureCache(max_bytes=100, field="style_cache_bytes")
     cache.put(_key("a"), _features(10))
     cache.put(_key("a"), _features(20))
     assert (len(cache), cache.nbytes) == (1, 80)
 
 
 def test_zero_bytes_disables_the_cache() -> None:
-    cache = StyleCache(max_bytes=0)
+    cache = FeatureCache(max_bytes=0, field="style_cache_bytes")
     assert not cache.put(_key("a"), _features(1))
     assert len(cache) == 0
 
@@ -83,4 +83,4 @@ def test_zero_bytes_disables_the_cache() -> None:
 @pytest.mark.parametrize("bad", [-1, 1.5, "10", True])
 def test_bad_byte_limit_is_a_value_error_naming_the_field(bad: object) -> None:
     with pytest.raises(ValueError, match="style_cache_bytes"):
-        StyleCache(max_bytes=bad)  # type: ignore[arg-type]
+        FeatureCache(max_bytes=bad, field="style_cache_bytes")  # type: ignore[arg-type]
