@@ -3,8 +3,9 @@
 Both processors keep the mechanics of diffusers' stock ``AttnProcessor2_0`` line for line
 (norms, head split, ``F.scaled_dot_product_attention``, output projection, residual,
 rescale) and differ from it only in one hook between the Q/K/V projections and the head
-split, where the student's projections are rewritten. When a step is not modulated the
-hook returns its inputs untouched, so the result is bitwise the stock one.
+split (:class:`~ham_engine.hooked_sdpa.HookedSdpaProcessor`), where the student's
+projections are rewritten. When a step is not modulated the hook returns its inputs
+untouched, so the result is bitwise the stock one.
 
 Which batch rows belong to which branch, in which CFG half, is described by a
 :class:`BranchLayout` (a branch can run once and serve both halves). One batch can carry

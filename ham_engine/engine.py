@@ -303,7 +303,7 @@ class HamEngine:
             decoded = []
             for z in run.students:
                 pixels = self.model.decode_latents(z)
-                _check_finite(pixels, "the decoded image (VAE in float32 unless bf16 on a GPU)")
+                _check_finite(pixels, "the decoded image (VAE in float32 unless bf16 on a GPU)", self.model.dtype)
                 decoded.append(images.tensor_to_image(pixels))
             seconds = {**run.stats.seconds, "decode": self._elapsed(started)}
             seconds["total"] = self._elapsed(started_total)
@@ -372,7 +372,7 @@ class HamEngine:
         clean = None
         if pixels:
             clean = self.model.encode_image(torch.cat(pixels))
-            _check_finite(clean, "the VAE encoding of the images")
+            _check_finite(clean, "the VAE encoding of the images", self.model.dtype)
         # A style teacher's text conditioning matters only where it runs in the sampling batch.
         modulates = bool(request.modulated_steps)
         prompts = [""]
@@ -465,7 +465,7 @@ class HamEngine:
         counters.unet_rows += latents.shape[0]
         counters.rows_by_phase[phase] += latents.shape[0]
         output = output.float()
-        _check_finite(output, f"the UNet output ({phase}, call {counters.unet_calls}, {model.dtype})")
+        _check_finite(output, f"the UNet output ({phase}, call {counters.unet_calls}, {model.dtype})", model.dtype)
         return output
 
     def _elapsed(self, started: float) -> float:
@@ -474,9 +474,18 @@ class HamEngine:
         return time.perf_counter() - started
 
 
-def _check_finite(tensor: torch.Tensor, what: str) -> None:
-    """Raise :class:`NumericalError` naming ``what`` when ``tensor`` holds a NaN or an infinity."""
+# What to try when a model running in this dtype overflows: only a wider dtype helps.
+_OVERFLOW_ADVICE = {
+    torch.float16: "the model runs in fp16: try HAM_DTYPE=bf16 or fp32",
+    torch.bfloat16: "the model runs in bf16: try HAM_DTYPE=fp32",
+}
+
+
+def _check_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """Raise :class:`NumericalError` naming ``what`` when ``tensor`` holds a NaN or an infinity.
+
+    ``dtype`` is the model's: the advice names a wider one only where there is one.
+    """
     if not bool(torch.isfinite(tensor).all()):
-        raise NumericalError(
-            f"{what} is not finite (NaN or inf): the computation overflowed; on fp16 try HAM_DTYPE=bf16 or fp32"
-        )
+        advice = _OVERFLOW_ADVICE.get(dtype, "the model already runs in fp32: check its weights and the inputs")
+        raise NumericalError(f"{what} is not finite (NaN or inf): the computation overflowed; {advice}")

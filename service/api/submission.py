@@ -3,8 +3,8 @@
 The multipart reader (:mod:`service.api.multipart`) and the JSON reader (:mod:`service.api.json_body`)
 each turn their body into the same :class:`Submission`, through the checks here: the request
 parameters (:data:`REQUEST_SPECS`, derived from ``TransferParams`` and the output format), the
-style reference, the webhook, and the images, normalised to PNG. Nothing is stored until a
-whole submission stands.
+styles (:class:`~service.core.style_refs.StyleRef`), the webhook, and the images, normalised to
+PNG. Nothing is stored until a whole submission stands.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import yaml
 
 from tests.e2e.conftest import REPO, TENANTS, Stack, run_stack
 from tests.fixtures.servers import free_port, log_tail, terminate
+from tests.fixtures.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -65,18 +66,15 @@ class Prometheus:
         self.wait_for(lambda: httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200, "ready", 60)
 
     def wait_for(self, condition, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def running() -> None:
             if self.proc.poll() is not None:
                 raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{log_tail(self.log)}")
-            try:
-                if condition():
-                    return
-            except (httpx.HTTPError, KeyError, IndexError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"prometheus: not {what} after {timeout}s:\n{log_tail(self.log)}")
-            time.sleep(0.25)
+
+        wait_until(
+            condition, timeout, f"prometheus: {what}", interval=0.25,
+            ignore=(httpx.HTTPError, KeyError, IndexError, ValueError), check=running,
+            detail=lambda: log_tail(self.log),
+        )
 
     def query(self, expr: str) -> list[dict]:
         """The instant vector of ``expr`` now; fails the test on any evaluation error."""
@@ -153,11 +151,12 @@ def run_jobs(stack: Stack) -> str:
             ids.append(response.json()["id"])
         assert client.post("/v1/transfers", data={"alpha": "2"}, files={
             "content": ("c.png", content[0], "image/png"), "style": ("s.png", style, "image/png")}).status_code == 422
-        deadline = time.monotonic() + 120
+        def finished(job_id: str) -> dict | None:
+            job = client.get(f"/v1/transfers/{job_id}").json()
+            return job if job["status"] in ("succeeded", "failed") else None
+
         for job_id in ids:
-            while (job := client.get(f"/v1/transfers/{job_id}").json())["status"] not in ("succeeded", "failed"):
-                assert time.monotonic() < deadline, job
-                time.sleep(0.1)
+            job = wait_until(lambda job_id=job_id: finished(job_id), 120, f"job {job_id} to finish", interval=0.1)
             assert job["status"] == "succeeded", job
     return ids[0]
 

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from ham_engine.evaluation.suite import MetricSuite
 from ham_engine.evaluation.weights import ALEXNET, FID_INCEPTION, VGG16, WeightStore
 from service.cli import main
 from tests.evaluation.conftest import CLIP_FOLDER, DINO_FOLDER
+from tests.fixtures.waiting import wait_until
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 NUMBERS = ("fid", "lpips", "lpips_gray", "cfsd", "dino", "clip_i", "clip_t", "art_fid", "dc", "cc")
@@ -236,11 +236,10 @@ def test_an_interrupted_run_keeps_finished_outputs_and_the_next_run_resumes(
     child = subprocess.Popen([sys.executable, "-m", "ham_engine.evaluation.cli", *argv], cwd=repo, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not list((out / "outputs").glob("*.json")):  # the first pair is finished
+        def running() -> None:
             assert child.poll() is None, child.communicate()[1][-2000:]
-            assert time.monotonic() < deadline, "no output within 240 s"
-            time.sleep(0.05)
+
+        wait_until(lambda: list((out / "outputs").glob("*.json")), 240, "the first pair's output", check=running)
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=120)
     finally:

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.fixtures.servers import free_port
+from tests.fixtures.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -125,22 +126,18 @@ def _transfer(client: httpx.Client) -> None:
 
 
 def _wait_for_output(proc: subprocess.Popen, log: Path, text: str, timeout: float = START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
+    def running() -> None:
         assert proc.poll() is None, f"ham up exited with {proc.returncode}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no {text!r} after {timeout}s:\n{log.read_text()}"
-        time.sleep(0.2)
+
+    wait_until(lambda: text in log.read_text(errors="replace"), timeout, f"{text!r} in the output", interval=0.2,
+               check=running, detail=log.read_text)
 
 
 def test_ham_up_serves_a_transfer_restarts_a_dead_worker_and_ctrl_c_stops_every_child(tmp_path: Path) -> None:
     port = free_port()
     proc, log = _ham_up(tmp_path, port)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while "HAM is up" not in log.read_text(errors="replace"):
-            assert proc.poll() is None, f"ham up exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"ham up not up after {START_TIMEOUT}s:\n{log.read_text()}"
-            time.sleep(0.2)
+        _wait_for_output(proc, log, "HAM is up")
         banner = log.read_text()
         api = f"http://127.0.0.1:{port}"
         assert f"HAM is up: {api}" in banner

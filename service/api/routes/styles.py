@@ -20,7 +20,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ham_engine.params import MAX_PROMPT_CHARS, ParamError, TransferParams, check_style_reference
+from ham_engine.params import (
+    MAX_PROMPT_CHARS,
+    PARAM_SPECS,
+    ParamError,
+    ParamSpec,
+    TransferParams,
+    check_style_reference,
+)
 from service.api.deps import Services, current_tenant, get_services
 from service.api.errors import (
     DuplicateField,
@@ -41,6 +48,7 @@ from service.api.errors import (
     UploadTooLarge,
     error_responses,
 )
+from service.api.form_values import form_value
 from service.api.schemas import StyleList, StyleResource
 from service.api.uploads import read_upload
 from service.core.feature_store import delete_style_features
@@ -51,7 +59,10 @@ log = logging.getLogger("ham.api")
 
 router = APIRouter(prefix="/v1/styles", tags=["styles"])
 
-FIELDS = ("image", "style_prompt", "name", "warm", "size", "steps")
+# warm=true queues a job that computes the style's features; size and steps are that job's.
+WARM_SPEC = ParamSpec("warm", bool, False, "queue a job that computes the style's features now")
+WARM_PARAM_SPECS = tuple(spec for name in ("size", "steps") for spec in PARAM_SPECS if spec.name == name)
+FIELDS = ("image", "style_prompt", "name", WARM_SPEC.name, *(spec.name for spec in WARM_PARAM_SPECS))
 MAX_NAME_CHARS = 200
 _WARM_GREY = (128, 128, 128)
 
@@ -106,20 +117,15 @@ def _fields(form: FormData) -> dict[str, str | UploadFile]:
 
 
 def _warm_params(values: dict[str, str | UploadFile]) -> TransferParams | None:
-    # The words only, as every boolean of the transfer form (not 1/yes/on: the schema says boolean).
-    warm = str(values.get("warm", "false")).strip().lower()
-    if warm not in ("true", "false"):
-        raise ParamError("warm", f"must be true or false, got {warm[:40]!r}")
-    given: dict[str, int] = {}
-    for name in ("size", "steps"):
-        if name in values:
-            text = str(values[name]).strip()
-            if not text.isascii() or not text.isdigit() or len(text) > 6:
-                raise ParamError(name, f"must be an integer, got {text[:40]!r}")
-            given[name] = int(text)
-    params = TransferParams(**given)  # checked either way: a value out of range is a mistake
-    # Without warm they are ignored (they describe the warm job): a generated client may send every field.
-    return params if warm == "true" else None
+    """The parameters of the warming job (``warm=true``), parsed like a transfer's form fields; None without.
+
+    ``size``/``steps`` are checked either way (a value out of range is a mistake) but ignored without
+    warm (they describe the warm job): a generated client may send every field of the form.
+    """
+    warm = form_value(WARM_SPEC, str(values["warm"])) if "warm" in values else WARM_SPEC.default
+    given = {spec.name: form_value(spec, str(values[spec.name])) for spec in WARM_PARAM_SPECS if spec.name in values}
+    params = TransferParams(**given)
+    return params if warm else None
 
 
 def _grey_square(size: int) -> bytes:
