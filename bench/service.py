@@ -28,6 +28,13 @@ dir, API keys on, queue and rate limits raised so that 429s do not dominate). Th
     server-sent events of ``GET /v1/transfers/{id}/events``. Same jobs as (a), run one by one,
     alternating the method. Also the requests each method sent per job.
 
+(d) **API CPU per accepted submit** (``--submit-cpu``) — the API process's own CPU time
+    (user + system, from ``/proc/<pid>/stat``) over N sequential ``POST /v1/transfers`` of two
+    512² photo-like PNGs (generated, deterministic), divided by N; no worker running. This is
+    what one submit costs the API (HTTP, multipart, image validation, storage, Redis), free of
+    the client's own time. ``--submit-cpu-only`` runs only this phase; with
+    ``PYTHONPATH=<another checkout>`` it measures that code (a before/after).
+
 A table goes to stdout, everything to JSON. This is a measurement, never a test. The whole
 run takes about 2-3 minutes on 2 CPUs (``--quick``: under a minute).
 """
@@ -109,7 +116,9 @@ class Stack:
         self.ready_file = workdir / "worker.ready"
         self.procs: dict[str, subprocess.Popen] = {}
         ham = Path(sys.executable).with_name("ham")
-        self.ham = str(ham) if ham.exists() else shutil.which("ham") or "ham"
+        # The console script, else this interpreter running the CLI module (a checkout on PYTHONPATH).
+        found = str(ham) if ham.exists() else shutil.which("ham")
+        self.ham = [found] if found else [sys.executable, "-m", "service.cli"]
         self.env = {
             **os.environ,
             "HAM_REDIS_URL": self.redis_url,
@@ -162,7 +171,7 @@ class Stack:
                 return False
 
         self._wait("redis", "redis", redis_up)
-        self._spawn("api", [self.ham, "api", "--host", LOOPBACK, "--port", str(self.api_port)])
+        self._spawn("api", [*self.ham, "api", "--host", LOOPBACK, "--port", str(self.api_port)])
 
         def api_ready() -> bool:
             try:
@@ -173,7 +182,7 @@ class Stack:
         self._wait("ham api", "api", api_ready)
 
     def start_worker(self) -> None:
-        self._spawn("worker", [self.ham, "worker", "--metrics-host", LOOPBACK, "--ready-file", str(self.ready_file)])
+        self._spawn("worker", [*self.ham, "worker", "--metrics-host", LOOPBACK, "--ready-file", str(self.ready_file)])
         self._wait("ham worker", "worker", self.ready_file.exists)
 
     def stop(self) -> None:
@@ -448,6 +457,53 @@ async def bench_load(stack: Stack, plan: Plan, files: Files) -> dict[str, Any]:
     return {"submit": submitted, "get": read_summary}
 
 
+def photo_like_png(seed: int, size: int = 512) -> bytes:
+    """A deterministic 8-bit RGB PNG with a photo's mix of smooth gradients and fine noise."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = np.stack([x, y, (x + y) / 2], axis=-1) * 200 + 25
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_submit_cpu(stack: Stack, submits: int) -> dict[str, Any]:
+    """(d): the API's CPU per accepted submit of two 512² PNGs."""
+    files = {"content": ("content.png", photo_like_png(1), "image/png"),
+             "style": ("style.png", photo_like_png(2), "image/png")}
+    pid = stack.procs["api"].pid
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:
+        for i in range(3):  # warm-up: imports, connection pools, first-request paths
+            client.post("/v1/transfers", data={**JOB_PARAMS, "seed": str(i)}, files=files).raise_for_status()
+        before = process_cpu_seconds(pid)
+        started = time.perf_counter()
+        for i in range(submits):
+            response = client.post("/v1/transfers", data={**JOB_PARAMS, "seed": str(1000 + i)}, files=files)
+            if response.status_code != 202:
+                raise RuntimeError(f"submit answered {response.status_code}: {response.text[:300]}")
+        wall = time.perf_counter() - started
+        cpu = process_cpu_seconds(pid) - before
+    return {
+        "submits": submits,
+        "upload_bytes": {name: len(f[1]) for name, f in files.items()},
+        "image_size": [512, 512],
+        "api_cpu_ms_per_submit": 1000 * cpu / submits,
+        "wall_ms_per_submit": 1000 * wall / submits,
+    }
+
+
 def clear_queue(stack: Stack) -> None:
     """Drop what the load phase queued (the bench owns this Redis), so the worker starts idle."""
     redis.Redis.from_url(stack.redis_url).flushdb()
@@ -480,7 +536,14 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"\nuploads: {uploads}")
     if "overhead" in result:
         _print_overhead(result["overhead"])
-    _print_load(result["load"])
+    if "load" in result:
+        _print_load(result["load"])
+    if "submit_cpu" in result:
+        d = result["submit_cpu"]
+        print(f"\n(d) API CPU per accepted submit, two 512² PNGs ({sum(d['upload_bytes'].values()) // 1024} KiB), "
+              f"{d['submits']} sequential submits")
+        print(f"{'api cpu ms/submit':<24}{d['api_cpu_ms_per_submit']:>9.1f}")
+        print(f"{'wall ms/submit':<24}{d['wall_ms_per_submit']:>9.1f}")
     if "detection" in result:
         _print_detection(result["detection"])
 
@@ -526,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--style", type=Path, default=STYLE, help=f"style upload (default {STYLE.name})")
     parser.add_argument("--submit-rate", type=float, help="offered POST rate in (b), per second (default 50)")
     parser.add_argument("--skip-jobs", action="store_true", help="only the load phase (b); no worker")
+    parser.add_argument("--submit-cpu", type=int, default=0, metavar="N",
+                        help="(d): API CPU per submit of two 512² PNGs, over N submits (default: not run)")
+    parser.add_argument("--submit-cpu-only", action="store_true", help="only phase (d) (N default 50)")
     args = parser.parse_args(argv)
     if args.poll_ms <= 0:
         parser.error("--poll-ms must be positive")
@@ -543,10 +609,16 @@ def main(argv: list[str] | None = None) -> int:
         "uploads": {name: {"file": str(path), "bytes": path.stat().st_size}
                     for name, path in (("content", args.content), ("style", args.style))},
     }
+    submit_cpu = args.submit_cpu or (50 if args.submit_cpu_only else 0)
     with running_stack(args.keep_logs) as stack:
-        print("load phase (API alone) ...", file=sys.stderr)
-        result["load"] = asyncio.run(bench_load(stack, plan, files))
-        if not args.skip_jobs:
+        if submit_cpu:
+            print(f"API CPU over {submit_cpu} submits of two 512² PNGs ...", file=sys.stderr)
+            result["submit_cpu"] = bench_submit_cpu(stack, submit_cpu)
+            clear_queue(stack)
+        if not args.submit_cpu_only:
+            print("load phase (API alone) ...", file=sys.stderr)
+            result["load"] = asyncio.run(bench_load(stack, plan, files))
+        if not args.skip_jobs and not args.submit_cpu_only:
             clear_queue(stack)
             print("starting the worker ...", file=sys.stderr)
             stack.start_worker()

@@ -8,8 +8,9 @@ and pydantic, not torch).
         job = ham.wait(job.id)
         open("out.webp", "wb").write(ham.download(job))
 
-:class:`AsyncClient` has the same methods for asyncio. :func:`verify_webhook` checks a webhook
-delivery's signature. See docs/client.md.
+:class:`AsyncClient` has the same methods for asyncio; ``create_style``/``list_styles``/
+``get_style``/``delete_style`` manage the style library (``submit(..., style_id=...)`` uses it).
+:func:`verify_webhook` checks a webhook delivery's signature. See docs/client.md.
 """
 
 from ham_client.async_client import AsyncClient
@@ -23,7 +24,8 @@ from ham_client.errors import (
     WaitTimeout,
     WebhookSignatureError,
 )
-from ham_client.models import Job, JobError, JobPage, ModelInfo, ModelList
+from ham_client.models import Job, JobError, JobPage, JobUrls, ModelInfo, ModelList, Style, StylePage
+from ham_client.params import TransferOptions
 from ham_client.protocol import RetryPolicy
 from ham_client.webhooks import verify_webhook
 
@@ -36,10 +38,14 @@ __all__ = [
     "JobError",
     "JobFailed",
     "JobPage",
+    "JobUrls",
     "ModelInfo",
     "ModelList",
     "NotTheApi",
     "RetryPolicy",
+    "Style",
+    "StylePage",
+    "TransferOptions",
     "Unreachable",
     "WaitTimeout",
     "WebhookSignatureError",

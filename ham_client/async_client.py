@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ham_client.errors import Unreachable, WaitTimeout
-from ham_client.models import Job, JobPage, ModelList
+from ham_client.models import Job, JobPage, ModelList, Style, StylePage
 from ham_client.protocol import (
     Call,
     EventParser,
     ImageInput,
     RetryPolicy,
+    create_style_call,
+    deleted,
     job_of,
     job_path,
     models_of,
     page_of,
     result_url,
+    style_of,
+    style_page_of,
+    style_path,
     submit_call,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ham_client.params import TransferOptions
 
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 # Each long poll of the polling fallback: the server's cap on Prefer: wait.
@@ -67,25 +77,29 @@ class AsyncClient:
     async def submit(
         self,
         content: ImageInput,
-        style: ImageInput | None = None,
+        style: ImageInput | list[ImageInput] | None = None,
         style_prompt: str | None = None,
         *,
+        style_id: str | list[str] | None = None,
+        model: str | None = None,
         webhook_url: str | None = None,
         webhook_events: list[str] | None = None,
         idempotency_key: str | None = None,
         wait: float | None = None,
-        **params: Any,
+        **params: Unpack[TransferOptions],
     ) -> Job:
         """Queue a transfer and return its job (``queued``, or terminal when ``wait`` seconds sufficed).
 
         ``content`` and ``style`` are each a path, bytes, a PIL image, or an ``http(s)://`` URL /
-        ``data:`` URI that the server fetches. ``params`` are the API's parameters (``steps=30``,
+        ``data:`` URI that the server fetches; ``style_id`` names a style of your library. Several
+        styles (a list of ``style``, of ``style_id``, or both) make one job with a result per style.
+        ``params`` are the API's parameters (:class:`~ham_client.params.TransferOptions`: ``steps=30``,
         ``alpha=0.8``, ``output_format="webp"``, ...) and ``model`` (a name from :meth:`models`; default:
         the deployment's default model).
         """
         return job_of(await self._send(submit_call(
-            content, style, style_prompt, params, webhook_url=webhook_url, webhook_events=webhook_events,
-            idempotency_key=idempotency_key, wait=wait,
+            content, style, style_prompt, {**params, **({"model": model} if model else {})}, style_id=style_id,
+            webhook_url=webhook_url, webhook_events=webhook_events, idempotency_key=idempotency_key, wait=wait,
         )))
 
     async def get(self, job_id: str, *, wait: float | None = None) -> Job:
@@ -129,6 +143,38 @@ class AsyncClient:
         # A result URL carries its own signature: no API key (an object store would refuse two auths).
         response = await self._send(Call("GET", url), auth=False)
         return response.content
+
+    # --- the style library -----------------------------------------------------------
+
+    async def create_style(
+        self,
+        image: ImageInput | None = None,
+        style_prompt: str | None = None,
+        *,
+        name: str | None = None,
+        warm: bool = False,
+        size: int | None = None,
+        steps: int | None = None,
+    ) -> Style:
+        """Store a style (an image, a prompt, or both) to name as ``style_id`` in later submits.
+
+        ``warm=True`` queues a job that computes its features now (for ``size``/``steps``, the
+        engine's defaults unless given), so the first transfer with it is warm.
+        """
+        return style_of(await self._send(create_style_call(image, style_prompt, name, warm, size, steps)))
+
+    async def get_style(self, style_id: str) -> Style:
+        """One style of your library."""
+        return style_of(await self._send(Call("GET", style_path(style_id))))
+
+    async def list_styles(self, limit: int = 20, cursor: str | None = None) -> StylePage:
+        """One page of your styles, newest first; pass ``next_cursor`` on for the next."""
+        params: dict[str, Any] = {"limit": limit} | ({"cursor": cursor} if cursor else {})
+        return style_page_of(await self._send(Call("GET", "/v1/styles", {"params": params})))
+
+    async def delete_style(self, style_id: str) -> None:
+        """Delete a style (jobs already submitted with it keep their own copy and run)."""
+        deleted(await self._send(Call("DELETE", style_path(style_id))))
 
     # --- sending -----------------------------------------------------------------
 

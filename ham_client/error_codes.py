@@ -24,6 +24,14 @@ class FetchFailed(ApiError):
     error_code = "fetch_failed"
 
 
+class IdempotencyKeyReused(ApiError):
+    """409 ``idempotency_key_reused``: This `Idempotency-Key` already created a job for a different request (other
+    images, fields or parameters): a new request needs a new key."""
+
+    status_code = 409
+    error_code = "idempotency_key_reused"
+
+
 class ImageTooLarge(ApiError):
     """413 ``image_too_large``: An image with more pixels than the limit."""
 
@@ -307,6 +315,7 @@ class WebhooksDisabled(ApiError):
 ERRORS_BY_CODE: dict[str, type[ApiError]] = {
     "duplicate_field": DuplicateField,
     "fetch_failed": FetchFailed,
+    "idempotency_key_reused": IdempotencyKeyReused,
     "image_too_large": ImageTooLarge,
     "invalid_cursor": InvalidCursor,
     "invalid_data_uri": InvalidDataUri,

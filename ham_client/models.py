@@ -1,6 +1,7 @@
 """The API's resources as typed pydantic models.
 
-They mirror the server's OpenAPI schema (``TransferJob``, ``TransferList``, the error shape);
+They mirror the server's OpenAPI schema (``TransferJob``, ``TransferList``, ``StyleResource``,
+``StyleList``, the error shape);
 ``tests/client/test_models.py`` checks every field here against the live ``/openapi.json``, so
 a server change that breaks them fails a test rather than a customer. Fields the server adds
 later are kept (``extra="allow"``), so an older client keeps working against a newer server.
@@ -24,6 +25,16 @@ class JobError(BaseModel):
 
     code: str
     message: str
+
+
+class JobUrls(BaseModel):
+    """Links of a job: paths on the API (``self``, ``cancel``, ``events``)."""
+
+    model_config = ConfigDict(extra="allow", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    self_: str = Field(alias="self")
+    cancel: str
+    events: str
 
 
 class Job(BaseModel):
@@ -50,6 +61,8 @@ class Job(BaseModel):
     output_quality: int = 90
     model: str | None = None  # the model it runs on (GET /v1/models)
     attempt: int = 0  # the job's run: progress rises within one and restarts from 0 when this grows
+    urls: JobUrls | None = None  # None from a server older than these links
+    result_expires_at: datetime | None = None  # when a succeeded job's result is deleted
 
     @property
     def terminal(self) -> bool:
@@ -88,4 +101,26 @@ class JobPage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     items: list[Job]
+    next_cursor: str | None = None
+
+
+class Style(BaseModel):
+    """A style of your library (``/v1/styles``): name it as ``style_id`` in a submit."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    name: str | None = None
+    style_prompt: str | None = None
+    has_image: bool
+    created_at: datetime
+    warm_job_id: str | None = None  # the feature-building job ``warm=True`` queued
+
+
+class StylePage(BaseModel):
+    """One page of ``GET /v1/styles``, newest first."""
+
+    model_config = ConfigDict(extra="allow")
+
+    items: list[Style]
     next_cursor: str | None = None

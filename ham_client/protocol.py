@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from ham_client.error_codes import error_for
 from ham_client.errors import ApiError, JobFailed, NotTheApi
-from ham_client.models import Job, JobPage, ModelList
+from ham_client.models import Job, JobPage, ModelList, Style, StylePage
 
 # What ``submit`` accepts as an image: a path, raw bytes, a PIL image, or a URL / data: URI.
 ImageInput = Any
@@ -104,40 +104,84 @@ def _data_uri(value: ImageInput, field_name: str) -> str:
     return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
 
 
+def _several(value: Any) -> list[Any]:
+    """A style argument (None, one, or a list/tuple of them) as a list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _form_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def submit_call(
     content: ImageInput,
-    style: ImageInput | None,
+    style: ImageInput | list[ImageInput] | None,
     style_prompt: str | None,
     params: Mapping[str, Any],
     *,
+    style_id: str | list[str] | None = None,
     webhook_url: str | None = None,
     webhook_events: list[str] | None = None,
     idempotency_key: str | None = None,
     wait: float | None = None,
 ) -> Call:
-    """``POST /v1/transfers``: JSON with references when an image is a URL, else a multipart upload."""
+    """``POST /v1/transfers``: JSON with references when an image is a URL, else a multipart upload.
+
+    ``style`` and ``style_id`` may each be a list: the job then has several styles, the images
+    first, then the library styles, one result each.
+    """
     headers = {"Idempotency-Key": idempotency_key or f"ham-client-{uuid.uuid4().hex}"}
     if wait is not None:
         headers["Prefer"] = f"wait={int(wait)}"
+    styles, style_ids = _several(style), _several(style_id)
     fields = {name: value for name, value in params.items() if value is not None}
     if style_prompt is not None:
         fields["style_prompt"] = style_prompt
     if webhook_url is not None:
         fields["webhook_url"] = webhook_url
-    if _is_reference(content) or (style is not None and _is_reference(style)):
+    if _is_reference(content) or any(_is_reference(s) for s in styles):
         body = dict(fields, content_url=_data_uri(content, "content"))
-        if style is not None:
-            body["style_url"] = _data_uri(style, "style")
+        if styles:
+            urls = [_data_uri(s, "style") for s in styles]
+            body["style_url"] = urls[0] if len(urls) == 1 else urls
+        if style_ids:
+            body["style_id"] = style_ids[0] if len(style_ids) == 1 else style_ids
         if webhook_events is not None:
             body["webhook_events"] = list(webhook_events)
         return Call("POST", "/v1/transfers", {"json": body}, headers)
-    files = {"content": _image_bytes(content, "content")}
-    if style is not None:
-        files["style"] = _image_bytes(style, "style")
-    data = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in fields.items()}
+    files = [("content", _image_bytes(content, "content"))]
+    files += [("style", _image_bytes(s, "style")) for s in styles]
+    data: dict[str, Any] = {name: _form_value(value) for name, value in fields.items()}
+    if style_ids:
+        data["style_id"] = style_ids  # a list: one form field each
     if webhook_events is not None:
         data["webhook_events"] = ",".join(webhook_events)
     return Call("POST", "/v1/transfers", {"data": data, "files": files}, headers)
+
+
+def create_style_call(
+    image: ImageInput | None,
+    style_prompt: str | None,
+    name: str | None,
+    warm: bool,
+    size: int | None,
+    steps: int | None,
+) -> Call:
+    """``POST /v1/styles``: always multipart (a text-only style too, which has no file part)."""
+    parts: list[tuple[str, Any]] = []
+    if image is not None:
+        parts.append(("image", _image_bytes(image, "image")))
+    given = {"style_prompt": style_prompt, "name": name, "warm": warm or None, "size": size, "steps": steps}
+    parts += [(field, (None, _form_value(value))) for field, value in given.items() if value is not None]
+    return Call("POST", "/v1/styles", {"files": parts})
+
+
+def style_path(style_id: str) -> str:
+    if not style_id or "/" in style_id:
+        raise ValueError(f"not a style id: {style_id!r}")
+    return f"/v1/styles/{style_id}"
 
 
 def job_path(job_id: str) -> str:
@@ -167,6 +211,19 @@ def models_of(response: httpx.Response) -> ModelList:
 
 def page_of(response: httpx.Response) -> JobPage:
     return _parsed(JobPage, response, "a page of jobs")
+
+
+def style_of(response: httpx.Response) -> Style:
+    return _parsed(Style, response, "a style")
+
+
+def style_page_of(response: httpx.Response) -> StylePage:
+    return _parsed(StylePage, response, "a page of styles")
+
+
+def deleted(response: httpx.Response) -> None:
+    """Nothing, once a DELETE answered 2xx; :class:`ApiError` otherwise."""
+    check(response)
 
 
 def _parsed(model: type[Any], response: httpx.Response, what: str) -> Any:

@@ -6,6 +6,7 @@
     ham worker [...]                              a GPU worker (needs the engine)
     ham up [--host H] [--port P] [--model M ...]  Redis + API + one worker (per model) on this machine
     ham submit CONTENT --style S -o OUT.png       send a job to a running API, wait, download
+    ham styles create|list|get|delete ...         the style library of a running API
 
 Every sub-command's implementation is imported only when it runs, so ``ham --help``, ``ham
 api`` and ``ham submit`` never import torch. Exit status: 0 success, 1 failure, 2 bad usage.
@@ -131,8 +132,8 @@ def _submit(args: argparse.Namespace) -> int:
 
     from ham_client import ApiError, Client, JobFailed, NotTheApi, Unreachable, WaitTimeout
 
-    if not args.style and not args.style_prompt:
-        raise SubmitError("give --style, --style-prompt, or both")
+    if not args.style and not args.style_prompt and not args.style_id:
+        raise SubmitError("give --style, --style-prompt, or both (or --style-id)")
     output = Path(args.output).expanduser()
     if not output.parent.is_dir():
         raise SubmitError(f"output: folder {str(output.parent)!r} does not exist")
@@ -155,7 +156,7 @@ def _submit(args: argparse.Namespace) -> int:
     job = None
     with Client(api, api_key=args.key) as client:
         try:
-            job = client.submit(content, style, args.style_prompt, webhook_url=args.webhook_url,
+            job = client.submit(content, style, args.style_prompt, style_id=args.style_id, webhook_url=args.webhook_url,
                                 webhook_events=events, idempotency_key=args.idempotency_key, **params)
             progress.show(job)
             deadline = time.monotonic() + args.timeout
@@ -217,6 +218,8 @@ def _add_submit_parser(subparsers: Any) -> None:
     parser.add_argument("--style", help="the style image (a path, an http(s) URL or a data: URI)")
     parser.add_argument("--style-prompt", help="a text describing the style (with or without --style)")
     parser.add_argument("--model", help="a model the API serves (GET /v1/models); default: its default model")
+    parser.add_argument("--style-id", action="append",
+                        help="a style of your library (`ham styles list`); repeat for several (one result each)")
     parser.add_argument("-o", "--output", required=True, help="where to write the result (see --output-format)")
     parser.add_argument("--api", default=os.environ.get("HAM_API_URL", DEFAULT_API),
                         help=f"API base URL (default: $HAM_API_URL or {DEFAULT_API})")
@@ -270,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(handler=_run_up)
 
     _add_submit_parser(subparsers)
+    from ham_client.styles_cli import add_styles_parser  # httpx + pydantic only
+
+    add_styles_parser(subparsers, PROG)
     return parser
 
 

@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-file", type=Path, help="Write this file once the model is loaded; removed on exit (exec probes)."
     )
     parser.add_argument(
-        "--metrics-host", default="0.0.0.0", help="Address of /metrics, /healthz, /readyz (default 0.0.0.0)."
+        "--metrics-host", default=None,
+        help="Address of /metrics, /healthz, /readyz (default HAM_WORKER_METRICS_HOST, 127.0.0.1: a standalone "
+        "worker exposes nothing; the container image binds 0.0.0.0 for its probes and scrapes).",
     )
     parser.add_argument("--burst", action="store_true", help="Exit once the queue is empty (batch use, tests).")
     parser.add_argument("--max-jobs", type=int, default=None, help="Exit after this many jobs.")
@@ -100,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics = WorkerMetrics()
     server = None
     if settings.worker_metrics_port:
-        server = MetricsServer(metrics, args.metrics_host, settings.worker_metrics_port)
+        host = args.metrics_host or settings.worker_metrics_host
+        server = MetricsServer(metrics, host, settings.worker_metrics_port)
         server.start()
-        log.info("worker %s: metrics and probes on %s:%d", name, args.metrics_host, server.port)
+        log.info("worker %s: metrics and probes on %s:%d", name, host, server.port)
     readiness = Readiness(server, args.ready_file)
     redis_link = redis_link_for(store, settings, on_change=readiness.set_redis_up)
     storage_link = storage_link_for(storage, settings, on_change=metrics.storage_changed)

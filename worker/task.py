@@ -92,7 +92,7 @@ class WebhookSink(Protocol):
 
 def webhook_payload(job: Job, storage: Storage, settings: Settings) -> dict[str, Any]:
     """The job resource exactly as ``GET /v1/transfers/{id}`` shows it (terminal: no queue position)."""
-    return job_resource(job, storage, settings.url_ttl).model_dump(mode="json")
+    return job_resource(job, storage, settings.url_ttl, result_ttl=settings.result_ttl).model_dump(mode="json")
 
 
 # While Redis is away, the per-step progress write and cancel poll are skipped for this long

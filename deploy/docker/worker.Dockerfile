@@ -49,6 +49,7 @@ COPY --from=build /opt/ham /opt/ham
 # The worker never downloads weights at run time: the model is pre-downloaded into the
 # HF_HOME volume (or mounted as a folder) and HAM_MODEL names it. See docs/deploy.md.
 ENV PATH=/opt/ham/bin:$PATH \
+    HAM_WORKER_METRICS_HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/models \

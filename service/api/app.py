@@ -18,7 +18,7 @@ from service.api.deps import Services
 from service.api.errors import RequestTooLarge, Unavailable, install_error_handlers, redis_refusal_error
 from service.api.metrics import ApiMetrics, MetricsMiddleware, QueueCollector
 from service.api.openapi import install_openapi, operation_id
-from service.api.ratelimit import RateLimiter
+from service.api.ratelimit import RateLimiter, RateLimitHeaders
 from service.api.requestid import RequestIdMiddleware
 from service.api.routes import api_router
 from service.api.routes.docs import install_docs
@@ -185,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_backend_handlers(app)
     app.add_middleware(BodySizeLimit, limit=2 * settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
+    app.add_middleware(RateLimitHeaders)  # every counted answer, errors included, says what is left
     app.add_middleware(RequestIdMiddleware)  # outermost: every line of a request carries its id
     app.include_router(api_router())
     install_openapi(app, settings)

@@ -101,7 +101,7 @@ def authenticate(credentials: CredentialsDep, services: ServicesDep) -> str:
 
 
 def current_tenant(tenant: Annotated[str, Depends(authenticate)], credentials: CredentialsDep,
-                   services: ServicesDep) -> str:
+                   services: ServicesDep, request: Request) -> str:
     """The authenticated tenant, after counting this request against its key's rate limit (429 above)."""
     # The limit is per key; with auth off there is one identity, the local tenant.
     identity = _presented_key(credentials) if services.settings.auth_enabled else LOCAL_TENANT
@@ -114,6 +114,7 @@ def current_tenant(tenant: Annotated[str, Depends(authenticate)], credentials: C
         services.metrics.ratelimit_fail_open.labels(reason=reason).inc()
         log.warning("rate limit not counted (redis %s): %s", reason, exc)
         return tenant
+    request.state.rate_decision = decision  # the RateLimit headers of the answer (RateLimitHeaders)
     if not decision.allowed:
         raise RateLimited(limit=decision.limit, retry_after=decision.retry_after,
                           headers={"Retry-After": str(decision.retry_after)})

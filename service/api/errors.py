@@ -127,6 +127,15 @@ class JobFinished(ApiError):
     template = "job {job_id} already finished ({status}); nothing to cancel"
 
 
+class IdempotencyKeyReused(ApiError):
+    status, code = 409, "idempotency_key_reused"
+    description = ("This `Idempotency-Key` already created a job for a different request (other images, fields or "
+                   "parameters): a new request needs a new key.")
+    template = ("Idempotency-Key {key!r} was already used for a different request (job {job_id}); send a new key "
+                "with a new request, or the same request to get that job back")
+    default_field = "Idempotency-Key"
+
+
 # --- 413 / 415 -----------------------------------------------------------------------------------
 
 

@@ -30,12 +30,12 @@ if TYPE_CHECKING:
 MAX_REDIRECTS = 3
 MAX_REFERENCE_CHARS = 2048  # an http(s) URL; a data: URI is bounded by the byte cap instead
 USER_AGENT = "ham-fetch/1"
-_DATA_URI = re.compile(r"data:(?P<type>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)", re.DOTALL)
+_DATA_URI = re.compile(r"(?i:data):(?P<type>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)", re.DOTALL)
 
 
 async def fetch_reference(field: str, reference: str, settings: Settings) -> bytes:
     """The bytes behind ``reference`` (a URL or a ``data:`` URI), or one of the errors above."""
-    if reference.startswith("data:"):
+    if reference[:5].lower() == "data:":  # URI schemes are case-insensitive (RFC 3986 §3.1)
         return decode_data_uri(field, reference, settings.max_upload_bytes)
     if len(reference) > MAX_REFERENCE_CHARS:
         raise InvalidUrl(f"at most {MAX_REFERENCE_CHARS} characters (or use a data: URI)", field=field)

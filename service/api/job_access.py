@@ -23,7 +23,8 @@ _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 def job_resource(job: Job, services: Services) -> TransferJob:
     """The public view of a job record, with its live queue position and a fresh result URL."""
     queue_position = services.jobs.queue_position(job.id) if job.status == JobStatus.QUEUED else None
-    return public_job(job, services.storage, services.settings.url_ttl, queue_position)
+    settings = services.settings
+    return public_job(job, services.storage, settings.url_ttl, queue_position, settings.result_ttl)
 
 
 def owned_job(services: Services, tenant: str, job_id: str) -> Job:

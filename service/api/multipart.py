@@ -36,6 +36,7 @@ from service.api.submission import (
     webhook_events,
 )
 from service.api.uploads import read_upload
+from service.core.idempotency import file_digest, form_fingerprint
 from service.core.style_refs import StyleRef
 
 FILE_FIELDS = ("content", "style")
@@ -44,6 +45,11 @@ TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url", "webhook_events", "mod
 STYLE_FIELDS = ("style", "style_id")
 KNOWN_FIELDS = frozenset(spec.name for spec in REQUEST_SPECS) | frozenset(FILE_FIELDS) | frozenset(TEXT_FIELDS)
 MAX_TEXT_FIELD_BYTES = 64 * 1024
+# How many style parts (files and style_ids) the form parser reads before it gives up with a 400;
+# any count between max_styles_per_job and this is a 422 too_many_styles.
+MAX_STYLE_PARTS = 1000
+
+
 async def read_multipart(request: Request, services: Services) -> Submission:
     """The submission in a multipart body; 400/413/415/422 naming the field otherwise."""
     form = await _parse_form(request, services.settings.max_styles_per_job)
@@ -85,14 +91,19 @@ async def read_multipart(request: Request, services: Services) -> Submission:
 def _style_fields(form: FormData, limit: int) -> list[tuple[str, str | UploadFile]]:
     """The ``style`` files and ``style_id``s, in the order given (blanks skipped); 422 above ``limit``."""
     refs: list[tuple[str, str | UploadFile]] = []
+    # Blank parts count toward the limit (the schema's maxItems counts every field of the name).
+    parts = 0
     for name, value in form.multi_items():
-        if name not in STYLE_FIELDS or (isinstance(value, str) and value.strip() == ""):
+        if name not in STYLE_FIELDS:
+            continue
+        parts += 1
+        if isinstance(value, str) and value.strip() == "":
             continue
         if isinstance(value, UploadFile) and not value.filename and value.size == 0:
             continue
         refs.append((name, value))
-    if len(refs) > limit:
-        raise TooManyStyles(limit=limit, count=len(refs))
+    if parts > limit:
+        raise TooManyStyles(limit=limit, count=parts)
     return refs
 
 
@@ -104,10 +115,34 @@ def _text_style_ids(refs: list[tuple[str, str | UploadFile]]) -> list[tuple[str,
     return refs
 
 
+async def multipart_fingerprint(request: Request, services: Services) -> str:
+    """The idempotency fingerprint of a multipart submission: its text fields and its files' digests.
+
+    Reads each file part once (they are spooled already) and rewinds it for :func:`read_multipart`.
+    """
+    form = await _parse_form(request, services.settings.max_styles_per_job)
+    limit = services.settings.max_upload_bytes
+    items: list[tuple[str, str]] = []
+    for name, value in form.multi_items():
+        if isinstance(value, str):
+            items.append((name, value))
+            continue
+        if not value.filename and value.size == 0:
+            continue  # an empty file input: not given
+        data = await value.read(limit + 1)  # an oversized file is refused later; its head tells it apart
+        await value.seek(0)
+        items.append((name, file_digest(data)))
+    return form_fingerprint(items, STYLE_FIELDS)
+
+
 async def _parse_form(request: Request, styles: int) -> FormData:
+    # The parser's own part limits are far above what a valid form holds, so that a form with too
+    # many styles reaches _style_fields and gets its 422 too_many_styles; the body's byte limit
+    # (the BodySizeLimit middleware) bounds what the parts cost. Starlette keeps the parsed form on the
+    # request, so the fingerprint and the reader parse it once.
     try:
-        return await request.form(max_files=len(FILE_FIELDS) + styles + 2, max_fields=len(KNOWN_FIELDS) + styles + 8,
-                                  max_part_size=MAX_TEXT_FIELD_BYTES)
+        return await request.form(max_files=len(FILE_FIELDS) + MAX_STYLE_PARTS, max_fields=len(KNOWN_FIELDS)
+                                  + MAX_STYLE_PARTS, max_part_size=MAX_TEXT_FIELD_BYTES)
     except StarletteHTTPException as exc:
         raise InvalidMultipart(str(exc.detail)) from None
 

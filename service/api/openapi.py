@@ -8,9 +8,9 @@ suite runs against it) can trust every word:
   (sent as the text ``null`` it would be refused);
 - ``/healthz``, ``/readyz`` and ``/metrics`` declare no security (and no 401) while
   ``HAM_PUBLIC_HEALTH`` / ``HAM_PUBLIC_METRICS`` make them public;
-- the submission bodies (``TransferForm``, ``TransferRequest``) are built from the request
-  parameters; without ``HAM_WEBHOOK_SECRET`` they have no webhook fields (they would be 422), and
-  their ``model`` is an enum of the served models (``HAM_MODELS``).
+- the submission bodies (``TransferForm``, ``TransferRequest``, ``StyleForm``) are built from the
+  request parameters and ``HAM_MAX_STYLES_PER_JOB``; without ``HAM_WEBHOOK_SECRET`` they have no
+  webhook fields (they would be 422), and their ``model`` is an enum of the served models (``HAM_MODELS``).
 
 Operation ids are the handlers' names (``create_transfer``, ``get_transfer``...), which is what
 generated clients call their functions.
@@ -24,7 +24,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from service.api.schemas import transfer_form_schema, transfer_json_schema
+from service.api.schemas import (
+    style_form_schema,
+    transfer_event_schema,
+    transfer_form_schema,
+    transfer_json_schema,
+)
 from service.core.config import Settings
 
 _WEBHOOK_FIELDS = ("webhook_url", "webhook_events")
@@ -54,7 +59,8 @@ def exact_openapi(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
               "/metrics": settings.public_metrics}
     # The submission bodies are parsed by hand (service.api.multipart, service.api.json_body),
     # so FastAPI cannot derive them: they are built from the request parameters.
-    bodies = {"TransferForm": transfer_form_schema(), "TransferRequest": transfer_json_schema()}
+    styles = settings.max_styles_per_job
+    bodies = {"TransferForm": transfer_form_schema(styles), "TransferRequest": transfer_json_schema(styles)}
     if not settings.webhook_secret:
         for body in bodies.values():
             for field in _WEBHOOK_FIELDS:
@@ -64,7 +70,9 @@ def exact_openapi(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
         served = list(settings.served_models) + ([""] if name == "TransferForm" else [])
         model = {k: v for k, v in body["properties"]["model"].items() if k != "minLength"}
         body["properties"]["model"] = {**model, "enum": served, "default": settings.default_model}
-    schema.setdefault("components", {}).setdefault("schemas", {}).update(bodies)
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(
+        bodies, StyleForm=style_form_schema(), TransferEvent=transfer_event_schema()
+    )
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
             for parameter in operation.get("parameters", []):

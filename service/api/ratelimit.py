@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis import Redis
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 WINDOW_SECONDS = 60
 
@@ -55,3 +56,46 @@ class RateLimiter:
         count = int(self._script(keys=[f"{self._prefix}:{digest}:{window}"], args=[WINDOW_SECONDS * 2]))
         retry_after = max(1, math.ceil((window + 1) * WINDOW_SECONDS - now))
         return RateDecision(allowed=count <= self._limit, count=count, limit=self._limit, retry_after=retry_after)
+
+
+# The policy's name in the headers (one policy: requests per key per minute).
+POLICY_NAME = "per-minute"
+
+
+def ratelimit_headers(decision: RateDecision) -> dict[str, str]:
+    """The IETF ``RateLimit-Policy`` and ``RateLimit`` headers (draft-ietf-httpapi-ratelimit-headers)
+    of a decision: the quota per window, what is left of it, and the seconds until it resets."""
+    remaining = max(0, decision.limit - decision.count)
+    return {
+        "RateLimit-Policy": f'"{POLICY_NAME}";q={decision.limit};w={WINDOW_SECONDS}',
+        "RateLimit": f'"{POLICY_NAME}";r={remaining};t={decision.retry_after}',
+    }
+
+
+class RateLimitHeaders:
+    """Adds the ``RateLimit`` headers to every answer of a request that was counted, errors included.
+
+    The rate-limit dependency leaves its decision in the request's state; this middleware puts it
+    on the response start, whichever handler (route, error handler) produced it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            decision = scope.get("state", {}).get("rate_decision")
+            if message["type"] == "http.response.start" and decision is not None:
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                for name, value in ratelimit_headers(decision).items():
+                    if name.lower().encode() not in names:
+                        headers.append((name.lower().encode(), value.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

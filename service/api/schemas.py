@@ -70,24 +70,47 @@ def _param_properties() -> dict[str, Any]:
     return {spec.name: spec.json_schema() for spec in REQUEST_SPECS}
 
 
-def transfer_form_schema() -> dict[str, Any]:
+# The style rule, one sentence for every body (the schemas carry what JSON Schema can: counts, shapes).
+STYLE_RULE = (
+    "Styles: give one style image, a `style_prompt`, or both; or up to {limit} styles as style images and/or "
+    "library `style_id`s (one result per style, in the order given), each with the prompt it was stored with "
+    "(a `style_prompt` is then refused)."
+)
+# No example value: a tool combining the examples of every field (schemathesis) would pair it with a
+# style_prompt's, which the style rule refuses.
+_STYLE_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "A style of your library (`/v1/styles`)."}
+
+
+def _several(item: dict[str, Any], limit: int, what: str, least: int = 1) -> dict[str, Any]:
+    """A repeated field: an array of ``item``, ``least`` to ``limit`` of them."""
+    return {"type": "array", "items": item, "minItems": least, "maxItems": limit, "description": what}
+
+
+def transfer_form_schema(max_styles: int = 4) -> dict[str, Any]:
     """The multipart form of ``POST /v1/transfers``. Optional fields are left out (never sent as null);
-    an empty text field counts as left out, as HTML forms send blanks."""
+    an empty text field counts as left out, as HTML forms send blanks. ``style`` and ``style_id`` are
+    repeated fields (an array in the schema: each item one form field of that name)."""
     events = "|".join(WEBHOOK_EVENTS)
     prompt = {**_STYLE_PROMPT, "pattern": r"^$|\S"}
     webhook_url = {**_WEBHOOK_URL, "pattern": "^$|^https?://"}
     return {
         "type": "object",
         "required": ["content"],
-        # "A style image, a style_prompt or both" stays in words: an object-level anyOf would say it,
-        # but standard client generators (openapi-python-client) then build no model for the body.
-        "description": "A transfer as a multipart form. Give `style`, `style_prompt`, or both.",
+        # The cross-field style rule stays in words: an object-level anyOf would say it, but standard
+        # client generators (openapi-python-client) then build no model for the body. The counts are
+        # in the arrays' maxItems; the sum of both is checked by the server (422 too_many_styles).
+        "description": "A transfer as a multipart form. " + STYLE_RULE.format(limit=max_styles),
         "additionalProperties": False,
         "properties": {
             "content": {"type": "string", "format": "binary",
                         "description": "The content image: PNG, JPEG or WebP (sniffed from the bytes). Required."},
-            "style": {"type": "string", "format": "binary",
-                      "description": "The style image (PNG, JPEG or WebP). Give `style`, `style_prompt`, or both."},
+            # minItems 0: in a form, no field of the name is the empty list (and means "not given").
+            "style": _several({"type": "string", "format": "binary"}, max_styles,
+                              "Style images (PNG, JPEG or WebP), one form field each; with `style_id`s, at most "
+                              f"{max_styles} styles in all.", least=0),
+            "style_id": _several({**_STYLE_ID, "pattern": "^$|^[0-9a-f]{32}$"}, max_styles,
+                                 "Library styles (`/v1/styles`), one form field each, after any `style` files.",
+                                 least=0),
             "style_prompt": prompt,
             "model": MODEL_FIELD_SCHEMA,
             **_param_properties(),
@@ -98,18 +121,27 @@ def transfer_form_schema() -> dict[str, Any]:
     }
 
 
-def transfer_json_schema() -> dict[str, Any]:
+def transfer_json_schema(max_styles: int = 4) -> dict[str, Any]:
     """The JSON body of ``POST /v1/transfers``: the form's fields, with the images by reference."""
+    reference = {"type": "string", "minLength": 1, "description": f"A style image: {_REFERENCE_HELP}"}
     return {
         "type": "object",
         "required": ["content_url"],
-        "description": "A transfer as JSON, the images by reference. Give `style_url`, `style_prompt`, or both.",
+        "description": "A transfer as JSON, the images by reference. " + STYLE_RULE.format(limit=max_styles)
+        + " Several styles: `style_url` and/or `style_id` as arrays (the `style_url`s first, then the `style_id`s).",
         "additionalProperties": False,
         "properties": {
-            "content_url": {"type": "string", "description": f"The content image: {_REFERENCE_HELP}",
+            "content_url": {"type": "string", "minLength": 1, "description": f"The content image: {_REFERENCE_HELP}",
                             "examples": ["https://example.com/photos/42.jpg"]},
-            "style_url": {"type": "string", "description": f"The style image: {_REFERENCE_HELP}",
-                          "examples": ["data:image/png;base64,iVBORw0KGgo..."]},
+            "style_url": {
+                "anyOf": [reference, _several(reference, max_styles, "Several style images, in order.")],
+                "description": f"The style image, or several: {_REFERENCE_HELP}",
+                "examples": ["data:image/png;base64,iVBORw0KGgo..."],
+            },
+            "style_id": {
+                "anyOf": [_STYLE_ID, _several(_STYLE_ID, max_styles, "Several library styles, in order.")],
+                "description": "A style of your library (`/v1/styles`), or several.",
+            },
             "style_prompt": _STYLE_PROMPT,
             "model": MODEL_FIELD_SCHEMA,
             **_param_properties(),
@@ -119,6 +151,47 @@ def transfer_json_schema() -> dict[str, Any]:
         },
         "examples": [{"content_url": "https://example.com/photos/42.jpg", "style_prompt": "ukiyo-e woodblock print",
                       "steps": 30, "output_format": "webp", "output_quality": 85}],
+    }
+
+
+def transfer_event_schema() -> dict[str, Any]:
+    """One server-sent event of ``GET /v1/transfers/{id}/events`` (OpenAPI 3.2's shape for an SSE item)."""
+    return {
+        "type": "object",
+        "description": "One server-sent event: `event: progress` while the job is queued or running, then one "
+        "terminal event named as the job's final status; `id` is the job's version (resume with `Last-Event-ID`).",
+        "required": ["event", "id", "data"],
+        "properties": {
+            "event": {"type": "string", "enum": ["progress", "succeeded", "failed", "canceled"]},
+            "id": {"type": "string", "pattern": "^[0-9]{1,18}$", "description": "The job's version: grows with each "
+                   "change; send it back as `Last-Event-ID` to resume after it."},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": {"$ref": "#/components/schemas/TransferJob"},
+                     "description": "The job resource, as JSON (the same object `GET /v1/transfers/{id}` answers)."},
+        },
+    }
+
+
+def style_form_schema() -> dict[str, Any]:
+    """The multipart form of ``POST /v1/styles`` (parsed by hand in :mod:`service.api.routes.styles`)."""
+    specs = {spec.name: spec.json_schema() for spec in REQUEST_SPECS if spec.name in ("size", "steps")}
+    return {
+        "type": "object",
+        "description": "A library style: an `image`, a `style_prompt`, or both; `warm=true` (with optional `size` "
+        "and `steps`, ignored without warm) queues a job that computes its features.",
+        "additionalProperties": False,
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "The style image (PNG, JPEG or WebP)."},
+            "style_prompt": {**_STYLE_PROMPT, "pattern": r"^$|\S"},
+            "name": {"type": "string", "maxLength": 200, "description": "Your label for it.",
+                     "examples": ["house style"]},
+            "warm": {"type": "boolean", "default": False,
+                     "description": "Queue a feature-building job now, so the first transfer with it is warm."},
+            # Without default or examples: they describe the warm job, and are ignored without warm=true.
+            **{name: {**{k: v for k, v in schema.items() if k not in ("examples", "default")},
+                      "description": f"{schema['description']} (the warm job's; ignored unless warm=true)"}
+               for name, schema in specs.items()},
+        },
     }
 
 

@@ -28,7 +28,8 @@ from service.api.errors import ApiError, InvalidParameter, InvalidWebhookUrl, St
 from service.api.uploads import read_image
 from service.core.jobs import WEBHOOK_EVENTS, Job
 from service.core.output import OUTPUT_SPECS, OutputSpec
-from service.core.style_refs import StyleRef, assign_upload_keys
+from service.core.style_refs import PENDING_UPLOAD, StyleRef, assign_upload_keys
+from service.core.styles import StyleRecord
 from service.core.webhooks import check_webhook_url
 
 # Every per-request parameter a client may send: the engine's, then the result's format.
@@ -149,15 +150,37 @@ async def normalise_image(services: Services, field: str, data: bytes) -> bytes:
 
 
 def resolve_library_styles(services: Services, tenant: str, submission: Submission) -> Submission:
-    """``submission`` with each ``style_id`` resolved to the tenant's library style; 404 naming it otherwise."""
+    """``submission`` with each ``style_id`` resolved to the tenant's library style; 404 naming it otherwise.
+
+    The job keeps its own copy of a library style's image (stored with its other inputs, as an
+    upload is): deleting the style while the job is queued cannot take the image from under it.
+    """
     if not any(ref.style_id for ref in submission.styles):
         return submission
-    resolved = []
+    resolved: list[StyleRef] = []
+    pngs: list[bytes] = []
+    uploads = iter(submission.style_pngs)
     for ref in submission.styles:
-        if ref.style_id is not None:
+        if ref.pending_upload:
+            pngs.append(next(uploads))
+        elif ref.style_id is not None:
             record = services.styles.get(tenant, ref.style_id)
-            if record is None:
+            png = _library_image(services, record) if record is not None else None
+            if record is None or (record.has_image and png is None):
                 raise StyleNotFound(style_id=ref.style_id[:80])
             ref = record.ref()
+            if png is not None:
+                ref = replace(ref, key=PENDING_UPLOAD)  # stored with the job, as an upload
+                pngs.append(png)
         resolved.append(ref)
-    return replace(submission, styles=tuple(resolved))
+    return replace(submission, styles=tuple(resolved), style_pngs=tuple(pngs))
+
+
+def _library_image(services: Services, record: StyleRecord) -> bytes | None:
+    """The library style's stored PNG; None when it has none or it was deleted a moment ago."""
+    if record.image_key is None:
+        return None
+    try:
+        return services.storage.get(record.image_key)
+    except KeyError:
+        return None

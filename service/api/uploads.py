@@ -10,8 +10,11 @@ client mistake with one of the API's errors (:mod:`service.api.errors`), which c
   header *before* any pixel is decoded (decompression-bomb guard);
 - 422 ``invalid_image``: empty, truncated or corrupt — the image is fully decoded to find out.
 
-The result carries the image re-encoded as an RGB PNG, so workers never parse a hostile
-file format, only PNGs this module wrote.
+The result carries the image as an RGB PNG without metadata, so workers never parse a hostile
+file format, only PNGs this module wrote or fully decoded: a plain 8-bit RGB PNG (no
+transparency, no EXIF rotation) is kept as sent, its ancillary chunks dropped, once it decoded
+completely — re-encoding it would change no pixel and cost the request several times the decode
+(see ``bench/service.py --submit-cpu``); anything else is re-encoded.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class ImageInfo:
     format: str  # "png" | "jpeg" | "webp" — the sniffed format of the upload
     width: int
     height: int
-    normalized_png: bytes
+    normalized_png: bytes  # the RGB PNG to store: the upload itself when it already was one
+    kept_as_sent: bool = False
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -88,6 +92,12 @@ def read_image(field: str, data: bytes, settings: Settings) -> ImageInfo:
             raise InvalidImage(f"image has no pixels ({width}x{height})", field=field)
         if width * height > settings.max_image_pixels:
             raise _too_large(field, settings, detail=f"{width}x{height} = {width * height} pixels")
+        # A plain RGB PNG is checked without decoding its pixels: every chunk's CRC, and the zlib
+        # stream inflates to exactly the rows the header promises, with valid filter bytes (the
+        # decode's work is the inflate; unfiltering cannot fail). Stored as sent, without metadata.
+        plain = _checked_plain_png(field, data, width, height) if kind == "png" and _plain_rgb(image) else None
+        if plain is not None:
+            return ImageInfo(format=kind, width=width, height=height, normalized_png=plain, kept_as_sent=True)
         try:
             image.load()  # full decode: truncation and corrupt data surface here, not in the worker
             rgb = _to_rgb(image)
@@ -99,6 +109,66 @@ def read_image(field: str, data: bytes, settings: Settings) -> ImageInfo:
         except _DECODE_ERRORS as exc:
             raise InvalidImage(f"corrupt or truncated {kind.upper()} data ({exc})", field=field) from exc
     return ImageInfo(format=kind, width=rgb.width, height=rgb.height, normalized_png=out.getvalue())
+
+
+def _plain_rgb(image: Image.Image) -> bool:
+    """Whether the PNG ``image`` (opened, not decoded) is 8-bit RGB, opaque and not interlaced.
+
+    (Its EXIF is not read here: Pillow decodes a whole PNG to look for it. An ``eXIf`` chunk sends
+    the file down the re-encoding path instead, see :func:`_checked_plain_png`.)
+    """
+    return image.mode == "RGB" and "transparency" not in image.info and not image.info.get("interlace")
+
+
+def _checked_plain_png(field: str, png: bytes, width: int, height: int) -> bytes | None:
+    """``png`` (8-bit RGB, not interlaced) with only its IHDR, IDAT and IEND chunks, once its data is sound;
+    None when it carries EXIF (its orientation must be applied: the re-encoding path does it).
+
+    Sound: every chunk complete with a matching CRC up to IEND, and the IDAT stream inflating to
+    exactly ``height`` rows of ``1 + 3 * width`` bytes, each starting with a filter type 0..4 —
+    what a full decode checks, at the cost of the inflate alone (bounded: never more than the
+    rows the header promises). 422 ``invalid_image`` otherwise.
+    """
+
+    def corrupt(why: str) -> InvalidImage:
+        return InvalidImage(f"corrupt or truncated PNG data ({why})", field=field)
+
+    kept = [png[:8]]
+    stream = zlib.decompressobj()
+    stride = 1 + 3 * width
+    expected = stride * height
+    rows = bytearray()
+    offset = 8
+    while True:
+        if offset + 12 > len(png):
+            raise corrupt("no IEND chunk")
+        (length,) = struct.unpack(">I", png[offset:offset + 4])
+        end = offset + 12 + length
+        if end > len(png):
+            raise corrupt("a chunk runs past the end of the file")
+        kind = png[offset + 4:offset + 8]
+        (crc,) = struct.unpack(">I", png[end - 4:end])
+        if zlib.crc32(png[offset + 4:end - 4]) != crc:
+            raise corrupt(f"{kind.decode('latin-1')} chunk CRC mismatch")
+        if kind == b"eXIf":
+            return None
+        if kind == b"IDAT":
+            try:
+                rows += stream.decompress(png[offset + 8:end - 4], expected + 1 - len(rows))
+            except zlib.error as exc:
+                raise corrupt(str(exc)) from None
+            if len(rows) > expected:
+                raise corrupt("more image data than the header's size")
+        if kind in (b"IHDR", b"IDAT", b"IEND"):
+            kept.append(png[offset:end])
+        if kind == b"IEND":
+            break
+        offset = end
+    if len(rows) != expected or not stream.eof:
+        raise corrupt(f"{len(rows)} bytes of rows, the header's {width}x{height} needs {expected}")
+    if max(rows[::stride]) > 4:
+        raise corrupt("an invalid row filter")
+    return b"".join(kept)
 
 
 def _too_large(field: str, settings: Settings, detail: str) -> ImageTooLarge:

@@ -145,6 +145,9 @@ class Settings(BaseSettings):
 
     # --- worker --------------------------------------------------------------------
     worker_metrics_port: int = Field(9100, ge=0, le=65535, description="Worker Prometheus port (0: off).")
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="Address the worker's /metrics and probes bind (the container image sets 0.0.0.0)."
+    )
     worker_heartbeat: int = Field(10, gt=0, description="Seconds between worker heartbeats.")
     worker_outage_deadline: float = Field(
         120.0,

@@ -83,6 +83,15 @@ class JobFenced(JobConflict):
         self.run = run
 
 
+class IdempotencyConflict(Exception):
+    """An ``Idempotency-Key`` already names a job created by a *different* request (409)."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(f"Idempotency-Key {key!r} already names job {job_id}, created by a different request")
+        self.key = key
+        self.job_id = job_id
+
+
 class QueueFull(Exception):
     """A queue limit would be exceeded: ``scope`` is ``"tenant"`` or ``"global"`` (429)."""
 

@@ -5,7 +5,9 @@ Redis layout (everything expires ``settings.result_ttl`` after its last transiti
 - ``ham:job:{id}`` — hash, one field per :class:`~service.core.job_record.Job` attribute
   (its codec). A missing field means the attribute's default. ``cancel`` = ``1`` once a cancel
   was asked for a running job.
-- ``ham:idem:{tenant}:{sha256(key)}`` — job id for an ``Idempotency-Key`` (SET NX).
+- ``ham:idem:{tenant}:{sha256(key)}`` — ``"{job id} {request fingerprint}"`` for an
+  ``Idempotency-Key`` (claimed in the submit transaction; a record written before fingerprints
+  holds the job id alone, and replays whatever the request).
 - ``ham:tenant:{tenant}:jobs`` — sorted set of the tenant's job ids by ``created_at``.
 - ``ham:queued`` and ``ham:queued:{tenant}`` — sorted sets of queued job ids (counts
   for backpressure; sets, not counters, so a lost update cannot make them drift).
@@ -41,6 +43,7 @@ from service.core.job_record import (
     POLL_FENCED,
     POLL_GO,
     TERMINAL,
+    IdempotencyConflict,
     Job,
     JobConflict,
     JobFenced,
@@ -125,6 +128,7 @@ class JobStore:
         idempotency_key: str | None = None,
         max_queued_per_tenant: int | None = None,
         max_queued: int | None = None,
+        fingerprint: str | None = None,
     ) -> tuple[Job, bool]:
         """Store ``job`` and enqueue it, atomically. Returns ``(job, created)``.
 
@@ -132,10 +136,12 @@ class JobStore:
         submits cannot overshoot them; over a limit raises :class:`QueueFull`.
 
         With an ``idempotency_key``, the first submit for ``(job.tenant, key)`` wins and
-        every later one — whatever its parameters — gets that first job back with
-        ``created=False`` and nothing is enqueued again. The key expires
-        ``settings.result_ttl`` after the first submit. The caller then owns the inputs
-        it stored under the losing job id and should delete them.
+        every later one with the same ``fingerprint`` (the request's digest, see
+        :mod:`service.core.idempotency`) gets that first job back with ``created=False`` and
+        nothing is enqueued again; a later one with another fingerprint raises
+        :class:`IdempotencyConflict` (a key reused for a different request is a client bug, not
+        a retry). The key expires ``settings.result_ttl`` after the first submit. The caller
+        then owns the inputs it stored under the losing job id and should delete them.
         """
         if job.status != JobStatus.QUEUED:
             raise ValueError(f"a new job must be queued, got {job.status}")
@@ -147,15 +153,18 @@ class JobStore:
                         # Claiming the key and storing the job are one transaction, so a
                         # key never points at a job that is not stored yet.
                         pipe.watch(idem)
-                        existing_id = _text(pipe.get(idem))
+                        existing_id, existing_print = _idempotency_value(pipe.get(idem))
                         existing = self.get(existing_id) if existing_id else None
                         if existing is not None:
                             pipe.unwatch()
+                            if _differs(existing_print, fingerprint):
+                                raise IdempotencyConflict(idempotency_key or "", existing.id)
                             return existing, False
                     self._check_limits(pipe, job.tenant, max_queued_per_tenant, max_queued)
                     pipe.multi()
                     if idem is not None:
-                        pipe.set(idem, job.id, ex=self.settings.result_ttl)
+                        value = job.id if fingerprint is None else f"{job.id} {fingerprint}"
+                        pipe.set(idem, value, ex=self.settings.result_ttl)
                     self._store_new(pipe, job)
                     pipe.execute()
                     return job, True
@@ -204,10 +213,17 @@ class JobStore:
         )
 
     # --- reading ---------------------------------------------------------------
-    def find_by_idempotency_key(self, tenant: str, key: str) -> Job | None:
-        """The job an earlier submit with ``(tenant, key)`` created, if it is still on record."""
-        job_id = _text(self.redis.get(self.idempotency_key(tenant, key)))
-        return self.get(job_id) if job_id else None
+    def find_by_idempotency_key(self, tenant: str, key: str, fingerprint: str | None = None) -> Job | None:
+        """The job an earlier submit with ``(tenant, key)`` created, if it is still on record.
+
+        With a ``fingerprint``, an earlier submit of a different request raises
+        :class:`IdempotencyConflict` instead.
+        """
+        job_id, existing_print = _idempotency_value(self.redis.get(self.idempotency_key(tenant, key)))
+        job = self.get(job_id) if job_id else None
+        if job is not None and _differs(existing_print, fingerprint):
+            raise IdempotencyConflict(key, job.id)
+        return job
 
     def get(self, job_id: str) -> Job | None:
         """The job, or ``None`` if unknown or expired."""
@@ -508,3 +524,17 @@ class JobStore:
         if tag == "fenced":
             raise JobFenced(job_id, _text(out[1]), action, run or 0)
         return Job.from_fields(_pairs(out[1]))
+
+
+def _idempotency_value(raw: Any) -> tuple[str | None, str | None]:
+    """``(job id, fingerprint)`` of an idempotency record; the fingerprint is None in a record without one."""
+    text = _text(raw)
+    if not text:
+        return None, None
+    job_id, _, fingerprint = text.partition(" ")
+    return job_id, fingerprint or None
+
+
+def _differs(stored: str | None, given: str | None) -> bool:
+    # Either side without a fingerprint (a record from before them, a caller that has none) replays.
+    return stored is not None and given is not None and stored != given

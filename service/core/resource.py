@@ -39,6 +39,23 @@ class JobError(BaseModel):
     message: str
 
 
+class JobUrls(BaseModel):
+    """Where to go next with a job: paths on this API (like `Location`)."""
+
+    # `self` on the wire, `self_` in Python (where `self` would read as the instance); every dump uses `self`.
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    self_: str = Field(alias="self", description="The job resource: `GET` it (with `Prefer: wait=N` to long-poll).")
+    cancel: str = Field(description="`POST` here to cancel the job.")
+    events: str = Field(description="`GET` here to follow the job as server-sent events.")
+
+    @classmethod
+    def of(cls, job_id: str) -> JobUrls:
+        """The links of job ``job_id``."""
+        base = f"/v1/transfers/{job_id}"
+        return cls(self_=base, cancel=f"{base}/cancel", events=f"{base}/events")
+
+
 class TransferJob(BaseModel):
     """A transfer job as a client sees it."""
 
@@ -61,6 +78,10 @@ class TransferJob(BaseModel):
                     "has_style": True,
                     "output_format": "png",
                     "output_quality": 90,
+                    "urls": {"self": "/v1/transfers/3f2b9c0e6a8d4e51a7c1d2e3f4a5b6c7",
+                             "cancel": "/v1/transfers/3f2b9c0e6a8d4e51a7c1d2e3f4a5b6c7/cancel",
+                             "events": "/v1/transfers/3f2b9c0e6a8d4e51a7c1d2e3f4a5b6c7/events"},
+                    "result_expires_at": "2026-01-02T12:00:09.900Z",
                 },
                 {
                     "id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
@@ -120,6 +141,12 @@ class TransferJob(BaseModel):
         "starts it (again, after a worker was lost or an outage). `progress` only rises within one run and starts "
         "again from 0 when this grows.",
     )
+    urls: JobUrls = Field(description="Links to this job, its cancel action and its event stream.")
+    result_expires_at: datetime | None = Field(
+        None,
+        description="When the result (and this job's record) will be deleted, once `succeeded` (ISO 8601, UTC); "
+        "each `result_url` expires sooner, so fetch the job again for a fresh one until then.",
+    )
 
     @classmethod
     def from_job(
@@ -128,6 +155,7 @@ class TransferJob(BaseModel):
         queue_position: int | None = None,
         result_url: str | None = None,
         result_urls: list[str] | None = None,
+        result_ttl: int | None = None,
     ) -> TransferJob:
         """The public view of a stored job (the API's responses and the webhook payload share it)."""
         error = JobError(code=job.error_code, message=job.error_message or job.error_code) if job.error_code else None
@@ -151,16 +179,24 @@ class TransferJob(BaseModel):
             output_quality=job.output_quality,
             model=job.model,
             attempt=job.run,
+            urls=JobUrls.of(job.id),
+            result_expires_at=_utc(job.finished_at + result_ttl)
+            if result_ttl is not None and job.finished_at is not None and job.status == JobStatus.SUCCEEDED
+            else None,
         )
 
 
-def job_resource(job: Job, storage: Storage, url_ttl: int, queue_position: int | None = None) -> TransferJob:
+def job_resource(
+    job: Job, storage: Storage, url_ttl: int, queue_position: int | None = None, result_ttl: int | None = None
+) -> TransferJob:
     """The public job resource: the API's responses and the webhook payload are this object.
 
-    A succeeded job gets a freshly signed result URL valid for ``url_ttl`` seconds.
+    A succeeded job gets a freshly signed result URL valid for ``url_ttl`` seconds, and, given the
+    ``result_ttl`` the results are kept for, when they will be deleted.
     """
     result_url = result_urls = None
     if job.status == JobStatus.SUCCEEDED and job.result_key:
         result_url = storage.url(job.result_key, url_ttl)
         result_urls = [storage.url(key, url_ttl) for key in job.result_keys or [job.result_key]]
-    return TransferJob.from_job(job, queue_position=queue_position, result_url=result_url, result_urls=result_urls)
+    return TransferJob.from_job(job, queue_position=queue_position, result_url=result_url, result_urls=result_urls,
+                                result_ttl=result_ttl)

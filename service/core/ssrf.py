@@ -90,6 +90,8 @@ def pinned_request(url: str, address: str | None) -> tuple[str, dict[str, str], 
     ip = ipaddress.ip_address(address)
     literal = f"[{ip}]" if ip.version == 6 else str(ip)
     netloc = literal if parts.port is None else f"{literal}:{parts.port}"
-    host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    # An IPv6 literal keeps its brackets in Host (RFC 9110 §7.2 uses the URI's host syntax): "[::1]:8080".
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    host_header = host if parts.port is None else f"{host}:{parts.port}"
     extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
     return urlunsplit(parts._replace(netloc=netloc)), {"Host": host_header}, extensions

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -151,10 +153,15 @@ def test_get_list_cancel_and_errors_are_typed(stack: Stack, ham: Client):
     assert missing.value.status == 404
 
 
-def test_an_explicit_idempotency_key_returns_the_same_job(ham: Client):
-    first = ham.submit(DATA / "content0.png", style_prompt="ink", idempotency_key="client-order-17", **QUICK)
-    second = ham.submit(DATA / "content1.png", style_prompt="other", idempotency_key="client-order-17", **QUICK)
+def test_an_explicit_idempotency_key_returns_the_same_job_for_the_same_request_only(ham: Client):
+    key = f"client-order-{time.time_ns()}"
+    first = ham.submit(DATA / "content0.png", style_prompt="ink", idempotency_key=key, **QUICK)
+    second = ham.submit(DATA / "content0.png", style_prompt="ink", idempotency_key=key, **QUICK)
     assert second.id == first.id and second.style_prompt == "ink"
+    with pytest.raises(ApiError) as reused:
+        ham.submit(DATA / "content1.png", style_prompt="other", idempotency_key=key, **QUICK)
+    assert (reused.value.status, reused.value.code, reused.value.field) == (409, "idempotency_key_reused",
+                                                                           "Idempotency-Key")
 
 
 def test_a_429_is_retried_after_retry_after_with_the_same_idempotency_key(proxy: Proxy):
@@ -248,3 +255,43 @@ def test_verify_webhook_accepts_a_real_delivery_and_refuses_a_tampered_one(ham: 
         verify_webhook(body, headers, "another-secret")
     with pytest.raises(WebhookSignatureError):
         verify_webhook(body, headers, WEBHOOK_SECRET, now=time.time() + 3600)
+
+
+def test_the_style_library_from_both_clients_and_the_command_line(stack: Stack, ham: Client):
+    style = ham.create_style(DATA / "style1.png", name="house")
+    assert (style.name, style.has_image, ham.get_style(style.id).id) == ("house", True, style.id)
+    assert style.id in [s.id for s in ham.list_styles(limit=100).items]
+    # Several styles in one submit: an uploaded image, then the library style; one result each.
+    job = ham.submit(DATA / "content0.png", style=[DATA / "style0.png"], style_id=style.id, **QUICK)
+    done = ham.wait(job.id, timeout=300)
+    assert (done.status, done.style_count, done.style_ids, len(done.result_urls or [])) == (
+        "succeeded", 2, [style.id], 2)
+    ham.delete_style(style.id)
+    with pytest.raises(ApiError) as gone:
+        ham.get_style(style.id)
+    assert gone.value.status == 404
+
+    async def run() -> tuple[str, list[str], int]:
+        async with AsyncClient(stack.base_url, api_key=TENANTS["alpha"]) as client:
+            made = await client.create_style(style_prompt="ink wash", name="async")
+            listed = [s.id for s in (await client.list_styles(limit=100)).items]
+            await client.delete_style(made.id)
+            with pytest.raises(ApiError) as missing:
+                await client.get_style(made.id)
+            return made.id, listed, missing.value.status
+
+    made, listed, status = asyncio.run(run())
+    assert made in listed and status == 404
+
+    command = [sys.executable, "-m", "service.cli", "styles"]
+    where = ["--api", stack.base_url, "--key", TENANTS["alpha"]]
+    created = subprocess.run([*command, "create", str(DATA / "style2.png"), "--name", "cli", *where],
+                             capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    made = json.loads(created.stdout)
+    listing = subprocess.run([*command, "list", "--limit", "100", *where], capture_output=True, text=True, timeout=60)
+    assert made["id"] in [json.loads(line)["id"] for line in listing.stdout.splitlines()]
+    deleted = subprocess.run([*command, "delete", made["id"], *where], capture_output=True, text=True, timeout=60)
+    assert deleted.returncode == 0 and json.loads(deleted.stdout) == {"deleted": made["id"]}
+    again = subprocess.run([*command, "get", made["id"], *where], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "HTTP 404" in again.stderr

@@ -166,10 +166,12 @@ def test_tampered_result_url_is_refused(alpha: httpx.Client):
 def test_same_idempotency_key_returns_the_same_job_and_runs_it_once(stack: Stack, alpha: httpx.Client):
     headers = {"Idempotency-Key": f"order-{time.time_ns()}"}
     first = submit(alpha, headers=headers)
-    second = submit(alpha, headers=headers, steps="5")
+    second = submit(alpha, headers=headers)
     assert first.status_code == 202
     assert second.status_code == 200
     assert second.json()["id"] == first.json()["id"]
+    reused = submit(alpha, headers=headers, steps="5")  # the key with another request: a client bug
+    assert reused.status_code == 409 and reused.json()["error"]["code"] == "idempotency_key_reused"
     final = wait_for(alpha, first.json()["id"], TERMINAL)
     assert final["status"] == "succeeded" and final["params"]["steps"] == 3
     listed = [j["id"] for j in alpha.get("/v1/transfers", params={"limit": 100}).json()["items"]]

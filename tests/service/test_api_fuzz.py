@@ -186,3 +186,33 @@ def test_random_and_malformed_requests_never_get_a_5xx(client):
         headers=AUTH,
     )
     assert valid.status_code == 202, valid.text
+
+
+_JSON_BODIES: list[bytes] = [
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"content_url": ' + b"{" * 5_000 + b"}" * 5_000 + b"}",
+    b'{"content_url": "data:,x", "style_url": [' + b"[" * 40 + b"]" * 40 + b"]}",
+    b'{"content_url": "DATA:image/png;base64,AAAA", "style_prompt": "ink"}',
+    b'{"content_url": "data:,x", "style_id": [' + b",".join([b'"' + b"0" * 32 + b'"'] * 100) + b"]}",
+    b'{"content_url": "data:,x", "style_url": [], "style_prompt": "ink"}',
+    b'{"content_url": "data:,x", "style_id": {"a": 1}}',
+    b'{"content_url": "data:,x", "steps": 1e400, "style_prompt": "ink"}',
+    b'{"content_url": "data:,x", "steps": NaN, "style_prompt": "ink"}',
+    b'{"content_url": "data:,x", "style_prompt": "ink", "seed": 123456789012345678901234567890}',
+    b'{"content_url": "\\ud800", "style_prompt": "ink"}',
+    b'{"a": 1, "a": 2}',
+    b"\xff\xfe{}",
+    b"",
+    b"null",
+    b'"string"',
+]
+
+
+@pytest.mark.parametrize("body", _JSON_BODIES, ids=range(len(_JSON_BODIES)))
+@pytest.mark.parametrize("keyed", [False, True], ids=["no-key", "idempotency-key"])
+def test_malformed_json_bodies_are_4xx_in_the_error_shape(client, body: bytes, keyed: bool):
+    headers = {**AUTH, "Content-Type": "application/json", **({"Idempotency-Key": "json-fuzz"} if keyed else {})}
+    response = client.post("/v1/transfers", content=body, headers=headers)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    error = response.json()["error"]
+    assert isinstance(error["code"], str) and error["message"]

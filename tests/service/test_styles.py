@@ -74,7 +74,8 @@ def test_another_tenant_can_neither_see_nor_use_nor_delete_a_style(client: TestC
         ("style0.png", {"warm": "maybe"}, 422, "warm"),
         ("style0.png", {"warm": "true", "size": "100"}, 422, "size"),
         ("style0.png", {"warm": "true", "steps": "many"}, 422, "steps"),
-        ("style0.png", {"size": "64"}, 422, "size"),  # size without warm
+        ("style0.png", {"size": "64x"}, 422, "size"),  # checked even without warm (ignored then)
+        ("style0.png", {"size": "100"}, 422, "size"),
         ("style0.png", {"colour": "red"}, 422, "colour"),
     ],
 )
@@ -125,13 +126,18 @@ def test_a_multi_style_submission_records_its_styles_in_order(client: TestClient
     assert (job["style_count"], job["style_ids"], job["result_urls"]) == (3, [library["id"]], None)
     stored = JobStore(redis_client, client.app.state.services.settings).get(job["id"])
     assert [s.style_id for s in stored.styles] == [library["id"], None, None]
+    # The job keeps its own copy of the library style's image: deleting the style cannot take it away.
     assert stored.styles[0].to_dict() == {
-        "key": f"styles/{library['id']}.png", "prompt": "ink", "style_id": library["id"],
+        "key": f"inputs/{job['id']}/style.png", "prompt": "ink", "style_id": library["id"],
     }  # fmt: skip
     assert stored.input_keys == [
-        f"inputs/{job['id']}/content.png", f"inputs/{job['id']}/style.png", f"inputs/{job['id']}/style-2.png",
+        f"inputs/{job['id']}/content.png", f"inputs/{job['id']}/style.png", f"inputs/{job['id']}/style-1.png",
+        f"inputs/{job['id']}/style-2.png",
     ]  # fmt: skip
     storage = client.app.state.services.storage
+    assert all(storage.get(key) for key in stored.input_keys)
+    assert storage.get(stored.styles[0].key) == storage.get(f"styles/{library['id']}.png")
+    assert client.delete(f"/v1/styles/{library['id']}", headers=AUTH_A).status_code == 204
     assert all(storage.get(key) for key in stored.input_keys)
 
 

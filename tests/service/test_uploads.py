@@ -68,6 +68,23 @@ def test_png_jpeg_webp_are_accepted_and_reencoded_as_rgb_png(photo: Image.Image,
     assert decoded.size == (128, 128)
 
 
+def test_a_plain_rgb_png_is_stored_as_sent_and_anything_else_is_reencoded(photo: Image.Image) -> None:
+    plain = _encode(photo, "PNG")
+    info = read_image("content", plain, SETTINGS)
+    assert info.kept_as_sent and info.normalized_png == plain
+    rotated = photo.copy()
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90° on display
+    for data in (_encode(photo.convert("RGBA"), "PNG"), _encode(photo.convert("L"), "PNG"),
+                 _encode(rotated, "PNG", exif=exif.tobytes()), _encode(photo, "PNG", transparency=(0, 0, 0))):
+        info = read_image("content", data, SETTINGS)
+        assert not info.kept_as_sent and info.normalized_png != data
+        assert _decoded(info).mode == "RGB"
+    # A truncated plain PNG is still refused: it is kept only once it decoded completely.
+    error = _refused(plain[: len(plain) // 2])
+    assert (error.status, error.code) == (422, "invalid_image")
+
+
 def test_png_pixels_survive_normalisation_exactly(photo: Image.Image) -> None:
     info = read_image("style", (DATA / "style1.png").read_bytes(), SETTINGS)
     original = Image.open(DATA / "style1.png").convert("RGB")
@@ -243,3 +260,16 @@ def _text_chunk(key: str, value: str):
     info = PngInfo()
     info.add_text(key, value)
     return info
+
+
+@pytest.mark.parametrize(("rows", "reason"), [
+    (b"\x00" + b"\x10" * 6 + b"\x09" + b"\x10" * 6, "row filter"),       # filter type 9 does not exist
+    (b"\x00" + b"\x10" * 6, "bytes of rows"),                            # one row of two
+    (b"\x00" + b"\x10" * 6 + b"\x00" + b"\x10" * 7, "more image data"),  # a byte too many
+])
+def test_a_plain_png_whose_data_does_not_fit_its_header_is_422_though_every_crc_matches(rows: bytes, reason: str):
+    ihdr = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(rows))
+            + _png_chunk(b"IEND", b""))
+    error = _refused(data)
+    assert (error.status, error.code) == (422, "invalid_image") and reason in error.message

@@ -45,8 +45,16 @@ _EXAMPLE = (
     response_class=EventSourceResponse,
     responses={
         **error_responses(Unauthorized, RateLimited, InvalidRequest, Unavailable, *REDIS_REFUSALS, NotFound),
-        200: {"description": "`text/event-stream`: `progress` events, then one terminal event.",
-              "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _EXAMPLE}}},
+        200: {"description": "`text/event-stream`: `progress` events, then one terminal event "
+              "(`succeeded`, `failed` or `canceled`), after which the server closes the stream. Each event is a "
+              "`TransferEvent`: `event` its name, `id` the job's version, `data` the job resource as JSON. "
+              "Comment lines (`: ping`) keep an idle connection open every 15 s.",
+              "content": {"text/event-stream": {
+                  # OpenAPI 3.1 has no schema per event: the stream is text; `itemSchema` (OpenAPI 3.2's
+                  # field for sequential media types) names the schema of each event.
+                  "schema": {"type": "string", "description": "The stream as text: events of `TransferEvent`."},
+                  "itemSchema": {"$ref": "#/components/schemas/TransferEvent"},
+                  "example": _EXAMPLE}}},
         204: {"description": "`Last-Event-ID` is the terminal event already: nothing more will come."},
     },
 )
@@ -55,7 +63,11 @@ async def transfer_events(
     tenant: TenantDep,
     services: ServicesDep,
     last_event_id: Annotated[str | None, Header(
-        alias="Last-Event-ID", description="The `id` of the last event received, to resume after it.",
+        alias="Last-Event-ID",
+        description="The `id` of the last event received (an `EventSource` sends it when it reconnects): the "
+        "stream then starts with the first change after that version, skipping what was seen; if that event was "
+        "the terminal one, the answer is `204` and nothing more will come. Ids only grow within a job; without "
+        "this header the stream starts with the job as it is now.",
         pattern=r"^[0-9]{1,18}$",
     )] = None,
 ) -> Response:

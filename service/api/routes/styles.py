@@ -110,7 +110,8 @@ def _fields(form: FormData) -> dict[str, str | UploadFile]:
             raise UnknownField(where="form ", name=name[:80], known=", ".join(FIELDS), field=name[:80])
         if name in values:
             raise DuplicateField(field=name)
-        if isinstance(value, str) and value.strip() == "":
+        # An empty value is "not given" (what HTML forms send); blanks are values (a blank prompt is refused).
+        if isinstance(value, str) and value == "":
             continue
         if isinstance(value, UploadFile) and not value.filename and value.size == 0:
             continue
@@ -122,15 +123,16 @@ def _fields(form: FormData) -> dict[str, str | UploadFile]:
 
 def _warm_params(values: dict[str, str | UploadFile], family: str = "sd") -> TransferParams | None:
     """The parameters of the warming job (``warm=true``), parsed like a transfer's form fields; None without.
-    ``family``: the warmed model's, whose defaults fill what is not given (its training size)."""
+
+    ``family``: the warmed model's, whose defaults fill what is not given (its training size).
+    ``size``/``steps`` are checked either way (a value out of range is a mistake) but ignored without
+    warm (they describe the warm job): a generated client may send every field of the form.
+    """
     warm = form_value(WARM_SPEC, str(values["warm"])) if "warm" in values else WARM_SPEC.default
     given = {spec.name: form_value(spec, str(values[spec.name])) for spec in WARM_PARAM_SPECS if spec.name in values}
-    if not warm:
-        if given or "model" in values:
-            raise ParamError(next(iter(given)) if given else "model", "only used with warm=true")
-        return None
     # Features are per model: warm them for the model named (its family's size when none is given).
-    return TransferParams(**family_params(family, given))
+    params = TransferParams(**family_params(family, given))
+    return params if warm else None
 
 
 def _grey_square(size: int) -> bytes:
@@ -179,6 +181,9 @@ def _create(
         *_ERRORS, InvalidMultipart, RequestTooLarge, UploadTooLarge, ImageTooLarge, UnsupportedMediaType,
         UnknownField, DuplicateField, InvalidField, InvalidParameter, InvalidImage, UnknownModel, ModelUnavailable,
     ),
+    # Parsed by hand (below); the form is declared as a named schema so generated clients get a model for it.
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"$ref": "#/components/schemas/StyleForm"}}}}},
 )
 async def create_style(
     request: Request,
@@ -202,6 +207,8 @@ async def create_style(
             prompt_text = values.get("style_prompt")
             if prompt_text is not None and len(prompt_text) > MAX_PROMPT_CHARS:
                 raise ParamError("style_prompt", f"at most {MAX_PROMPT_CHARS} characters")
+            if prompt_text is not None and not prompt_text.strip():
+                raise ParamError("style_prompt", "blank; leave it out or describe a style")
             prompt = check_style_reference("image" in values, prompt_text)
             model = None
             if "warm" in values and form_value(WARM_SPEC, str(values["warm"])):
@@ -266,7 +273,8 @@ def get_style(
 def delete_style(
     style_id: str, tenant: str = Depends(current_tenant), services: Services = Depends(get_services)
 ) -> Response:
-    """Remove the style, its stored image and its stored features. Queued jobs naming it then fail."""
+    """Remove the style, its stored image and its stored features. Jobs already submitted with it keep
+    their own copy of its image and run as submitted."""
     record = services.styles.delete(tenant, style_id)
     if record is None:
         raise NotFound(f"no style {style_id[:80]!r}")

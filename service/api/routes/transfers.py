@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -24,6 +25,7 @@ from service.api.errors import (
     ApiError,
     DuplicateField,
     FetchFailed,
+    IdempotencyKeyReused,
     ImageTooLarge,
     InvalidCursor,
     InvalidDataUri,
@@ -56,14 +58,15 @@ from service.api.errors import (
     error_responses,
 )
 from service.api.job_access import job_resource, owned_job
-from service.api.json_body import read_json
+from service.api.json_body import json_body_fingerprint, read_json
 from service.api.live import preferred_wait, wait_until_terminal
-from service.api.multipart import read_multipart
+from service.api.multipart import multipart_fingerprint, read_multipart
 from service.api.schemas import TransferJob, TransferList
 from service.api.submission import Submission, resolve_library_styles
 from service.core.config import Settings
 from service.core.jobs import (
     CURSOR_PATTERN,
+    IdempotencyConflict,
     Job,
     JobConflict,
     JobStatus,
@@ -88,15 +91,17 @@ _SUBMIT_ERRORS = {
         *ERRORS, TenantQueueFull, ServiceQueueFull, InvalidMultipart, InvalidJson, RequestTooLarge, UploadTooLarge,
         ImageTooLarge, UnsupportedMediaType, StyleNotFound, InvalidParameter, MissingField, UnknownField,
         DuplicateField, InvalidField, TooManyStyles, InvalidIdempotencyKey, WebhooksDisabled, InvalidWebhookUrl,
-        InvalidImage, InvalidUrl, InvalidDataUri, FetchFailed, UnknownModel, ModelUnavailable,
+        InvalidImage, InvalidUrl, InvalidDataUri, FetchFailed, UnknownModel, ModelUnavailable, IdempotencyKeyReused,
     ),
-    200: {"model": TransferJob, "description": "Idempotent replay: the job this `Idempotency-Key` already created."},
+    200: {"model": TransferJob, "description": "Idempotent replay: the job this `Idempotency-Key` already created "
+          "for the same request; or, with `Prefer: wait`, the job finished within the wait."},
 }
 
 
 IdempotencyKeyHeader = Annotated[str | None, Header(
     alias="Idempotency-Key",
-    description="Retry-safe submission: the same key (per tenant) returns the same job, enqueued once.",
+    description="Retry-safe submission: the same key (per tenant) with the same request returns the same job, "
+    "enqueued once; with a different request it is a 409 `idempotency_key_reused`.",
     examples=["order-1234-attempt"],
     # Declared, checked by _check_idempotency_key (its 422 is `invalid_idempotency_key`).
     json_schema_extra={"pattern": r"^[\x20-\x7e]*[\x21-\x7e][\x20-\x7e]*$", "maxLength": MAX_IDEMPOTENCY_KEY_CHARS},
@@ -109,9 +114,19 @@ PreferHeader = Annotated[str | None, Header(
 
 # --- the submission --------------------------------------------------------------------------------
 
-BodyReader = Callable[[Request, Services], Awaitable[Submission]]
+@dataclass(frozen=True)
+class BodyReader:
+    """How one media type of submission is read: its idempotency fingerprint, and the submission."""
+
+    fingerprint: Callable[[Request, Services], Awaitable[str]]
+    read: Callable[[Request, Services], Awaitable[Submission]]
+
+
 # Media type → the reader of that body; each turns its body into the same Submission.
-BODY_READERS: dict[str, BodyReader] = {"multipart/form-data": read_multipart, "application/json": read_json}
+BODY_READERS: dict[str, BodyReader] = {
+    "multipart/form-data": BodyReader(multipart_fingerprint, read_multipart),
+    "application/json": BodyReader(json_body_fingerprint, read_json),
+}
 
 
 def _body_reader(request: Request) -> BodyReader:
@@ -120,6 +135,10 @@ def _body_reader(request: Request) -> BodyReader:
     if reader is None:
         raise UnsupportedMediaType("send the transfer as multipart/form-data or application/json")
     return reader
+
+
+def _key_reused(exc: IdempotencyConflict) -> ApiError:
+    return IdempotencyKeyReused(key=exc.key, job_id=exc.job_id)
 
 
 def _check_idempotency_key(key: str | None) -> str | None:
@@ -150,7 +169,7 @@ def _check_backpressure(services: Services, tenant: str) -> None:
 
 
 def _store_and_submit(
-    services: Services, job: Job, submission: Submission, idempotency_key: str | None
+    services: Services, job: Job, submission: Submission, idempotency_key: str | None, fingerprint: str | None
 ) -> tuple[Job, bool]:
     written: list[str] = []
     try:
@@ -161,11 +180,15 @@ def _store_and_submit(
             written.append(key)
         settings = services.settings
         stored, created = services.jobs.submit(
-            job, idempotency_key, settings.max_queued_per_tenant, settings.max_queue_length
+            job, idempotency_key, settings.max_queued_per_tenant, settings.max_queue_length, fingerprint
         )
     except QueueFull as exc:
         _delete_quietly(services, written)
         raise _queue_full(services.settings, exc.scope) from None
+    except IdempotencyConflict as exc:
+        # A concurrent submit of another request claimed the key first.
+        _delete_quietly(services, written)
+        raise _key_reused(exc) from None
     except BaseException:
         _delete_quietly(services, written)
         raise
@@ -220,20 +243,30 @@ async def create_transfer(
     """
     idempotency_key = _check_idempotency_key(idempotency_key)
     wait = preferred_wait(prefer)
-    read_body = _body_reader(request)  # 415 for a body of no known type, replay or not
+    body = _body_reader(request)  # 415 for a body of no known type, replay or not
+    fingerprint = None
     if idempotency_key is not None:
-        # A retry of a submit that went through gets its job back before limits or uploads are looked at.
-        existing = await run_in_threadpool(services.jobs.find_by_idempotency_key, tenant, idempotency_key)
+        # A retry of a submit that went through gets its job back before limits are looked at or
+        # images decoded; only its fields and its files' digests are compared with the first request.
+        fingerprint = await body.fingerprint(request, services)
+        try:
+            existing = await run_in_threadpool(
+                services.jobs.find_by_idempotency_key, tenant, idempotency_key, fingerprint
+            )
+        except IdempotencyConflict as exc:
+            raise _key_reused(exc) from None
         if existing is not None:
             return await _answer(services, response, existing, 200, wait)
     # Auth and the rate limit ran as dependencies; capacity is the last check that needs no body.
     await run_in_threadpool(_check_backpressure, services, tenant)
-    submission = await read_body(request, services)
+    submission = await body.read(request, services)
     submission = await run_in_threadpool(resolve_library_styles, services, tenant, submission)
     job = submission.job(new_job_id(), tenant)
     context = current_context()
     job.request_id = context.request_id if context else None
-    stored, created = await run_in_threadpool(_store_and_submit, services, job, submission, idempotency_key)
+    stored, created = await run_in_threadpool(
+        _store_and_submit, services, job, submission, idempotency_key, fingerprint
+    )
     bind(job_id=stored.id)
     if created:
         services.metrics.jobs_submitted.inc()
@@ -242,11 +275,13 @@ async def create_transfer(
 
 
 async def _answer(services: Services, response: Response, job: Job, status: int, wait: int | None) -> TransferJob:
-    response.status_code = status
     response.headers["Location"] = f"/v1/transfers/{job.id}"
     if wait is not None:
         job = await wait_until_terminal(services, job, wait)
         response.headers["Preference-Applied"] = f"wait={wait}"
+        if job.terminal:
+            status = 200  # the answer is the finished job, not an acceptance for later (RFC 7240 wait)
+    response.status_code = status
     return await run_in_threadpool(job_resource, job, services)
 
 
