@@ -1,6 +1,6 @@
 """Engine benchmark: UNet work and wall time per HAM transfer, against stock diffusers DDIM.
 
-    python -m bench.engine [--quick] [--out bench/results/engine.json] [--models tiny random-small] [--threads 1]
+    python -m bench.engine [--quick] [--out PATH] [--models tiny random-small] [--threads 1]
 
 For each model (random SD-shaped presets from ``ham_engine.tiny``; no download) it runs,
 ``--repeats`` times and interleaved so that machine drift hits every variant alike:
@@ -458,7 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps, one repeat: a smoke run")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "engine.json"), help="JSON output path")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON output path (default bench/results/engine.json; with --quick the ignored bench/scratch/engine.json, "
+        "so a smoke run never replaces the committed figures)",
+    )
     parser.add_argument("--models", nargs="+", choices=sorted(FULL), default=list(FULL), help="models to measure")
     parser.add_argument(
         "--threads",
@@ -492,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_seconds"] = time.perf_counter() - started
     print_table(results)
     print_feature_table(results)
-    out = Path(args.out)
+    out = Path(args.out or REPO / "bench" / ("scratch" if args.quick else "results") / "engine.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out} ({results['wall_seconds']:.0f} s)")

@@ -15,7 +15,7 @@ A transfer runs in four phases:
    modulated by GAR and LAT inside the step window;
 4. **decode** – the student's final latent through the VAE.
 
-Repeat inputs skip work (PAPER.md §7). A repeat image style (same image, size, steps,
+Repeat inputs skip work (docs/method.md §7). A repeat image style (same image, size, steps,
 layers, window, prompt, model) needs neither its inversion nor its teacher rows: its
 recorded features stand in. A repeat content skips its inversion: the stored trajectory
 is re-used. Both live in two tiers, the in-process LRU and an optional shared
@@ -69,7 +69,7 @@ from ham_engine.families import PromptEmbeddings
 from ham_engine.feature_cache import ContentTrajectory, FeatureCache
 from ham_engine.feature_store import FeatureStore, open_feature_store
 from ham_engine.feature_tiers import FeatureTiers
-from ham_engine.inversion import DdimSchedule, ddim_invert
+from ham_engine.inversion import DdimSchedule
 from ham_engine.loading import DiffusionModel, load_model
 from ham_engine.params import TransferParams
 from ham_engine.plan import TransferPlan, plan_recording, plan_transfer, teacher_sources
@@ -303,7 +303,7 @@ class HamEngine:
             decoded = []
             for z in run.students:
                 pixels = self.model.decode_latents(z)
-                _check_finite(pixels, "the decoded image (VAE in float32 unless bf16 on a GPU)")
+                _check_finite(pixels, "the decoded image (VAE in float32 unless bf16 on a GPU)", self.model.dtype)
                 decoded.append(images.tensor_to_image(pixels))
             seconds = {**run.stats.seconds, "decode": self._elapsed(started)}
             seconds["total"] = self._elapsed(started_total)
@@ -330,7 +330,7 @@ class HamEngine:
         steps = _StepHooks((2 if plan.inverting else 1) * request.params.steps, progress, cancelled)
         started = time.perf_counter()
         clean, text = self._encode(request, plan)
-        schedule = DdimSchedule.from_scheduler(self.model.scheduler, request.params.steps, self.model.device)
+        schedule = self.model.schedule(request.params.steps, request.size)
         counters.seconds["encode"] = self._elapsed(started)
         recording = plan_recording(request, plan, self.record_bytes) if clean is not None else None
         try:
@@ -372,7 +372,7 @@ class HamEngine:
         clean = None
         if pixels:
             clean = self.model.encode_image(torch.cat(pixels))
-            _check_finite(clean, "the VAE encoding of the images")
+            _check_finite(clean, "the VAE encoding of the images", self.model.dtype)
         # A style teacher's text conditioning matters only where it runs in the sampling batch.
         modulates = bool(request.modulated_steps)
         prompts = [""]
@@ -410,8 +410,8 @@ class HamEngine:
                 return output
 
             with recording_attention(self.model.unet, recording) if recording is not None else nullcontext():
-                trajectory = ddim_invert(
-                    invert_model, clean, schedule, before_step=steps.check, convention=request.params.inversion
+                trajectory = schedule.invert(
+                    invert_model, clean, before_step=steps.check, convention=request.params.inversion
                 )
         row = int(plan.invert_content)
         content = [z[:1] for z in trajectory] if plan.invert_content else plan.content_cached.latents
@@ -465,7 +465,7 @@ class HamEngine:
         counters.unet_rows += latents.shape[0]
         counters.rows_by_phase[phase] += latents.shape[0]
         output = output.float()
-        _check_finite(output, f"the UNet output ({phase}, call {counters.unet_calls}, {model.dtype})")
+        _check_finite(output, f"the UNet output ({phase}, call {counters.unet_calls}, {model.dtype})", model.dtype)
         return output
 
     def _elapsed(self, started: float) -> float:
@@ -474,9 +474,18 @@ class HamEngine:
         return time.perf_counter() - started
 
 
-def _check_finite(tensor: torch.Tensor, what: str) -> None:
-    """Raise :class:`NumericalError` naming ``what`` when ``tensor`` holds a NaN or an infinity."""
+# What to try when a model running in this dtype overflows: only a wider dtype helps.
+_OVERFLOW_ADVICE = {
+    torch.float16: "the model runs in fp16: try HAM_DTYPE=bf16 or fp32",
+    torch.bfloat16: "the model runs in bf16: try HAM_DTYPE=fp32",
+}
+
+
+def _check_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """Raise :class:`NumericalError` naming ``what`` when ``tensor`` holds a NaN or an infinity.
+
+    ``dtype`` is the model's: the advice names a wider one only where there is one.
+    """
     if not bool(torch.isfinite(tensor).all()):
-        raise NumericalError(
-            f"{what} is not finite (NaN or inf): the computation overflowed; on fp16 try HAM_DTYPE=bf16 or fp32"
-        )
+        advice = _OVERFLOW_ADVICE.get(dtype, "the model already runs in fp32: check its weights and the inputs")
+        raise NumericalError(f"{what} is not finite (NaN or inf): the computation overflowed; {advice}")

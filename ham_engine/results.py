@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import resource
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -127,15 +127,11 @@ class TransferStats:
         always had; K styles: a ``styles`` list of them. ``size`` is a list;
         ``process_peak_rss_bytes`` is left out on CUDA, where it is None.
         """
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "styles":
-                continue
-            if f.name == "process_peak_rss_bytes" and value is None:
-                continue
-            out[f.name] = list(value) if f.name == "size" else (dict(value) if isinstance(value, dict) else value)
-        styles = [{f.name: getattr(s, f.name) for f in fields(s)} for s in self.styles]
+        out = asdict(self)  # copies the dicts, and each StyleStats becomes one
+        styles = list(out.pop("styles"))
+        out["size"] = list(self.size)
+        if self.process_peak_rss_bytes is None:
+            del out["process_peak_rss_bytes"]
         if len(styles) == 1:
             out.update(styles[0])
         else:

@@ -1,6 +1,9 @@
 """The documentation a new user reads first stays true to the code."""
 
+import re
 from pathlib import Path
+
+import pytest
 
 from service.cli import build_parser
 from service.core.config import Settings
@@ -53,3 +56,52 @@ def test_every_request_parameter_is_a_flag_of_ham_submit_and_an_engine_one_of_ha
         for spec in specs:
             flag = spec.name.replace("_", "-")
             assert (f"--no-{flag}" if spec.kind is bool else f"--{flag}") in flags, (command, spec.name)
+
+
+# The commands that take the engine's parameters, with the arguments each one requires.
+_COMMANDS = {
+    "transfer": ["transfer", "content.png", "--style-prompt", "ink", "-o", "out.png"],
+    "submit": ["submit", "content.png", "--style-prompt", "ink", "-o", "out.png"],
+    "eval": ["eval", "--content", "contents", "--style", "styles"],
+}
+
+
+def _flag(spec) -> str:
+    """How the docs and the user write a parameter: ``--step-start``, ``--no-gar`` (booleans default on)."""
+    dashed = spec.name.replace("_", "-")
+    return f"--no-{dashed}" if spec.kind is bool else f"--{dashed}"
+
+
+def test_the_evaluation_docs_list_exactly_the_engine_parameters_as_flags() -> None:
+    # From the text a user reads, not from the list the flags are built from.
+    from ham_engine.params import PARAM_SPECS
+
+    doc = (ROOT / "docs" / "evaluation.md").read_text()
+    paragraph = doc.split("**The engine's parameters**", 1)[1].split("\n\n", 1)[0]
+    documented = set(re.findall(r"`(--[a-z-]+)`", paragraph.split(";", 1)[0]))
+    assert documented == {_flag(spec) for spec in PARAM_SPECS}
+
+
+@pytest.mark.parametrize("command", sorted(_COMMANDS))
+def test_every_engine_parameter_is_a_flag_that_parses_to_its_typed_value(command: str) -> None:
+    from ham_engine.params import PARAM_SPECS
+
+    parser = build_parser()
+    for spec in PARAM_SPECS:
+        if spec.kind is bool:
+            assert getattr(parser.parse_args([*_COMMANDS[command], _flag(spec)]), spec.name) is False, spec.name
+            continue
+        value = spec.choices[-1] if spec.choices else spec.kind(spec.maximum if spec.maximum is not None else 1)
+        parsed = getattr(parser.parse_args([*_COMMANDS[command], _flag(spec), str(value)]), spec.name)
+        assert (parsed, type(parsed)) == (value, spec.kind), (command, spec.name)
+
+
+@pytest.mark.parametrize("command", sorted(_COMMANDS))
+def test_a_choice_parameter_refuses_a_value_outside_its_choices(command: str) -> None:
+    from ham_engine.params import PARAM_SPECS
+
+    parser = build_parser()
+    for spec in PARAM_SPECS:
+        if spec.choices:
+            with pytest.raises(SystemExit):
+                parser.parse_args([*_COMMANDS[command], _flag(spec), "not-a-choice"])

@@ -26,7 +26,7 @@ def _lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_layer_contracts_are_kept() -> None:
     done = _lint_imports(ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "5 kept, 0 broken" in done.stdout
+    assert "8 kept, 0 broken" in done.stdout
 
 
 def test_a_worker_importing_the_http_layer_breaks_a_contract(tmp_path: Path) -> None:
@@ -47,3 +47,14 @@ def test_a_client_importing_the_server_breaks_a_contract(tmp_path: Path) -> None
     done = _lint_imports(tmp_path)
     assert done.returncode != 0
     assert "The Python client talks to the API only over HTTP, without torch BROKEN" in done.stdout
+
+
+def test_a_route_importing_another_route_breaks_a_contract(tmp_path: Path) -> None:
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    events = tmp_path / "service" / "api" / "routes" / "events.py"
+    events.write_text(events.read_text() + "\nfrom service.api.routes.transfers import router as _transfers\n")
+    done = _lint_imports(tmp_path)
+    assert done.returncode != 0
+    assert "Route modules never import one another BROKEN" in done.stdout

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import Services
-from service.api.errors import error_response, install_error_handlers, redis_refusal_error
+from service.api.errors import RequestTooLarge, Unavailable, install_error_handlers, redis_refusal_error
 from service.api.metrics import ApiMetrics, MetricsMiddleware, QueueCollector
 from service.api.openapi import install_openapi, operation_id
 from service.api.ratelimit import RateLimiter
@@ -25,6 +25,7 @@ from service.api.routes.docs import install_docs
 from service.api.routes.playground import install_playground
 from service.core.config import Settings, get_settings
 from service.core.jobs import JobStore
+from service.core.models import catalogue
 from service.core.redis_client import (
     REDIS_UNAVAILABLE,
     UNREACHABLE,
@@ -81,7 +82,7 @@ class BodySizeLimit:
                 except ValueError:
                     declared = -1
                 if declared > self.limit:
-                    response = error_response(413, "request_too_large", self._message())
+                    response = RequestTooLarge(self._message()).response()
                     await response(scope, receive, send)
                     return
         received = 0
@@ -109,8 +110,7 @@ def _install_backend_handlers(app: FastAPI) -> None:
         request.app.state.services.metrics.redis_unavailable.labels(reason=reason).inc()
         if reason == UNREACHABLE:
             log.error("redis unreachable on %s %s: %s", request.method, request.url.path, exc)
-            return error_response(503, "unavailable", "the job queue is unreachable; retry shortly",
-                                  headers={"Retry-After": "5"})
+            return Unavailable("the job queue is unreachable; retry shortly", headers={"Retry-After": "5"}).response()
         # Redis answers but refuses (full, read-only after a failover, loading, ...): an outage too.
         log.error("redis refused %s %s (%s): %s", request.method, request.url.path, reason, exc)
         return redis_refusal_error(reason).response()
@@ -118,11 +118,10 @@ def _install_backend_handlers(app: FastAPI) -> None:
     async def storage_down(request: Request, exc: Exception) -> JSONResponse:
         log.error("storage unreachable on %s %s: %s", request.method, request.url.path, exc)
         request.app.state.services.metrics.storage_errors.inc()
-        return error_response(503, "unavailable", "object storage is unreachable; retry shortly",
-                              headers={"Retry-After": "5"})
+        return Unavailable("object storage is unreachable; retry shortly", headers={"Retry-After": "5"}).response()
 
     async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return error_response(413, "request_too_large", str(exc))
+        return RequestTooLarge(str(exc)).response()
 
     for error in REDIS_UNAVAILABLE:
         app.add_exception_handler(error, redis_down)
@@ -137,6 +136,7 @@ def _queue_collector(jobs: JobStore) -> QueueCollector:
         # Outcomes are counted by the job store's transitions (the worker finishes jobs, not the API).
         finished_by_outcome=jobs.finished_counts,
         redis_memory=lambda: memory_usage(jobs.redis),
+        per_model=lambda: catalogue(jobs.redis, jobs.settings),
     )
 
 

@@ -7,14 +7,14 @@ a typo never runs silently with a default.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ham_engine.params import ParamError, ParamSpec
+from ham_engine.params import ParamError
+from service.api.catalogue import choose_model
 from service.api.deps import Services
 from service.api.errors import (
     DuplicateField,
@@ -24,36 +24,26 @@ from service.api.errors import (
     MissingField,
     TooManyStyles,
     UnknownField,
-    UploadTooLarge,
 )
+from service.api.form_values import form_value
 from service.api.submission import (
     REQUEST_SPECS,
     Submission,
     build_params,
     check_webhook,
     invalid,
-    normalise_image,
     one_style,
     webhook_events,
 )
+from service.api.uploads import read_upload
 from service.core.style_refs import StyleRef
 
 FILE_FIELDS = ("content", "style")
-TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url", "webhook_events")
+TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url", "webhook_events", "model")
 # May be given several times: the job then carries several styles, in the order given.
 STYLE_FIELDS = ("style", "style_id")
 KNOWN_FIELDS = frozenset(spec.name for spec in REQUEST_SPECS) | frozenset(FILE_FIELDS) | frozenset(TEXT_FIELDS)
 MAX_TEXT_FIELD_BYTES = 64 * 1024
-# ASCII only: Python's int()/float() also accept other scripts' digits ("٤", fullwidth "４") and
-# underscores ("1_0" is 10.0), none of which a client means as a number.
-_INT = re.compile(r"[+-]?[0-9]{1,20}")
-_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
-# What the schema's `boolean` means in a form: the words, not 1/0 or yes/no (a strict reader keeps
-# /openapi.json exact, and every client library sends these).
-_TRUE = frozenset({"true"})
-_FALSE = frozenset({"false"})
-
-
 async def read_multipart(request: Request, services: Services) -> Submission:
     """The submission in a multipart body; 400/413/415/422 naming the field otherwise."""
     form = await _parse_form(request, services.settings.max_styles_per_job)
@@ -66,10 +56,11 @@ async def read_multipart(request: Request, services: Services) -> Submission:
             raw = _text(values, spec.name)
             if raw is not None:
                 try:
-                    given[spec.name] = _coerce(spec, raw)
+                    given[spec.name] = form_value(spec, raw)
                 except ParamError as exc:
                     raise invalid(exc) from None
-        params, output = build_params(given)
+        model = await choose_model(services, _text(values, "model"))
+        params, output = build_params(given, model.family)
         if one_upload:
             styles: tuple[StyleRef, ...] = (one_style(values.get("style") is not None, _text(values, "style_prompt")),)
         elif _text(values, "style_prompt") is not None:
@@ -83,13 +74,12 @@ async def read_multipart(request: Request, services: Services) -> Submission:
         events_text = _text(values, "webhook_events")
         events = webhook_events(None if events_text is None else [e.strip() for e in events_text.split(",")])
         webhook_url = await check_webhook(services, _text(values, "webhook_url"))
-        content = await _read_upload(services, values, "content")
+        content = await read_upload(values["content"], "content", services.settings)
         uploads = [values["style"]] if one_upload and "style" in values else [v for n, v in refs if n == "style"]
-        pngs = [await _read_upload(services, {"style": upload}, "style") for upload in uploads]
+        pngs = [await read_upload(upload, "style", services.settings) for upload in uploads]
     finally:
         await form.close()
-    assert content is not None  # checked above
-    return Submission(params, output, webhook_url, events, content, styles, tuple(png for png in pngs if png))
+    return Submission(params, output, webhook_url, events, content, styles, tuple(pngs), model=model.name)
 
 
 def _style_fields(form: FormData, limit: int) -> list[tuple[str, str | UploadFile]]:
@@ -122,27 +112,6 @@ async def _parse_form(request: Request, styles: int) -> FormData:
         raise InvalidMultipart(str(exc.detail)) from None
 
 
-def _coerce(spec: ParamSpec, raw: str) -> Any:
-    text = raw.strip()
-    name = spec.name
-    if spec.kind is str:
-        return text
-    if spec.kind is bool:
-        if text.lower() in _TRUE:
-            return True
-        if text.lower() in _FALSE:
-            return False
-        raise ParamError(name, f"must be true or false, got {raw[:40]!r}")
-    if spec.kind is int:
-        if not _INT.fullmatch(text):
-            raise ParamError(name, f"must be an integer, got {raw[:40]!r}")
-        return int(text)
-    # nan/inf parse here so that the range check names them ("must be in [0.0, 1.0], got nan").
-    if not _FLOAT.fullmatch(text):
-        raise ParamError(name, f"must be a number, got {raw[:40]!r}")
-    return float(text)
-
-
 def _form_fields(form: FormData) -> dict[str, str | UploadFile]:
     """One value per known field; unknown and repeated fields are refused."""
     values: dict[str, str | UploadFile] = {}
@@ -165,17 +134,3 @@ def _text(values: dict[str, str | UploadFile], name: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise InvalidField(f"{name} must be a text field, not a file", field=name)
-
-
-async def _read_upload(services: Services, values: dict[str, str | UploadFile], name: str) -> bytes | None:
-    """The normalised PNG of an uploaded image, or None when the field is absent."""
-    upload = values.get(name)
-    if upload is None:
-        return None
-    if not isinstance(upload, UploadFile):
-        raise InvalidField(f"{name} must be an image file upload, not text", field=name)
-    limit = services.settings.max_upload_bytes
-    data = await upload.read(limit + 1)  # never more than the limit (+1 to detect "over")
-    if len(data) > limit:
-        raise UploadTooLarge(f"larger than {limit} bytes", field=name)
-    return await normalise_image(services, name, data)

@@ -34,18 +34,24 @@ OUTPUT_SPECS: tuple[ParamSpec, ...] = (
 )
 
 
+FORMAT_SPEC, QUALITY_SPEC = OUTPUT_SPECS
+
+
 @dataclass(frozen=True)
 class OutputSpec:
-    """How a job's result is encoded; validated on construction (:class:`ParamError` names the field)."""
+    """How a job's result is encoded; validated on construction against :data:`OUTPUT_SPECS`
+    (:class:`ParamError` names the field)."""
 
-    format: str = "png"
-    quality: int = DEFAULT_QUALITY
+    format: str = FORMAT_SPEC.default
+    quality: int = QUALITY_SPEC.default
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ParamError("output_format", f"must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if isinstance(self.quality, bool) or not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
-            raise ParamError("output_quality", f"must be an integer in [1, 100], got {self.quality!r}")
+        choices = FORMAT_SPEC.choices or ()
+        if self.format not in choices:
+            raise ParamError(FORMAT_SPEC.name, f"must be one of {', '.join(choices)}, got {self.format!r}")
+        low, high = int(QUALITY_SPEC.minimum or 0), int(QUALITY_SPEC.maximum or 0)
+        if isinstance(self.quality, bool) or not isinstance(self.quality, int) or not low <= self.quality <= high:
+            raise ParamError(QUALITY_SPEC.name, f"must be an integer in [{low}, {high}], got {self.quality!r}")
 
     @property
     def content_type(self) -> str:

@@ -12,31 +12,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ham_engine.params import TransferParams
 from service.core.jobs import Job, JobStatus
+from service.core.output import FORMAT_SPEC, QUALITY_SPEC
 
 if TYPE_CHECKING:
     from service.core.storage import Storage
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
-_EXAMPLE_PARAMS = {
-    "steps": 50,
-    "seed": 0,
-    "size": 512,
-    "alpha": 0.75,
-    "beta": 0.25,
-    "gamma": 0.5,
-    "guidance": 7.5,
-    "sini": True,
-    "gar": True,
-    "lat": True,
-    "gar_layers": ["up_blocks.*"],
-    "lat_layers": ["up_blocks.*"],
-    "step_start": 0.0,
-    "step_end": 1.0,
-    "inversion": "target",
-    "teachers": "auto",
-}
+# The parameters in effect when a client sets none: what a job resource shows.
+_EXAMPLE_PARAMS = TransferParams().to_dict()
 
 
 def _utc(timestamp: float | None) -> datetime | None:
@@ -121,8 +107,12 @@ class TransferJob(BaseModel):
     has_style: bool = Field(description="Whether a style image was given.")
     style_ids: list[str] = Field(default_factory=list, description="The library styles used (`/v1/styles`).")
     style_count: int = Field(1, description="How many styles the job carries (one result per style).")
-    output_format: Literal["png", "jpeg", "webp"] = Field(description="The result's file format.")
-    output_quality: int = Field(ge=1, le=100, description="Encoder quality of a jpeg or webp result.")
+    output_format: Literal[FORMAT_SPEC.choices] = Field(description="The result's file format.")
+    output_quality: int = Field(ge=QUALITY_SPEC.minimum, le=QUALITY_SPEC.maximum,
+                                description="Encoder quality of a jpeg or webp result.")
+    model: str | None = Field(
+        None, description="The model it runs on (`GET /v1/models`); null: the default model (jobs from before models)."
+    )
     attempt: int = Field(
         0,
         ge=0,
@@ -159,6 +149,7 @@ class TransferJob(BaseModel):
             style_count=len(job.styles) or 1,
             output_format=job.output_format,
             output_quality=job.output_quality,
+            model=job.model,
             attempt=job.run,
         )
 

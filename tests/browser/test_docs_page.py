@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from tests.fixtures.servers import free_port, log_tail, terminate
+from tests.fixtures.waiting import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[2]
@@ -40,16 +40,12 @@ def api_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
+        def running() -> None:
+            if proc.poll() is not None:
                 pytest.fail(f"ham api did not start:\n{log_tail(log)}")
-            time.sleep(0.1)
+
+        wait_until(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 30, "ham api to start",
+                   interval=0.1, ignore=(httpx.HTTPError,), check=running, detail=lambda: log_tail(log))
         yield url
     finally:
         terminate(proc)

@@ -26,6 +26,7 @@ import pytest
 
 from tests.deploy.compose_files import environment, exec_form, load_compose, parse_dockerfile
 from tests.fixtures.servers import S3Server, free_port, log_tail, terminate
+from tests.fixtures.waiting import wait_until
 
 # The listeners of `weed mini`, moved off their defaults so they never clash with another weed here.
 WEED_PORTS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
@@ -33,7 +34,7 @@ WEED_PORTS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "vol
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
-DEPLOY_REDIS_DB = 9  # its own database: unit tests flush db 0, the e2e stack uses 7
+DEPLOY_REDIS_DB = 9  # its own database: unit tests flush db 0, the e2e stack uses 7, the schema fuzz 10
 START_TIMEOUT = 120.0
 
 pytestmark = pytest.mark.slow
@@ -109,17 +110,15 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> Process:
 def wait_ok(process: Process, url: str, timeout: float = START_TIMEOUT) -> float:
     """Seconds until ``url`` answers 200; fails with the log tail if the process dies first."""
     started = time.monotonic()
-    while True:
+
+    def running() -> None:
         if process.proc.poll() is not None:
             pytest.fail(f"{process.proc.args} exited with {process.proc.returncode}:\n{process.tail()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.TransportError:
-            pass
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{url} not ready after {timeout}s:\n{process.tail()}")
-        time.sleep(0.1)
+
+    running()
+    wait_until(lambda: httpx.get(url, timeout=2).status_code == 200, timeout, f"{url} to answer 200", interval=0.1,
+               ignore=(httpx.TransportError,), check=running, detail=process.tail)
+    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +157,11 @@ def stack(cpu_compose: dict, redis_url: str, s3_server: S3Server, tmp_path_facto
     api = start([sys.executable, "-c", API_WITHOUT_TORCH, *api_argv], api_env, workdir / "api.log")
     worker = start(ham_command() + services["worker"]["command"], worker_env, workdir / "worker.log")
     api_key = api_env["HAM_API_KEYS"].split(",")[0].split(":", 1)[1]
+    stack = Stack(api, worker, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{metrics_port}", api_key, s3_server)
     try:
-        yield Stack(api, worker, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{metrics_port}", api_key,
-                    s3_server)
+        yield stack
     finally:
-        worker.stop()
+        stack.worker.stop()  # the SIGTERM test replaces the first worker
         api.stop()
 
 
@@ -210,12 +209,11 @@ def test_the_compose_quickstart_job_runs_through_s3(stack: Stack) -> None:
                           headers=headers, timeout=30)
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
-    deadline = time.monotonic() + 120
-    while True:
+    def finished() -> dict | None:
         job = httpx.get(f"{stack.api_url}/v1/transfers/{job_id}", headers=headers, timeout=10).json()
-        if job["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+        return job if job["status"] in ("succeeded", "failed", "canceled") else None
+
+    job = wait_until(finished, 120, f"job {job_id} to finish", interval=0.2, detail=stack.worker.tail)
     assert job["status"] == "succeeded", f"{job}\n{stack.worker.tail()}"
     result = urlsplit(job["result_url"])
     endpoint = urlsplit(stack.s3.endpoint)
@@ -247,8 +245,11 @@ def test_worker_exits_cleanly_on_sigterm(stack: Stack) -> None:
     """What scale-down and `docker compose stop` send: an idle worker exits 0 at once."""
     wait_ok(stack.worker, f"{stack.metrics_url}/readyz")
     started = time.monotonic()
-    assert stack.worker.stop(timeout=30) == 0, stack.worker.tail()
-    assert time.monotonic() - started < 30
+    try:
+        assert stack.worker.stop(timeout=30) == 0, stack.worker.tail()
+        assert time.monotonic() - started < 30
+    finally:  # the stack is the module's: the tests after this one, in any order, need a worker
+        stack.worker = start(list(stack.worker.proc.args), stack.worker.env, stack.worker.log)
 
 
 def test_compose_s3_command_serves_the_bucket_to_the_compose_credentials(
@@ -284,17 +285,14 @@ def test_compose_s3_command_serves_the_bucket_to_the_compose_credentials(
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        def running() -> None:
             assert process.proc.poll() is None, process.tail()
-            # Listed before anything is written: created by -bucket, not by S3 auto-create on upload.
-            try:
-                if bucket in {b["Name"] for b in client.list_buckets()["Buckets"]}:
-                    break
-            except Exception:  # starting: connection refused, 5xx
-                pass
-            assert time.monotonic() < deadline, f"bucket {bucket!r} not created:\n{process.tail()}"
-            time.sleep(0.2)
+
+        # Listed before anything is written: created by -bucket, not by S3 auto-create on upload.
+        # Starting: connection refused, 5xx.
+        wait_until(lambda: bucket in {b["Name"] for b in client.list_buckets()["Buckets"]}, 60,
+                   f"bucket {bucket!r} to be created", interval=0.2, ignore=(Exception,), check=running,
+                   detail=process.tail)
         client.put_object(Bucket=bucket, Key="probe", Body=b"ok")
         assert client.get_object(Bucket=bucket, Key="probe")["Body"].read() == b"ok"
     finally:

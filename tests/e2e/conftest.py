@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import pytest
 import redis
 
 from tests.fixtures.servers import free_port, log_tail, terminate
+from tests.fixtures.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 TENANTS = {"alpha": "key-alpha-0123456789", "beta": "key-beta-0123456789"}
@@ -58,13 +58,12 @@ class WorkerProcess:
         return self.proc.poll() is None
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready_file.exists():
+        def running() -> None:
             if not self.alive:
                 raise AssertionError(f"worker {self.name} exited with {self.proc.returncode}:\n{log_tail(self.log)}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker {self.name} not ready after {timeout}s:\n{log_tail(self.log)}")
-            time.sleep(0.05)
+
+        wait_until(self.ready_file.exists, timeout, f"worker {self.name} to be ready", check=running,
+                   detail=lambda: log_tail(self.log))
 
     def send(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -128,18 +127,15 @@ def _start_api(env: dict[str, str], workdir: Path, port: int) -> subprocess.Pope
     cmd = [sys.executable, "-m", "service.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
+    def running() -> None:
         if proc.poll() is not None:
             pytest.fail(f"ham api exited with {proc.returncode}:\n{log_tail(log)}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"ham api not ready after {START_TIMEOUT}s:\n{log_tail(log)}")
-        time.sleep(0.1)
+
+    running()
+    wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200, START_TIMEOUT,
+               "ham api to be ready", interval=0.1, ignore=(httpx.HTTPError,), check=running,
+               detail=lambda: log_tail(log))
+    return proc
 
 
 @contextmanager

@@ -34,6 +34,7 @@ from ham_client import (
 )
 from tests.e2e.conftest import TENANTS, WEBHOOK_SECRET, Stack
 from tests.fixtures.servers import free_port
+from tests.fixtures.waiting import wait_until
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 QUICK = {"steps": 2, "size": 64}
@@ -234,10 +235,7 @@ def test_verify_webhook_accepts_a_real_delivery_and_refuses_a_tampered_one(ham: 
     try:
         job = ham.submit(DATA / "content0.png", style_prompt="ink", **QUICK,
                          webhook_url=f"http://127.0.0.1:{server.server_address[1]}/hook")
-        deadline = time.monotonic() + 60
-        while not received:
-            assert time.monotonic() < deadline, "no webhook arrived"
-            time.sleep(0.05)
+        wait_until(lambda: received, 60, "a webhook")
     finally:
         server.shutdown()
         server.server_close()

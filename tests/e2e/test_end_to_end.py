@@ -25,6 +25,7 @@ from PIL import Image
 from service.core.webhooks import SIGNATURE_HEADER, verify
 from tests.e2e.conftest import E2E_RECORD_BYTES, WEBHOOK_SECRET, Stack
 from tests.fixtures.servers import free_port
+from tests.fixtures.waiting import wait_until
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -64,26 +65,29 @@ def submitted(response: httpx.Response) -> dict[str, Any]:
 
 
 def wait_for(client: httpx.Client, job_id: str, until: set[str], timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/v1/transfers/{job_id}").json()
-        if job["status"] in until:
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s (wanted {until}): {job}")
-        time.sleep(0.05)
+    last: dict[str, Any] = {}
+
+    def reached() -> dict[str, Any] | None:
+        last.update(client.get(f"/v1/transfers/{job_id}").json())
+        return dict(last) if last["status"] in until else None
+
+    return wait_until(reached, timeout, f"job {job_id} to reach {until}", detail=lambda: str(last))
 
 
 def wait_running_with_progress(client: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/v1/transfers/{job_id}").json()
-        if job["status"] == "running" and job["progress"] > 0:
-            return job
-        assert job["status"] in ("queued", "running"), job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} made no progress in {timeout}s: {job}")
-        time.sleep(0.02)
+    last: dict[str, Any] = {}
+
+    def progressing() -> dict[str, Any] | None:
+        last.update(client.get(f"/v1/transfers/{job_id}").json())
+        return dict(last) if last["status"] == "running" and last["progress"] > 0 else None
+
+    def still_pending() -> None:
+        assert last["status"] in ("queued", "running"), last
+
+    return wait_until(
+        progressing, timeout, f"job {job_id} to make progress", interval=0.02, check=still_pending,
+        detail=lambda: str(last),
+    )
 
 
 def download_png(url: str) -> Image.Image:
@@ -191,8 +195,8 @@ def test_cancel_while_queued_never_runs_and_cancel_while_running_stops_at_a_step
     final = wait_for(alpha, running["id"], TERMINAL, timeout=20)
     assert final["status"] == "canceled" and final["progress"] < 0.99 and final["result_url"] is None
 
-    # The queued one never started, even now the worker is free again.
-    time.sleep(0.5)
+    # The queued one never started, even once the worker has run a job queued behind it.
+    assert wait_for(alpha, submitted(submit(alpha))["id"], TERMINAL, timeout=30)["status"] == "succeeded"
     never = alpha.get(f"/v1/transfers/{waiting['id']}").json()
     assert never["status"] == "canceled" and never["started_at"] is None
     assert alpha.post(f"/v1/transfers/{waiting['id']}/cancel").status_code == 409
@@ -378,10 +382,10 @@ def test_job_of_a_worker_killed_on_its_last_allowed_attempt_fails_worker_lost(st
     second = stack.start_worker()  # idle: the queue is empty
     first.send(signal.SIGKILL)
     first.proc.wait(timeout=10)
-    deadline = time.monotonic() + 30
-    while stack.redis.hget(f"ham:job:{job['id']}", "worker") != second.name.encode():
-        assert time.monotonic() < deadline, alpha.get(f"/v1/transfers/{job['id']}").json()
-        time.sleep(0.05)
+    wait_until(
+        lambda: stack.redis.hget(f"ham:job:{job['id']}", "worker") == second.name.encode(), 30,
+        "the second worker to recover the job", detail=lambda: str(alpha.get(f"/v1/transfers/{job['id']}").json()),
+    )
     retried = wait_running_with_progress(alpha, job["id"])
     assert retried["started_at"] > started["started_at"]
     third = stack.start_worker()
@@ -440,7 +444,16 @@ def test_webhook_is_posted_when_a_queued_job_is_canceled(alpha: httpx.Client):
 def test_an_idle_worker_stays_up_and_then_runs_a_job(stack: Stack, alpha: httpx.Client):
     # Regression: with webhooks on, an idle worker used to quit on redis-py's 5 s socket timeout.
     worker = stack.ensure_one_worker()
-    time.sleep(8)
-    assert worker.alive, f"idle worker exited with {worker.proc.returncode}"
+    # Not a fixed sleep: Redis itself shows the worker's dequeue blocked past redis-py's 5 s socket timeout.
+    blocking = {"blpop", "blmove", "brpop", "brpoplpush"}
+
+    def alive() -> None:
+        assert worker.alive, f"idle worker exited with {worker.proc.returncode}"
+
+    wait_until(
+        lambda: any(c["cmd"] in blocking and int(c["idle"]) >= 6 for c in stack.redis.client_list()),
+        30, "the idle worker's dequeue to block for 6 s", check=alive,
+    )
+    alive()
     final = wait_for(alpha, submitted(submit(alpha))["id"], TERMINAL)
     assert final["status"] == "succeeded"

@@ -27,6 +27,7 @@ from PIL import Image
 
 from tests.e2e.conftest import TENANTS, Stack, _start_api
 from tests.fixtures.servers import free_port
+from tests.fixtures.waiting import wait_until
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -152,12 +153,11 @@ def alpha(stack: Stack) -> Iterator[httpx.Client]:
 
 def finished(client: httpx.Client, job_id: str, timeout: float = 90) -> dict[str, Any]:
     """The job once terminal, by long polls (``Prefer: wait``)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def terminal() -> dict[str, Any] | None:
         job = client.get(f"/v1/transfers/{job_id}", headers={"Prefer": "wait=10"}).json()
-        if job["status"] in TERMINAL:
-            return job
-        assert time.monotonic() < deadline, f"job {job_id} still {job['status']} after {timeout}s"
+        return job if job["status"] in TERMINAL else None
+
+    return wait_until(terminal, timeout, f"job {job_id} to finish", interval=0)  # the long poll is the wait
 
 
 def jobs_of_alpha(stack: Stack) -> int:
@@ -449,10 +449,8 @@ def test_webhook_events_start_progress_and_completed_with_progress_throttled(alp
             "webhook_url": url, "webhook_events": ["start", "progress", "completed"],
         }).json()
         final = finished(alpha, job["id"])
-        deadline = time.monotonic() + 30
-        while not any(event == "completed" for event, _, _ in hooks.received):
-            assert time.monotonic() < deadline, hooks.received
-            time.sleep(0.05)
+        wait_until(lambda: any(event == "completed" for event, _, _ in hooks.received), 30,
+                   "the completed webhook", detail=lambda: str(hooks.received))
     finally:
         hooks.shutdown()
         hooks.server_close()
@@ -472,10 +470,7 @@ def test_default_webhook_events_are_completed_only(alpha: httpx.Client):
         job = alpha.post("/v1/transfers", json={"content_url": data_uri(png("content2.png")), "style_prompt": "ink",
                                                 "steps": 3, "size": 64, "webhook_url": url}).json()
         finished(alpha, job["id"])
-        deadline = time.monotonic() + 30
-        while not hooks.received:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: hooks.received, 30, "a webhook")
     finally:
         hooks.shutdown()
         hooks.server_close()

@@ -45,6 +45,15 @@ def test_an_overflow_inside_the_unet_raises_numerical_error_instead_of_a_black_i
     assert len(overflowing.style_cache) == 0
 
 
+def test_the_overflow_advice_names_a_wider_dtype_only_where_there_is_one(
+    overflowing: HamEngine, content_image: Image.Image
+) -> None:
+    with pytest.raises(NumericalError) as raised:
+        overflowing.transfer(content_image, style_prompt="a mosaic", params=SMALL)
+    message = str(raised.value)
+    assert "already runs in fp32" in message and "HAM_DTYPE" not in message
+
+
 def test_an_overflow_in_the_vae_decoder_raises_numerical_error(
     tmp_path_factory: pytest.TempPathFactory, content_image: Image.Image
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -501,3 +502,29 @@ def _current_rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
+
+
+# The keys a one-style job record's stats have always had (the worker stores to_dict() as JSON).
+ONE_STYLE_KEYS = {
+    "unet_calls", "unet_rows", "unet_rows_by_phase", "seconds", "content_cache_hit", "content_cache_tier",
+    "peak_memory_bytes", "process_peak_rss_bytes", "steps", "size", "device", "dtype", "model", "family",
+    "inversion", "teachers", "record_bytes", "record_budget_bytes", "record_fallback",
+    "style_cache_hit", "style_cache_tier", "mode", "cfg",
+}  # fmt: skip
+STYLE_KEYS = {"style_cache_hit", "style_cache_tier", "mode", "cfg"}
+
+
+def test_stats_json_keeps_the_record_keys_flat_for_one_style_and_a_styles_list_for_several(
+    engine: HamEngine, content_image: Image.Image, style_image: Image.Image
+) -> None:
+    one = engine.transfer(content_image, style=style_image, params=SMALL).stats
+    record = json.loads(json.dumps(one.to_dict()))
+    assert set(record) == ONE_STYLE_KEYS
+    assert (record["size"], record["style_cache_hit"], record["mode"]) == ([64, 64], one.style_cache_hit, "image")
+    batch = engine.transfer_batch(content_image, [style_image, "ink"], params=SMALL).stats
+    record = json.loads(json.dumps(batch.to_dict()))
+    assert set(record) == ONE_STYLE_KEYS - STYLE_KEYS | {"styles"}
+    assert [set(style) for style in record["styles"]] == [STYLE_KEYS, STYLE_KEYS]
+    assert [style["mode"] for style in record["styles"]] == ["image", "text"]
+    with pytest.raises(ValueError, match="read styles"):
+        batch.style_cache_hit  # noqa: B018 - a K-style run has no one style

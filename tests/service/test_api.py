@@ -183,10 +183,10 @@ def test_failed_job_exposes_error_code_and_message(client):
     job_id = submit(client).json()["id"]
     jobs = client.app.state.services.jobs
     jobs.start(job_id, "worker-1")
-    jobs.fail(job_id, "engine_error", "CUDA out of memory")
+    jobs.fail(job_id, "internal_error", "CUDA out of memory")
     job = client.get(f"/v1/transfers/{job_id}", headers=AUTH_A).json()
     assert job["status"] == "failed"
-    assert job["error"] == {"code": "engine_error", "message": "CUDA out of memory"}
+    assert job["error"] == {"code": "internal_error", "message": "CUDA out of memory"}
     assert job["result_url"] is None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +25,7 @@ from service.cli import main
 from service.core.config import Settings
 from service.core.webhooks import check_webhook_url
 from tests.fixtures.servers import RedisServer, free_port
+from tests.fixtures.waiting import wait_until
 from tests.service.test_api import make_settings
 from tests.service.test_cli import LiveApi
 
@@ -224,10 +224,7 @@ def test_a_full_queue_answers_429_before_reading_a_large_upload(tmp_path: Path, 
     thread.start()
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=10) as client:
-            deadline = time.monotonic() + 30
-            while not server.started:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            wait_until(lambda: server.started, 30, "uvicorn to start", interval=0.02)
             files = _files()
             first = client.post("/v1/transfers", files=files, data={"steps": "1", "size": "64"})
             assert first.status_code == 202

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import httpx
 import pytest
 
 from tests.fixtures.servers import free_port, log_tail, terminate
+from tests.fixtures.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "fuzz-key-0123456789"
@@ -37,7 +37,7 @@ def live_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port = free_port()
     env = {
         **os.environ,
-        "HAM_REDIS_URL": redis_url.rsplit("/", 1)[0] + "/9",
+        "HAM_REDIS_URL": redis_url.rsplit("/", 1)[0] + "/10",  # its own: the deploy commands' stack uses 9
         "HAM_STORAGE_URL": f"file://{workdir / 'storage'}",
         "HAM_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "HAM_API_KEYS": f"fuzz:{KEY}",
@@ -54,15 +54,11 @@ def live_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         proc = subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--port", str(port)], cwd=REPO,
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log_tail(log)
-        time.sleep(0.1)
+    def running() -> None:
+        assert proc.poll() is None, log_tail(log)
+
+    wait_until(lambda: httpx.get(f"{base}/readyz", timeout=1).status_code == 200, 60, "ham api to be ready",
+               interval=0.1, ignore=(httpx.HTTPError,), check=running, detail=lambda: log_tail(log))
     yield base
     terminate(proc, 15)
     text = log.read_text(errors="replace")

@@ -28,6 +28,7 @@ from service.cli import main
 from service.core.config import Settings
 from service.core.jobs import JobStore
 from tests.fixtures.servers import free_port
+from tests.fixtures.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -35,16 +36,13 @@ KEY = "cli-key-0123456789"
 
 
 def _wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    while True:
+    def running() -> None:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"process exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            return httpx.get(url, timeout=1.0)
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+
+    running()
+    return wait_until(lambda: httpx.get(url, timeout=1.0), timeout, f"{url} to answer",
+                      ignore=(httpx.TransportError,), check=running)
 
 
 def test_help_lists_every_command_without_importing_torch():
@@ -145,7 +143,7 @@ class LiveApi:
                     self.jobs.set_progress(job.id, progress)
                     time.sleep(0.05)
                 if self.outcome == "fail":
-                    self.jobs.fail(job.id, "engine_error", "the engine ran out of memory")
+                    self.jobs.fail(job.id, "internal_error", "the engine ran out of memory")
                     continue
                 buf = io.BytesIO()
                 Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="PNG")
@@ -205,7 +203,7 @@ def test_submit_reports_a_failed_job_in_one_line(live_api, tmp_path, capsys):
     status = main(_submit_args(live_api, tmp_path / "out.png", "--style-prompt", "x"))
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1
-    assert err[-1].startswith("ham submit: error: job ") and "failed: engine_error" in err[-1]
+    assert err[-1].startswith("ham submit: error: job ") and "failed: internal_error" in err[-1]
     assert not (tmp_path / "out.png").exists()
 
 

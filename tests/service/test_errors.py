@@ -74,3 +74,9 @@ def test_the_openapi_responses_name_the_codes_of_each_route(make_client) -> None
                 if status.startswith(("4", "5")) and "content" in response:
                     codes = re.findall(r"`([a-z_]+)`:", response.get("description", ""))
                     assert all(CATALOGUE[code].status == int(status) for code in codes), (status, codes)
+
+
+def test_the_docs_error_table_names_every_code() -> None:
+    table = (REPO / "docs" / "api.md").read_text().split("## Errors", 1)[1].split("\n## ", 1)[0]
+    for code, error in CATALOGUE.items():
+        assert f"`{code}`" in table and f"| {error.status} |" in table, code

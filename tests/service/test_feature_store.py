@@ -13,6 +13,7 @@ from ham_engine.feature_store import FeatureStore, style_prefix
 from service.core.config import Settings
 from service.core.feature_store import StorageFeatureStore, delete_style_features, sweep_features
 from service.core.storage import FileStorage, Storage, open_storage
+from tests.fixtures.waiting import wait_until
 
 DIGEST = "ab" * 32
 OTHER = "cd" * 32
@@ -64,19 +65,30 @@ def test_the_job_sweep_leaves_features_and_styles_alone(storage: Storage) -> Non
     storage.put("features/style/x/1.safetensors", b"f")
     storage.put("styles/s1.png", b"s")
     storage.put("results/j.png", b"r")
-    time.sleep(1.1)  # S3 LastModified has one-second resolution
-    assert storage.delete_expired(0, prefixes=("inputs", "results")) == 1
+    # S3's LastModified has a one-second resolution: sweep until the result, written last, is
+    # old enough to go (so are the others), rather than sleeping a fixed second.
+    wait_until(lambda: storage.delete_expired(0, prefixes=("inputs", "results")) == 1, 10, "the result to expire",
+               interval=0.1)
+    assert storage.delete_expired(0, prefixes=("inputs", "results")) == 0
     assert storage.get("features/style/x/1.safetensors") == b"f" and storage.get("styles/s1.png") == b"s"
 
 
 def test_feature_sweep_keeps_the_ttl_and_the_byte_budget(storage: Storage) -> None:
+    previous = float("-inf")
     for i in range(4):
-        storage.put(f"features/style/x/{i}.safetensors", b"x" * 100)
+        key = f"features/style/x/{i}.safetensors"
+        storage.put(key, b"x" * 100)
         if isinstance(storage, FileStorage):  # distinct ages, oldest first
             stamp = time.time() - 1000 + i
-            os.utime(storage.path_for(f"features/style/x/{i}.safetensors"), (stamp, stamp))
-        else:
-            time.sleep(1.1)
+            os.utime(storage.path_for(key), (stamp, stamp))
+        else:  # S3 stamps whole seconds: write again until the stamp is newer than the last one's
+
+            def newer(key: str = key, previous: float = previous) -> float | None:
+                storage.put(key, b"x" * 100)
+                modified = next(o.modified for o in storage.list_objects("features") if o.key == key)
+                return modified if modified > previous else None
+
+            previous = wait_until(newer, 10, f"{key} stamped after the last one", interval=0.1)
     now = time.time()
     kept = sweep_features(storage, ttl=10_000, max_bytes=250, now=now)
     assert (kept.expired, kept.evicted, kept.bytes_kept, kept.objects_kept) == (0, 2, 200, 2)

@@ -13,6 +13,7 @@ import pytest
 
 from service.core.config import Settings
 from service.core.storage import FileStorage, S3Storage, StorageError, check_key, open_storage
+from tests.fixtures.waiting import wait_until
 
 KEY = "results/job123.png"
 
@@ -252,10 +253,11 @@ def test_s3_presigned_url_expired_is_refused(s3: S3Storage) -> None:
     s3.put(KEY, b"x")
     url = s3.url(KEY, ttl=1)
     # The S3 server judges expiry by its own clock: wait for the condition, not a fixed time.
-    deadline = time.monotonic() + 30
-    while (response := httpx.get(url)).status_code == 200:
-        assert time.monotonic() < deadline, "a 1-second presigned URL still works after 30 s"
-        time.sleep(0.1)
+    def refused() -> httpx.Response | None:
+        response = httpx.get(url)
+        return response if response.status_code != 200 else None
+
+    response = wait_until(refused, 30, "a 1-second presigned URL to stop working", interval=0.1)
     assert response.status_code == 403
     assert b"expired" in response.content.lower()
 
@@ -282,13 +284,14 @@ def test_s3_delete_expired_sweeps_old_objects(s3: S3Storage) -> None:
     s3.put("results/j.png", b"b")
     assert s3.delete_expired(older_than_seconds=3600) == 0
     # S3 LastModified has one-second resolution: sweep until the objects count as older than 0 s.
-    deadline = time.monotonic() + 30
-    deleted = 0
-    while deleted < 2:
-        assert time.monotonic() < deadline, f"only {deleted} of 2 objects swept after 30 s"
-        deleted += s3.delete_expired(older_than_seconds=0)
-        time.sleep(0.05)
-    assert deleted == 2
+    deleted = [0]
+
+    def swept() -> bool:
+        deleted[0] += s3.delete_expired(older_than_seconds=0)
+        return deleted[0] >= 2
+
+    wait_until(swept, 30, "both objects to be swept", detail=lambda: f"{deleted[0]} of 2 swept")
+    assert deleted[0] == 2
     with pytest.raises(KeyError):
         s3.get("results/j.png")
 

@@ -24,6 +24,7 @@ from service.core.webhooks import (
     sign,
     verify,
 )
+from tests.fixtures.waiting import wait_until
 
 SECRET = "whsec-test"
 BODY = b'{"id":"job1","status":"succeeded"}'
@@ -185,12 +186,7 @@ class Receiver:
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+    wait_until(condition, timeout, what, interval=0.02)
 
 
 @pytest.fixture

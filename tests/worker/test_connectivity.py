@@ -14,6 +14,7 @@ from service.core.jobs import Job, JobStatus, JobStore, new_job_id
 from service.core.redis_client import connect_redis
 from service.core.storage import FileStorage
 from tests.fixtures.servers import RedisServer
+from tests.fixtures.waiting import wait_until
 from worker.connectivity import Link, OutageTooLong, backoff, outlast
 from worker.recovery import Maintenance
 
@@ -92,14 +93,10 @@ def test_after_an_outage_no_job_is_declared_lost_until_the_live_workers_could_be
     maintenance.start()
     try:
         restartable_redis.stop()
-        deadline = time.monotonic() + 10
-        while link.up:  # the maintenance thread notices the outage
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        # The maintenance thread notices the outage, then the return.
+        wait_until(lambda: not link.up, 10, "the link to notice the outage", interval=0.02)
         restartable_redis.start()
-        while not link.up:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: link.up, 10, "the link to notice Redis is back", interval=0.02)
         assert maintenance._recover_after > time.monotonic()  # in the grace window now
         # A job whose worker's heartbeat key did not survive the outage (its TTL ran out meanwhile).
         job = Job(id=new_job_id(), tenant="t", params={})

@@ -25,6 +25,7 @@ from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id,
 from service.core.storage import FileStorage
 from service.core.style_refs import StyleRef
 from tests.fixtures.servers import RedisServer, free_port, log_tail, terminate
+from tests.fixtures.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -57,12 +58,11 @@ class Worker:
 
 
 def wait_for(what: str, condition: Callable[[], bool], worker: Worker, timeout: float = JOB_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
+    def alive() -> None:
         exited = f"the worker exited ({worker.proc.returncode}) while waiting for {what}"
         assert worker.alive, f"{exited}:\n{log_tail(worker.log)}"
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s:\n{log_tail(worker.log)}"
-        time.sleep(0.05)
+
+    wait_until(condition, timeout, what, check=alive, detail=lambda: log_tail(worker.log))
 
 
 def hold_down(redis_server: RedisServer, worker: Worker, seconds: float) -> None:

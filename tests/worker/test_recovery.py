@@ -13,6 +13,7 @@ from service.core.config import Settings
 from service.core.jobs import ERROR_WORKER_LOST, Job, JobStatus, JobStore, content_key, new_job_id, style_key
 from service.core.storage import FileStorage
 from service.core.style_refs import StyleRef
+from tests.fixtures.waiting import wait_until
 from worker.recovery import (
     HEARTBEAT_MISSES,
     Maintenance,
@@ -113,10 +114,7 @@ def test_maintenance_thread_recovers_a_job_while_the_worker_is_busy_elsewhere(st
     maintenance = Maintenance(store, storage, settings, "w-bg")
     maintenance._thread.start()  # background loop only: no start-up pass
     try:
-        deadline = time.monotonic() + 5
-        while store.get(job.id).status is not JobStatus.QUEUED:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: store.get(job.id).status is JobStatus.QUEUED, 5, "the job to be re-queued")
     finally:
         maintenance.stop()
 

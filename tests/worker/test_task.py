@@ -17,6 +17,7 @@ from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id,
 from service.core.redis_client import connect_redis
 from service.core.storage import FileStorage
 from service.core.style_refs import StyleRef
+from tests.fixtures.waiting import wait_until
 from worker.metrics import WorkerMetrics
 from worker.task import TransferRunner, install_runner, run_transfer
 
@@ -36,10 +37,18 @@ class Hooks:
 
 
 @pytest.fixture(scope="module")
-def engine():
+def loaded_engine():
     from ham_engine.engine import HamEngine
 
     return HamEngine.load("tiny", device="cpu")
+
+
+@pytest.fixture
+def engine(loaded_engine):
+    """The module's model in a fresh engine: empty caches whatever ran before (tests assert cache misses)."""
+    from ham_engine.engine import HamEngine
+
+    return HamEngine(loaded_engine.model)
 
 
 @pytest.fixture
@@ -138,8 +147,7 @@ def test_cancel_while_running_stops_the_engine_and_marks_the_job_canceled(engine
     job = submit(runner, params={"steps": 1000, "size": 64})
 
     def cancel_when_running() -> None:
-        while runner.store.get(job.id).progress <= 0:
-            time.sleep(0.01)
+        wait_until(lambda: runner.store.get(job.id).progress > 0, 120, "the job to make progress", interval=0.01)
         runner.store.request_cancel(job.id)
 
     canceller = threading.Thread(target=cancel_when_running)
@@ -268,10 +276,7 @@ def test_storage_outage_shorter_than_the_deadline_is_waited_out_within_the_run(e
     blocker = _block_results(storage)
 
     def end_outage() -> None:
-        deadline = time.monotonic() + 30
-        while runner.storage_link.up:  # until the runner has hit the outage
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: not runner.storage_link.up, 30, "the runner to hit the outage", interval=0.01)
         blocker.unlink()
 
     healer = threading.Thread(target=end_outage)
