@@ -1,19 +1,6 @@
 """Job records, their transitions and the RQ queue in Redis: :class:`JobStore`.
 
-Redis layout (everything expires ``settings.result_ttl`` after its last transition):
-
-- ``ham:job:{id}`` — hash, one field per :class:`~service.core.job_record.Job` attribute
-  (its codec). A missing field means the attribute's default. ``cancel`` = ``1`` once a cancel
-  was asked for a running job.
-- ``ham:idem:{tenant}:{sha256(key)}`` — job id for an ``Idempotency-Key`` (SET NX).
-- ``ham:tenant:{tenant}:jobs`` — sorted set of the tenant's job ids by ``created_at``.
-- ``ham:queued`` and ``ham:queued:{tenant}`` — sorted sets of queued job ids (counts
-  for backpressure; sets, not counters, so a lost update cannot make them drift).
-- ``ham:running`` — sorted set of running job ids by ``started_at`` (for recovery).
-- ``rq:queue:{queue}`` — RQ's list, one per model (:func:`service.core.models.queue_name`;
-  the default model's is ``rq:queue:{queue_name}``). The RQ job id *is* the job id, so the queue
-  position is ``LPOS``. The RQ job carries only the id; the function is the string
-  ``"worker.task.run_transfer"`` so this module never imports the worker or torch.
+The Redis layout is described in :mod:`service.core.jobs`.
 
 Every transition is one Lua script (:mod:`service.core.job_scripts`) or a WATCH/MULTI
 transaction where RQ's own enqueue must join it, so the API and any number of workers can race
