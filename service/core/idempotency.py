@@ -49,3 +49,17 @@ def json_fingerprint(body: dict[str, Any]) -> str:
 def _digest(canonical: Any) -> str:
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
     return f"{_VERSION}:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def idempotency_record(raw: Any) -> tuple[str | None, str | None]:
+    """``(job id, fingerprint)`` of an idempotency record; the fingerprint is None in a record without one."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    if not text:
+        return None, None
+    job_id, _, fingerprint = text.partition(" ")
+    return job_id, fingerprint or None
+
+
+def fingerprints_differ(stored: str | None, given: str | None) -> bool:
+    # Either side without a fingerprint (a record from before them, a caller that has none) replays.
+    return stored is not None and given is not None and stored != given

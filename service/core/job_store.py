@@ -1,21 +1,6 @@
 """Job records, their transitions and the RQ queue in Redis: :class:`JobStore`.
 
-Redis layout (everything expires ``settings.result_ttl`` after its last transition):
-
-- ``ham:job:{id}`` — hash, one field per :class:`~service.core.job_record.Job` attribute
-  (its codec). A missing field means the attribute's default. ``cancel`` = ``1`` once a cancel
-  was asked for a running job.
-- ``ham:idem:{tenant}:{sha256(key)}`` — ``"{job id} {request fingerprint}"`` for an
-  ``Idempotency-Key`` (claimed in the submit transaction; a record written before fingerprints
-  holds the job id alone, and replays whatever the request).
-- ``ham:tenant:{tenant}:jobs`` — sorted set of the tenant's job ids by ``created_at``.
-- ``ham:queued`` and ``ham:queued:{tenant}`` — sorted sets of queued job ids (counts
-  for backpressure; sets, not counters, so a lost update cannot make them drift).
-- ``ham:running`` — sorted set of running job ids by ``started_at`` (for recovery).
-- ``rq:queue:{queue}`` — RQ's list, one per model (:func:`service.core.models.queue_name`;
-  the default model's is ``rq:queue:{queue_name}``). The RQ job id *is* the job id, so the queue
-  position is ``LPOS``. The RQ job carries only the id; the function is the string
-  ``"worker.task.run_transfer"`` so this module never imports the worker or torch.
+The Redis layout is described in :mod:`service.core.jobs`.
 
 Every transition is one Lua script (:mod:`service.core.job_scripts`) or a WATCH/MULTI
 transaction where RQ's own enqueue must join it, so the API and any number of workers can race
@@ -36,6 +21,7 @@ from rq.serializers import JSONSerializer
 
 from service.core import job_scripts as scripts
 from service.core.config import Settings
+from service.core.idempotency import fingerprints_differ, idempotency_record
 from service.core.job_record import (
     ERROR_WORKER_LOST,
     KEY_PREFIX,
@@ -153,11 +139,11 @@ class JobStore:
                         # Claiming the key and storing the job are one transaction, so a
                         # key never points at a job that is not stored yet.
                         pipe.watch(idem)
-                        existing_id, existing_print = _idempotency_value(pipe.get(idem))
+                        existing_id, existing_print = idempotency_record(pipe.get(idem))
                         existing = self.get(existing_id) if existing_id else None
                         if existing is not None:
                             pipe.unwatch()
-                            if _differs(existing_print, fingerprint):
+                            if fingerprints_differ(existing_print, fingerprint):
                                 raise IdempotencyConflict(idempotency_key or "", existing.id)
                             return existing, False
                     self._check_limits(pipe, job.tenant, max_queued_per_tenant, max_queued)
@@ -219,9 +205,9 @@ class JobStore:
         With a ``fingerprint``, an earlier submit of a different request raises
         :class:`IdempotencyConflict` instead.
         """
-        job_id, existing_print = _idempotency_value(self.redis.get(self.idempotency_key(tenant, key)))
+        job_id, existing_print = idempotency_record(self.redis.get(self.idempotency_key(tenant, key)))
         job = self.get(job_id) if job_id else None
-        if job is not None and _differs(existing_print, fingerprint):
+        if job is not None and fingerprints_differ(existing_print, fingerprint):
             raise IdempotencyConflict(key, job.id)
         return job
 
@@ -525,16 +511,3 @@ class JobStore:
             raise JobFenced(job_id, _text(out[1]), action, run or 0)
         return Job.from_fields(_pairs(out[1]))
 
-
-def _idempotency_value(raw: Any) -> tuple[str | None, str | None]:
-    """``(job id, fingerprint)`` of an idempotency record; the fingerprint is None in a record without one."""
-    text = _text(raw)
-    if not text:
-        return None, None
-    job_id, _, fingerprint = text.partition(" ")
-    return job_id, fingerprint or None
-
-
-def _differs(stored: str | None, given: str | None) -> bool:
-    # Either side without a fingerprint (a record from before them, a caller that has none) replays.
-    return stored is not None and given is not None and stored != given

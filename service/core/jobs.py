@@ -8,6 +8,23 @@ One import for everything about jobs; the parts live in their own modules:
 - :mod:`service.core.job_store` — :class:`JobStore`: the Redis layout, the transitions, the
   RQ queue, fencing of stale runs;
 - :mod:`service.core.job_recovery` — what becomes of a job whose worker was lost (a pure decision).
+
+Redis layout (everything expires ``settings.result_ttl`` after its last transition):
+
+- ``ham:job:{id}`` — hash, one field per :class:`~service.core.job_record.Job` attribute
+  (its codec). A missing field means the attribute's default. ``cancel`` = ``1`` once a cancel
+  was asked for a running job.
+- ``ham:idem:{tenant}:{sha256(key)}`` — ``"{job id} {request fingerprint}"`` for an
+  ``Idempotency-Key`` (claimed in the submit transaction; a record written before fingerprints
+  holds the job id alone, and replays whatever the request).
+- ``ham:tenant:{tenant}:jobs`` — sorted set of the tenant's job ids by ``created_at``.
+- ``ham:queued`` and ``ham:queued:{tenant}`` — sorted sets of queued job ids (counts
+  for backpressure; sets, not counters, so a lost update cannot make them drift).
+- ``ham:running`` — sorted set of running job ids by ``started_at`` (for recovery).
+- ``rq:queue:{queue}`` — RQ's list, one per model (:func:`service.core.models.queue_name`;
+  the default model's is ``rq:queue:{queue_name}``). The RQ job id *is* the job id, so the queue
+  position is ``LPOS``. The RQ job carries only the id; the function is the string
+  ``"worker.task.run_transfer"`` so this module never imports the worker or torch.
 """
 
 from __future__ import annotations
