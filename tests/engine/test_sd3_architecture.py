@@ -4,9 +4,11 @@ Built once from the published configs (:mod:`ham_engine.architectures`, ``sd35-m
 the 2.5 B-parameter MM-DiT-X transformer with QK RMS-norm and dual attention in blocks
 0-12, SD3's 16-channel VAE, CLIP-L and CLIP-G with the real CLIP tokenizer; T5-XXL left out
 as diffusers allows), loaded through ``HamEngine.load(folder)`` like a downloaded model, and
-run through an image-style and a text-style transfer. Minutes and ~14 GB, so it runs only
-with ``HAM_TEST_ARCHITECTURES=1`` (``.ci/run`` sets it), under the big-memory lock. Stored
-bf16, computed in float32 (a CPU without bf16 units runs bf16 many times slower).
+run through an image-style and a text-style transfer. Measured on the 2-core VM (busy): 21 min
+for the module (builds cached; the first build adds ~5-13 min and 13 GB of disk), peak RSS
+12.8 GB, so it runs only with ``HAM_TEST_ARCHITECTURES=1`` (``.ci/run`` sets it), under
+``flock /tmp/ham-bigmem.lock``. Stored and computed in float32 (16-bit storage loaded into
+float32 peaked at 19.4 GB; a CPU without bf16 units runs bf16 many times slower).
 """
 
 from __future__ import annotations
