@@ -36,7 +36,12 @@ from tests.engine.conftest import DATA, FULL_PRECISION, _load_engine, tolerance
 STEPS = 3
 SMALL = TransferParams(steps=STEPS, size=64)
 OFF = TransferParams(steps=STEPS, size=64, sini=False, gar=False, lat=False)
-PIXEL_BOUND = 2  # as tests/engine/test_batch.py: a student batched with K styles vs alone
+# As tests/engine/test_batch.py: a student batched with K styles vs alone. In bf16 on the CPU the
+# transformer's matmuls block differently for other batch sizes and the joint attention carries it
+# through every layer: measured up to 38/255 on the tiny presets (fp32: ≤ 2), so bf16 gets a smoke bound.
+PIXEL_BOUND = 2 if FULL_PRECISION else 48
+# Warm vs cold (cached text-stream K/V per step vs computed in the batch): ≤ 1/255 in fp32, measured 7 in bf16.
+WARM_BOUND = 1 if FULL_PRECISION else 8
 
 
 @pytest.fixture(scope="session")
@@ -320,14 +325,15 @@ def test_image_text_and_captioned_image_styles_run_the_rows_the_docs_state(
     assert _rows(cold) == (2 * n, 3 * n) and cold.stats.family == "sd3" and cold.stats.mode == "image"
     warm = sd3.transfer(content_image, style=style_image, params=SMALL)
     assert _rows(warm) == (0, 2 * n) and warm.stats.style_cache_tier == "memory"
-    assert _max_diff(cold.image, warm.image) <= 1  # warm == cold within 1/255
+    assert _max_diff(cold.image, warm.image) <= WARM_BOUND  # warm == cold within 1/255
     text = sd3.transfer(content_image, style_prompt="an ink engraving", params=SMALL)
     assert _rows(text) == (0, 5 * n) and text.stats.cfg and text.stats.mode == "text"
     captioned = sd3.transfer(content_image, style=_image("style1.png"), style_prompt="an oil painting", params=SMALL)
     assert _rows(captioned) == (n, 3 * n) and captioned.stats.mode == "image+text"
     fresh = HamEngine(sd3.model).transfer(content_image, style_prompt="an ink engraving", params=SMALL)
     assert _rows(fresh) == (n, 5 * n)
-    assert _max_diff(fresh.image, text.image) <= 1
+    # The content warm vs inverted in the batch: in bf16 a batch-size effect like PIXEL_BOUND's.
+    assert _max_diff(fresh.image, text.image) <= (WARM_BOUND if FULL_PRECISION else PIXEL_BOUND)
     images = [cold.image, text.image, captioned.image]
     assert all(image.size == (64, 64) for image in images)
     assert min(_max_diff(a, b) for i, a in enumerate(images) for b in images[i + 1 :]) > 4
@@ -376,7 +382,7 @@ def test_a_fresh_engine_on_the_same_feature_store_is_warm_for_sd3(
     )
     assert (warm.stats.style_cache_tier, warm.stats.content_cache_tier) == ("store", "store")
     assert warm.stats.unet_rows == 2 * STEPS
-    assert _max_diff(warm.image, cold.image) <= 1
+    assert _max_diff(warm.image, cold.image) <= WARM_BOUND
 
 
 def test_a_pipeline_folder_with_another_transformer_is_refused_by_name(
