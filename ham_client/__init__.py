@@ -23,7 +23,7 @@ from ham_client.errors import (
     WaitTimeout,
     WebhookSignatureError,
 )
-from ham_client.models import Job, JobError, JobPage
+from ham_client.models import Job, JobError, JobPage, ModelInfo, ModelList
 from ham_client.protocol import RetryPolicy
 from ham_client.webhooks import verify_webhook
 
@@ -36,6 +36,8 @@ __all__ = [
     "JobError",
     "JobFailed",
     "JobPage",
+    "ModelInfo",
+    "ModelList",
     "NotTheApi",
     "RetryPolicy",
     "Unreachable",

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from ham_client.errors import Unreachable, WaitTimeout
-from ham_client.models import Job, JobPage
+from ham_client.models import Job, JobPage, ModelList
 from ham_client.protocol import (
     Call,
     EventParser,
@@ -16,6 +16,7 @@ from ham_client.protocol import (
     RetryPolicy,
     job_of,
     job_path,
+    models_of,
     page_of,
     result_url,
     submit_call,
@@ -78,7 +79,8 @@ class Client:
 
         ``content`` and ``style`` are each a path, bytes, a PIL image, or an ``http(s)://`` URL /
         ``data:`` URI that the server fetches. ``params`` are the API's parameters (``steps=30``,
-        ``alpha=0.8``, ``output_format="webp"``, ...).
+        ``alpha=0.8``, ``output_format="webp"``, ...) and ``model`` (a name from :meth:`models`; default:
+        the deployment's default model).
         """
         return job_of(self._send(submit_call(
             content, style, style_prompt, params, webhook_url=webhook_url, webhook_events=webhook_events,
@@ -94,6 +96,11 @@ class Client:
         """One page of your jobs, newest first; pass ``next_cursor`` on for the next."""
         params: dict[str, Any] = {"limit": limit} | ({"cursor": cursor} if cursor else {})
         return page_of(self._send(Call("GET", "/v1/transfers", {"params": params})))
+
+    def models(self) -> ModelList:
+        """The models the deployment serves, the default first, with live worker counts and queue depths;
+        pass one's ``name`` as ``submit(..., model=name)``."""
+        return models_of(self._send(Call("GET", "/v1/models")))
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a job: a queued one at once, a running one at its next step."""

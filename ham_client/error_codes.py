@@ -138,6 +138,14 @@ class MissingField(ApiError):
     error_code = "missing_field"
 
 
+class ModelUnavailable(ApiError):
+    """503 ``model_unavailable``: With `HAM_MODELS_REQUIRE_WORKER`: no worker of the `model` announced itself
+    recently; see `Retry-After`."""
+
+    status_code = 503
+    error_code = "model_unavailable"
+
+
 class NotFound(ApiError):
     """404 ``not_found``: No such resource (for this tenant)."""
 
@@ -265,6 +273,14 @@ class UnknownField(ApiError):
     error_code = "unknown_field"
 
 
+class UnknownModel(ApiError):
+    """422 ``unknown_model``: A `model` this deployment does not serve; the message lists the served ones (`GET
+    /v1/models`)."""
+
+    status_code = 422
+    error_code = "unknown_model"
+
+
 class UnsupportedMediaType(ApiError):
     """415 ``unsupported_media_type``: A body of a type this route does not read, or an image that is not PNG, JPEG
     or WebP."""
@@ -307,6 +323,7 @@ ERRORS_BY_CODE: dict[str, type[ApiError]] = {
     "job_finished": JobFinished,
     "method_not_allowed": MethodNotAllowed,
     "missing_field": MissingField,
+    "model_unavailable": ModelUnavailable,
     "not_found": NotFound,
     "not_ready": NotReady,
     "queue_full": ServiceQueueFull,
@@ -325,6 +342,7 @@ ERRORS_BY_CODE: dict[str, type[ApiError]] = {
     "unauthorized": Unauthorized,
     "unavailable": Unavailable,
     "unknown_field": UnknownField,
+    "unknown_model": UnknownModel,
     "unsupported_media_type": UnsupportedMediaType,
     "upload_too_large": UploadTooLarge,
     "webhooks_disabled": WebhooksDisabled,

@@ -48,12 +48,38 @@ class Job(BaseModel):
     style_count: int = 1
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: int = 90
+    model: str | None = None  # the model it runs on (GET /v1/models)
     attempt: int = 0  # the job's run: progress rises within one and restarts from 0 when this grows
 
     @property
     def terminal(self) -> bool:
         """True once the job is succeeded, failed or canceled."""
         return self.status in TERMINAL_STATUSES
+
+
+class ModelInfo(BaseModel):
+    """One model the deployment serves (``GET /v1/models``), with its live state."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    default: bool
+    family: str
+    default_size: int
+    random_preset: bool
+    note: str | None = None
+    workers_online: int
+    status: str
+    queue_depth: int
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``: the default model's name and every served model, the default first."""
+
+    model_config = ConfigDict(extra="allow")
+
+    default: str
+    items: list[ModelInfo]
 
 
 class JobPage(BaseModel):

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from ham_client.error_codes import error_for
 from ham_client.errors import ApiError, JobFailed, NotTheApi
-from ham_client.models import Job, JobPage
+from ham_client.models import Job, JobPage, ModelList
 
 # What ``submit`` accepts as an image: a path, raw bytes, a PIL image, or a URL / data: URI.
 ImageInput = Any
@@ -159,6 +159,10 @@ def check(response: httpx.Response) -> httpx.Response:
 
 def job_of(response: httpx.Response) -> Job:
     return _parsed(Job, response, "a transfer job")
+
+
+def models_of(response: httpx.Response) -> ModelList:
+    return _parsed(ModelList, response, "the model catalogue")
 
 
 def page_of(response: httpx.Response) -> JobPage:

@@ -177,6 +177,146 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
+T5_TOKENIZER = "t5"  # in a spec's tokenizers: write tiny's character-level T5 tokenizer there
+
+# SD 3.5-medium (stabilityai/stable-diffusion-3.5-medium): an MM-DiT-X transformer (SD3's joint
+# blocks, QK RMS-norm, a second image-only attention in blocks 0-12), SD3's 16-channel VAE, CLIP-L
+# and CLIP-G with projections; T5-XXL left out (``text_encoder_3`` null, as diffusers allows): its
+# 4.7 B parameters would not fit beside the rest in CI's memory (docs/method.md).
+_CLIP_G = {
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+}
+ARCHITECTURES["sd35-medium"] = {
+    "pipeline": "StableDiffusion3Pipeline",
+    # Stored float32, the dtype the CPU test computes in: loading 16-bit weights into float32
+    # holds both copies (measured peak RSS 19.4 GB with bf16 storage).
+    "storage": torch.float32,
+    "transformer": {
+        "_class_name": "SD3Transformer2DModel",
+        "attention_head_dim": 64,
+        "caption_projection_dim": 1536,
+        "dual_attention_layers": list(range(13)),
+        "in_channels": 16,
+        "joint_attention_dim": 4096,
+        "num_attention_heads": 24,
+        "num_layers": 24,
+        "out_channels": 16,
+        "patch_size": 2,
+        "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 384,
+        "qk_norm": "rms_norm",
+        "sample_size": 128,
+    },
+    "vae": {
+        **_SD_VAE,
+        "latent_channels": 16,
+        "sample_size": 1024,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    },
+    "text": [
+        ("text_encoder", "CLIPTextModelWithProjection", _CLIP_L),
+        ("text_encoder_2", "CLIPTextModelWithProjection", _CLIP_G),
+    ],
+    "tokenizers": [("tokenizer", tiny.EOS_TOKEN), ("tokenizer_2", "!")],
+    "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
+}
+
+
+# FLUX.1-dev (black-forest-labs/FLUX.1-dev): 19 double-stream and 38 single-stream blocks (12 B
+# parameters), guidance-distilled, CLIP-L (pooled) and T5-XXL (4.7 B). About 34 GB in bf16: too
+# big for CI or a CPU box; bench/gpu_check.py measures it on a lent GPU. The T5 tokenizer is a
+# locally built character-level one (the real SentencePiece model is not redistributable offline);
+# with random weights only the ids' range matters.
+_T5_XXL = {
+    "d_ff": 10240,
+    "d_kv": 64,
+    "d_model": 4096,
+    "dense_act_fn": "gelu_new",
+    "feed_forward_proj": "gated-gelu",
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-06,
+    "num_heads": 64,
+    "num_layers": 24,
+    "relative_attention_num_buckets": 32,
+    "tie_word_embeddings": False,
+    "vocab_size": 32128,
+}
+ARCHITECTURES["flux1-dev"] = {
+    "pipeline": "FluxPipeline",
+    "storage": torch.bfloat16,
+    "transformer": {
+        "_class_name": "FluxTransformer2DModel",
+        "attention_head_dim": 128,
+        "axes_dims_rope": [16, 56, 56],
+        "guidance_embeds": True,
+        "in_channels": 64,
+        "joint_attention_dim": 4096,
+        "num_attention_heads": 24,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "patch_size": 1,
+        "pooled_projection_dim": 768,
+    },
+    "vae": {**ARCHITECTURES["sd35-medium"]["vae"], "scaling_factor": 0.3611, "shift_factor": 0.1159},
+    "text": [("text_encoder", "CLIPTextModel", _CLIP_L), ("text_encoder_2", "T5EncoderModel", _T5_XXL)],
+    "tokenizers": [("tokenizer", tiny.EOS_TOKEN), ("tokenizer_2", T5_TOKENIZER)],
+    "scheduler": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "base_image_seq_len": 256,
+        "base_shift": 0.5,
+        "max_image_seq_len": 4096,
+        "max_shift": 1.15,
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+    },
+}
+
+
+def _write_flux_index(folder: Path) -> None:
+    model_index = {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
+
+
+def _write_sd3_index(folder: Path) -> None:
+    model_index = {
+        "_class_name": "StableDiffusion3Pipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": [None, None],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": [None, None],
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
+
+
 def find_clip_vocab() -> Path | None:
     """open_clip's ``bpe_simple_vocab_16e6.txt.gz``: ``HAM_CLIP_VOCAB``, else the repository's ``.cache/``."""
     explicit = os.environ.get("HAM_CLIP_VOCAB")
@@ -237,12 +377,24 @@ def build_architecture(name: str, folder: Path, vocab_gz: Path, seed: int = 0) -
     storage = spec.get("storage", torch.float16)
     folder.mkdir(parents=True, exist_ok=True)
     for subfolder, pad in spec["tokenizers"]:
-        write_clip_tokenizer(folder / subfolder, vocab_gz, pad)
-    text_classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
+        if pad == T5_TOKENIZER:
+            tiny.write_t5_tokenizer(folder / subfolder)
+        else:
+            write_clip_tokenizer(folder / subfolder, vocab_gz, pad)
+    from transformers import T5Config, T5EncoderModel
+
+    text_classes = {
+        "CLIPTextModel": CLIPTextModel,
+        "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+        "T5EncoderModel": T5EncoderModel,
+    }
     for index, (subfolder, class_name, fields) in enumerate(spec["text"]):
-        config = CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, **fields
-        )
+        if class_name == "T5EncoderModel":
+            config = T5Config(pad_token_id=0, eos_token_id=1, **fields)
+        else:
+            config = CLIPTextConfig(
+                vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, **fields
+            )
         with init_empty_weights():
             model = text_classes[class_name](config)
         (folder / subfolder).mkdir()
@@ -250,7 +402,13 @@ def build_architecture(name: str, folder: Path, vocab_gz: Path, seed: int = 0) -
         model.config.save_pretrained(folder / subfolder)
         save_file(_random_state(model, seed + 100 * index, storage), str(folder / subfolder / "model.safetensors"))
         del model
-    for subfolder, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    denoiser: tuple[str, Any] = ("unet", UNet2DConditionModel)
+    if "transformer" in spec:
+        transformers_by_name = {c.__name__: c for c in (SD3Transformer2DModel, FluxTransformer2DModel)}
+        denoiser = ("transformer", transformers_by_name[spec["transformer"]["_class_name"]])
+    for subfolder, cls in (denoiser, ("vae", AutoencoderKL)):
         with init_empty_weights():
             model = cls.from_config(spec[subfolder])
         model.save_config(folder / subfolder)
@@ -258,9 +416,14 @@ def build_architecture(name: str, folder: Path, vocab_gz: Path, seed: int = 0) -
         save_file(_random_state(model, seed + len(subfolder), storage), str(weights), metadata={"format": "pt"})
         del model
     (folder / "scheduler").mkdir()
-    scheduler = {"_class_name": "DDIMScheduler", **_SCHEDULER}
+    scheduler = spec.get("scheduler") or {"_class_name": "DDIMScheduler", **_SCHEDULER}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2), encoding="utf-8")
-    tiny.write_model_index(folder, xl=spec["pipeline"] == "StableDiffusionXLPipeline")
+    if spec["pipeline"] == "StableDiffusion3Pipeline":
+        _write_sd3_index(folder)
+    elif spec["pipeline"] == "FluxPipeline":
+        _write_flux_index(folder)
+    else:
+        tiny.write_model_index(folder, xl=spec["pipeline"] == "StableDiffusionXLPipeline")
 
 
 def cache_root() -> Path:

@@ -142,6 +142,26 @@ class BranchLayout:
         self.take(x, branch).copy_(value)
 
 
+def step_lat_entry(layer: str, step: int) -> str:
+    """The :attr:`StyleFeatures.lat` key of a layer's style K/V at ``step``, where they change with the step.
+
+    A UNet's cross-attention K/V are projections of the text embedding alone, one entry per
+    layer. In a joint-attention transformer (``ham_engine.joint_attention``) the text stream
+    runs through the blocks with the image and the timestep, so its K/V differ per step:
+    one entry per (layer, step), and under the plain layer name the steps held
+    (:func:`mark_lat_step`), which is what presence checks see.
+    """
+    return f"{layer}@{step}"
+
+
+def mark_lat_step(features: StyleFeatures, layer: str, step: int) -> None:
+    """Add ``step`` to the steps ``features`` holds per-step K/V of ``layer`` for (see :func:`step_lat_entry`)."""
+    held = features.lat.get(layer, (None, None))[0]
+    step_tensor = torch.tensor([step], dtype=torch.int64)
+    steps = step_tensor if held is None else torch.cat([held.cpu(), step_tensor])
+    features.lat[layer] = (steps, steps.clone())  # two tensors: a blob refuses shared storage
+
+
 @dataclass(frozen=True)
 class AttentionEvent:
     """What a recorder sees at one modulated layer call (debugging and tests).
@@ -185,6 +205,7 @@ class ModulationContext:
     layout: BranchLayout = field(default_factory=lambda: BranchLayout((STUDENT,)))
     step: int = 0
     modulating: bool = False
+    per_step_lat: bool = False  # LAT stand-ins are held per step (a joint-attention denoiser sets it)
 
     def __post_init__(self) -> None:
         self.cached_styles = tuple(self.cached_styles)
@@ -204,8 +225,9 @@ class ModulationContext:
     def style_held(self, step: int, style: int = 0) -> bool:
         """Whether cached or recorded features of style ``style`` cover every modulated layer at ``step``."""
         features = self.cached_styles[style]
+        lat_keys = [step_lat_entry(layer, step) if self.per_step_lat else layer for layer in self.lat_layers]
         return features is not None and all((step, layer) in features.gar for layer in self.gar_layers) and all(
-            layer in features.lat for layer in self.lat_layers
+            key in features.lat for key in lat_keys
         )
 
     def begin_step(self, step: int, layout: BranchLayout, modulating: bool) -> None:
@@ -236,6 +258,8 @@ def attention_layers(unet: torch.nn.Module, kind: str) -> list[str]:
     """
     if kind not in (SELF_ATTENTION, CROSS_ATTENTION):
         raise ValueError(f"kind: {kind!r} is not {SELF_ATTENTION!r} (self) or {CROSS_ATTENTION!r} (cross)")
+    if hasattr(unet, "ham_attention_layers"):  # a joint-attention denoiser lists its own (ham_engine.dit)
+        return list(unet.ham_attention_layers(kind))
     cross = kind == CROSS_ATTENTION
     return [
         name
@@ -414,6 +438,10 @@ def modulated_attention(unet: torch.nn.Module, context: ModulationContext) -> It
     The original processors are put back on exit, also when the block raises. A layer
     in both lists is an error (GAR is for ``attn1``, LAT for ``attn2``).
     """
+    if hasattr(unet, "ham_modulated_attention"):  # a joint-attention denoiser installs its own (ham_engine.dit)
+        with unet.ham_modulated_attention(context):
+            yield context
+        return
     overlap = set(context.gar_layers) & set(context.lat_layers)
     if overlap:
         raise ValueError(f"layers selected for both GAR and LAT: {sorted(overlap)}")

@@ -15,7 +15,7 @@ A transfer runs in four phases:
    modulated by GAR and LAT inside the step window;
 4. **decode** – the student's final latent through the VAE.
 
-Repeat inputs skip work (PAPER.md §7). A repeat image style (same image, size, steps,
+Repeat inputs skip work (docs/method.md §7). A repeat image style (same image, size, steps,
 layers, window, prompt, model) needs neither its inversion nor its teacher rows: its
 recorded features stand in. A repeat content skips its inversion: the stored trajectory
 is re-used. Both live in two tiers, the in-process LRU and an optional shared
@@ -69,7 +69,7 @@ from ham_engine.families import PromptEmbeddings
 from ham_engine.feature_cache import ContentTrajectory, FeatureCache
 from ham_engine.feature_store import FeatureStore, open_feature_store
 from ham_engine.feature_tiers import FeatureTiers
-from ham_engine.inversion import DdimSchedule, ddim_invert
+from ham_engine.inversion import DdimSchedule
 from ham_engine.loading import DiffusionModel, load_model
 from ham_engine.params import TransferParams
 from ham_engine.plan import TransferPlan, plan_recording, plan_transfer, teacher_sources
@@ -330,7 +330,7 @@ class HamEngine:
         steps = _StepHooks((2 if plan.inverting else 1) * request.params.steps, progress, cancelled)
         started = time.perf_counter()
         clean, text = self._encode(request, plan)
-        schedule = DdimSchedule.from_scheduler(self.model.scheduler, request.params.steps, self.model.device)
+        schedule = self.model.schedule(request.params.steps, request.size)
         counters.seconds["encode"] = self._elapsed(started)
         recording = plan_recording(request, plan, self.record_bytes) if clean is not None else None
         try:
@@ -410,8 +410,8 @@ class HamEngine:
                 return output
 
             with recording_attention(self.model.unet, recording) if recording is not None else nullcontext():
-                trajectory = ddim_invert(
-                    invert_model, clean, schedule, before_step=steps.check, convention=request.params.inversion
+                trajectory = schedule.invert(
+                    invert_model, clean, before_step=steps.check, convention=request.params.inversion
                 )
         row = int(plan.invert_content)
         content = [z[:1] for z in trajectory] if plan.invert_content else plan.content_cached.latents

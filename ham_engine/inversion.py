@@ -83,6 +83,20 @@ class DdimSchedule:
         t = self.timestep_values[k]
         return self.alpha(t), self.alpha(t - self.stride)
 
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor, k: int) -> torch.Tensor:
+        """Sampling step ``k`` (:func:`ddim_step` with this schedule's alphas and prediction type)."""
+        return ddim_step(model_output, sample, *self.alphas_of_step(k), self.prediction_type)
+
+    def invert(
+        self,
+        model: ModelFn,
+        latents: torch.Tensor,
+        before_step: Callable[[int], None] | None = None,
+        convention: str = "target",
+    ) -> list[torch.Tensor]:
+        """:func:`ddim_invert` along this schedule (the interface a flow schedule shares)."""
+        return ddim_invert(model, latents, self, before_step=before_step, convention=convention)
+
 
 def predicted_x0_and_eps(
     model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor, prediction_type: str

@@ -23,7 +23,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers.utils import logging as hf_logging
 
 from ham_engine import tiny
-from ham_engine.families import ModelFamily, PromptEmbeddings, family_for
+from ham_engine.families import ModelFamily, PromptEmbeddings, family_for, transformer_family_for
+from ham_engine.inversion import DdimSchedule
 
 _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -85,6 +86,10 @@ class DiffusionModel:
     def vae_dtype(self) -> torch.dtype:
         """The dtype the VAE runs in."""
         return self.vae.dtype
+
+    def schedule(self, steps: int, size: tuple[int, int] | None = None) -> DdimSchedule:
+        """The sampling/inversion schedule of ``steps`` steps for an output ``size`` (DDIM: any size)."""
+        return DdimSchedule.from_scheduler(self.scheduler, steps, self.device)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], size: tuple[int, int] | None = None) -> PromptEmbeddings:
@@ -223,12 +228,13 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> DiffusionModel:
-    """Load ``model`` for HAM: a random preset ("tiny", "tiny-v", "tiny-xl", "random-small"), an HF id or a folder.
+    """Load ``model`` for HAM: a random preset (:data:`ham_engine.tiny.PRESETS`), an HF id or a folder.
 
     Random presets (:mod:`ham_engine.tiny`, noise-like pictures) are built offline on
     first use and loaded back from their cache folder. An HF id is read from the local
     Hugging Face cache (``HF_HUB_OFFLINE=1`` is respected) or downloaded when online.
-    The model family (SD 1.x/2.x or SDXL) is read from the UNet's config, and a UNet HAM
+    SD3 and FLUX load through :func:`ham_engine.dit.load_dit_model`; otherwise the
+    model family (SD 1.x/2.x or SDXL) is read from the UNet's config, and a UNet HAM
     cannot run is refused before any weight is read
     (:class:`~ham_engine.families.UnsupportedModel`). Raises ``ValueError`` with what to
     do when the model cannot be found.
@@ -244,6 +250,10 @@ def load_model(
             source = str(Path(source).expanduser())
         # Offline, go straight to the local cache instead of failing a Hub call per component.
         local = {"local_files_only": True} if _hub_offline() else {}
+        model_index = _read_json(source, "model_index.json", local)
+        if transformer_family_for(model_index) is not None:  # SD3 / FLUX: a transformer, flow matching
+            from ham_engine.dit import load_dit_model
+            return load_dit_model(model, source, resolved_device, resolved_dtype, local, model_index)
         try:
             unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **local)
             vae_config = AutoencoderKL.load_config(source, subfolder="vae", **local)
@@ -253,7 +263,7 @@ def load_model(
         try:
             config = DDIMScheduler.load_config(source, subfolder="scheduler", **local)
             scheduler = DDIMScheduler.from_config(config, **SD_SCHEDULER_FIXES)
-            family = family_type.load(source, resolved_dtype, local, _read_json(source, "model_index.json", local))
+            family = family_type.load(source, resolved_dtype, local, model_index)
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype, **local)
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=resolved_dtype, **local)
         except (OSError, ValueError) as exc:

@@ -32,6 +32,29 @@ TEACHERS = ("auto", "live", "recorded")
 # Our reading (docs/method.md §6): every transformer block of the UNet decoder.
 DEFAULT_LAYERS: tuple[str, ...] = ("up_blocks.*",)
 
+# The defaults that depend on the model's family (``ModelFamily.name``): a transfer that leaves one
+# out gets its model's family's value — the service resolves it once the job's model is known.
+# The field defaults of TransferParams are the "sd" ones. SDXL is trained at 1024 px.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sd": {"size": 512},
+    "sdxl": {"size": 1024},
+    "sd3": {"size": 1024},
+    "flux": {"size": 1024},
+}
+
+
+def family_default(family: str, name: str) -> Any:
+    """The default of parameter ``name`` for a model of ``family`` (the field default where none is set)."""
+    by_family = FAMILY_DEFAULTS.get(family, {})
+    if name in by_family:
+        return by_family[name]
+    return next(f.default for f in fields(TransferParams) if f.name == name)
+
+
+def family_params(family: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` completed with ``family``'s defaults for what it leaves out (the others stay field defaults)."""
+    return {**FAMILY_DEFAULTS.get(family, {}), **given}
+
 
 class ParamError(ValueError):
     """A parameter is outside its allowed range; ``field`` names it."""
@@ -81,14 +104,19 @@ def _param(
     multiple_of: int | None = None,
     choices: tuple[str, ...] | None = None,
     example: Any = None,
+    label: str = "",
+    explain: str = "",
+    group: str = "advanced",
 ) -> Any:
     """A client-settable field of :class:`TransferParams`: its default and what a client may send.
 
     The bounds here are the only ones: the API schema, the CLI flags and the docs table show
     them, and ``__post_init__`` enforces them through :meth:`ParamSpec.check`.
+    ``label``, ``explain`` and ``group`` are for people (the playground): a name in words, what
+    the parameter changes in the picture and which way, and ``"main"`` or ``"advanced"``.
     """
     spec = {"help": help, "minimum": minimum, "maximum": maximum, "multiple_of": multiple_of,
-            "choices": choices, "example": example}
+            "choices": choices, "example": example, "label": label, "explain": explain, "group": group}
     return field(default=default, metadata={"client": spec})
 
 
@@ -125,36 +153,89 @@ class TransferParams:
             float rounding.
     """
 
-    steps: int = _param(50, "DDIM steps, inversion and sampling", MIN_STEPS, MAX_STEPS, example=30)
-    seed: int = _param(0, "seed for every random draw", 0, MAX_SEED)
+    steps: int = _param(
+        50, "DDIM steps, inversion and sampling", MIN_STEPS, MAX_STEPS, example=30, group="main", label="Steps",
+        explain="How many denoising steps the picture is made in. Fewer steps: faster and rougher; more: finer, "
+        "and the run takes longer in proportion.",
+    )
+    seed: int = _param(
+        0, "seed for every random draw", 0, MAX_SEED, label="Seed",
+        explain="The same seed and settings give the same picture again; another seed gives a variation "
+        "(most visible with a style described in words).",
+    )
     size: int = _param(
         512, "the output's longer side in pixels; the shorter follows the content's aspect ratio",
-        MIN_SIZE, MAX_SIZE, multiple_of=SIZE_MULTIPLE, example=512,
+        MIN_SIZE, MAX_SIZE, multiple_of=SIZE_MULTIPLE, example=512, group="main", label="Size (longer side, px)",
+        explain="The picture's longer side; the other follows the content photo's shape. Larger pictures take "
+        "longer: time grows with the number of pixels (512 px takes about 4 times as long as 256 px).",
     )
-    alpha: float = _param(0.75, "GAR blend", 0.0, 1.0, example=0.75)
-    beta: float = _param(0.25, "LAT query blend", 0.0, 1.0)
-    gamma: float = _param(0.5, "SINI blend", 0.0, 1.0)
-    guidance: float = _param(7.5, "CFG scale, used only for a text-only style", MIN_GUIDANCE, MAX_GUIDANCE)
-    sini: bool = _param(True, "style-injected noise initialisation on/off")
-    gar: bool = _param(True, "Global Attention Regulation on/off")
-    lat: bool = _param(True, "Local Attention Transplantation on/off")
+    alpha: float = _param(
+        0.75, "GAR blend", 0.0, 1.0, example=0.75, group="main", label="α — overall style (GAR)",
+        explain="How strongly the style's colours and textures are imposed on the whole picture. Lower α: "
+        "stronger, more even style everywhere; higher α: a lighter touch that keeps more of the picture's own look.",
+    )
+    beta: float = _param(
+        0.25, "LAT query blend", 0.0, 1.0, group="main", label="β — content detail (LAT)",
+        explain="How closely shapes and local detail follow the content photo. Lower β: the layout and details "
+        "of the photo stay put; higher β: the details are redrawn more freely in the style.",
+    )
+    gamma: float = _param(
+        0.5, "SINI blend", 0.0, 1.0, group="main", label="γ — starting colours (SINI)",
+        explain="What the picture starts from. Lower γ: from the photo recoloured with the style's palette and "
+        "contrast, so those come through more; higher γ: from the content photo as it is, keeping its colours.",
+    )
+    guidance: float = _param(
+        7.5, "CFG scale, used only for a text-only style", MIN_GUIDANCE, MAX_GUIDANCE,
+        label="Prompt strength (style in words only)",
+        explain="Used only when the style is a prompt without a style image. Higher: follows the words more "
+        "literally, with harsher colours; lower: softer and looser.",
+    )
+    sini: bool = _param(
+        True, "style-injected noise initialisation on/off", label="SINI — start from the style's colours",
+        explain="Off: the picture starts from the content photo alone, and γ has no effect.",
+    )
+    gar: bool = _param(
+        True, "Global Attention Regulation on/off", label="GAR — overall style",
+        explain="Off: the style's overall colours and textures are not imposed (α has no effect); much less "
+        "style shows.",
+    )
+    lat: bool = _param(
+        True, "Local Attention Transplantation on/off", label="LAT — keep the content's detail",
+        explain="Off: local detail is not steered by the content photo (β has no effect); shapes may drift.",
+    )
     guide_student: bool = _param(
-        True, "under CFG (text-only style) guide the student too; false: it follows its conditional half (our reading)"
+        True, "under CFG (text-only style) guide the student too; false: it follows its conditional half (our reading)",
+        label="Steer the picture by the prompt too",
+        explain="Only for a style in words: on, the picture itself is steered by the prompt as well as by the "
+        "style reference; off, only the reference is.",
     )
     gar_layers: tuple[str, ...] = field(default=DEFAULT_LAYERS)
     lat_layers: tuple[str, ...] = field(default=DEFAULT_LAYERS)
-    step_start: float = _param(0.0, "GAR/LAT act from this fraction of the steps (our reading)", 0.0, 1.0)
+    step_start: float = _param(
+        0.0, "GAR/LAT act from this fraction of the steps (our reading)", 0.0, 1.0,
+        label="Style from (share of the run)",
+        explain="When GAR and LAT start, as a share of the steps. Later: the layout forms freely first and the "
+        "style reaches only the finishing detail.",
+    )
     step_end: float = _param(
         1.0, "GAR/LAT act until this fraction of the steps; step_start < step_end, and the window must hold "
-        "at least one step when GAR or LAT is on", 0.0, 1.0,
+        "at least one step when GAR or LAT is on", 0.0, 1.0, label="Style until (share of the run)",
+        explain="When GAR and LAT stop, as a share of the steps; must be after the start. Earlier: the last "
+        "steps clean up without them, for a smoother finish.",
     )
     inversion: str = _param(
         "target", "where a DDIM inversion step evaluates the model: at the timestep it moves to, or at the "
         "latent's own (which lets the teachers be recorded; docs/method.md)", choices=INVERSIONS,
+        label="How the photos are traced back",
+        explain="How the content and style pictures are turned back into noise before the new picture is made. "
+        "The default (target) is the usual way; source lets the server reuse that work for speed.",
     )
     teachers: str = _param(
         "auto", "auto: with inversion=source the teachers are recorded during inversion when the recording fits "
         "the worker's HAM_RECORD_BYTES, else run live; live; recorded (needs inversion=source)", choices=TEACHERS,
+        label="Reuse the reference passes",
+        explain="auto: the server reuses what it traced when that saves time; live: it always recomputes; "
+        "recorded: always reuse (needs source above). The picture is the same either way.",
     )
 
     def __post_init__(self) -> None:
@@ -237,6 +318,11 @@ class ParamSpec:
     multiple_of: int | None = None
     choices: tuple[str, ...] | None = None
     example: Any = None
+    # For people (the playground, the method page): a name in words, what it changes in the
+    # picture and which way, and where it sits ("main" or "advanced").
+    label: str = ""
+    explain: str = ""
+    group: str = "advanced"
 
     def json_schema(self) -> dict[str, Any]:
         """This parameter as a JSON Schema (an OpenAPI 3.1 property)."""
@@ -252,8 +338,18 @@ class ParamSpec:
             schema["enum"] = list(self.choices)
         if self.example is not None:
             schema["examples"] = [self.example]
+        by_family = self.family_defaults()
+        if by_family:
+            # `default` is the SD value; which default applies to which family is spelled out.
+            schema["x-family-defaults"] = by_family
+            schema["description"] += "; default by the model's family: " + ", ".join(
+                f"{family} {value}" for family, value in by_family.items()
+            )
         return schema
 
+    def family_defaults(self) -> dict[str, Any]:
+        """Family → this parameter's default there, for a parameter whose default depends on the family."""
+        return {family: d[self.name] for family, d in FAMILY_DEFAULTS.items() if self.name in d}
     def check(self, value: Any) -> None:
         """Raise a :class:`ParamError` naming this parameter unless ``value`` is one it allows."""
         if self.kind is bool:
@@ -299,6 +395,8 @@ def params_table(specs: tuple[ParamSpec, ...] = PARAM_SPECS) -> str:
     rows = ["| Parameter | Type | Default | Allowed | What |", "|---|---|---|---|---|"]
     for spec in specs:
         default = str(spec.default).lower() if spec.kind is bool else f"`{spec.default}`"
+        if spec.family_defaults():
+            default = ", ".join(f"{family}: `{value}`" for family, value in spec.family_defaults().items())
         rows.append(f"| `{spec.name}` | {spec.kind.__name__} | {default} | {spec.allowed()} | {spec.help} |")
     return "\n".join(rows) + "\n"
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention_processor import Attention
 
-from ham_engine.attention import installed_processors
+from ham_engine.attention import installed_processors, mark_lat_step, step_lat_entry
 from ham_engine.feature_cache import StyleFeatures
 from ham_engine.hooked_sdpa import HookedSdpaProcessor
 from ham_engine.modulation import channel_stats
@@ -225,6 +225,26 @@ class TeacherRecording:
                 style.lat[layer] = (key[row : row + 1].clone(), value[row : row + 1].clone())
 
 
+    def see_joint_cross_attention(
+        self, layer: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """A joint-attention LAT layer's inversion call: the content's image query, the style's text K/V *per step*.
+
+        In an MM-DiT the text stream's K/V change with the step (``step_lat_entry``).
+        """
+        if self._step is None and not self._measuring:
+            return
+        content = self._content_row(query)
+        if self._measuring:
+            self._step_bytes += _nbytes(content) + len(self.styles) * _nbytes([key[:1], value[:1]])
+            return
+        for row in content:
+            self.content.lat_queries[(self._step, layer)] = row.clone()
+        for row, style in self.styles.items():
+            style.lat[step_lat_entry(layer, self._step)] = (key[row : row + 1].clone(), value[row : row + 1].clone())
+            mark_lat_step(style, layer, self._step)
+
+
 class GarRecorder(HookedSdpaProcessor):
     """Stock self-attention that shows each call's input and projections to a :class:`TeacherRecording`."""
 
@@ -266,6 +286,10 @@ class LatRecorder(HookedSdpaProcessor):
 @contextmanager
 def recording_attention(unet: torch.nn.Module, recording: TeacherRecording) -> Iterator[TeacherRecording]:
     """Install the recorders on ``recording``'s GAR and LAT layers for the block; restore the originals."""
+    if hasattr(unet, "ham_recording_attention"):  # a joint-attention denoiser installs its own (ham_engine.dit)
+        with unet.ham_recording_attention(recording):
+            yield recording
+        return
     processors: dict[str, object] = {name: GarRecorder(name, recording) for name in recording.gar_layers}
     processors.update({name: LatRecorder(name, recording) for name in recording.lat_layers})
     with installed_processors(unet, processors):

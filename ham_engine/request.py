@@ -136,7 +136,9 @@ def build_request(
         prompt = check_style_reference(spec.image is not None, spec.prompt)
         field_name = "style" if len(styles) == 1 else f"styles[{i}]"
         image = images.to_rgb(spec.image, field=field_name) if spec.image is not None else None
-        validated.append(StyleRequest(image=image, prompt=prompt, guidance=params.guidance))
+        # A guidance-distilled family (FLUX) runs its text style teacher without CFG rows.
+        guidance = params.guidance if model.family.classifier_free_guidance else 1.0
+        validated.append(StyleRequest(image=image, prompt=prompt, guidance=guidance))
     content_rgb = images.to_rgb(content, field="content")
     unet, family = model.unet, model.family
     gar_patterns = family.default_layers if params.gar_layers == DEFAULT_LAYERS else params.gar_layers

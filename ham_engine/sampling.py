@@ -17,7 +17,7 @@ import torch
 from ham_engine.attention import CONTENT_TEACHER, BranchLayout, ModulationContext, student_of, style_teacher_of
 from ham_engine.families import PromptEmbeddings
 from ham_engine.feature_cache import StyleFeatures
-from ham_engine.inversion import DdimSchedule, ddim_step
+from ham_engine.inversion import DdimSchedule
 from ham_engine.loading import DiffusionModel
 from ham_engine.modulation import channel_stats, sini
 from ham_engine.plan import TransferPlan
@@ -244,23 +244,15 @@ def step_branches(
     live: list[bool],
     branches: Branches,
 ) -> None:
-    """Advance each student, and each live text style teacher, by one DDIM step from ``output``."""
+    """Advance each student, and each live text style teacher, by one step of ``schedule`` from ``output``."""
     params = request.params
-    alpha_t, alpha_prev = schedule.alphas_of_step(k)
     student_guidance = params.guidance if params.guide_student else 1.0
     for i, style in enumerate(request.styles):
-        branches.students[i] = ddim_step(
-            guided(output, layout, student_of(i), student_guidance),
-            branches.students[i],
-            alpha_t,
-            alpha_prev,
-            schedule.prediction_type,
+        # The schedule's own step: DDIM, or flow-matching Euler for a transformer (ham_engine.flow).
+        branches.students[i] = schedule.step(
+            guided(output, layout, student_of(i), student_guidance), branches.students[i], k
         )
         if style.text_guided and live[i]:
-            branches.style_latents[i] = ddim_step(
-                guided(output, layout, style_teacher_of(i), params.guidance),
-                branches.style_latents[i],
-                alpha_t,
-                alpha_prev,
-                schedule.prediction_type,
+            branches.style_latents[i] = schedule.step(
+                guided(output, layout, style_teacher_of(i), params.guidance), branches.style_latents[i], k
             )

@@ -3,7 +3,9 @@
 Nothing here downloads anything. A preset is built from a fixed seed (so its weights are
 the same on every machine), written to disk in the layout of a diffusers Stable Diffusion
 repository (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; SDXL's
-``tiny-xl`` adds ``text_encoder_2/`` and ``tokenizer_2/``) and then
+``tiny-xl`` adds ``text_encoder_2/`` and ``tokenizer_2/``; the diffusion transformers
+``tiny-sd3`` and ``tiny-flux`` have ``transformer/`` instead of ``unet/``, a flow-matching
+scheduler and their families' text encoders, FLUX's T5 with a locally built tokenizer) and then
 loaded back by :func:`ham_engine.loading.load_model` through the same ``from_pretrained``
 path a real model takes.
 
@@ -121,7 +123,7 @@ TINY_XL = RandomPipelineConfig(
     }
 )
 
-PRESETS: dict[str, RandomPipelineConfig] = {
+PRESETS: dict[str, RandomPipelineConfig | RandomTransformerConfig] = {  # tiny_dit adds tiny-sd3, tiny-flux
     "tiny": TINY,
     "tiny-xl": TINY_XL,
     "tiny-v": RandomPipelineConfig(**{**TINY.__dict__, "prediction_type": "v_prediction"}),
@@ -200,11 +202,13 @@ def _text_config(config: RandomPipelineConfig, vocab_size: int) -> CLIPTextConfi
     )
 
 
-def build_random_pipeline(config: RandomPipelineConfig, folder: Path) -> None:
-    """Build a seeded random SD- or SDXL-shaped pipeline and save it into ``folder`` (diffusers layout).
+def build_random_pipeline(config: RandomPipelineConfig | RandomTransformerConfig, folder: Path) -> None:
+    """Build a seeded random SD-, SDXL- or SD3-shaped pipeline and save it into ``folder`` (diffusers layout).
 
     The global torch RNG is left untouched.
     """
+    if isinstance(config, RandomTransformerConfig):
+        return build_random_transformer_pipeline(config, folder)
     if config.family not in ("sd", "sdxl"):
         raise ValueError(f"family: {config.family!r} is not 'sd' or 'sdxl'")
     xl = config.family == "sdxl"
@@ -323,3 +327,17 @@ def ensure_preset(name: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# The diffusion-transformer presets (SD3, FLUX) live in their own module; imported last, as
+# it builds on this one's tokenizer.
+from ham_engine.tiny_dit import (  # noqa: E402
+    TINY_FLUX,
+    TINY_SD3,
+    RandomTransformerConfig,
+    build_random_transformer_pipeline,
+    write_t5_tokenizer,
+)
+
+PRESETS.update({"tiny-sd3": TINY_SD3, "tiny-flux": TINY_FLUX})
+__all__ = ["PRESETS", "RandomPipelineConfig", "RandomTransformerConfig", "ensure_preset", "write_t5_tokenizer"]

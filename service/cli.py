@@ -4,7 +4,7 @@
     ham eval --content DIR --style DIR            the paper's metrics table over a benchmark (needs the engine)
     ham api [--host H] [--port P] [--workers N]   the HTTP API (uvicorn)
     ham worker [...]                              a GPU worker (needs the engine)
-    ham up [--host H] [--port P]                  Redis + API + one worker on this machine
+    ham up [--host H] [--port P] [--model M ...]  Redis + API + one worker (per model) on this machine
     ham submit CONTENT --style S -o OUT.png       send a job to a running API, wait, download
 
 Every sub-command's implementation is imported only when it runs, so ``ham --help``, ``ham
@@ -66,7 +66,7 @@ def _run_api(args: argparse.Namespace) -> int:
 def _run_up(args: argparse.Namespace) -> int:
     from service.stack import run_stack
 
-    return run_stack(args.host, args.port, data_dir=args.data_dir)
+    return run_stack(args.host, args.port, data_dir=args.data_dir, models=args.model or ())
 
 
 def _run_worker(argv: list[str]) -> int:
@@ -149,6 +149,8 @@ def _submit(args: argparse.Namespace) -> int:
         raise SubmitError(f"--api: not a valid URL {api!r}: {exc}") from None
     progress = _Progress(args.quiet)
     params = params_from_args(args, PARAM_SPECS + OUTPUT_SPECS)
+    if args.model:
+        params["model"] = args.model
     events = args.webhook_events.split(",") if args.webhook_events else None
     job = None
     with Client(api, api_key=args.key) as client:
@@ -214,6 +216,7 @@ def _add_submit_parser(subparsers: Any) -> None:
     parser.add_argument("content", help="the content image (PNG, JPEG or WebP): a path, an http(s) URL or a data: URI")
     parser.add_argument("--style", help="the style image (a path, an http(s) URL or a data: URI)")
     parser.add_argument("--style-prompt", help="a text describing the style (with or without --style)")
+    parser.add_argument("--model", help="a model the API serves (GET /v1/models); default: its default model")
     parser.add_argument("-o", "--output", required=True, help="where to write the result (see --output-format)")
     parser.add_argument("--api", default=os.environ.get("HAM_API_URL", DEFAULT_API),
                         help=f"API base URL (default: $HAM_API_URL or {DEFAULT_API})")
@@ -261,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
     up.add_argument("--data-dir", type=Path, default=None,
                     help="Redis data, file storage and logs (default ./ham-data)")
+    up.add_argument("--model", action="append", metavar="MODEL",
+                    help="serve this model with a worker of its own; repeat for several (the first is the default): "
+                    "--model tiny --model tiny-xl. Default: one worker of $HAM_MODEL")
     up.set_defaults(handler=_run_up)
 
     _add_submit_parser(subparsers)

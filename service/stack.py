@@ -7,7 +7,9 @@ Each part is a child process started the way an operator would start it:
   an older ``ham up``, which snapshotted every 60 s, is migrated once on start);
 - ``ham api --host H --port P``;
 - ``ham worker`` (model from ``HAM_MODEL``, default the offline ``tiny`` demo), its metrics
-  and probes on a free loopback port.
+  and probes on a free loopback port; with ``--model A --model B``, one worker per model
+  (``HAM_MODEL=A`` and ``HAM_MODEL=B``, children ``worker-A``, ``worker-B``) and the API
+  serving both (``HAM_MODELS=A,B``, the first the default).
 
 They share one set of ``HAM_*`` settings: the caller's environment, plus the Redis URL,
 file storage under ``<data_dir>/storage`` (unless ``HAM_STORAGE_URL`` is set), the public URL
@@ -133,8 +135,11 @@ def _pump(child: _Child, stream: IO[bytes], out: IO[str]) -> None:
 
 
 class _Stack:
-    def __init__(self, host: str, port: int, data_dir: Path, startup_timeout: float, out: IO[str]) -> None:
+    def __init__(
+        self, host: str, port: int, data_dir: Path, startup_timeout: float, out: IO[str], models: tuple[str, ...] = ()
+    ) -> None:
         self.host = host
+        self.models = models
         self.port = port
         self.data_dir = data_dir.resolve()
         self.startup_timeout = startup_timeout
@@ -242,11 +247,31 @@ class _Stack:
         env = self.shared_env(base_env, redis_url)
         cli = [sys.executable, "-m", "service.cli"]
         self.spawn("api", [*cli, "api", "--host", self.host, "--port", str(self.port)], env)
-        self.spawn("worker", [*cli, "worker", "--ready-file", str(self.ready_file), "--metrics-host", "127.0.0.1"], env)
+        workers = self.worker_envs(env)
+        for name, ready_file, worker_env in workers:
+            ready_file.unlink(missing_ok=True)
+            self.spawn(name, [*cli, "worker", "--ready-file", str(ready_file), "--metrics-host", "127.0.0.1"],
+                       worker_env)
         api = self.api_url()
         self.wait_until("the API", lambda: _http_ok(f"{api}/readyz"), deadline)
-        self.wait_until("the worker (model loading)", self.ready_file.exists, deadline)
+        for name, ready_file, _ in workers:
+            self.wait_until(f"the {name} (model loading)", ready_file.exists, deadline)
         return env
+
+    def worker_envs(self, env: dict[str, str]) -> list[tuple[str, Path, dict[str, str]]]:
+        """``(child name, ready file, environment)`` of each worker: one, or one per ``--model``."""
+        if not self.models:
+            return [("worker", self.ready_file, env)]
+        from service.core.models import model_slug
+
+        workers = []
+        for index, model in enumerate(self.models):
+            slug = model_slug(model)
+            # The first worker keeps the shared metrics port the banner shows; the others get their own.
+            port = env["HAM_WORKER_METRICS_PORT"] if index == 0 else str(_free_port())
+            workers.append((f"worker-{slug}", self.data_dir / f"worker-{slug}.ready",
+                            {**env, "HAM_MODEL": model, "HAM_WORKER_METRICS_PORT": port}))
+        return workers
 
     def shared_env(self, base_env: dict[str, str], redis_url: str) -> dict[str, str]:
         env = dict(base_env)
@@ -258,6 +283,9 @@ class _Stack:
         if "HAM_WORKER_METRICS_PORT" not in env:
             env["HAM_WORKER_METRICS_PORT"] = str(_free_port())
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.models:
+            # Every process agrees on the catalogue (its first entry is the default model and its queue).
+            env["HAM_MODELS"] = ",".join(self.models)
         return env
 
     def api_url(self) -> str:
@@ -363,6 +391,7 @@ def _banner(stack: _Stack, env: dict[str, str]) -> str:
             f"  redis    {env['HAM_REDIS_URL']}",
             f"  storage  {env['HAM_STORAGE_URL']}",
             f"  worker   metrics on http://127.0.0.1:{env['HAM_WORKER_METRICS_PORT']}/metrics",
+            *([f"  models   {', '.join(stack.models)} (one worker each; GET {api}/v1/models)"] if stack.models else []),
             "Try:",
             # The examples read the key from the variable `ham submit` also reads; say how to set it.
             *(["  export HAM_API_KEY=<one key of HAM_API_KEYS>"] if auth else []),
@@ -383,19 +412,30 @@ def run_stack(
     startup_timeout: float = 600.0,
     stop_grace: float | None = None,
     out: IO[str] | None = None,
+    models: tuple[str, ...] | list[str] = (),
 ) -> int:
     """Run Redis, the API and one worker until Ctrl-C/SIGTERM; the exit status of ``ham up``.
 
     ``data_dir`` (default ``./ham-data``) holds Redis' data, file storage and logs.
     ``stop_grace`` is how long the worker may take to finish its job on shutdown (default:
     ``HAM_JOB_TIMEOUT`` + 30 s). Returns 0 after a requested stop, 1 if a part fails to start.
-    A part that dies while running is restarted (with backoff).
+    A part that dies while running is restarted (with backoff). ``models`` (``--model``, repeatable):
+    one worker per model, the API serving all of them (the first is the default).
     """
     out = out or sys.stdout
     if not 0 < port < 65536:
         print(f"ham up: error: --port must be 1..65535, got {port}", file=sys.stderr)
         return 2
-    stack = _Stack(host, port, data_dir or DEFAULT_DATA_DIR, startup_timeout, out)
+    models = tuple(dict.fromkeys(m.strip() for m in models if m.strip()))
+    stack = _Stack(host, port, data_dir or DEFAULT_DATA_DIR, startup_timeout, out, models)
+    if models:
+        from service.core.models import check_model_names
+
+        try:
+            check_model_names(models)
+        except ValueError as exc:
+            print(f"ham up: error: --model: {exc}", file=sys.stderr)
+            return 2
     if stop_grace is None:
         from pydantic import ValidationError
 

@@ -13,7 +13,10 @@ Start-up order, and what each step is for:
 5. Ready: ``/readyz`` turns 200 and ``--ready-file`` (if given) is written. Kubernetes
    probes either; neither exists before the model is loaded, and both turn false while
    Redis is unreachable (``/healthz`` stays 200: the process is fine, it is waiting).
-6. An RQ ``SimpleWorker`` (JSON serializer) on ``settings.queue_name``, made to outlive
+6. The model is announced to the catalogue (``GET /v1/models``; again on every heartbeat),
+   and an RQ ``SimpleWorker`` (JSON serializer) takes jobs from its model's queue only
+   (:func:`service.core.models.queue_name`: ``HAM_QUEUE_NAME`` for the deployment's default
+   model, ``<HAM_QUEUE_NAME>-<model>`` for the others), made to outlive
    Redis outages (:mod:`worker.rq_loop`). It runs each job in this process — no fork per
    job, so CUDA state stays valid.
 
@@ -46,6 +49,7 @@ from service.core.config import Settings
 from service.core.feature_store import StorageFeatureStore
 from service.core.jobs import JobStore
 from service.core.logs import configure_logging
+from service.core.models import Announcement, announce, withdraw
 from service.core.redis_client import connect_redis
 from service.core.storage import open_storage
 from service.core.styles import StyleStore
@@ -131,8 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         install_runner(runner)
         maintenance.current_job = lambda: runner.current_job
+        queue = store.queue_for(settings.model)
+        if settings.model not in settings.served_models:
+            log.warning("worker %s: model %r is not in HAM_MODELS (%s): the API sends it no jobs",
+                        name, settings.model, ",".join(settings.served_models))
+        info = _announcement(settings, engine, name, with_fingerprint=features is not None)
+        metrics.model.labels(model=settings.model, family=info.family).set(1)
+        maintenance.announce = lambda: announce(redis, settings, info)
+        announce(redis, settings, info)
         worker = ResilientWorker(
-            [store.queue],
+            [queue],
             connection=redis,
             name=name,
             serializer=JSONSerializer,
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_link=redis_link,
         )
         readiness.set_model_loaded(True)
-        log.info("worker %s: ready, serving queue %r", name, settings.queue_name)
+        log.info("worker %s: ready, serving model %r from queue %r", name, settings.model, queue.name)
         worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level.upper())
         log.info("worker %s: stopped", name)
         return 0
@@ -149,10 +161,34 @@ def main(argv: list[str] | None = None) -> int:
         readiness.set_model_loaded(False)
         install_runner(None)
         maintenance.stop()
+        try:
+            withdraw(redis, settings.model, name)  # leaves the catalogue's online count at once
+        except Exception:
+            log.warning("could not withdraw the model announcement of %s", name, exc_info=True)
         if webhooks is not None:
             webhooks.stop()
         if server is not None:
             server.stop()
+
+
+def _announcement(settings: Settings, engine, worker: str, with_fingerprint: bool) -> Announcement:  # engine: HamEngine
+    """What this worker tells the catalogue about its model."""
+    from ham_engine.params import MAX_SIZE
+    from ham_engine.tiny import PRESETS
+
+    model = engine.model
+    return Announcement(
+        model=settings.model,
+        family=model.family.name,
+        default_size=model.family.default_size,
+        max_size=MAX_SIZE,
+        dtype=str(model.dtype).removeprefix("torch."),
+        device=str(model.device),
+        random_preset=settings.model in PRESETS,
+        # Already computed when the feature store is on (it reads every weight: not worth it otherwise).
+        fingerprint=engine.fingerprint() if with_fingerprint else None,
+        worker=worker,
+    )
 
 
 class Readiness:

@@ -129,6 +129,10 @@ class WorkerMetrics:
             registry=r,
         )
         self.ready = Gauge("ham_worker_ready", "1 once the model is loaded and jobs are taken.", registry=r)
+        # 1 for the model this worker serves: join it to split any worker series by model, e.g.
+        # `sum by (model) (rate(ham_worker_job_seconds_count[5m]) * on(instance) group_left(model) ham_worker_model)`.
+        self.model = Gauge("ham_worker_model", "1, labelled with the model this worker serves and its family.",
+                           ["model", "family"], registry=r)
         # Export every labelled series from the start at 0: rate() and increase() cannot see the
         # first event of a series that appears with it (the first recovery would never alert).
         for outcome in JOB_OUTCOMES:

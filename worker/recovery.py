@@ -138,7 +138,14 @@ def requeue_orphans(store: JobStore, grace: float, now: float | None = None) -> 
     if not queued:
         redis.delete(_ORPHANS_KEY)
         return []
-    in_queue = {m.decode() if isinstance(m, bytes) else m for m in redis.lrange(store.queue.key, 0, -1)}
+    # Each model's jobs wait in that model's list: look in every list a queued job belongs to.
+    with redis.pipeline(transaction=False) as pipe:
+        for job_id in queued:
+            pipe.hget(store.job_key(job_id), "model")
+        models = {m.decode() if isinstance(m, bytes) else m for m in pipe.execute()}
+    in_queue: set[str] = set()
+    for key in {store.queue_for(model or None).key for model in models} | {store.queue.key}:
+        in_queue |= {m.decode() if isinstance(m, bytes) else m for m in redis.lrange(key, 0, -1)}
     missing = queued - in_queue
     seen = {k.decode(): float(v) for k, v in redis.hgetall(_ORPHANS_KEY).items()}
     requeued = []
@@ -176,6 +183,8 @@ class Maintenance:
         self.webhooks = webhooks
         # Set by ``ham worker`` to the runner's current job; beats carry it.
         self.current_job: Callable[[], str | None] = lambda: None
+        # Set by ``ham worker`` once the model is loaded: announce it on every beat.
+        self.announce: Callable[[], None] | None = None
         self.sweep_interval = max(settings.worker_heartbeat, min(MAX_SWEEP_INTERVAL, settings.result_ttl // 10))
         self.redis_link = redis_link
         # After an outage, other live workers' heartbeat keys may have expired meanwhile (a restarted
@@ -188,6 +197,8 @@ class Maintenance:
     def beat(self) -> None:
         ttl = HEARTBEAT_MISSES * self.settings.worker_heartbeat
         self.store.redis.set(heartbeat_key(self.worker_name), beat_value(self.current_job()), ex=ttl)
+        if self.announce is not None:  # the catalogue's live view (service.core.models)
+            self.announce()
 
     def run_once(self) -> None:
         """One pass: beat, recover, orphans, and the sweep when it is due."""

@@ -39,6 +39,7 @@ from rq import SimpleWorker
 from rq.exceptions import DequeueTimeout, StopRequested
 from rq.worker.base import WorkerStatus
 
+from service.core.logs import log_context
 from service.core.redis_client import REDIS_UNAVAILABLE
 from worker.connectivity import Link
 
@@ -120,6 +121,11 @@ class ResilientWorker(SimpleWorker):
             return result
 
     def execute_job(self, job: Any, queue: Any) -> None:
+        # RQ's own lines about the job carry its ids (the task fills in request id and tenant).
+        with log_context(job_id=job.id):
+            self._execute_job(job, queue)
+
+    def _execute_job(self, job: Any, queue: Any) -> None:
         try:
             super().execute_job(job, queue)
         except REDIS_UNAVAILABLE as exc:

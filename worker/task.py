@@ -72,6 +72,7 @@ from service.core.logs import bind, log_context
 from service.core.output import OutputSpec, encode
 from service.core.redis_client import REDIS_UNAVAILABLE, probe_writable
 from service.core.resource import job_resource
+from service.core.speed import record_speed
 from service.core.storage import Storage, StorageError
 from service.core.styles import StyleStore
 from worker.connectivity import Link, OutageTooLong, outlast
@@ -240,6 +241,9 @@ class TransferRunner:
         if self.metrics:
             self.metrics.observe_job(outcome, time.monotonic() - began, stats)
             self.metrics.set_allocated_memory(_device_allocated_bytes(self.engine))
+        if outcome == "succeeded":  # what the playground's estimates are made of
+            record_speed(self.store.redis, self.engine.model.name, job.params.get("size", 0),
+                         job.params.get("steps", 0), time.monotonic() - began)
         if final is not None and final.terminal:
             self._after_terminal(final)
         log.info("job %s: %s in %.2fs", job_id, outcome, time.monotonic() - began)

@@ -1,4 +1,4 @@
-"""``ham eval``: reproduce the paper's table (PAPER.md §6) on a content × style benchmark.
+"""``ham eval``: reproduce the paper's table (docs/evaluation.md) on a content × style benchmark.
 
 One module per step: :mod:`.pairs` (which pairs), :mod:`.runner` (HAM over them,
 resumable), :mod:`.weights` (where each metric's published weights are looked for),

@@ -32,8 +32,8 @@ def add_eval_parser(subparsers: Any) -> None:
             "Run HAM over every content x style pair (or the diagonal), reuse outputs a previous run made, "
             "then compute ArtFID, FID, LPIPS, LPIPS-gray, CFSD, DINO, CLIP-I, CLIP-T, DC and CC and write "
             "metrics.json, a table beside the paper's and a contact sheet. Metric weights are read from "
-            "--weights DIR or the libraries' caches; a missing one is reported as unavailable "
-            "(docs/evaluation.md says what goes where)."
+            "--weights DIR or the libraries' caches; a missing one is reported as unavailable, one whose "
+            "SHA-256 is not the published one is refused (docs/evaluation.md says what goes where)."
         ),
     )
     parser.add_argument("--content", required=True, help="folder of content images")
@@ -51,6 +51,9 @@ def add_eval_parser(subparsers: Any) -> None:
     parser.add_argument("--dino-model", default=None,
                         help="DINO ViT for DINO: an HF id or folder (default facebook/dino-vits16)")
     parser.add_argument("--skip-metrics", action="store_true", help="only make the outputs")
+    parser.add_argument("--allow-unverified-weights", action="store_true",
+                        help="use metric weights whose SHA-256 is not the published one (or not known): the numbers "
+                             "are marked unverified and printed without the paper's rows")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     # The engine's own parameters, the flags ham transfer and ham submit take.
     add_param_arguments(parser, server_defaults=False)
@@ -66,7 +69,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         from ham_engine.evaluation.paper import ablation_row
         from ham_engine.evaluation.runner import run_pairs
         from ham_engine.evaluation.suite import CFSD_SIZE, DEFAULT_CLIP, DEFAULT_DINO, MetricSuite
-        from ham_engine.evaluation.weights import WeightStore
+        from ham_engine.evaluation.weights import UnverifiedWeights, WeightStore
     except ImportError as exc:
         raise RuntimeError(
             f"the engine is not installed ({exc.name}): pip install 'ham-style-transfer[engine]'"
@@ -75,11 +78,18 @@ def _evaluate(args: argparse.Namespace) -> None:
     try:
         pairs = make_pairs(args.content, args.style, args.pairs)
         store = WeightStore(args.weights)
+        clip_model, dino_model = args.clip_model or DEFAULT_CLIP, args.dino_model or DEFAULT_DINO
+        if not args.skip_metrics:  # refuse unverified weights now, not after the transfers
+            unverified = [check for check in store.audit(clip_model, dino_model) if not check.verified]
+            if unverified and not args.allow_unverified_weights:
+                raise UnverifiedWeights(unverified)
+            for check in unverified if not args.quiet else ():
+                print(f"{PROG}: warning: unverified: {check.problem()}", file=sys.stderr)
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"out: {str(out_dir)!r} is a file")
         out_dir.mkdir(parents=True, exist_ok=True)
         engine = HamEngine.load(args.model, device=args.device, dtype=args.dtype)
-    except ValueError as exc:
+    except (ValueError, UnverifiedWeights) as exc:
         raise BadInput(str(exc)) from exc
 
     started = time.perf_counter()
@@ -95,14 +105,18 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.skip_metrics:
         return
 
-    clip_model, dino_model = args.clip_model or DEFAULT_CLIP, args.dino_model or DEFAULT_DINO
-    suite = MetricSuite(store, device=engine.model.device, clip_model=clip_model, dino_model=dino_model)
-    evaluation = suite.evaluate(results, quiet=args.quiet)
+    suite = MetricSuite(store, device=engine.model.device, clip_model=clip_model, dino_model=dino_model,
+                        allow_unverified=args.allow_unverified_weights)
+    try:
+        evaluation = suite.evaluate(results, quiet=args.quiet)
+    except UnverifiedWeights as exc:  # a file replaced while the transfers ran
+        raise BadInput(str(exc)) from exc
     wall = {r.pair.name: round(r.wall_s, 4) for r in results}
     run_record = record.reproducibility_record(engine, params, args.pairs, wall)
-    settings = {"clip_model": clip_model, "dino_model": dino_model, "weights": args.weights, "cfsd_size": CFSD_SIZE}
+    settings = {"clip_model": clip_model, "dino_model": dino_model, "weights": args.weights, "cfsd_size": CFSD_SIZE,
+                "allow_unverified_weights": args.allow_unverified_weights}
     report.write_metrics(out_dir, evaluation, results, run_record, settings)
-    label = f"this run ({engine.model.name}, {len(results)} pairs, {params.steps} steps)"
+    label = f"this run ({engine.model.name}, {len(results)} pairs, {params.size} px, {params.steps} steps)"
     table = report.markdown_table(evaluation, label, ablation_row(params.sini, params.gar, params.lat))
     report.write_table(out_dir, table)
     if not args.quiet:

@@ -139,10 +139,10 @@ def art_fid(fid_value: float, lpips_value: float) -> float:
 
 
 def dino_clip_score(dino: float, clip_t: float) -> float:
-    """DC = (1 + DINO)·(1 + CLIP-T) (PAPER.md §6); higher is better."""
+    """DC = (1 + DINO)·(1 + CLIP-T) (the paper's definition, docs/evaluation.md); higher is better."""
     return (1.0 + dino) * (1.0 + clip_t)
 
 
 def clip_clip_score(clip_i: float, clip_t: float) -> float:
-    """CC = (1 + CLIP-I)·(1 + CLIP-T) (PAPER.md §6); higher is better."""
+    """CC = (1 + CLIP-I)·(1 + CLIP-T) (the paper's definition, docs/evaluation.md); higher is better."""
     return (1.0 + clip_i) * (1.0 + clip_t)

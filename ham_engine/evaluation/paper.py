@@ -1,6 +1,7 @@
-"""The paper's reported numbers (PAPER.md §6, the StyleID benchmark protocol), to print beside ours.
+"""The paper's reported numbers (its comparison table and ablation, on StyleID's benchmark), to print beside ours.
 
-Copied here so the repository does not depend on the paper's text. The paper gives no
+Copied here so the repository does not depend on the paper's text; docs/evaluation.md
+("The paper's numbers") holds the same table with its provenance, and a test keeps the two equal. The paper gives no
 FID, LPIPS-gray or CFSD column; :func:`implied_fid` recovers the FID its ArtFID and LPIPS
 imply, which the table marks as derived.
 """
@@ -42,6 +43,10 @@ ABLATION = MappingProxyType({
 def ablation_row(sini: bool, gar: bool, lat: bool) -> tuple[str, MappingProxyType] | None:
     """The paper's ablation row for a run with these modules on (None for the full method or an unreported mix)."""
     return ABLATION.get((sini, gar, lat))
+
+# Where the rows come from, as the table's footnote says it.
+PAPER_SOURCE = ("HAM (He et al., CVPR 2026 Findings, arXiv 2603.24043), its comparison table and ablation; "
+                "see docs/evaluation.md, \"The paper's numbers\"")
 
 PROTOCOL = "content: MS-COCO, style: WikiArt (StyleID's benchmark: 20 contents x 40 styles), SD 2.1 base, 50 DDIM steps"
 

@@ -1,9 +1,11 @@
 """What ``ham eval`` leaves for people: ``metrics.json``, a Markdown table beside the paper, a contact sheet.
 
 - ``metrics.json``: the metrics (a number, or ``"unavailable: <what to put where>"``),
-  each pair's values and wall time, the metric weights loaded (file and SHA-256), and
-  the reproducibility record (:mod:`.record`).
-- ``table.md``: this run's row beside the paper's HAM and StyleID rows (PAPER.md §6).
+  each pair's values and wall time, the metric weights loaded (file, SHA-256, the
+  published SHA-256 and whether it matched), and the reproducibility record (:mod:`.record`).
+- ``table.md``: this run's row beside the paper's HAM and StyleID rows (:mod:`.paper`;
+  their provenance is in docs/evaluation.md). A run on unverified metric weights gets no
+  paper rows: its numbers do not measure what the paper's do, and the table says why.
 - ``contact_sheet.png``: with ``--pairs all`` a grid, styles along the top, contents down
   the left, each output where its row and column meet; with ``diagonal`` one
   content | style | output row per pair. Each cell is a thumbnail padded to a square
@@ -18,7 +20,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageOps
 
-from ham_engine.evaluation.paper import COMPARED, PAPER_ROWS, PROTOCOL, implied_fid
+from ham_engine.evaluation.paper import COMPARED, PAPER_ROWS, PAPER_SOURCE, PROTOCOL, implied_fid
 from ham_engine.evaluation.runner import PairResult
 from ham_engine.evaluation.suite import Evaluation, is_available
 from ham_engine.files import write_atomically, write_text_atomically
@@ -41,6 +43,10 @@ COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("cc", "CC↑", 3),
 )
 MAX_SHEET_SIDE = 8000
+UNVERIFIED_NOTE = (
+    "the paper's rows are not printed: some metric weights are not verified as the published ones "
+    "(--allow-unverified-weights), so these numbers are not comparable with the paper's"
+)
 
 
 def write_metrics(out_dir: Path, evaluation: Evaluation, results: list[PairResult], record: dict[str, Any],
@@ -62,9 +68,14 @@ def write_metrics(out_dir: Path, evaluation: Evaluation, results: list[PairResul
         "metrics": evaluation.metrics,
         "pairs": pairs,
         "metric_weights": evaluation.weights,
+        "weights_verified": evaluation.verified,
+        "unverified_weights": evaluation.unverified,
         "metric_settings": settings,
         "record": record,
-        "paper": {"protocol": PROTOCOL, "rows": {k: dict(v) for k, v in PAPER_ROWS.items()}},
+        "paper": (
+            {"protocol": PROTOCOL, "source": PAPER_SOURCE, "rows": {k: dict(v) for k, v in PAPER_ROWS.items()}}
+            if evaluation.verified else {"omitted": UNVERIFIED_NOTE}
+        ),
     }
     path = out_dir / METRICS_FILE
     write_text_atomically(path, json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
@@ -75,7 +86,9 @@ def markdown_table(evaluation: Evaluation, label: str, ablation: tuple[str, Any]
     """This run's row (``label``) above the paper's compared rows, with footnotes for what is missing.
 
     ``ablation`` is the paper's ablation row (name, values) matching the run's modules, when
-    the run switched some off (:func:`~.paper.ablation_row`); it is printed first.
+    the run switched some off (:func:`~.paper.ablation_row`); it is printed first. When
+    the evaluation used unverified weights the row is marked so, no paper row is printed,
+    and the footnotes name each unverified file.
     """
     header = "| method | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
@@ -90,6 +103,13 @@ def markdown_table(evaluation: Evaluation, label: str, ablation: tuple[str, Any]
             if reason not in notes:
                 notes.append(reason)
             cells.append(f"n/a[{notes.index(reason) + 1}]")
+    if not evaluation.verified:
+        lines.append(f"| {label}, UNVERIFIED weights | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(f"Not comparable with the paper: {UNVERIFIED_NOTE}.")
+        lines.extend(f"- unverified: {problem}" for problem in evaluation.unverified)
+        lines.extend(f"[{number}] unavailable: {note}" for number, note in enumerate(notes, 1))
+        return "\n".join(lines) + "\n"
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
     compared = [(method, PAPER_ROWS[method]) for method in COMPARED]
     if ablation is not None:
@@ -105,7 +125,7 @@ def markdown_table(evaluation: Evaluation, label: str, ablation: tuple[str, Any]
                 cells.append("—")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Paper rows: PAPER.md §6 ({PROTOCOL}). (x): FID implied by ArtFID = (1+LPIPS)(1+FID); "
+    lines.append(f"Paper rows: {PAPER_SOURCE} ({PROTOCOL}). (x): FID implied by ArtFID = (1+LPIPS)(1+FID); "
                  "— : not reported.")
     for number, note in enumerate(notes, 1):
         lines.append(f"[{number}] unavailable: {note}")

@@ -36,14 +36,15 @@ from ham_engine.evaluation.networks import IMAGENET_MEAN, IMAGENET_STD, LpipsAle
 from ham_engine.evaluation.runner import PairResult
 from ham_engine.evaluation.weights import (
     ALEXNET,
-    ART_INCEPTION,
-    FID_INCEPTION,
     LPIPS_HEADS,
     VGG16,
     Checkpoint,
+    UnverifiedWeights,
+    WeightCheck,
     WeightStore,
     WeightsUnavailable,
-    sha256,
+    verify_checkpoint,
+    verify_folder,
 )
 from ham_engine.images import open_image, to_rgb
 
@@ -69,7 +70,14 @@ class Evaluation:
 
     metrics: dict[str, float | str]
     per_pair: list[dict[str, float | str]]
-    weights: dict[str, dict[str, str]] = field(default_factory=dict)  # role -> {file, sha256}
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> {file, sha256, verified, ...}
+    # Why weights that were used are not the published ones (empty: every loaded file verified).
+    unverified: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        """True when every metric network that produced a number was verified by its published SHA-256."""
+        return not self.unverified
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -131,7 +139,9 @@ class MetricSuite:
     """The paper's metrics; networks load lazily from ``store`` and are kept for the suite's life.
 
     A checkpoint that is missing, or present but not the network it is named after, makes
-    its metric unavailable (with the reason); the other metrics are still computed.
+    its metric unavailable (with the reason); the other metrics are still computed. A
+    checkpoint whose SHA-256 is not the published one raises :class:`UnverifiedWeights`
+    unless ``allow_unverified``; then it is used and :attr:`Evaluation.unverified` says so.
     """
 
     def __init__(
@@ -140,12 +150,14 @@ class MetricSuite:
         device: str | torch.device = "cpu",
         clip_model: str = DEFAULT_CLIP,
         dino_model: str = DEFAULT_DINO,
+        allow_unverified: bool = False,
     ) -> None:
         self.store = store
+        self.allow_unverified = allow_unverified
         self.device = torch.device(device)
         self.clip_model = clip_model
         self.dino_model = dino_model
-        self.loaded: dict[str, dict[str, str]] = {}
+        self.loaded: dict[str, dict[str, Any]] = {}
         self._networks: dict[str, Any] = {}
         # A content is in every style's pair (and a style text in every content's): embed each once.
         self._embeddings: dict[tuple[str, object], torch.Tensor] = {}
@@ -157,9 +169,16 @@ class MetricSuite:
 
     # -- loading ------------------------------------------------------------------------
 
+    def _verified(self, checks: list[WeightCheck]) -> list[WeightCheck]:
+        unverified = [check for check in checks if not check.verified]
+        if unverified and not self.allow_unverified:
+            raise UnverifiedWeights(unverified)
+        return checks
+
     def _state(self, role: str, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         path = self.store.checkpoint(checkpoint)
-        self.loaded[role] = {"file": str(path), "sha256": sha256(path)}
+        (check,) = self._verified([verify_checkpoint(role, path, checkpoint)])
+        self.loaded[role] = check.as_record()
         state = torch.load(path, map_location="cpu", weights_only=True)
         return state.get("state_dict", state) if isinstance(state, dict) else state
 
@@ -188,7 +207,7 @@ class MetricSuite:
     def _inception(self) -> FidInceptionV3:
         def build() -> FidInceptionV3:
             # art-fid's Inception when it is given (the ArtFID variant), else pytorch-fid's.
-            checkpoint = ART_INCEPTION if self.store.find(ART_INCEPTION) is not None else FID_INCEPTION
+            checkpoint = self.store.fid_checkpoint()
             network = FidInceptionV3()
             state = self._state("fid", checkpoint)
             load_weights(network, state, ignore=("fc.", "AuxLogits."), what=checkpoint.filename)
@@ -220,9 +239,10 @@ class MetricSuite:
             from transformers import CLIPModel, CLIPTokenizer
 
             folder = self.store.pretrained_folder(self.clip_model, "CLIP-I / CLIP-T")
+            checks = self._verified(verify_folder("clip", folder))
             model = CLIPModel.from_pretrained(folder, local_files_only=True).eval().to(self.device)
             tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-            self.loaded["clip"] = {"model": self.clip_model, "folder": str(folder), **_folder_hashes(folder)}
+            self.loaded["clip"] = _folder_record(self.clip_model, folder, checks)
             return model, tokenizer, folder
 
         return self._network("clip", build)
@@ -232,8 +252,9 @@ class MetricSuite:
             from transformers import ViTModel
 
             folder = self.store.pretrained_folder(self.dino_model, "DINO")
+            checks = self._verified(verify_folder("dino", folder))
             model = ViTModel.from_pretrained(folder, add_pooling_layer=False, local_files_only=True)
-            self.loaded["dino"] = {"model": self.dino_model, "folder": str(folder), **_folder_hashes(folder)}
+            self.loaded["dino"] = _folder_record(self.dino_model, folder, checks)
             return model.eval().to(self.device), folder
 
         return self._network("dino", build)
@@ -351,7 +372,8 @@ class MetricSuite:
         summary["art_fid"] = _compose(metrics.art_fid, summary, "fid", "lpips")
         summary["dc"] = _compose(metrics.dino_clip_score, summary, "dino", "clip_t")
         summary["cc"] = _compose(metrics.clip_clip_score, summary, "clip_i", "clip_t")
-        return Evaluation(metrics=summary, per_pair=per_pair, weights=dict(self.loaded))
+        unverified = [problem for record in self.loaded.values() for problem in record["problems"]]
+        return Evaluation(metrics=summary, per_pair=per_pair, weights=dict(self.loaded), unverified=unverified)
 
     @staticmethod
     def _fid(outputs: list[np.ndarray], styles: list[np.ndarray], missing: str | None) -> float | str:
@@ -382,6 +404,7 @@ def _compose(formula: Callable[[float, float], float], summary: dict, first: str
     return f"{UNAVAILABLE}needs {' and '.join(missing)}, {'which are' if len(missing) > 1 else 'which is'} unavailable"
 
 
-def _folder_hashes(folder: Path) -> dict[str, str]:
-    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth"))
-    return {f"sha256:{p.name}": sha256(p) for p in weights}
+def _folder_record(model: str, folder: Path, checks: list[WeightCheck]) -> dict[str, Any]:
+    return {"model": model, "folder": str(folder), "files": [check.as_record() for check in checks],
+            "verified": all(check.verified for check in checks),
+            "problems": [check.problem() for check in checks if not check.verified]}

@@ -100,6 +100,8 @@ class ModelFamily(ABC):
 
     name: ClassVar[str]
     default_size: ClassVar[int]  # the output's longer side the model was trained at
+    # False for a guidance-distilled model (FLUX.1-dev): a text style teacher then runs without CFG rows.
+    classifier_free_guidance: ClassVar[bool] = True
     default_layers: ClassVar[tuple[str, ...]] = DEFAULT_LAYERS
     # Subfolders of a diffusers folder that must exist for this family (besides unet, vae, scheduler).
     text_parts: ClassVar[tuple[str, ...]]
@@ -189,4 +191,26 @@ def family_for(unet_config: Mapping[str, Any], latent_channels: int, source: str
     return family
 
 
-__all__ = ["ModelFamily", "PromptEmbeddings", "UnsupportedModel", "family_for"]
+# Diffusion-transformer pipelines (``model_index.json``'s ``_class_name``) → their family's module and class.
+TRANSFORMER_PIPELINES: dict[str, tuple[str, str]] = {
+    "StableDiffusion3Pipeline": ("ham_engine.families.sd3", "StableDiffusion3"),
+    "FluxPipeline": ("ham_engine.families.flux", "Flux"),
+}
+
+
+def transformer_family_for(model_index: Mapping[str, Any]) -> type[ModelFamily] | None:
+    """The family of a diffusion-transformer pipeline (SD3, FLUX), or None for a UNet pipeline.
+
+    Read from ``model_index.json``'s ``_class_name``; such a family loads through
+    :func:`ham_engine.dit.load_dit_model`.
+    """
+    import importlib
+
+    entry = TRANSFORMER_PIPELINES.get(str(model_index.get("_class_name")))
+    if entry is None:
+        return None
+    module, name = entry
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = ["ModelFamily", "PromptEmbeddings", "UnsupportedModel", "family_for", "transformer_family_for"]

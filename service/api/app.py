@@ -25,6 +25,7 @@ from service.api.routes.docs import install_docs
 from service.api.routes.playground import install_playground
 from service.core.config import Settings, get_settings
 from service.core.jobs import JobStore
+from service.core.models import catalogue
 from service.core.redis_client import (
     REDIS_UNAVAILABLE,
     UNREACHABLE,
@@ -135,6 +136,7 @@ def _queue_collector(jobs: JobStore) -> QueueCollector:
         # Outcomes are counted by the job store's transitions (the worker finishes jobs, not the API).
         finished_by_outcome=jobs.finished_counts,
         redis_memory=lambda: memory_usage(jobs.redis),
+        per_model=lambda: catalogue(jobs.redis, jobs.settings),
     )
 
 

@@ -245,6 +245,12 @@ class FetchFailed(ApiError):
     template = "{field}: {detail}"
 
 
+class UnknownModel(ApiError):
+    status, code = 422, "unknown_model"
+    description = "A `model` this deployment does not serve; the message lists the served ones (`GET /v1/models`)."
+    default_field = "model"
+
+
 # --- 429 / 503 -----------------------------------------------------------------------------------
 
 
@@ -324,6 +330,15 @@ class RedisNoReplicas(_RedisRefusal, ApiError):
     description = ("Too few Redis replicas to acknowledge the write (the job may be stored: retry with the same "
                    "`Idempotency-Key`); see `Retry-After`.")  # fmt: skip
     template = "the job store has too few replicas to accept writes; retry shortly"
+
+
+class ModelUnavailable(ApiError):
+    status, code = 503, "model_unavailable"
+    description = ("With `HAM_MODELS_REQUIRE_WORKER`: no worker of the `model` announced itself recently; "
+                   "see `Retry-After`.")
+    template = ("model: no worker of {model!r} announced itself recently; retry once its pool is up "
+                "(GET /v1/models shows workers_online)")
+    default_field = "model"
 
 
 class NotReady(ApiError):

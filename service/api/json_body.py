@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import Request
 
 from ham_engine.params import ParamSpec
+from service.api.catalogue import choose_model
 from service.api.deps import Services
 from service.api.errors import InvalidJson, InvalidParameter, InvalidRequest, MissingField, UnknownField
 from service.api.fetch import fetch_reference
@@ -29,7 +30,7 @@ from service.api.submission import (
 )
 
 REFERENCE_FIELDS = ("content_url", "style_url")
-TEXT_FIELDS = ("style_prompt", "webhook_url")
+TEXT_FIELDS = ("style_prompt", "webhook_url", "model")
 _SPECS = {spec.name: spec for spec in REQUEST_SPECS}
 KNOWN_FIELDS = frozenset(_SPECS) | frozenset(REFERENCE_FIELDS) | frozenset(TEXT_FIELDS) | {"webhook_events"}
 _JSON_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -43,8 +44,9 @@ async def read_json(request: Request, services: Services) -> Submission:
         raise UnknownField(where="", name=unknown[0][:80], known=", ".join(sorted(KNOWN_FIELDS)),
                            field=unknown[0][:80])
     given = {name: _typed(_SPECS[name], value) for name, value in body.items() if name in _SPECS}
-    params, output = build_params(given)
     texts = {name: _string(name, body[name]) if name in body else None for name in (*REFERENCE_FIELDS, *TEXT_FIELDS)}
+    model = await choose_model(services, texts["model"])
+    params, output = build_params(given, model.family)
     style = one_style(texts["style_url"] is not None, texts["style_prompt"])
     if not texts["content_url"]:
         raise MissingField("the content image's URL or data: URI is required", field="content_url")
@@ -61,7 +63,7 @@ async def read_json(request: Request, services: Services) -> Submission:
     images = dict(zip((name for name, _ in references), fetched, strict=True))
     content = await normalise_image(services, "content_url", images["content_url"])
     pngs = (await normalise_image(services, "style_url", images["style_url"]),) if "style_url" in images else ()
-    return Submission(params, output, webhook_url, chosen_events, content, (style,), pngs)
+    return Submission(params, output, webhook_url, chosen_events, content, (style,), pngs, model=model.name)
 
 
 async def _object(request: Request) -> dict[str, Any]:

@@ -1,7 +1,14 @@
 """Prometheus metrics of the API process, on a registry per app (so tests can build many apps).
 
 Request counters and latency are counted here by an ASGI middleware, labelled by the route
-*template* (``/v1/transfers/{job_id}``, never the raw path: bounded cardinality). The queue
+*template* (``/v1/transfers/{job_id}``, never the raw path: bounded cardinality; the
+playground's static files are ``/playground/static/{path}``).
+
+Latency is two histograms, so that a percentile of one cannot mislead: requests that are
+*meant* to last — a long poll (``Prefer: wait=N``, N > 0) and an event stream (a
+``text/event-stream`` answer) — go to ``ham_http_long_request_duration_seconds`` with a
+``kind`` label (``wait``, ``stream``); every other request to
+``ham_http_request_duration_seconds``, whose p95 is then the latency a short request sees. The queue
 gauges and the finished-jobs counter describe shared state in Redis, so they are read from
 Redis at scrape time by :class:`QueueCollector` and agree across API replicas.
 """
@@ -15,14 +22,19 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.routing import Match
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.live import preferred_wait
 
 log = logging.getLogger("ham.api")
 
 UNMATCHED_ROUTE = "<unmatched>"
 # Latency buckets for an API whose slow path is a multipart upload plus image decode.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Long polls wait up to 60 s; event streams last as long as the job (minutes on a CPU).
+_LONG_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
+SHORT, WAIT, STREAM = "short", "wait", "stream"
 
 
 class QueueCollector(Collector):
@@ -37,7 +49,10 @@ class QueueCollector(Collector):
         oldest_queued_age: Callable[[], float | None],
         finished_by_outcome: Callable[[], Mapping[str, int]],
         redis_memory: Callable[[], tuple[int, int]] | None = None,
+        per_model: Callable[[], list[Mapping[str, object]]] | None = None,
     ) -> None:
+        # The catalogue (service.core.models.catalogue): each served model's queue and live workers.
+        self._per_model = per_model
         self._queue_depth = queue_depth
         self._oldest_queued_age = oldest_queued_age
         self._finished_by_outcome = finished_by_outcome
@@ -54,6 +69,7 @@ class QueueCollector(Collector):
             oldest = self._oldest_queued_age()
             finished = dict(self._finished_by_outcome())
             memory = self._redis_memory() if self._redis_memory is not None else None
+            models = list(self._per_model()) if self._per_model is not None else []
         except Exception as exc:  # a scrape must not fail because Redis is down
             log.warning("metrics scrape could not read Redis: %s", exc)
             up.add_metric([], 0)
@@ -78,6 +94,25 @@ class QueueCollector(Collector):
         for outcome in ("succeeded", "failed", "canceled"):
             counter.add_metric([outcome], finished.get(outcome, 0))
         yield counter
+        yield from _model_families(models)
+
+
+def _model_families(models: list[Mapping[str, object]]) -> Iterator[Metric]:
+    """Per served model (label ``model``): its queue depth, its oldest queued job's age, its live workers."""
+    depth = GaugeMetricFamily("ham_model_queue_depth", "Jobs waiting in the model's queue.", labels=["model"])
+    oldest = GaugeMetricFamily(
+        "ham_model_oldest_queued_job_age_seconds",
+        "Age of the job next in line in the model's queue (0 when empty).", labels=["model"],
+    )
+    workers = GaugeMetricFamily(
+        "ham_model_workers_online", "Workers that announced the model within three heartbeats.", labels=["model"]
+    )
+    for entry in models:
+        name = str(entry["name"])
+        depth.add_metric([name], float(entry["queue_depth"]))  # type: ignore[arg-type]
+        oldest.add_metric([name], float(entry["oldest_queued_age"] or 0.0))  # type: ignore[arg-type]
+        workers.add_metric([name], float(entry["workers_online"]))  # type: ignore[arg-type]
+    yield from (depth, oldest, workers)
 
 
 class ApiMetrics:
@@ -96,6 +131,13 @@ class ApiMetrics:
             "HTTP request latency by route template.",
             ["route", "method"],
             buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.long_latency = Histogram(
+            "ham_http_long_request_duration_seconds",
+            "Duration of requests meant to last: long polls (kind=wait) and event streams (kind=stream).",
+            ["route", "method", "kind"],
+            buckets=_LONG_BUCKETS,
             registry=self.registry,
         )
         self.jobs_submitted = Counter(
@@ -126,10 +168,13 @@ class ApiMetrics:
         """The exposition text."""
         return generate_latest(self.registry)
 
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one finished request."""
+    def observe(self, route: str, method: str, status: int, seconds: float, kind: str = SHORT) -> None:
+        """Count one finished request; ``kind`` (short, wait, stream) picks its latency histogram."""
         self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route, method).observe(seconds)
+        if kind == SHORT:
+            self.latency.labels(route, method).observe(seconds)
+        else:
+            self.long_latency.labels(route, method, kind).observe(seconds)
 
 
 class MetricsMiddleware:
@@ -145,17 +190,48 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500  # if the app raises before answering, the server answers 500
+        # Matched before the app runs: a mount rewrites the scope's paths on the way in.
+        route = _route_template(scope)
+        kind = WAIT if _asks_to_wait(scope) else SHORT
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, kind
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if _is_event_stream(message):
+                    kind = STREAM
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.observe(_route_template(scope), scope["method"], status, time.perf_counter() - started)
+            # The route the router settled on when it sets one (the pre-match is the same otherwise).
+            matched = _template_of(scope.get("route")) or route
+            self.metrics.observe(matched, scope["method"], status, time.perf_counter() - started, kind)
+
+
+def _header(scope: Scope | Message, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _asks_to_wait(scope: Scope) -> bool:
+    """A long poll: ``Prefer: wait=N`` with N > 0 (the routes that honour it wait up to N seconds)."""
+    return bool(preferred_wait(_header(scope, b"prefer")))
+
+
+def _is_event_stream(start: Message) -> bool:
+    content_type = _header(start, b"content-type") or ""
+    return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
+def _template_of(route: object) -> str | None:
+    path = getattr(route, "path", None)
+    if isinstance(route, Mount) and path:
+        return f"{path}/{{path}}"
+    return path
 
 
 def _route_template(scope: Scope) -> str:
@@ -168,4 +244,4 @@ def _route_template(scope: Scope) -> str:
             if candidate.matches(scope)[0] != Match.NONE:
                 route = candidate
                 break
-    return getattr(route, "path", None) or UNMATCHED_ROUTE
+    return _template_of(route) or UNMATCHED_ROUTE

@@ -14,6 +14,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ham_engine.params import ParamError
+from service.api.catalogue import choose_model
 from service.api.deps import Services
 from service.api.errors import (
     DuplicateField,
@@ -38,7 +39,7 @@ from service.api.uploads import read_upload
 from service.core.style_refs import StyleRef
 
 FILE_FIELDS = ("content", "style")
-TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url", "webhook_events")
+TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url", "webhook_events", "model")
 # May be given several times: the job then carries several styles, in the order given.
 STYLE_FIELDS = ("style", "style_id")
 KNOWN_FIELDS = frozenset(spec.name for spec in REQUEST_SPECS) | frozenset(FILE_FIELDS) | frozenset(TEXT_FIELDS)
@@ -58,7 +59,8 @@ async def read_multipart(request: Request, services: Services) -> Submission:
                     given[spec.name] = form_value(spec, raw)
                 except ParamError as exc:
                     raise invalid(exc) from None
-        params, output = build_params(given)
+        model = await choose_model(services, _text(values, "model"))
+        params, output = build_params(given, model.family)
         if one_upload:
             styles: tuple[StyleRef, ...] = (one_style(values.get("style") is not None, _text(values, "style_prompt")),)
         elif _text(values, "style_prompt") is not None:
@@ -77,7 +79,7 @@ async def read_multipart(request: Request, services: Services) -> Submission:
         pngs = [await read_upload(upload, "style", services.settings) for upload in uploads]
     finally:
         await form.close()
-    return Submission(params, output, webhook_url, events, content, styles, tuple(pngs))
+    return Submission(params, output, webhook_url, events, content, styles, tuple(pngs), model=model.name)
 
 
 def _style_fields(form: FormData, limit: int) -> list[tuple[str, str | UploadFile]]:

@@ -9,7 +9,8 @@ suite runs against it) can trust every word:
 - ``/healthz``, ``/readyz`` and ``/metrics`` declare no security (and no 401) while
   ``HAM_PUBLIC_HEALTH`` / ``HAM_PUBLIC_METRICS`` make them public;
 - the submission bodies (``TransferForm``, ``TransferRequest``) are built from the request
-  parameters; without ``HAM_WEBHOOK_SECRET`` they have no webhook fields (they would be 422).
+  parameters; without ``HAM_WEBHOOK_SECRET`` they have no webhook fields (they would be 422), and
+  their ``model`` is an enum of the served models (``HAM_MODELS``).
 
 Operation ids are the handlers' names (``create_transfer``, ``get_transfer``...), which is what
 generated clients call their functions.
@@ -58,6 +59,11 @@ def exact_openapi(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
         for body in bodies.values():
             for field in _WEBHOOK_FIELDS:
                 body["properties"].pop(field, None)
+    for name, body in bodies.items():
+        # The deployment's catalogue: any other name is a 422 unknown_model (a blank form field means "left out").
+        served = list(settings.served_models) + ([""] if name == "TransferForm" else [])
+        model = {k: v for k, v in body["properties"]["model"].items() if k != "minLength"}
+        body["properties"]["model"] = {**model, "enum": served, "default": settings.default_model}
     schema.setdefault("components", {}).setdefault("schemas", {}).update(bodies)
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():

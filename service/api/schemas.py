@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ham_engine.params import MAX_PROMPT_CHARS
+from service.api.catalogue import MODEL_FIELD_SCHEMA
 from service.api.errors import ErrorDetail, ErrorResponse
 from service.api.submission import MAX_WEBHOOK_URL_CHARS, REQUEST_SPECS
 from service.core.jobs import WEBHOOK_EVENTS
@@ -88,6 +89,7 @@ def transfer_form_schema() -> dict[str, Any]:
             "style": {"type": "string", "format": "binary",
                       "description": "The style image (PNG, JPEG or WebP). Give `style`, `style_prompt`, or both."},
             "style_prompt": prompt,
+            "model": MODEL_FIELD_SCHEMA,
             **_param_properties(),
             "webhook_url": webhook_url,
             "webhook_events": {"type": "string", "pattern": f"^(({events})(,({events}))*)?$",
@@ -109,6 +111,7 @@ def transfer_json_schema() -> dict[str, Any]:
             "style_url": {"type": "string", "description": f"The style image: {_REFERENCE_HELP}",
                           "examples": ["data:image/png;base64,iVBORw0KGgo..."]},
             "style_prompt": _STYLE_PROMPT,
+            "model": MODEL_FIELD_SCHEMA,
             **_param_properties(),
             "webhook_url": _WEBHOOK_URL,
             "webhook_events": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},

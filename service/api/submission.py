@@ -15,7 +15,14 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from ham_engine.params import PARAM_SPECS, ParamError, ParamSpec, TransferParams, check_style_reference
+from ham_engine.params import (
+    PARAM_SPECS,
+    ParamError,
+    ParamSpec,
+    TransferParams,
+    check_style_reference,
+    family_params,
+)
 from service.api.deps import Services
 from service.api.errors import ApiError, InvalidParameter, InvalidWebhookUrl, StyleNotFound, WebhooksDisabled
 from service.api.uploads import read_image
@@ -44,6 +51,8 @@ class Submission:
     styles: tuple[StyleRef, ...]
     # The normalised PNG of each pending upload among ``styles``, in the same order.
     style_pngs: tuple[bytes, ...] = ()
+    # The catalogue model it runs on (service.api.catalogue); None: the default model.
+    model: str | None = None
 
     def uploads(self, job_id: str) -> list[tuple[str, bytes]]:
         """The style images to store with the job: (storage key, PNG)."""
@@ -62,6 +71,7 @@ class Submission:
             webhook_events=self.webhook_events,
             output_format=self.output.format,
             output_quality=self.output.quality,
+            model=self.model,
         )
 
 
@@ -70,9 +80,10 @@ def invalid(exc: ParamError) -> ApiError:
     return InvalidParameter(str(exc), field=exc.field)
 
 
-def build_params(given: Mapping[str, Any]) -> tuple[TransferParams, OutputSpec]:
-    """The engine parameters and the output spec from the request parameters that were given."""
-    engine = {name: value for name, value in given.items() if name in _ENGINE_NAMES}
+def build_params(given: Mapping[str, Any], family: str = "sd") -> tuple[TransferParams, OutputSpec]:
+    """The engine parameters and the output spec from the request parameters that were given;
+    what was left out gets the model ``family``'s default (``FAMILY_DEFAULTS``), else the field's."""
+    engine = family_params(family, {name: value for name, value in given.items() if name in _ENGINE_NAMES})
     output = {name.removeprefix("output_"): value for name, value in given.items() if name not in _ENGINE_NAMES}
     try:
         return TransferParams(**engine), OutputSpec(**output)

@@ -62,7 +62,22 @@ class Settings(BaseSettings):
     )
 
     # --- engine --------------------------------------------------------------------
-    model: str = Field("tiny", description="Diffusers model id, local folder, or 'tiny' (offline demo).")
+    model: str = Field(
+        "tiny",
+        description="The worker's model: a diffusers model id, local folder, or 'tiny' / 'tiny-xl' (random presets, "
+        "offline demos whose pictures are noise). On the API: the default model when HAM_MODELS is empty.",
+    )
+    models: str = Field(
+        "",
+        description="Comma-separated model names the API serves (its catalogue, GET /v1/models); the first is the "
+        "default model and keeps HAM_QUEUE_NAME, each other one gets the queue <HAM_QUEUE_NAME>-<name>. "
+        "Empty: just HAM_MODEL.",
+    )
+    models_require_worker: bool = Field(
+        False,
+        description="Refuse (503 model_unavailable) a transfer whose model no worker announced in the last "
+        "few heartbeats; false: accept and queue it until a worker of that model starts.",
+    )
     device: str | None = Field(None, description="Torch device for the worker (cuda, cuda:1, cpu); auto if unset.")
     dtype: str | None = Field(
         None, description="Worker compute dtype: fp16, bf16 or fp32; unset: fp16 on CUDA, fp32 on CPU."
@@ -154,6 +169,25 @@ class Settings(BaseSettings):
             if not sep or not tenant.strip() or not key.strip():
                 raise ValueError(f"HAM_API_KEYS entries must be tenant:key, got {pair!r}")
         return value
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: str) -> str:
+        from service.core.models import check_model_names  # the naming rules live with the catalogue
+
+        check_model_names([m.strip() for m in value.split(",") if m.strip()])
+        return value
+
+    @cached_property
+    def served_models(self) -> tuple[str, ...]:
+        """The models the API accepts, the default first (``HAM_MODELS``, else just ``HAM_MODEL``)."""
+        names = tuple(dict.fromkeys(m.strip() for m in self.models.split(",") if m.strip()))
+        return names or (self.model,)
+
+    @property
+    def default_model(self) -> str:
+        """The model of a transfer that names none: the first of ``HAM_MODELS``."""
+        return self.served_models[0]
 
     @cached_property
     def tenants_by_key(self) -> dict[str, str]:

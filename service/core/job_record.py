@@ -131,6 +131,8 @@ class Job:
     result_keys: list[str] | None = None  # one per style once succeeded (the first is result_key)
     # Bumped by every transition and progress write; the id of the job's server-sent events.
     version: int = 0
+    # The catalogue model it runs on (its queue's); None: the default model (records from before models).
+    model: str | None = None
     # Runs started so far (never refunded, unlike ``attempts``): the current run's fencing token.
     # Every worker write about the job names its run and is refused once another run owns the job.
     run: int = 0

@@ -10,7 +10,8 @@ Redis layout (everything expires ``settings.result_ttl`` after its last transiti
 - ``ham:queued`` and ``ham:queued:{tenant}`` — sorted sets of queued job ids (counts
   for backpressure; sets, not counters, so a lost update cannot make them drift).
 - ``ham:running`` — sorted set of running job ids by ``started_at`` (for recovery).
-- ``rq:queue:{queue_name}`` — RQ's list. The RQ job id *is* the job id, so the queue
+- ``rq:queue:{queue}`` — RQ's list, one per model (:func:`service.core.models.queue_name`;
+  the default model's is ``rq:queue:{queue_name}``). The RQ job id *is* the job id, so the queue
   position is ``LPOS``. The RQ job carries only the id; the function is the string
   ``"worker.task.run_transfer"`` so this module never imports the worker or torch.
 
@@ -52,6 +53,7 @@ from service.core.job_record import (
     events_channel,
 )
 from service.core.job_recovery import Recovery, RecoveryAction, decide_recovery
+from service.core.models import queue_name
 from service.core.redis_client import raise_outage_behind, wait_for_replicas
 
 TASK_FUNCTION = "worker.task.run_transfer"
@@ -68,11 +70,20 @@ class JobStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self.queue = Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
+        self._queues: dict[str, Queue] = {}
+        # The default model's queue (a worker takes queue_for(its model)).
+        self.queue = self.queue_for(None)
         self._start = redis.register_script(scripts.START)
         self._progress = redis.register_script(scripts.PROGRESS)
         self._finish = redis.register_script(scripts.FINISH)
         self._cancel = redis.register_script(scripts.CANCEL)
+
+    def queue_for(self, model: str | None) -> Queue:
+        """The RQ queue of ``model``'s jobs (``None``: the default model)."""
+        name = queue_name(self.settings, model)
+        if name not in self._queues:
+            self._queues[name] = Queue(name, connection=self.redis, serializer=JSONSerializer)
+        return self._queues[name]
 
     # --- keys ------------------------------------------------------------------
     @staticmethod
@@ -97,13 +108,13 @@ class JobStore:
         digest = hashlib.sha256(key.encode()).hexdigest()
         return f"{KEY_PREFIX}:idem:{tenant}:{digest}"
 
-    def _transition_keys(self, job_id: str, tenant: str) -> list[str]:
+    def _transition_keys(self, job_id: str, tenant: str, model: str | None = None) -> list[str]:
         return [
             self.job_key(job_id),
             self.queued_key(),
             self.queued_key(tenant),
             self.running_key,
-            self.queue.key,
+            self.queue_for(model).key,
             self.finished_key,
         ]
 
@@ -176,10 +187,10 @@ class JobStore:
         pipe.expire(self.tenant_key(job.tenant), ttl)
         pipe.zadd(self.queued_key(), {job.id: job.created_at})
         pipe.zadd(self.queued_key(job.tenant), {job.id: job.created_at})
-        self._enqueue(pipe, job.id)
+        self._enqueue(pipe, job.id, model=job.model)
 
-    def _enqueue(self, pipe: Any, job_id: str, at_front: bool = False) -> None:
-        self.queue.enqueue_call(
+    def _enqueue(self, pipe: Any, job_id: str, at_front: bool = False, model: str | None = None) -> None:
+        self.queue_for(model).enqueue_call(
             TASK_FUNCTION,
             args=(job_id,),
             job_id=job_id,
@@ -247,8 +258,9 @@ class JobStore:
                 self.redis.zrem(key, *expired)
 
     def queue_position(self, job_id: str) -> int | None:
-        """0-based place in the RQ queue (0 = next to run); ``None`` if not waiting there."""
-        pos = self.redis.lpos(self.queue.key, job_id)
+        """0-based place in its model's RQ queue (0 = next to run); ``None`` if not waiting there."""
+        model = _text(self.redis.hget(self.job_key(job_id), "model"))
+        pos = self.redis.lpos(self.queue_for(model or None).key, job_id)
         return None if pos is None else int(pos)
 
     def queued_count(self, tenant: str | None = None) -> int:
@@ -287,7 +299,7 @@ class JobStore:
         Raises :class:`JobConflict` for a finished job, ``KeyError`` for an unknown one."""
         job = self._require(job_id)
         out = self._cancel(
-            keys=self._transition_keys(job_id, job.tenant),
+            keys=self._transition_keys(job_id, job.tenant, job.model),
             args=[job_id, repr(time.time()), self.settings.result_ttl, events_channel(job_id)],
         )
         return self._result(job_id, out, "cancel")
@@ -316,7 +328,7 @@ class JobStore:
         if job is None:
             return None
         out = self._start(
-            keys=self._transition_keys(job_id, job.tenant),
+            keys=self._transition_keys(job_id, job.tenant, job.model),
             args=[job_id, worker, repr(time.time()), self.settings.result_ttl, events_channel(job_id)],
         )
         if _text(out[0]) != "ok":
@@ -363,7 +375,7 @@ class JobStore:
         ]  # fmt: skip
         for name, value in fields.items():
             args += [name, value]
-        out = self._finish(keys=self._transition_keys(job_id, job.tenant), args=args)
+        out = self._finish(keys=self._transition_keys(job_id, job.tenant, job.model), args=args)
         return self._result(job_id, out, f"mark it {status.value}", run)
 
     # --- recovery --------------------------------------------------------------
@@ -396,13 +408,15 @@ class JobStore:
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(jkey, self.queue.key)
+                    model = _text(self.redis.hget(jkey, "model")) or None  # set at submit, never changed
+                    queue = self.queue_for(model)
+                    pipe.watch(jkey, queue.key)
                     status = pipe.hget(jkey, "status")
-                    if _text(status) != JobStatus.QUEUED.value or pipe.lpos(self.queue.key, job_id) is not None:
+                    if _text(status) != JobStatus.QUEUED.value or pipe.lpos(queue.key, job_id) is not None:
                         pipe.unwatch()
                         return False
                     pipe.multi()
-                    self._enqueue(pipe, job_id, at_front=True)
+                    self._enqueue(pipe, job_id, at_front=True, model=model)
                     pipe.execute()
                     return True
                 except WatchError as exc:
@@ -439,7 +453,7 @@ class JobStore:
                         return None
                     # RQ's own record of the dead execution: drop it so RQ's registry
                     # cleanup does not later report the job failed behind our back.
-                    wip_key = self.queue.started_job_registry.key
+                    wip_key = self.queue_for(job.model).started_job_registry.key
                     stale = [m for m in pipe.zrange(wip_key, 0, -1) if _text(m).startswith(f"{job_id}:")]
                     pipe.multi()
                     if stale:
@@ -473,7 +487,7 @@ class JobStore:
                 pipe.hincrby(jkey, "attempts", -1)
             pipe.zadd(self.queued_key(), {job.id: job.created_at})
             pipe.zadd(self.queued_key(job.tenant), {job.id: job.created_at})
-            self._enqueue(pipe, job.id, at_front=at_front)
+            self._enqueue(pipe, job.id, at_front=at_front, model=job.model)
         pipe.expire(jkey, self.settings.result_ttl)
         pipe.hincrby(jkey, "version", 1)
         pipe.publish(events_channel(job.id), job.version + 1)

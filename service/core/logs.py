@@ -9,7 +9,10 @@ Every line written while a request or a job is handled carries ``request_id``, `
 ``tenant`` (``null`` until known). They live in one :class:`LogContext` per request or job, held in
 a context variable: the API's request middleware opens it, authentication fills in the tenant,
 the transfer routes the job id; the worker opens one per job with the id of the request that
-submitted it, so a job's lines can be found from the client's ``X-Request-ID``.
+submitted it, so a job's lines can be found from the client's ``X-Request-ID``. The worker's RQ
+loop opens the job's context around RQ's own handling of the job, and the task's context for the
+same job is that same object (:func:`log_context`), so RQ's lines after the task ("Job OK")
+carry the request id and tenant the task learnt from the job record.
 
 Secrets never reach a log line: the configured API keys, signing keys and S3 secret are replaced
 by ``[redacted]`` in every message, and nothing here logs request bodies or image bytes.
@@ -63,7 +66,19 @@ def current_context() -> LogContext | None:
 @contextmanager
 def log_context(request_id: str | None = None, job_id: str | None = None,
                 tenant: str | None = None) -> Iterator[LogContext]:
-    """Open a fresh context for one request or job; lines logged inside carry its ids."""
+    """Open a fresh context for one request or job; lines logged inside carry its ids.
+
+    Inside a context already open for the same ``job_id`` (RQ's handling of the job around
+    the task), that context is used and filled in, not shadowed: what the task binds is then
+    on the lines RQ writes after it returns.
+    """
+    outer = _current.get()
+    if job_id is not None and outer is not None and outer.job_id == job_id:
+        for name, value in (("request_id", request_id), ("tenant", tenant)):
+            if value is not None:
+                setattr(outer, name, value)
+        yield outer
+        return
     context = LogContext(request_id=request_id, job_id=job_id, tenant=tenant)
     token = _current.set(context)
     try:

@@ -110,6 +110,9 @@ class TransferJob(BaseModel):
     output_format: Literal[FORMAT_SPEC.choices] = Field(description="The result's file format.")
     output_quality: int = Field(ge=QUALITY_SPEC.minimum, le=QUALITY_SPEC.maximum,
                                 description="Encoder quality of a jpeg or webp result.")
+    model: str | None = Field(
+        None, description="The model it runs on (`GET /v1/models`); null: the default model (jobs from before models)."
+    )
     attempt: int = Field(
         0,
         ge=0,
@@ -146,6 +149,7 @@ class TransferJob(BaseModel):
             style_count=len(job.styles) or 1,
             output_format=job.output_format,
             output_quality=job.output_quality,
+            model=job.model,
             attempt=job.run,
         )
 

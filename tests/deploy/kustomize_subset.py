@@ -5,6 +5,9 @@ so the tests render the overlays with this. It implements only what the overlays
 *refuses* anything else, so an overlay cannot silently drift outside what is tested:
 
 - ``resources``: YAML files and directories holding a ``kustomization.yaml`` (rendered first);
+- ``components``: directories holding a ``kind: Component`` kustomization whose ``resources``
+  join the parent's and whose ``patches`` apply to everything accumulated so far (kustomize's
+  order: the parent's resources, then each component, then the parent's generators and patches);
 - ``namespace``: set on every namespaced object;
 - ``labels``: ``pairs`` added to ``metadata.labels`` (``includeSelectors`` must stay false;
   ``includeTemplates`` adds them to pod templates too);
@@ -36,6 +39,7 @@ _SUPPORTED_KEYS = {
     "apiVersion",
     "kind",
     "resources",
+    "components",
     "namespace",
     "labels",
     "images",
@@ -214,6 +218,28 @@ def _set_labels(docs: list[Doc], labels: list[Doc]) -> None:
                 doc["spec"]["template"].setdefault("metadata", {}).setdefault("labels", {}).update(entry["pairs"])
 
 
+_COMPONENT_KEYS = {"apiVersion", "kind", "resources", "patches"}
+
+
+def _apply_component(docs: list[Doc], directory: Path) -> list[Doc]:
+    """``docs`` with a ``kind: Component`` kustomization's resources added and its patches applied."""
+    component = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    if component.get("kind") != "Component":
+        raise UnsupportedKustomization(f"{directory}: a component must be kind: Component")
+    unknown = set(component) - _COMPONENT_KEYS
+    if unknown:
+        raise UnsupportedKustomization(f"{directory}: component fields {sorted(unknown)} are outside the subset")
+    docs = list(docs)
+    for resource in component.get("resources", []):
+        path = (directory / resource).resolve()
+        docs.extend(render(path) if path.is_dir() else _load_yaml_docs(path))
+    for patch in component.get("patches", []):
+        if set(patch) != {"path"}:
+            raise UnsupportedKustomization(f"patch {patch} is outside the subset (path only)")
+        docs = _apply_patch_file(docs, directory / patch["path"])
+    return docs
+
+
 def render(directory: Path) -> list[Doc]:
     """Render the kustomization in ``directory`` into a list of Kubernetes objects."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
@@ -224,6 +250,8 @@ def render(directory: Path) -> list[Doc]:
     for resource in kustomization.get("resources", []):
         path = (directory / resource).resolve()
         docs.extend(render(path) if path.is_dir() else _load_yaml_docs(path))
+    for component in kustomization.get("components", []):
+        docs = _apply_component(docs, (directory / component).resolve())
     for kind, field in (("ConfigMap", "configMapGenerator"), ("Secret", "secretGenerator")):
         docs.extend(_generate(kind, spec, directory) for spec in kustomization.get(field, []))
     for patch in kustomization.get("patches", []):

@@ -70,7 +70,11 @@ def test_schema_check_catches_a_misplaced_gpu_reservation(gpu: dict) -> None:
 
 
 def test_stack_has_redis_s3_api_worker_prometheus_and_grafana(gpu: dict, cpu: dict) -> None:
-    assert set(gpu["services"]) == set(cpu["services"]) == {"redis", "s3", "api", "worker", "prometheus", "grafana"}
+    assert set(gpu["services"]) == set(cpu["services"]) == {
+        "redis", "s3", "api", "worker", "worker-2", "prometheus", "grafana"}
+    # The second model's pool runs only with its profile (docs/deploy.md, "Several models").
+    assert gpu["services"]["worker-2"]["profiles"] == ["second-model"]
+    assert "profiles" not in gpu["services"]["worker"]
 
 
 def test_every_ham_variable_in_compose_is_a_settings_field(gpu: dict, cpu: dict) -> None:
@@ -95,7 +99,32 @@ def test_api_and_worker_share_one_configuration(gpu: dict) -> None:
     """The worker differs from the API only in engine settings; queue, Redis and storage agree."""
     api, worker = environment(gpu["services"]["api"]), environment(gpu["services"]["worker"])
     engine_only = {"HAM_MODEL", "HAM_DEVICE", "HAM_WORKER_METRICS_PORT"}
-    assert {k: v for k, v in worker.items() if k not in engine_only} == api
+    assert {k: v for k, v in worker.items() if k not in engine_only} == {k: v for k, v in api.items()
+                                                                         if k != "HAM_MODEL"}
+    # The API's default model is the (first) worker's: its jobs go to that worker's queue.
+    assert worker["HAM_MODEL"] == api["HAM_MODEL"]
+
+
+@pytest.mark.parametrize("stack", ["gpu", "cpu"])
+def test_the_second_worker_serves_another_model_on_its_own_queue(gpu: dict, cpu: dict, stack: str) -> None:
+    services = {"gpu": gpu, "cpu": cpu}[stack]["services"]
+    first, second = environment(services["worker"]), environment(services["worker-2"])
+    assert first["HAM_MODEL"] != second["HAM_MODEL"]
+    assert environment(services["api"])["HAM_MODEL"] == first["HAM_MODEL"]
+    # With the profile on, the operator lists both (docs/deploy.md): each worker then takes its own queue.
+    models = f"{first['HAM_MODEL']},{second['HAM_MODEL']}"
+    queues = {Settings(models=models, model=env["HAM_MODEL"], queue_name=env["HAM_QUEUE_NAME"]).default_model
+              for env in (first, second)}
+    assert queues == {first["HAM_MODEL"]}
+    from service.core.models import queue_name
+
+    settings = Settings(models=models, queue_name=first["HAM_QUEUE_NAME"])
+    assert queue_name(settings, first["HAM_MODEL"]) == "ham"
+    assert queue_name(settings, second["HAM_MODEL"]).startswith("ham-")
+    if stack == "gpu":
+        assert services["worker-2"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["1"]
+    else:
+        assert second["HAM_MODEL"] == "tiny-xl" and second["HAM_DEVICE"] == "cpu"
 
 
 def test_cpu_override_runs_tiny_on_cpu_without_a_gpu_reservation(cpu: dict) -> None:
@@ -160,7 +189,7 @@ def test_prometheus_scrapes_the_api_and_every_worker(gpu: dict) -> None:
     api_cmd = gpu["services"]["api"]["command"]
     assert targets["ham-api"]["names"] == ["api"]
     assert targets["ham-api"]["port"] == int(api_cmd[api_cmd.index("--port") + 1])
-    assert targets["ham-worker"]["names"] == ["worker"]
+    assert targets["ham-worker"]["names"] == ["worker", "worker-2"]
     assert targets["ham-worker"]["port"] == int(environment(gpu["services"]["worker"])["HAM_WORKER_METRICS_PORT"])
     mounts = gpu["services"]["prometheus"]["volumes"]
     assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts

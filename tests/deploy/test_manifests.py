@@ -20,6 +20,7 @@ import yaml
 from rq import Queue
 
 from service.core.config import Settings
+from service.core.models import queue_name
 from tests.deploy.kustomize_subset import Doc, UnsupportedKustomization, render, split_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,8 +136,10 @@ def test_overlays_render_the_expected_objects() -> None:
     }
     assert set(kinds["dev"]) == shared | {"StatefulSet/redis", "Service/redis", "StatefulSet/s3", "Service/s3",
                                           "Secret/ham-secrets"}
-    # prod: no in-cluster Redis/S3, the Secret is created out of band, the model volume is shared.
-    assert set(kinds["prod"]) == shared | {"PersistentVolumeClaim/ham-models"}
+    # prod: no in-cluster Redis/S3, the Secret is created out of band, the model volume is shared;
+    # a second worker pool (SDXL) from the worker-pool component, with its own queue and volume.
+    assert set(kinds["prod"]) == shared | {"PersistentVolumeClaim/ham-models", "Deployment/ham-worker-sdxl",
+                                           "ScaledObject/ham-worker-sdxl", "PersistentVolumeClaim/ham-models-sdxl"}
 
 
 def test_overlay_namespaces_apply_to_every_object() -> None:
@@ -303,9 +306,14 @@ def test_references_between_objects_resolve(overlay: tuple[str, list[Doc]]) -> N
                   for w in workloads(docs)}
     for service in (d for d in docs if d["kind"] == "Service"):
         backing = [w for w, labels in pod_labels.items() if selects(service["spec"]["selector"], labels)]
-        assert len(backing) == 1, f"{name}: Service {service['metadata']['name']} selects {backing}"
+        # The workers' metrics Service covers every worker pool (one per model); others back one workload.
+        pools = {w for w in pod_labels if w == "ham-worker" or w.startswith("ham-worker-")}
+        if service["metadata"]["name"] == "ham-worker-metrics":
+            assert set(backing) == pools, f"{name}: Service ham-worker-metrics selects {backing}, pools {pools}"
+        else:
+            assert len(backing) == 1, f"{name}: Service {service['metadata']['name']} selects {backing}"
         for port in service["spec"]["ports"]:
-            assert port["targetPort"] in port_names[backing[0]]
+            assert all(port["targetPort"] in port_names[workload] for workload in backing)
     for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
         matched = [s for s in docs if s["kind"] == "Service"
                    and selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
@@ -351,3 +359,54 @@ def test_deploy_doc_names_every_secret_key() -> None:
     doc = (ROOT / "docs" / "deploy.md").read_text()
     missing = [key for key in sorted(SECRET_KEYS) if key not in doc]
     assert not missing, f"docs/deploy.md does not mention {missing}"
+
+
+# --- one pool per model ---------------------------------------------------------------------------
+
+
+def worker_pools(docs: list[Doc]) -> dict[str, tuple[Doc, Doc]]:
+    """Each worker Deployment's model → (the Deployment, the ScaledObject that scales it)."""
+    config = config_data(docs)
+    pools: dict[str, tuple[Doc, Doc]] = {}
+    for scaled in (d for d in docs if d["kind"] == "ScaledObject"):
+        target = one(docs, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
+        env = {e["name"]: e.get("value") for e in containers(target)[0].get("env", [])}
+        model = env.get("HAM_MODEL") or config["HAM_MODEL"]
+        assert model not in pools, f"two pools serve {model}"
+        pools[model] = (target, scaled)
+    return pools
+
+
+def test_prod_has_a_worker_pool_per_served_model_each_scaled_on_its_own_queue() -> None:
+    docs = render(K8S / "overlays" / "prod")
+    config = config_data(docs)
+    settings = Settings(models=config["HAM_MODELS"], queue_name=config["HAM_QUEUE_NAME"], model=config["HAM_MODEL"])
+    pools = worker_pools(docs)
+    # Two pools, exactly the served models; the default model is the base ham-worker on the queue `ham`.
+    assert list(settings.served_models) == sorted(pools, key=list(settings.served_models).index)
+    assert set(pools) == set(settings.served_models) and len(pools) == 2
+    assert pools[settings.default_model][0]["metadata"]["name"] == "ham-worker"
+    lists, claims, selectors = set(), set(), []
+    for model, (deployment, scaled) in pools.items():
+        # The worker of this pool takes queue_name(model); KEDA watches exactly that RQ list.
+        worker = Settings(models=config["HAM_MODELS"], queue_name=config["HAM_QUEUE_NAME"], model=model)
+        listname = scaled["spec"]["triggers"][0]["metadata"]["listName"]
+        assert listname == Queue.redis_queue_namespace_prefix + queue_name(worker, worker.model), (model, listname)
+        lists.add(listname)
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        claims.add(next(v["persistentVolumeClaim"]["claimName"] for v in volumes if v["name"] == "models"))
+        selectors.append(deployment["spec"]["selector"]["matchLabels"])
+        template_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selects(deployment["spec"]["selector"]["matchLabels"], template_labels)
+        assert containers(deployment)[0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert lists == {"rq:queue:ham", "rq:queue:ham-stabilityai-stable-diffusion-xl-base-1.0"}
+    assert claims == {"ham-models", "ham-models-sdxl"}
+    assert selectors[0] != selectors[1]
+
+
+def test_the_worker_pool_component_is_refused_outside_a_component_list(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text("components:\n  - ../notacomponent\n")
+    (tmp_path.parent / "notacomponent").mkdir(exist_ok=True)
+    (tmp_path.parent / "notacomponent" / "kustomization.yaml").write_text("kind: Kustomization\nresources: []\n")
+    with pytest.raises(UnsupportedKustomization, match="kind: Component"):
+        render(tmp_path)

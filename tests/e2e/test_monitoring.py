@@ -14,9 +14,10 @@ import json
 import math
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -98,6 +99,7 @@ class Observed:
     stack: Stack
     prometheus: Prometheus
     first_job_id: str
+    long_polls: list[float] = field(default_factory=list)  # seconds each Prefer: wait read took
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +114,7 @@ def observed(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "ham-worker": f"127.0.0.1:{stack.workers[0].metrics_port}",
         })
         prometheus.wait_for(lambda: prometheus.value("sum(up)") == 2, "scraping both targets")
-        first_job_id = run_jobs(stack)
+        first_job_id, long_polls = run_jobs(stack)
         # Every job counted, then a few more scrapes so that rate() sees the increase.
         prometheus.wait_for(lambda: prometheus.value("sum(ham_worker_job_seconds_count)") >= 3, "seeing jobs")
         prometheus.wait_for(lambda: prometheus.value('max(ham_jobs_finished_total{outcome="succeeded"})') >= 3,
@@ -127,15 +129,42 @@ def observed(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         seen = time.time()
         prometheus.wait_for(lambda: float(prometheus.query("ham_queue_depth")[0]["value"][0]) > seen + 2,
                             "scraping after the jobs")
-        yield Observed(stack, prometheus, first_job_id)
+        yield Observed(stack, prometheus, first_job_id, long_polls)
     finally:
         if prometheus is not None:
             prometheus.stop()
         stacks.close()
 
 
-def run_jobs(stack: Stack) -> str:
-    """Three quick jobs and one refused request; returns the id of the first (sent with an X-Request-ID)."""
+def follow_last_job(stack: Stack, job_id: str) -> tuple[list[threading.Thread], list[float]]:
+    """Three long polls (``Prefer: wait=60``) and one event stream on ``job_id``, as clients waiting for it."""
+    durations: list[float] = []
+
+    def long_poll() -> None:
+        with stack.client("alpha") as client:
+            started = time.monotonic()
+            response = client.get(f"/v1/transfers/{job_id}", headers={"Prefer": "wait=60"}, timeout=90)
+            assert response.status_code == 200 and response.headers["Preference-Applied"] == "wait=60"
+            durations.append(time.monotonic() - started)
+
+    def stream() -> None:
+        with stack.client("alpha") as client, client.stream("GET", f"/v1/transfers/{job_id}/events",
+                                                           timeout=90) as events:
+            for line in events.iter_lines():
+                if line.startswith("event: succeeded"):
+                    break
+
+    threads = [threading.Thread(target=target, daemon=True) for target in (long_poll, long_poll, long_poll, stream)]
+    for thread in threads:
+        thread.start()
+    return threads, durations
+
+
+def run_jobs(stack: Stack) -> tuple[str, list[float]]:
+    """Three quick jobs, one refused request, and clients long-polling and streaming the last job.
+
+    Returns the id of the first job (sent with an X-Request-ID) and the long polls' durations.
+    """
     content = [(DATA / f"content{i}.png").read_bytes() for i in range(3)]
     style = (DATA / "style0.png").read_bytes()
     with stack.client("alpha") as client:
@@ -149,6 +178,7 @@ def run_jobs(stack: Stack) -> str:
                                    files={"content": ("c.png", content[i], "image/png"), **files})
             assert response.status_code == 202, response.text
             ids.append(response.json()["id"])
+        waiting, long_polls = follow_last_job(stack, ids[-1])
         assert client.post("/v1/transfers", data={"alpha": "2"}, files={
             "content": ("c.png", content[0], "image/png"), "style": ("s.png", style, "image/png")}).status_code == 422
         def finished(job_id: str) -> dict | None:
@@ -158,7 +188,10 @@ def run_jobs(stack: Stack) -> str:
         for job_id in ids:
             job = wait_until(lambda job_id=job_id: finished(job_id), 120, f"job {job_id} to finish", interval=0.1)
             assert job["status"] == "succeeded", job
-    return ids[0]
+        for thread in waiting:
+            thread.join(timeout=60)
+        assert len(long_polls) == 3, "a long poll did not come back"
+    return ids[0], long_polls
 
 
 def dashboard_targets() -> list[tuple[str, str, str]]:
@@ -203,6 +236,24 @@ def test_dashboard_series_say_what_happened(observed) -> None:
     assert prometheus.value("sum(ham_worker_style_cache_hits_total)") == 1
     assert prometheus.value("sum(ham_worker_style_cache_misses_total)") == 1
     assert prometheus.value('sum(ham_http_requests_total{route="/v1/transfers",method="POST",status="422"})') == 1
+
+
+def test_the_latency_panel_is_the_short_request_latency_while_clients_long_poll(observed) -> None:
+    """Three long polls and an event stream ran: counted as requests, but not in the p50/p95 panel."""
+    prometheus = observed.prometheus
+    route = 'route="/v1/transfers/{job_id}",method="GET"'
+    assert prometheus.value('sum(ham_http_long_request_duration_seconds_count{kind="wait"})') == 3
+    assert prometheus.value('sum(ham_http_long_request_duration_seconds_count{kind="stream"})') == 1
+    reads = prometheus.value(f"sum(ham_http_requests_total{{{route}}})")
+    short = prometheus.value(f"sum(ham_http_request_duration_seconds_count{{{route}}})")
+    assert reads == short + 3
+    # The panel's own p95, over a window that holds the whole run.
+    (expr,) = [e.replace("[1m]", "[10m]") for title, ref, e in dashboard_targets()
+               if title == "API latency p50 / p95" and ref == "B"]
+    p95 = prometheus.value(expr)
+    assert math.isfinite(p95)
+    if min(observed.long_polls) > 1.0:  # the polls really waited: the panel must not show them
+        assert p95 < min(observed.long_polls), (p95, observed.long_polls)
 
 
 def test_every_alert_rule_evaluates_without_error(observed) -> None:
@@ -255,6 +306,9 @@ def test_log_lines_are_json_with_the_request_job_and_tenant(observed) -> None:
     assert any("started" in r["message"] for r in of_job) and any("succeeded" in r["message"] for r in of_job)
     assert all((r["request_id"], r["tenant"], r["process"]) == (CLIENT_REQUEST_ID, "alpha", "worker")
                for r in of_job), of_job
+    # RQ's own lines about the job ("Job OK", the result's lifespan) carry the ids too.
+    rq_lines = [r for r in of_job if r["logger"].startswith("rq.")]
+    assert any("Job OK" in r["message"] for r in rq_lines), [r for r in worker if r["logger"].startswith("rq.")]
 
 
 def test_logs_hold_no_api_key(observed) -> None:

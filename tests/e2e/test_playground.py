@@ -39,6 +39,7 @@ RECORD_PROGRESS = """
 window.__progressSeen = [];
 document.addEventListener("DOMContentLoaded", () => {
   const bar = document.getElementById("progress");
+  if (!bar) return;  // another page of the site (the method page)
   new MutationObserver(() => window.__progressSeen.push(Number(bar.getAttribute("aria-valuenow"))))
     .observe(bar, { attributes: true, attributeFilter: ["aria-valuenow"] });
 });
@@ -192,7 +193,9 @@ def test_playground_runs_a_transfer_and_downloads_it(open_playground, images, st
     assert page.locator("#cancel").is_hidden(), "nothing left to cancel"
     assert page.locator("#style-library").is_hidden(), "this server has no style library"
     page.locator("#compare-slider").fill("20")
-    assert "20%" in page.locator("#compare-after").evaluate("e => e.style.clipPath")
+    assert "20%" in page.locator("#result-img").evaluate("e => e.style.clipPath")
+    # The result is shown once (with the content under it for the comparison), not twice.
+    assert page.locator("#result img").count() == 2 and page.locator("#result-img").count() == 1
     screenshot(session, "desktop-result")
 
     with page.expect_download() as download_info:
@@ -252,8 +255,11 @@ def test_a_bad_file_is_named_in_an_error(open_playground, images) -> None:
     error = page.locator("#error")
     error.wait_for(state="visible")
     text = error.inner_text()
-    assert "content" in text and "image" in text.lower(), text
+    # The server's refusal, in the words on screen ("Content photo", not the API's "content").
+    assert "Content photo" in text and "image" in text.lower(), text
     assert page.locator("#content-drop.invalid").count() == 1, "the content picker is marked"
+    assert page.locator("#content").get_attribute("aria-invalid") == "true"
+    assert "Content photo" in page.locator("#content-error").inner_text()
     screenshot(session, "bad-file")
     # Chromium logs the 4xx answer itself; the page logs nothing and throws nothing.
     assert session.unexpected_errors(allowed_statuses=(415, 422)) == []
@@ -330,10 +336,13 @@ def test_keyboard_only_submit(open_playground, images, stack: Stack) -> None:
         if focused == "submit":
             break
     assert order[-1] == "submit", f"Tab never reached the submit button: {order}"
-    expected = ["content", "style", "style_prompt", "param-alpha", "param-beta", "param-gamma", "param-steps",
-                "param-size", "param-seed", "submit"]
+    expected = ["content", "style", "style_prompt", "param-steps", "param-size", "param-alpha", "param-beta",
+                "param-gamma", "submit"]
     assert [i for i in order if i in expected] == expected, order
     page.keyboard.press("Enter")
+    # While the job runs the focus stays on the button (a disabled button would drop it to <body>).
+    page.locator("#job").wait_for(state="visible")
+    assert page.evaluate("() => document.activeElement.id") == "submit"
     assert wait_for_result(session) == EXPECTED_SIZE
     job_id = page.locator("#download").get_attribute("download").removeprefix("ham-").removesuffix(".png")
     with stack.client("alpha") as client:
@@ -374,3 +383,213 @@ def test_a_full_queue_is_shown_with_its_retry_after(open_playground, images, sta
             for job_id in queued:
                 client.post(f"/v1/transfers/{job_id}/cancel")
         stack.ensure_one_worker()
+
+
+def test_the_model_picker_comes_from_the_catalogue_and_says_a_random_preset_draws_noise(open_playground) -> None:
+    session = open_playground()
+    page = session.page
+    page.locator("#model-field").wait_for(state="visible")
+    assert page.locator("#model").input_value() == "tiny"
+    assert page.locator("#model option").all_inner_texts() == ["tiny (sd, 1 worker)"]
+    note = page.locator("#model-note")
+    note.wait_for(state="visible")
+    assert "noise" in note.inner_text() and "HAM_MODEL" in note.inner_text()
+    assert page.locator("#param-size").input_value() == "512"
+    assert session.unexpected_errors() == []
+
+
+# --- a first-time user: the estimate, the words, refusals before upload, a live list, accessibility -------
+
+AXE = REPO / "tests" / "e2e" / "axe" / "node_modules" / "axe-core" / "axe.min.js"
+SIZES = [(1280, 900), (390, 844)]
+
+
+def set_speed(stack: Stack, seconds_per_step: float, size: int) -> None:
+    """What the workers would have measured: ``seconds_per_step`` at ``size`` px for the stack's model."""
+    from service.core.speed import SPEED_KEY, record_speed
+
+    stack.redis.delete(SPEED_KEY)
+    record_speed(stack.redis, stack.env.get("HAM_MODEL", "tiny"), size, 10, 10 * seconds_per_step)
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_a_first_time_user_sees_the_estimate_and_what_each_control_does(
+    open_playground, stack: Stack, width: int, height: int
+) -> None:
+    set_speed(stack, 20.0, 512)  # a slow CPU: 20 s a step at 512 px
+    session = open_playground(width, height)
+    page = session.page
+    estimate = page.locator("#estimate")
+    page.wait_for_function("() => document.getElementById('estimate').textContent.includes('Estimated')")
+    # The paper's defaults (50 steps at 512 px): 1000 s, said to be long, with the fast setting offered.
+    assert "about 16 min 40 s — that is long" in estimate.inner_text(), estimate.inner_text()
+    fast = page.locator("#use-fast")
+    assert fast.is_visible() and "20 steps, 256 px" in fast.inner_text()
+    fast.click()
+    assert page.locator("#param-steps").input_value() == "20" and page.locator("#param-size").input_value() == "256"
+    # 20 s a step at 512 px is 5 s at 256 px (a quarter of the pixels): 20 steps, 100 s.
+    assert "about 1 min 40 s" in estimate.inner_text(), estimate.inner_text()
+    assert fast.is_hidden(), "nothing faster to offer"
+
+    # α, β, γ in plain words: what each changes and which way, and the method page one click away.
+    for name in ("alpha", "beta", "gamma"):
+        help_text = page.locator(f"#param-{name}-help").inner_text()
+        assert "Lower" in help_text and "higher" in help_text.lower(), help_text
+        assert page.locator(f"#param-{name}-help a").get_attribute("href") == f"/playground/method#{name}"
+    assert page.locator("#advanced summary").inner_text() == "Advanced"
+    advanced_labels = page.locator("#more-params label").all_inner_texts()
+    assert advanced_labels and not [t for t in advanced_labels if "_" in t or t in ("inversion", "teachers")]
+    with page.expect_navigation():
+        page.locator("#method-link").click()
+    assert page.locator("h1").inner_text() == "How HAM restyles a picture"
+    assert "SINI" in page.locator("main").inner_text() and page.locator("#alpha").is_visible()
+    screenshot(session, f"method-{width}")
+    assert session.unexpected_errors() == []
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_a_refused_file_and_a_bad_value_are_explained_before_upload_next_to_the_field(
+    open_playground, images, tmp_path: Path, width: int, height: int
+) -> None:
+    session = open_playground(width, height)
+    page = session.page
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture\n")
+    page.locator("#content").set_input_files(str(notes))
+    note = page.locator("#content-error")
+    note.wait_for(state="visible")
+    assert "“notes.txt” is not a PNG, JPEG or WebP image" in note.inner_text()
+    assert page.locator("#content").get_attribute("aria-invalid") == "true"
+    assert "content-error" in page.locator("#content").get_attribute("aria-describedby")
+    assert page.evaluate("() => document.activeElement.id") == "content", "focus moves to the field"
+    assert page.locator("#content-preview").is_hidden(), "no blank preview box"
+    assert page.evaluate("() => document.getElementById('content').files.length") == 0
+
+    pick_images(session, images)
+    assert page.locator("#content").get_attribute("aria-invalid") is None, "a good file clears the mark"
+    page.locator("#param-alpha").fill("2")
+    page.locator("#submit").click()
+    error = page.locator("#param-alpha-error")
+    error.wait_for(state="visible")
+    assert "α" in error.inner_text() and "must be between 0 and 1" in error.inner_text()
+    assert "alpha" not in error.inner_text(), "the words on screen, not the API's field name"
+    assert page.locator("#param-alpha").get_attribute("aria-invalid") == "true"
+    assert page.evaluate("() => document.activeElement.id") == "param-alpha"
+    uploads = [u for u in session.requests if u.endswith("/v1/transfers")]
+    assert uploads == [], "refused in the browser: nothing was uploaded"
+    screenshot(session, f"refused-before-upload-{width}")
+    assert session.unexpected_errors() == []
+
+
+def test_recent_jobs_follow_a_running_job_to_its_end(open_playground, images, stack: Stack) -> None:
+    session = open_playground()
+    page = session.page
+    with stack.client("alpha") as client:  # a job from elsewhere (another tab, a script)
+        response = client.post("/v1/transfers", data={"steps": STEPS, "size": SIZE, "style_prompt": "ink"},
+                               files={"content": ("c.png", images["content"].read_bytes(), "image/png")})
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+    page.locator("#refresh-recent").click()
+    entry = page.locator(f"#recent-list li[data-job='{job_id}']")
+    entry.wait_for()
+    assert f"job {job_id[:8]}" in entry.inner_text(), "entries say which job they are"
+    seen: list[str] = []
+    page.expose_function("__recentSeen", lambda text: seen.append(text))
+    page.evaluate("""(id) => new MutationObserver(() => {
+        const li = document.querySelector(`#recent-list li[data-job="${id}"]`);
+        if (li) window.__recentSeen(li.innerText);
+    }).observe(document.getElementById('recent-list'), {childList: true, subtree: true, characterData: true})""",
+                  job_id)
+    page.wait_for_function(
+        "(id) => { const li = document.querySelector(`#recent-list li[data-job=\"${id}\"]`);"
+        " return li && li.innerText.includes('succeeded') && li.querySelector('img.thumb').naturalWidth > 0; }",
+        arg=job_id, timeout=120_000,
+    )
+    running = [t for t in seen if t.startswith("running ")]
+    assert any(not t.startswith("running 0%") for t in running), f"the entry never moved past 0 %: {seen}"
+    # The worker measured the job: the next estimate at this size is made of it.
+    speeds = httpx.get(f"{stack.base_url}/playground/speed.json").json()["speeds"]
+    assert any(s["size"] == int(SIZE) and s["seconds_per_step"] > 0 for s in speeds), speeds
+    assert page.locator(f"button[aria-label='View result of job {job_id}']").is_visible()
+    assert session.unexpected_errors() == []
+
+
+def test_without_a_key_the_list_says_how_to_see_jobs(browser, stack: Stack) -> None:
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{stack.base_url}/playground/")
+        page.locator("#key-dialog").wait_for(state="visible")
+        assert "Ask the people who run it" in page.locator("#key-dialog").inner_text()
+        page.locator("#cancel-key").click()
+        page.locator("#key-dialog").wait_for(state="hidden")
+        assert "Enter an API key" in page.locator("#recent-empty").inner_text()
+    finally:
+        context.close()
+
+
+def _contrast(first: list[float], second: list[float]) -> float:
+    def luminance(rgb: list[float]) -> float:
+        channels = [c / 255 for c in rgb[:3]]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    light, dark = sorted((luminance(first), luminance(second)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_accessibility_has_no_serious_violations(browser, stack: Stack, images, width: int, height: int) -> None:
+    """axe-core (npm, pinned in tests/e2e/axe/package-lock.json) on the form, an error, and a result."""
+    if not AXE.exists():
+        pytest.fail("axe-core is missing: npm ci --prefix tests/e2e/axe (.ci/run does)")
+    # The page's CSP allows only its own scripts; the test's checker is let in around it.
+    context = browser.new_context(viewport={"width": width, "height": height}, bypass_csp=True)
+    try:
+        page = context.new_page()
+        page.goto(f"{stack.base_url}/playground/")
+        page.locator("#api-key").fill(TENANTS["alpha"])
+        page.locator("#api-key").press("Enter")
+        page.locator("#key-dialog").wait_for(state="hidden")
+        page.wait_for_selector("#param-alpha")
+        page.locator("#advanced summary").click()  # the advanced controls are checked too
+
+        def serious() -> list[str]:
+            page.evaluate(AXE.read_text())
+            result = page.evaluate("""async () => (await axe.run(document, {runOnly: {type: 'tag',
+                values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'wcag22aa']}})).violations
+                .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+                .map((v) => `${v.id}: ${v.help} (${v.nodes.map((n) => n.target.join(' ')).join(', ')})`)""")
+            return result
+
+        assert serious() == [], "the empty form"
+        page.locator("#param-alpha").fill("2")
+        page.locator("#submit").click()
+        page.locator("#param-alpha-error").wait_for(state="visible")
+        assert serious() == [], "a field error"
+        page.locator("#param-alpha").fill("0.5")
+        pick_images(Session(page), images)
+        page.locator("#param-steps").fill("4")
+        page.locator("#param-size").fill("64")
+        page.locator("#submit").click()
+        wait_for_result(Session(page))
+        assert serious() == [], "a result"
+
+        # WCAG 1.4.11: the focus ring and the input borders against what surrounds them, >= 3:1.
+        colours = page.evaluate("""() => {
+            const rgb = (c) => c.match(/[\\d.]+/g).map(Number);
+            const alpha = document.getElementById('param-alpha');
+            alpha.focus();
+            const style = getComputedStyle(alpha);
+            const card = getComputedStyle(document.querySelector('fieldset.params')).backgroundColor;
+            const page = getComputedStyle(document.body).backgroundColor;
+            const focus = getComputedStyle(document.documentElement).getPropertyValue('--focus').trim();
+            const probe = document.createElement('span');
+            probe.style.color = focus; document.body.append(probe);
+            const ring = getComputedStyle(probe).color; probe.remove();
+            return {border: rgb(style.borderTopColor), card: rgb(card), page: rgb(page), ring: rgb(ring)};
+        }""")
+        assert _contrast(colours["border"], colours["card"]) >= 3.0, colours
+        assert _contrast(colours["ring"], colours["card"]) >= 3.0 and _contrast(colours["ring"], colours["page"]) >= 3.0
+    finally:
+        context.close()

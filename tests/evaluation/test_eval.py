@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from ham_engine.evaluation.pairs import make_pairs
 from ham_engine.evaluation.runner import PairResult
 from ham_engine.evaluation.suite import MetricSuite
-from ham_engine.evaluation.weights import ALEXNET, FID_INCEPTION, VGG16, WeightStore
+from ham_engine.evaluation.weights import ALEXNET, FID_INCEPTION, LPIPS_HEADS, VGG16, WeightStore, sha256
 from service.cli import main
 from tests.evaluation.conftest import CLIP_FOLDER, DINO_FOLDER
 from tests.fixtures.waiting import wait_until
@@ -47,10 +47,12 @@ def eval_env(hermetic_caches: Path, tmp_path_factory: pytest.TempPathFactory, mo
     monkeypatch.delenv("HAM_DTYPE", raising=False)
 
 
-def _argv(benchmark: Path, out: Path, weights: Path, *extra: str) -> list[str]:
+def _argv(benchmark: Path, out: Path, weights: Path, *extra: str, verify: bool = False) -> list[str]:
+    # The test networks are random, so not the published files: every run but the refusal's allows that.
+    allow = [] if verify else ["--allow-unverified-weights"]
     return ["eval", "--content", str(benchmark / "content"), "--style", str(benchmark / "style"),
             "--out", str(out), "--weights", str(weights), "--clip-model", CLIP_FOLDER, "--dino-model", DINO_FOLDER,
-            "--model", "tiny", "--device", "cpu", "--steps", "2", "--size", "64", "--quiet", *extra]
+            "--model", "tiny", "--device", "cpu", "--steps", "2", "--size", "64", "--quiet", *allow, *extra]
 
 
 @pytest.mark.slow
@@ -84,8 +86,16 @@ def test_a_two_by_two_run_writes_outputs_metrics_table_and_sheet_and_a_rerun_reu
 
     # What was loaded, and the record to reproduce the run.
     assert set(document["metric_weights"]) == {"fid", "lpips_trunk", "lpips_heads", "cfsd", "clip", "dino"}
-    assert document["metric_weights"]["fid"]["file"].endswith("pt_inception-2015-12-05-6726825d.pth")
-    assert len(document["metric_weights"]["fid"]["sha256"]) == 64
+    fid = document["metric_weights"]["fid"]
+    assert fid["file"].endswith("pt_inception-2015-12-05-6726825d.pth")
+    assert len(fid["sha256"]) == 64 and fid["expected_sha256"] == "6726825d" and fid["verified"] is False
+    # Random networks: nothing is verified, and the report says so instead of printing the paper's rows.
+    assert document["weights_verified"] is False
+    assert any("pt_inception-2015-12-05-6726825d.pth (fid) is not the published file" in problem
+               for problem in document["unverified_weights"])
+    assert any(f"{CLIP_FOLDER}/model.safetensors (clip) cannot be verified" in problem
+               for problem in document["unverified_weights"])
+    assert set(document["paper"]) == {"omitted"}
     record = document["record"]
     assert record["model"] == "tiny" and record["device"] == "cpu" and record["dtype"] == "float32"
     assert record["seed"] == 0 and record["params"]["steps"] == 2 and record["pairs"] == "all"
@@ -97,10 +107,12 @@ def test_a_two_by_two_run_writes_outputs_metrics_table_and_sheet_and_a_rerun_reu
     table = (out / "table.md").read_text()
     lines = table.splitlines()
     assert lines[0].startswith("| method | ArtFID↓ | FID↓ | LPIPS↓")
-    assert lines[2].startswith("| this run (tiny, 4 pairs, 2 steps) | " + f"{values['art_fid']:.3f} |")
-    assert lines[3].startswith("| HAM (paper) | 15.151 | (9.244) | 0.479 |")
-    assert lines[4].startswith("| StyleID (CVPR'24) | 15.161 |")
+    assert lines[2].startswith("| this run (tiny, 4 pairs, 64 px, 2 steps), UNVERIFIED weights | "
+                               f"{values['art_fid']:.3f} |")
     assert "n/a" not in lines[2]
+    assert "(paper)" not in table and "StyleID" not in table
+    assert lines[4].startswith("Not comparable with the paper: the paper's rows are not printed")
+    assert any(line.startswith("- unverified: ") and "vgg16-397923af.pth (cfsd)" in line for line in lines)
 
     with Image.open(out / "contact_sheet.png") as sheet:
         # (1 + 2 styles) columns x (1 + 2 contents) rows of 192-px cells with a 12-px label.
@@ -158,7 +170,8 @@ def test_a_missing_weight_is_reported_unavailable_with_what_to_put_where(
     pairs = make_pairs(benchmark / "content", style_dir, "diagonal")
     # The contents stand in for outputs: the metrics need images, not a diffusion run.
     results = [PairResult(pair, pair.content, 0.0, False, {}) for pair in pairs]
-    suite = MetricSuite(WeightStore(partial), clip_model=CLIP_FOLDER, dino_model="facebook/dino-vits16")
+    suite = MetricSuite(WeightStore(partial), clip_model=CLIP_FOLDER, dino_model="facebook/dino-vits16",
+                        allow_unverified=True)
     evaluation = suite.evaluate(results)
     values = evaluation.metrics
 
@@ -204,6 +217,36 @@ def test_bad_input_is_exit_status_2_naming_the_field(
     assert main(argv) == 2
     assert "style: no images" in capsys.readouterr().err
     assert not (tmp_path / "out" / "outputs").exists()  # nothing ran
+
+
+def test_unverified_weights_are_refused_before_any_transfer_naming_the_file_and_the_published_hash(
+    benchmark: Path, random_weights: Path, eval_env: None, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    assert main(_argv(benchmark, out, random_weights, verify=True)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ham eval: error: weights: ")
+    inception = random_weights / FID_INCEPTION.filename
+    assert (f"{inception} (fid) is not the published file: its SHA-256 is {sha256(inception)}, the published one "
+            "starts with 6726825d (pytorch-fid's release fid_weights") in err
+    assert f"{random_weights / VGG16.filename} (cfsd) is not the published file" in err
+    assert f"{random_weights / CLIP_FOLDER / 'model.safetensors'} (clip) cannot be verified: not read from the " in err
+    assert "pass --allow-unverified-weights" in err
+    assert not (out / "outputs").exists()  # refused before the first transfer
+
+    # The lpips wheel's heads (the one published file on this machine) pass; alone they are not refused.
+    heads_only = tmp_path / "heads-only"
+    heads_only.mkdir()
+    shutil.copy(_installed_heads(), heads_only / LPIPS_HEADS.filename)
+    checks = WeightStore(heads_only).audit(CLIP_FOLDER, DINO_FOLDER)
+    assert [(c.role, c.verified) for c in checks] == [("lpips_heads", True)]
+
+
+def _installed_heads() -> Path:
+    found = WeightStore(None).find(LPIPS_HEADS)
+    if found is None:
+        pytest.skip("the lpips wheel is not installed (make setup installs it)")
+    return found
 
 
 def test_ham_eval_help_lists_the_engine_parameters_without_importing_torch() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ham_engine.evaluation.paper import ABLATION, PAPER_ROWS, ablation_row
 from ham_engine.evaluation.report import COLUMNS, markdown_table
 from ham_engine.evaluation.suite import Evaluation
@@ -36,7 +38,31 @@ def test_an_ablation_run_is_printed_beside_the_papers_ablation_row() -> None:
 
 
 def test_the_papers_full_method_is_the_last_step_of_its_ablation() -> None:
-    # PAPER.md: "full (+SINI) 0.728/0.682/0.223", the same figures as the table's HAM row.
+    # The paper's ablation ends "full (+SINI) 0.728/0.682/0.223", the same figures as its table's HAM row.
     ham = PAPER_ROWS["HAM (paper)"]
     assert (ham["dino"], ham["clip_i"], ham["clip_t"]) == (0.728, 0.682, 0.223)
     assert len(ABLATION) == 4 and all(not sini for sini, _, _ in ABLATION)
+
+
+def test_an_unverified_run_gets_no_paper_rows_and_says_why() -> None:
+    evaluation = _evaluation()
+    evaluation.unverified = ["DIR/vgg16-397923af.pth (cfsd) is not the published file: ..."]
+    table = markdown_table(evaluation, "this run (tiny, 4 pairs, 64 px, 2 steps)", ablation_row(False, True, True))
+    lines = table.splitlines()
+    assert lines[2].startswith("| this run (tiny, 4 pairs, 64 px, 2 steps), UNVERIFIED weights | 0.500 |")
+    assert "(paper)" not in table and "ablation" not in table and "StyleID" not in table
+    assert "Not comparable with the paper" in table
+    assert "- unverified: DIR/vgg16-397923af.pth (cfsd) is not the published file: ..." in lines
+
+
+def test_the_docs_hold_the_papers_table_as_paper_py_does() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    section = docs.split("## The paper's numbers", 1)[1]
+    columns = ("art_fid", "lpips", "dino", "clip_i", "clip_t", "dc", "cc")
+    for method, row in PAPER_ROWS.items():
+        line = next(line for line in section.splitlines() if line.startswith(f"| {method} |"))
+        assert line == f"| {method} | " + " | ".join(f"{row[key]:.3f}" for key in columns) + " |"
+    for name, values in ABLATION.values():
+        step = name.removeprefix("HAM ablation: ")
+        line = next(line for line in section.splitlines() if line.startswith(f"| {step} |"))
+        assert line == f"| {step} | " + " | ".join(f"{values[k]:.3f}" for k in ("dino", "clip_i", "clip_t")) + " |"

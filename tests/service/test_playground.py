@@ -6,6 +6,7 @@ The page itself is driven in Chromium against a live stack in tests/e2e/test_pla
 from __future__ import annotations
 
 import fnmatch
+import html
 import re
 from collections.abc import Iterator
 from dataclasses import fields
@@ -14,9 +15,10 @@ import pytest
 import tomllib
 from fastapi.testclient import TestClient
 
-from ham_engine.params import CLIENT_PARAMS, TransferParams
+from ham_engine.params import CLIENT_PARAMS, PARAM_SPECS, TransferParams
 from service.api.app import create_app
 from service.api.routes.playground import ASSETS_DIR
+from service.core.speed import record_speed
 from tests.service.test_api import make_settings
 
 
@@ -66,7 +68,18 @@ def test_config_lists_every_client_parameter_with_the_server_defaults_and_bounds
     assert config["features"] == {"events": "/v1/transfers/{job_id}/events" in paths, "styles": "/v1/styles" in paths}
     by_name = {p["name"]: p for p in config["params"]}
     assert set(by_name) == set(CLIENT_PARAMS) and len(config["params"]) == len(CLIENT_PARAMS)
-    assert [p["name"] for p in config["params"] if p["main"]] == ["alpha", "beta", "gamma", "steps", "size", "seed"]
+    # Labels, explanations and groups are the specs' own (no table of the playground's).
+    assert [p["name"] for p in config["params"] if p["main"]] == [s.name for s in PARAM_SPECS if s.group == "main"]
+    assert [p["name"] for p in config["params"]] == (
+        [s.name for s in PARAM_SPECS if s.group == "main"] + [s.name for s in PARAM_SPECS if s.group != "main"])
+    for spec in PARAM_SPECS:
+        param = by_name[spec.name]
+        assert (param["label"], param["explain"], param["group"]) == (spec.label, spec.explain, spec.group)
+        # A label in words and an explanation that is more than the label again.
+        assert spec.label and spec.label != spec.name and len(spec.explain) > len(spec.label), spec.name
+        assert not re.search(r"HAM_[A-Z_]+|our reading|docs/", spec.explain), spec.name
+    for name in ("alpha", "beta", "gamma"):  # which way each moves the picture
+        assert "Lower" in by_name[name]["explain"] and "higher" in by_name[name]["explain"].lower(), name
     defaults = TransferParams()
     for f in fields(TransferParams):
         if f.name in by_name:
@@ -85,6 +98,32 @@ def test_config_lists_every_client_parameter_with_the_server_defaults_and_bounds
         assert param["description"] == schema[name]["description"]
     assert by_name["size"]["multipleOf"] == 64 and by_name["alpha"]["type"] == "number"
     assert by_name["sini"]["type"] == "boolean" and by_name["steps"]["type"] == "integer"
+    # What the estimate needs: which parameters set the cost, and a fast setting within the bounds.
+    assert set(config["cost"].values()) <= set(by_name)
+    TransferParams(**config["fast"])
+    assert config["method_url"] == "/playground/method" and config["speed_url"] == "/playground/speed.json"
+
+
+def test_the_method_page_explains_each_parameter_in_plain_words(client: TestClient) -> None:
+    page = client.get("/playground/method")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    for spec in PARAM_SPECS:
+        assert f'id="{spec.name}"' in page.text
+        assert html.escape(spec.explain) in page.text
+    for word in ("SINI", "GAR", "LAT"):
+        assert word in page.text
+
+
+def test_speed_json_publishes_what_the_workers_measured(client: TestClient, redis_client) -> None:
+    assert client.get("/playground/speed.json").json() == {"speeds": []}
+    record_speed(redis_client, "tiny", 512, 50, 100.0)  # 2 s a step
+    record_speed(redis_client, "tiny", 512, 10, 10.0)  # 1 s a step: the mean moves toward it
+    record_speed(redis_client, "tiny", 256, 20, 4.0)
+    speeds = client.get("/playground/speed.json").json()["speeds"]
+    assert [(s["model"], s["size"], s["jobs"]) for s in speeds] == [("tiny", 256, 1), ("tiny", 512, 2)]
+    assert speeds[0]["seconds_per_step"] == 0.2
+    assert speeds[1]["seconds_per_step"] == pytest.approx(0.7 * 2.0 + 0.3 * 1.0)
 
 
 def test_config_says_when_no_key_is_needed(tmp_path, redis_url, redis_client) -> None:

@@ -73,13 +73,13 @@ def _listening(port: int) -> bool:
         return False
 
 
-def _ham_up(tmp_path: Path, port: int) -> tuple[subprocess.Popen, Path]:
+def _ham_up(tmp_path: Path, port: int, *extra: str) -> tuple[subprocess.Popen, Path]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAM_")}
     env.update(PYTHONPATH=str(REPO), HAM_MODEL="tiny", HAM_JOB_TIMEOUT="60", HAM_LOG_LEVEL="INFO")
     log = tmp_path / "ham-up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "up", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "service.cli", "up", "--host", "127.0.0.1", "--port", str(port), *extra],
             cwd=tmp_path,
             env=env,
             stdout=out,
@@ -98,13 +98,13 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def _transfer(client: httpx.Client) -> None:
-    """Submit a small transfer, wait for it, and check its PNG downloads."""
+def _transfer(client: httpx.Client, **fields: str) -> dict:
+    """Submit a small transfer, wait for it, and check its PNG downloads; returns the job."""
     files = {
         "content": ("c.png", (DATA / "content0.png").read_bytes(), "image/png"),
         "style": ("s.png", (DATA / "style0.png").read_bytes(), "image/png"),
     }
-    submitted = client.post("/v1/transfers", data={"size": "64", "steps": "2"}, files=files)
+    submitted = client.post("/v1/transfers", data={"size": "64", "steps": "2", **fields}, files=files)
     assert submitted.status_code == 202, submitted.text
     job_url = submitted.headers["Location"]
     job_deadline = time.monotonic() + 150
@@ -123,6 +123,7 @@ def _transfer(client: httpx.Client) -> None:
     result = client.get(job["result_url"])
     assert result.status_code == 200
     assert Image.open(io.BytesIO(result.content)).size == (64, 64)
+    return job
 
 
 def _wait_for_output(proc: subprocess.Popen, log: Path, text: str, timeout: float = START_TIMEOUT) -> None:
@@ -194,3 +195,28 @@ def test_ham_up_exits_nonzero_when_a_child_dies_at_startup(tmp_path: Path) -> No
     # Redis (--dir) and the worker (--ready-file) name the data dir; the API names its port.
     assert _live_processes_mentioning(str(tmp_path)) == []
     assert _live_processes_mentioning(f"--port {port}") == []
+
+
+def test_ham_up_with_two_models_starts_a_worker_per_model(tmp_path: Path) -> None:
+    port = free_port()
+    proc, log = _ham_up(tmp_path, port, "--model", "tiny", "--model", "tiny-xl")
+    try:
+        _wait_for_output(proc, log, "HAM is up")
+        assert "models   tiny, tiny-xl (one worker each" in log.read_text()
+        commands = sorted(_children(proc.pid).values())
+        assert len(commands) == 4 and sum("service.cli worker" in c for c in commands) == 2, commands
+        api = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=api, timeout=30) as client:
+            models = client.get("/v1/models").json()
+            assert models["default"] == "tiny"
+            assert [(m["name"], m["family"], m["workers_online"]) for m in models["items"]] == [
+                ("tiny", "sd", 1), ("tiny-xl", "sdxl", 1)]
+            assert all(m["random_preset"] and "noise" in m["note"] for m in models["items"])
+            assert _transfer(client, model="tiny-xl")["model"] == "tiny-xl"
+            assert _transfer(client)["model"] == "tiny"
+        output = log.read_text()
+        assert "worker-tiny-xl | " in output and "serving model 'tiny-xl'" in output
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        _stop(proc)

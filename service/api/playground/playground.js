@@ -1,6 +1,7 @@
 // HAM playground: a plain browser client of the public API (/v1/transfers), no framework, no CDN.
-// Every parameter, default and bound comes from /playground/config.json (built by the server from
-// TransferParams and its published request schema); nothing about the engine is hard-coded here.
+// Every parameter, default, bound, label and explanation comes from /playground/config.json (built by
+// the server from ham_engine.params.PARAM_SPECS); time estimates from /playground/speed.json (seconds
+// per step the workers measured). Nothing about the engine is hard-coded here.
 "use strict";
 
 (() => {
@@ -10,7 +11,13 @@
   const POLL_MAX_MS = 2000;
 
   const $ = (id) => document.getElementById(id);
-  const state = { config: null, job: null, contentUrl: null, abort: null, submitting: false };
+  const state = {
+    config: null, job: null, contentUrl: null, abort: null, submitting: false,
+    speeds: [], estimate: null, runClock: null, watched: new Map(), thumbs: new Map(),
+  };
+  // Fields outside the parameter list, by the name the API gives them, and the words on screen.
+  const FIELD_LABELS = { content: "Content photo", style: "Style image", style_prompt: "Style prompt",
+    style_id: "Library style" };
 
   // --- errors ------------------------------------------------------------------------------
 
@@ -22,21 +29,69 @@
     }
   }
 
+  function paramByName(name) {
+    return state.config ? state.config.params.find((p) => p.name === name) : undefined;
+  }
+
+  // The words on screen for an API field name (a parameter's label from the config).
+  function labelOf(field) {
+    const param = paramByName(field);
+    return param ? param.label : (FIELD_LABELS[field] || field);
+  }
+
+  function inputOf(field) {
+    return paramByName(field) ? $(`param-${field}`) : $(field);
+  }
+
+  // The message next to the field, the field marked for assistive technology, focus moved to it.
+  function markField(field, message) {
+    const input = field && inputOf(field);
+    if (!input) return false;
+    const holder = input.closest(".param, .field, .drop") || input.parentElement;
+    holder.classList.add("invalid");
+    const errorId = `${input.id}-error`;
+    let note = $(errorId);
+    if (!note) {
+      note = document.createElement("p");
+      note.className = "field-error";
+      note.id = errorId;
+      holder.append(note);
+    }
+    note.textContent = message;
+    note.hidden = false;
+    input.setAttribute("aria-invalid", "true");
+    const described = (input.getAttribute("aria-describedby") || "").split(" ").filter(Boolean);
+    if (!described.includes(errorId)) input.setAttribute("aria-describedby", [errorId, ...described].join(" "));
+    const advanced = input.closest("details");
+    if (advanced) advanced.open = true;
+    input.focus();
+    return true;
+  }
+
   function showError(message, field = null) {
+    clearError();
     const box = $("error");
     box.textContent = message;
     box.hidden = false;
-    document.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
-    const target = field && (document.querySelector(`[data-field="${CSS.escape(field)}"]`) || $(field));
-    if (target) {
-      (target.closest(".param, .field, .drop") || target).classList.add("invalid");
-    }
-    box.scrollIntoView({ block: "nearest" });
+    if (!markField(field, message)) box.scrollIntoView({ block: "nearest" });
+  }
+
+  function clearFieldError(input) {
+    input.removeAttribute("aria-invalid");
+    const errorId = `${input.id}-error`;
+    const described = (input.getAttribute("aria-describedby") || "").split(" ").filter((id) => id && id !== errorId);
+    if (described.length) input.setAttribute("aria-describedby", described.join(" "));
+    else input.removeAttribute("aria-describedby");
+    const note = $(errorId);
+    if (note) { note.hidden = true; note.textContent = ""; }
+    const holder = input.closest(".param, .field, .drop");
+    if (holder) holder.classList.remove("invalid");
   }
 
   function clearError() {
     $("error").hidden = true;
     $("error").textContent = "";
+    document.querySelectorAll("[aria-invalid=true]").forEach(clearFieldError);
     document.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
   }
 
@@ -59,7 +114,12 @@
       case 503: text = `The service is unavailable: ${message}.` + (retry ? ` Try again in ${retry} s.` : ""); break;
       default: text = response.status >= 500 ? `Server error (${response.status}): ${message}` : message;
     }
-    if (detail.field && !text.includes(detail.field)) text += ` (field: ${detail.field})`;
+    if (detail.field) {
+      // Say it with the words on screen: "<field>: must be in [0, 1]" becomes "<its label>: ...".
+      const label = labelOf(detail.field);
+      text = text.includes(`${detail.field}: `) ? text.split(`${detail.field}: `).join(`${label}: `)
+        : `${label}: ${text}`;
+    }
     const problem = new ApiProblem(text, detail.field || null, response.status);
     problem.retryAfter = retry ? Number(retry) : null;
     return problem;
@@ -73,6 +133,7 @@
 
   function askForKey(reason) {
     const dialog = $("key-dialog");
+    state.keyReturnFocus = document.activeElement;
     $("key-error").hidden = !reason;
     $("key-error").textContent = reason || "";
     $("api-key").value = "";
@@ -130,8 +191,15 @@
     help.id = `${id}-help`;
     const shownDefault = param.type === "boolean" ? (param.default ? "on" : "off")
       : param.type === "string" ? String(param.default) : formatNumber(param.default);
-    help.textContent = `${param.description ? param.description.replace(/\s*\(default[^)]*\)\.?$/, "") + ". " : ""}`
-      + `Default ${shownDefault}.`;
+    help.textContent = `${param.explain || param.description} Default ${shownDefault}. `;
+    if (state.config.method_url) {
+      const more = document.createElement("a");
+      more.href = `${state.config.method_url}#${encodeURIComponent(param.name)}`;
+      more.textContent = "More";
+      more.setAttribute("aria-label", `More about ${param.label}`);
+      more.tabIndex = -1; // the method link above the form is the keyboard's way there; one stop per control
+      help.append(more);
+    }
 
     let input;
     if (param.type === "boolean") {
@@ -188,6 +256,11 @@
     input.setAttribute("aria-describedby", help.id);
     input._param = param;
     wrap.append(help);
+    input.addEventListener("input", () => { clearFieldError(input); });
+    input.addEventListener("change", () => checkParam(param, true));
+    if (state.config.cost && Object.values(state.config.cost).includes(param.name)) {
+      input.addEventListener("input", showEstimate);
+    }
     return wrap;
   }
 
@@ -211,16 +284,58 @@
     }
   }
 
+  // The rules the server publishes for a number (bounds, integer, multiple), checked before upload.
+  function numberProblem(param, text) {
+    if (text === "") return `enter a value (default ${formatNumber(param.default)})`;
+    const value = Number(text);
+    if (!Number.isFinite(value)) return "enter a number";
+    const safeMax = param.maximum !== undefined && (param.type === "number" || Number.isSafeInteger(param.maximum));
+    const range = param.minimum !== undefined && safeMax
+      ? `between ${formatNumber(param.minimum)} and ${formatNumber(param.maximum)}` : "";
+    if (param.type === "integer" && !Number.isInteger(value)) return `enter a whole number${range ? " " + range : ""}`;
+    if ((param.minimum !== undefined && value < param.minimum) || (safeMax && value > param.maximum)) {
+      return range ? `must be ${range}` : `must be at least ${formatNumber(param.minimum)}`;
+    }
+    if (param.multipleOf && value % param.multipleOf !== 0) return `must be a multiple of ${param.multipleOf}`;
+    return null;
+  }
+
+  function checkParam(param, show) {
+    if (param.type === "boolean" || param.type === "string") return true;
+    const problem = numberProblem(param, $(`param-${param.name}`).value.trim());
+    if (problem && show) markField(param.name, `${param.label}: ${problem}`);
+    return !problem;
+  }
+
   function paramValue(param) {
     const input = $(`param-${param.name}`);
     if (param.type === "boolean") return input.checked ? "true" : "false";
     if (param.type === "string") return input.value;
     const text = input.value.trim();
-    if (text === "") throw new ApiProblem(`${param.label}: enter a value (default ${formatNumber(param.default)})`, param.name);
+    const problem = numberProblem(param, text);
+    if (problem) throw new ApiProblem(`${param.label}: ${problem}`, param.name);
     return text;
   }
 
   // --- file pickers ---------------------------------------------------------------------------
+
+  // The file rules the page knows (the picker's types, the server's upload limit), in the UI's words.
+  function fileProblem(field, file) {
+    if (!file) return null;
+    const types = $(field).accept.split(",").map((t) => t.trim()).filter(Boolean);
+    const extension = (file.name.match(/\.[^.]+$/) || [""])[0].toLowerCase();
+    const known = { ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp" };
+    const type = file.type || known[extension] || "";
+    if (types.length && !types.includes(type)) {
+      return `${labelOf(field)}: “${file.name}” is not a PNG, JPEG or WebP image. Choose a picture file.`;
+    }
+    const limit = state.config.max_upload_bytes;
+    if (file.size > limit) {
+      const mb = (n) => `${(n / 1048576).toFixed(1)} MB`;
+      return `${labelOf(field)}: “${file.name}” is ${mb(file.size)}; this server accepts at most ${mb(limit)}.`;
+    }
+    return null;
+  }
 
   function setupDrop(field) {
     const zone = $(`${field}-drop`);
@@ -235,7 +350,18 @@
       // A file the browser cannot draw is shown by the server's error on submit, not hidden here.
       preview.onerror = () => { preview.hidden = true; };
     };
-    input.addEventListener("change", () => { clearError(); show(); });
+    const accept = () => {
+      clearError();
+      const problem = fileProblem(field, input.files[0]);
+      if (problem) {
+        input.value = ""; // a refused file leaves no blank preview behind
+        show();
+        showError(problem, field);
+        return;
+      }
+      show();
+    };
+    input.addEventListener("change", accept);
     zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("over"); });
     zone.addEventListener("dragleave", () => zone.classList.remove("over"));
     zone.addEventListener("drop", (event) => {
@@ -243,39 +369,136 @@
       zone.classList.remove("over");
       if (event.dataTransfer && event.dataTransfer.files.length) {
         input.files = event.dataTransfer.files;
-        clearError();
-        show();
+        accept();
       }
     });
+  }
+
+  // --- time estimates ----------------------------------------------------------------------------
+
+  function costValue(role) {
+    const name = state.config.cost && state.config.cost[role];
+    const input = name && $(`param-${name}`);
+    const value = input ? Number(input.value) : NaN;
+    return Number.isFinite(value) && value > 0 ? value : null;
+  }
+
+  function duration(seconds) {
+    if (seconds < 1) return "under a second";
+    if (seconds < 90) return `${Math.round(seconds)} s`;
+    const minutes = Math.floor(seconds / 60);
+    const rest = Math.round(seconds - 60 * minutes);
+    return minutes >= 60 ? `${Math.floor(minutes / 60)} h ${minutes % 60} min`
+      : `${minutes} min${rest ? ` ${rest} s` : ""}`;
+  }
+
+  // Seconds for a job of `steps` at `size` px: the workers' measured seconds per step at that size,
+  // or at the nearest measured size scaled by the pixel count (time grows with pixels).
+  function estimateSeconds(steps, size) {
+    const measured = state.speeds.filter((s) => !state.config.model || s.model === state.config.model);
+    if (!measured.length || !steps || !size) return null;
+    const nearest = measured.reduce((a, b) => (Math.abs(b.size - size) < Math.abs(a.size - size) ? b : a));
+    const perStep = nearest.seconds_per_step * (size / nearest.size) ** 2;
+    return { seconds: perStep * steps, basis: nearest };
+  }
+
+  async function loadSpeeds() {
+    try {
+      const response = await fetch(state.config.speed_url);
+      if (response.ok) state.speeds = (await response.json()).speeds || [];
+    } catch (_) {
+      state.speeds = []; // no estimate; the form still works
+    }
+    showEstimate();
+  }
+
+  function showEstimate() {
+    const steps = costValue("step_count");
+    const size = costValue("image_size");
+    const found = estimateSeconds(steps, size);
+    state.estimate = found ? found.seconds : null;
+    const box = $("estimate-box");
+    const fast = state.config.fast || {};
+    const fastSteps = fast[state.config.cost.step_count];
+    const fastSize = fast[state.config.cost.image_size];
+    const long = found && found.seconds > state.config.long_seconds;
+    box.classList.toggle("long", Boolean(long));
+    if (!found) {
+      $("estimate").textContent = steps && size
+        ? "No time estimate yet: no job has finished on this server. Fewer steps and a smaller size are faster."
+        : "";
+    } else {
+      const basis = found.basis;
+      $("estimate").textContent = `Estimated time: about ${duration(found.seconds)}`
+        + (long ? " — that is long." : ".")
+        + ` (${basis.seconds_per_step.toFixed(2)} s per step measured on this server at ${basis.size} px.)`;
+    }
+    const slower = (steps && fastSteps && steps > fastSteps) || (size && fastSize && size > fastSize);
+    const button = $("use-fast");
+    button.hidden = !(long && slower);
+    if (!button.hidden) {
+      const quick = estimateSeconds(Math.min(steps, fastSteps), Math.min(size, fastSize));
+      button.textContent = `Use the fast setting: ${Math.min(steps, fastSteps)} steps, ${Math.min(size, fastSize)} px`
+        + (quick ? ` (about ${duration(quick.seconds)})` : "");
+    }
+  }
+
+  function useFast() {
+    const fast = state.config.fast || {};
+    for (const [name, value] of Object.entries(fast)) {
+      const input = $(`param-${name}`);
+      if (input && Number(input.value) > value) {
+        input.value = String(value);
+        clearFieldError(input);
+      }
+    }
+    showEstimate();
+    $("submit").focus();
   }
 
   // --- submitting and following a job ------------------------------------------------------------
 
   function buildForm() {
     const content = $("content").files[0];
-    if (!content) throw new ApiProblem("Choose a content photo first.", "content");
+    if (!content) throw new ApiProblem(`${labelOf("content")}: choose a picture first.`, "content");
     const style = $("style").files[0];
     const prompt = $("style_prompt").value.trim();
     const styleId = $("style_id").value;
     if (!style && !prompt && !styleId) {
-      throw new ApiProblem("Give a style image, a style prompt, or both.", "style");
+      throw new ApiProblem(`${labelOf("style")}: give a style image, a style prompt, or both.`, "style");
     }
-    const limit = state.config.max_upload_bytes;
     for (const [name, file] of [["content", content], ["style", style]]) {
-      if (file && file.size > limit) {
-        throw new ApiProblem(`${name}: ${file.name} is ${file.size} bytes; the server accepts at most ${limit}.`, name);
-      }
+      const problem = fileProblem(name, file);
+      if (problem) throw new ApiProblem(problem, name);
     }
     const form = new FormData();
     form.append("content", content, content.name);
     if (style) form.append("style", style, style.name);
     if (prompt) form.append("style_prompt", prompt);
     if (styleId) form.append("style_id", styleId);
+    if ($("model").value) form.append("model", $("model").value);
     for (const param of state.config.params) form.append(param.name, paramValue(param));
     return { form, content };
   }
 
+  // Time left: from this job's own pace once its sampling moves, before that from the estimate.
+  function remainingSeconds(job) {
+    const now = performance.now() / 1000;
+    const clock = state.runClock;
+    if (!clock || clock.id !== job.id) {
+      state.runClock = { id: job.id, started: now, progress: job.progress || 0, at: now };
+      return state.estimate;
+    }
+    const p = job.progress || 0;
+    if (p > clock.progress + 0.02 && now > clock.at) {
+      const rate = (p - clock.progress) / (now - clock.at);
+      return (1 - p) / rate;
+    }
+    return state.estimate === null ? null : Math.max(1, state.estimate - (now - clock.started));
+  }
+
   function setProgress(job) {
+    let remaining = null;
     const percent = Math.round(100 * (job.status === "succeeded" ? 1 : job.progress || 0));
     $("progress").setAttribute("aria-valuenow", String(percent));
     $("progress").setAttribute("aria-valuetext", `${percent}%`);
@@ -285,6 +508,7 @@
       text = job.queue_position == null ? "Queued…" : `Queued — position ${job.queue_position + 1} in line.`;
     } else if (job.status === "running") {
       text = `Running — ${percent}%`;
+      remaining = remainingSeconds(job);
     } else if (job.status === "succeeded") {
       text = "Done.";
     } else if (job.status === "failed") {
@@ -293,6 +517,11 @@
       text = "Canceled.";
     }
     $("job-status").textContent = text;
+    $("job-remaining").textContent = remaining !== null && remaining !== undefined
+      ? `About ${duration(remaining)} left.`
+      : job.status === "queued" && state.estimate !== null ? `It will take about ${duration(state.estimate)} once it starts.`
+        : "";
+    updateRecent(job);
   }
 
   const sleep = (ms, signal) => new Promise((resolve, reject) => {
@@ -365,27 +594,34 @@
     const section = $("result");
     const url = job.result_url;
     const hasBefore = Boolean(contentUrl);
-    $("before-figure").hidden = !hasBefore;
+    $("before-img").hidden = !hasBefore;
+    $("compare-line").hidden = !hasBefore;
     $("compare-block").hidden = !hasBefore;
+    $("compare").classList.toggle("with-before", hasBefore);
     $("result-caption").textContent = `Result — α ${job.params.alpha}, β ${job.params.beta}, γ ${job.params.gamma}, `
       + `${job.params.steps} steps, seed ${job.params.seed}`;
     const img = $("result-img");
     img.onload = () => {
-      const ratio = `${img.naturalWidth} / ${img.naturalHeight}`;
-      $("compare").style.aspectRatio = ratio;
       $("result-caption").textContent += ` — ${img.naturalWidth}×${img.naturalHeight} px`;
     };
+    img.style.clipPath = "";
     img.src = url;
     if (hasBefore) {
       $("before-img").src = contentUrl;
-      $("compare-before").src = contentUrl;
-      $("compare-after").src = url;
+      $("compare-slider").value = "50";
+      setCompare(50);
     }
     const link = $("download");
     link.href = url;
     link.download = `ham-${job.id}.png`;
     section.hidden = false;
     section.scrollIntoView({ block: "start" });
+  }
+
+  function setCompare(at) {
+    $("result-img").style.clipPath = `inset(0 0 0 ${at}%)`;
+    $("compare-line").style.left = `${at}%`;
+    $("compare-slider").setAttribute("aria-valuetext", `${Math.round(at)}% content, ${Math.round(100 - at)}% result`);
   }
 
   async function submit(event) {
@@ -404,7 +640,8 @@
       return;
     }
     state.submitting = true;
-    $("submit").disabled = true;
+    // aria-disabled, not disabled: a disabled button drops the keyboard focus to <body>.
+    $("submit").setAttribute("aria-disabled", "true");
     $("submit").textContent = "Working…";
     if (state.abort) state.abort.abort();
     const controller = new AbortController();
@@ -415,6 +652,7 @@
       if (!response.ok) throw await problemFrom(response);
       const job = await response.json();
       state.job = job;
+      state.thumbs.set(job.id, contentUrl);
       $("job").hidden = false;
       $("result").hidden = true;
       $("cancel").hidden = false;
@@ -428,10 +666,13 @@
       if (err.name !== "AbortError") showError(err.message, err.field);
     } finally {
       state.submitting = false;
-      $("submit").disabled = false;
+      $("submit").removeAttribute("aria-disabled");
       $("submit").textContent = "Transfer style";
+      // Keep the focus on the page: moving it off a control that is about to hide loses it.
+      if (document.activeElement === $("cancel") || document.activeElement === document.body) $("submit").focus();
       $("cancel").hidden = true;
       loadRecent();
+      loadSpeeds();
     }
   }
 
@@ -449,19 +690,33 @@
 
   function recentItem(job) {
     const li = document.createElement("li");
+    li.dataset.job = job.id;
+    const thumbs = document.createElement("div");
+    thumbs.className = "thumbs";
+    const content = state.thumbs.get(job.id);
     const thumb = document.createElement("img");
     thumb.className = "thumb";
-    thumb.alt = job.status === "succeeded" ? "Result thumbnail" : "";
-    if (job.result_url) thumb.src = job.result_url;
+    if (job.result_url) {
+      thumb.src = job.result_url;
+      thumb.alt = `Result of job ${job.id.slice(0, 8)}`;
+    } else if (content) {
+      thumb.src = content; // this tab's own job: its content photo until the result exists
+      thumb.alt = `Content photo of job ${job.id.slice(0, 8)}`;
+    } else {
+      thumb.alt = "";
+    }
+    thumbs.append(thumb);
     const meta = document.createElement("div");
     meta.className = "meta";
     const status = document.createElement("strong");
     status.className = `status-${job.status}`;
-    status.textContent = job.status + (job.status === "running" ? ` ${Math.round(100 * job.progress)}%` : "");
+    status.textContent = job.status + (job.status === "running" ? ` ${Math.round(100 * (job.progress || 0))}%` : "");
     const when = new Date(job.created_at).toLocaleString();
     const style = job.style_prompt ? `“${job.style_prompt}”` : (job.has_style ? "style image" : "");
-    meta.append(status, document.createTextNode(` · ${when} · ${job.params.steps} steps, α ${job.params.alpha}`
-      + `${style ? " · " + style : ""}`));
+    const cost = state.config.cost || {};
+    const params = job.params || {};
+    meta.append(status, document.createTextNode(` · job ${job.id.slice(0, 8)} · ${when} · `
+      + `${params[cost.step_count]} steps, ${params[cost.image_size]} px${style ? " · " + style : ""}`));
     if (job.error) meta.append(document.createElement("br"), document.createTextNode(job.error.message));
     li.append(thumb, meta);
     if (job.status === "succeeded" && job.result_url) {
@@ -477,16 +732,42 @@
     return li;
   }
 
+  // One entry follows its job: the current job's updates, and a stream per other unfinished job.
+  function updateRecent(job) {
+    const old = document.querySelector(`#recent-list li[data-job="${CSS.escape(job.id)}"]`);
+    if (!old) return;
+    const focused = old.contains(document.activeElement);
+    const fresh = recentItem(job);
+    old.replaceWith(fresh);
+    if (focused && fresh.querySelector("button")) fresh.querySelector("button").focus();
+  }
+
+  function watchRecent(job) {
+    if (TERMINAL.has(job.status) || state.watched.has(job.id) || (state.job && state.job.id === job.id)) return;
+    const controller = new AbortController();
+    state.watched.set(job.id, controller);
+    follow(job.id, controller.signal, updateRecent)
+      .catch(() => {}) // the list still shows the job; Refresh reads it again
+      .finally(() => state.watched.delete(job.id));
+  }
+
   let recentToken = 0;
   async function loadRecent() {
-    if (state.config.auth_required && !apiKey()) return;
+    if (state.config.auth_required && !apiKey()) {
+      $("recent-list").replaceChildren();
+      $("recent-empty").textContent = "Enter an API key (“API key…” above) to see your recent jobs.";
+      $("recent-empty").hidden = false;
+      return;
+    }
     const token = ++recentToken;
     try {
       const page = await apiJson("/v1/transfers?limit=10");
       if (token !== recentToken) return;
       const list = $("recent-list");
       list.replaceChildren(...page.items.map(recentItem));
+      $("recent-empty").textContent = "No jobs yet.";
       $("recent-empty").hidden = page.items.length > 0;
+      page.items.slice(0, 5).forEach(watchRecent);
     } catch (err) {
       if (err.status !== 401) showError(`Could not list recent jobs: ${err.message}`);
     }
@@ -510,6 +791,53 @@
     }
   }
 
+  // --- models (GET /v1/models) -----------------------------------------------------------------
+
+  function showModel() {
+    const entry = (state.models || []).find((m) => m.name === $("model").value);
+    const note = $("model-note");
+    if (!entry) { note.hidden = true; return; }
+    const lines = [];
+    // A random preset draws noise: say so plainly, and how to get a real model.
+    if (entry.random_preset) lines.push(entry.note);
+    if (!entry.workers_online) lines.push(`No worker of ${entry.name} is running now: the job waits in its queue.`);
+    note.textContent = lines.join(" ");
+    note.hidden = lines.length === 0;
+    // The model family's own defaults (its training size...) fill the controls nobody typed in.
+    for (const [name, value] of Object.entries(entry.defaults || {})) {
+      const input = $(`param-${name}`);
+      if (input && !input.dataset.typed) input.value = String(value);
+    }
+  }
+
+  async function loadModels() {
+    try {
+      const catalogue = await apiJson("/v1/models");
+      state.models = catalogue.items || [];
+      const select = $("model");
+      select.replaceChildren();
+      for (const item of state.models) {
+        const option = document.createElement("option");
+        option.value = item.name;
+        const workers = item.workers_online === 1 ? "1 worker" : `${item.workers_online} workers`;
+        option.textContent = `${item.name} (${item.family}, ${workers})`;
+        select.append(option);
+      }
+      select.value = catalogue.default;
+      select.onchange = showModel;  // once, however often the catalogue is reloaded
+      for (const item of state.models) {
+        for (const name of Object.keys(item.defaults || {})) {
+          const input = $(`param-${name}`);
+          if (input) input.oninput = () => { input.dataset.typed = "1"; };
+        }
+      }
+      $("model-field").hidden = state.models.length === 0;
+      showModel();
+    } catch (_) {
+      // No catalogue (an older server): the transfer runs on the default model.
+    }
+  }
+
   // --- start ------------------------------------------------------------------------------------
 
   async function start() {
@@ -529,17 +857,20 @@
     $("reset-params").addEventListener("click", resetParams);
     $("cancel").addEventListener("click", cancelJob);
     $("refresh-recent").addEventListener("click", loadRecent);
-    $("compare-slider").addEventListener("input", (event) => {
-      const at = Number(event.target.value);
-      $("compare-after").style.clipPath = `inset(0 0 0 ${at}%)`;
-      $("compare-line").style.left = `${at}%`;
-    });
+    $("compare-slider").addEventListener("input", (event) => setCompare(Number(event.target.value)));
+    $("use-fast").addEventListener("click", useFast);
+    $("cancel-key").addEventListener("click", () => $("key-dialog").close());
+    if (state.config.method_url) $("method-link").href = state.config.method_url;
+    loadSpeeds();
     $("key-form").addEventListener("submit", () => {
       const key = $("api-key").value.trim();
       if (key) sessionStorage.setItem(KEY_STORAGE, key);
     });
     $("key-dialog").addEventListener("close", () => {
-      if (apiKey()) { loadRecent(); if (state.config.features.styles) loadStyles(); }
+      loadRecent();
+      if (apiKey()) { loadModels(); if (state.config.features.styles) loadStyles(); }
+      const back = state.keyReturnFocus;
+      if (back && back !== document.body && document.contains(back)) back.focus();
     });
     if (state.config.auth_required) {
       $("change-key").hidden = false;
@@ -547,6 +878,7 @@
       if (!apiKey()) { askForKey(); return; }
     }
     loadRecent();
+    loadModels();
     if (state.config.features.styles) loadStyles();
   }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.routes import events, files, ops, styles, transfers
+from service.api.routes import events, files, models, ops, styles, transfers
 
 
 def api_router() -> APIRouter:
@@ -12,6 +12,7 @@ def api_router() -> APIRouter:
     router = APIRouter()
     router.include_router(transfers.router)
     router.include_router(styles.router)
+    router.include_router(models.router)
     router.include_router(events.router)
     router.include_router(files.router)
     router.include_router(ops.router)

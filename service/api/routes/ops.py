@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.api.deps import ServicesDep, operator_access
 from service.api.errors import NotReady, error_body
 from service.api.schemas import ErrorResponse, Health
+from service.core.models import catalogue
 from service.core.redis_client import UNREACHABLE, probe_writable, refusal
 
 log = logging.getLogger("ham.api")
@@ -51,7 +52,8 @@ def readyz(services: ServicesDep) -> Response:
     """200 when Redis accepts a write and the storage answers; else 503 naming the failed dependency.
 
     A Redis that answers but refuses writes is named by why: ``full``, ``readonly``, ``loading``,
-    ``master_down``, ``busy``, ``writes_stopped`` or ``no_replicas``.
+    ``master_down``, ``busy``, ``writes_stopped`` or ``no_replicas``. A 200 also says which models
+    answer: `models` maps each served model to its live worker count.
     """
     checks: dict[str, str] = {}
     for name, probe in (("redis", lambda: probe_writable(services.redis)), ("storage", services.storage.ping)):
@@ -67,7 +69,11 @@ def readyz(services: ServicesDep) -> Response:
         body = {"status": "unavailable", "checks": checks,
                 **error_body(NotReady.code, f"unavailable: {', '.join(failed)}")}
         return JSONResponse(body, status_code=503)
-    return JSONResponse(Health(status="ok", checks=checks).model_dump())
+    body = Health(status="ok", checks=checks).model_dump()
+    # Which models answer (informational: the API is ready whether or not a pool is up).
+    body["models"] = {entry["name"]: {"default": entry["default"], "workers_online": entry["workers_online"]}
+                      for entry in catalogue(services.redis, services.settings)}
+    return JSONResponse(body)
 
 
 @router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(_metrics_access)],

@@ -27,7 +27,9 @@ from ham_engine.params import (
     ParamSpec,
     TransferParams,
     check_style_reference,
+    family_params,
 )
+from service.api.catalogue import choose_model
 from service.api.deps import Services, current_tenant, get_services
 from service.api.errors import (
     REDIS_REFUSALS,
@@ -39,12 +41,14 @@ from service.api.errors import (
     InvalidMultipart,
     InvalidParameter,
     InvalidRequest,
+    ModelUnavailable,
     NotFound,
     RateLimited,
     RequestTooLarge,
     Unauthorized,
     Unavailable,
     UnknownField,
+    UnknownModel,
     UnsupportedMediaType,
     UploadTooLarge,
     error_responses,
@@ -60,10 +64,10 @@ log = logging.getLogger("ham.api")
 
 router = APIRouter(prefix="/v1/styles", tags=["styles"])
 
-# warm=true queues a job that computes the style's features; size and steps are that job's.
+# warm=true queues a job that computes the style's features; size and steps are that job's, for `model`.
 WARM_SPEC = ParamSpec("warm", bool, False, "queue a job that computes the style's features now")
 WARM_PARAM_SPECS = tuple(spec for name in ("size", "steps") for spec in PARAM_SPECS if spec.name == name)
-FIELDS = ("image", "style_prompt", "name", WARM_SPEC.name, *(spec.name for spec in WARM_PARAM_SPECS))
+FIELDS = ("image", "style_prompt", "name", WARM_SPEC.name, *(spec.name for spec in WARM_PARAM_SPECS), "model")
 MAX_NAME_CHARS = 200
 _WARM_GREY = (128, 128, 128)
 
@@ -116,15 +120,17 @@ def _fields(form: FormData) -> dict[str, str | UploadFile]:
     return values
 
 
-def _warm_params(values: dict[str, str | UploadFile]) -> TransferParams | None:
-    """The parameters of the warming job (``warm=true``), parsed like a transfer's form fields; None without."""
+def _warm_params(values: dict[str, str | UploadFile], family: str = "sd") -> TransferParams | None:
+    """The parameters of the warming job (``warm=true``), parsed like a transfer's form fields; None without.
+    ``family``: the warmed model's, whose defaults fill what is not given (its training size)."""
     warm = form_value(WARM_SPEC, str(values["warm"])) if "warm" in values else WARM_SPEC.default
     given = {spec.name: form_value(spec, str(values[spec.name])) for spec in WARM_PARAM_SPECS if spec.name in values}
     if not warm:
-        if given:
-            raise ParamError(next(iter(given)), "only used with warm=true")
+        if given or "model" in values:
+            raise ParamError(next(iter(given)) if given else "model", "only used with warm=true")
         return None
-    return TransferParams(**given)
+    # Features are per model: warm them for the model named (its family's size when none is given).
+    return TransferParams(**family_params(family, given))
 
 
 def _grey_square(size: int) -> bytes:
@@ -133,7 +139,10 @@ def _grey_square(size: int) -> bytes:
     return buffer.getvalue()
 
 
-def _create(services: Services, record: StyleRecord, image_png: bytes | None, warm: TransferParams | None) -> None:
+def _create(
+    services: Services, record: StyleRecord, image_png: bytes | None, warm: TransferParams | None,
+    model: str | None = None,
+) -> None:
     settings = services.settings
     if image_png is not None:
         services.storage.put(style_image_key(record.id), image_png, "image/png")
@@ -144,6 +153,7 @@ def _create(services: Services, record: StyleRecord, image_png: bytes | None, wa
             tenant=record.tenant,
             params=warm.to_dict(),
             styles=[record.ref()],
+            model=model,
         )
         record.warm_job_id = warm_job.id
     services.styles.create(record)
@@ -167,7 +177,7 @@ def _create(services: Services, record: StyleRecord, image_png: bytes | None, wa
     summary="Add a style to your library",
     responses=error_responses(
         *_ERRORS, InvalidMultipart, RequestTooLarge, UploadTooLarge, ImageTooLarge, UnsupportedMediaType,
-        UnknownField, DuplicateField, InvalidField, InvalidParameter, InvalidImage,
+        UnknownField, DuplicateField, InvalidField, InvalidParameter, InvalidImage, UnknownModel, ModelUnavailable,
     ),
 )
 async def create_style(
@@ -178,8 +188,9 @@ async def create_style(
 ) -> StyleResource:
     """Store a style (multipart: `image` and/or `style_prompt`, optional `name`).
 
-    `warm=true` (with optional `size` and `steps`, default the engine's) queues a job that
-    computes the style's features, so the first transfer with it is warm.
+    `warm=true` (with optional `size` and `steps`, default the engine's, and `model`, default the
+    default model's) queues a job that computes the style's features for that model, so the first
+    transfer with it on that model is warm. The style itself is usable with every model.
     """
     form = await _style_form(request)
     try:
@@ -192,7 +203,10 @@ async def create_style(
             if prompt_text is not None and len(prompt_text) > MAX_PROMPT_CHARS:
                 raise ParamError("style_prompt", f"at most {MAX_PROMPT_CHARS} characters")
             prompt = check_style_reference("image" in values, prompt_text)
-            warm = _warm_params(values)
+            model = None
+            if "warm" in values and form_value(WARM_SPEC, str(values["warm"])):
+                model = await choose_model(services, values.get("model"))  # 422 unknown_model
+            warm = _warm_params(values, model.family if model else "sd")
         except ParamError as exc:
             field = "image" if exc.field == "style" else exc.field
             raise InvalidParameter(str(exc).replace("style:", "image:", 1), field=field) from None
@@ -206,7 +220,7 @@ async def create_style(
         style_prompt=prompt,
         has_image=image_png is not None,
     )
-    await run_in_threadpool(_create, services, record, image_png, warm)
+    await run_in_threadpool(_create, services, record, image_png, warm, model.name if model else None)
     response.headers["Location"] = f"/v1/styles/{record.id}"
     log.info("style %s created for tenant %s", record.id, tenant)
     return style_resource(record)
