@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +22,7 @@ from service.core.config import Settings
 from service.core.storage import open_storage
 from tests.e2e.conftest import REPO, TENANTS, Stack, running_stack
 from tests.e2e.test_end_to_end import QUICK, download_png, png, wait_for
+from tests.fixtures import waiting
 
 pytestmark = pytest.mark.slow
 QUEUE = "ham-e2e-models"
@@ -59,14 +59,7 @@ def catalogue(client: httpx.Client) -> dict[str, dict[str, Any]]:
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached after {timeout}s")
-        time.sleep(0.05)
+    return waiting.wait_until(predicate, timeout, what)
 
 
 def test_models_lists_both_pools_live(two_pools: Stack, alpha: httpx.Client) -> None:

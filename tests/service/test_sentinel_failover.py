@@ -23,6 +23,7 @@ from service.core.config import Settings
 from service.core.jobs import Job, JobStore, new_job_id
 from service.core.redis_client import REDIS_UNAVAILABLE, connect_redis
 from tests.fixtures.servers import free_port
+from tests.fixtures.waiting import wait_until
 
 MASTER = "ham-test-primary"
 
@@ -33,10 +34,7 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def _until(what: str, condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.05)
+    wait_until(condition, timeout, what)
 
 
 def _answers(port: int) -> bool:

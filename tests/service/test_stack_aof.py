@@ -6,13 +6,13 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import redis
 
 from service.stack import AOF_ARGS, migrate_to_aof, needs_aof_migration, redis_persistence_args
 from tests.fixtures.servers import free_port
+from tests.fixtures.waiting import wait_until
 
 
 def _start(redis_dir: Path, args: list[str]) -> tuple[subprocess.Popen, redis.Redis, str]:
@@ -22,14 +22,12 @@ def _start(redis_dir: Path, args: list[str]) -> tuple[subprocess.Popen, redis.Re
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.ping()
-            return proc, client, url
-        except (redis.ConnectionError, redis.BusyLoadingError):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+    def running() -> None:
+        assert proc.poll() is None, f"redis-server exited with {proc.returncode}"
+
+    wait_until(client.ping, 30, "redis-server to answer", interval=0.02,
+               ignore=(redis.ConnectionError, redis.BusyLoadingError), check=running)
+    return proc, client, url
 
 
 def _kill(proc: subprocess.Popen) -> None:

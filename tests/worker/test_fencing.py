@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from service.core.config import Settings
 from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
 from service.core.storage import FileStorage
 from service.core.style_refs import StyleRef
+from tests.fixtures import waiting
 from tests.fixtures.servers import RedisServer, free_port, log_tail, terminate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,14 +52,12 @@ class Worker:
 
 
 def wait_until(what: str, condition: Callable[[], bool], workers: list[Worker], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
+    def alive() -> None:
         for worker in workers:
             assert worker.alive, f"{worker.name} exited while waiting for {what}:\n{log_tail(worker.log)}"
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s:\n" + "\n".join(
-            f"--- {w.name}\n{log_tail(w.log)}" for w in workers
-        )
-        time.sleep(0.02)
+
+    waiting.wait_until(condition, timeout, what, interval=0.02, check=alive,
+                       detail=lambda: "\n".join(f"--- {w.name}\n{log_tail(w.log)}" for w in workers))
 
 
 @pytest.fixture
