@@ -38,6 +38,8 @@ DEFAULT_LAYERS: tuple[str, ...] = ("up_blocks.*",)
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "sd": {"size": 512},
     "sdxl": {"size": 1024},
+    "sd3": {"size": 1024},
+    "flux": {"size": 1024},
 }
 
 
