@@ -21,7 +21,7 @@ from service.core.models import UnknownModel, model_entry, resolve_model
 MODEL_FIELD_SCHEMA = {
     "type": "string", "minLength": 1, "maxLength": 200,
     "description": "The model to run on: a name from `GET /v1/models`; default: the deployment's default model. "
-    "Parameters left out get that model family's defaults (`size`: 512 for SD 1.x/2.x, 1024 for SDXL).",
+    "Parameters left out get that model family's defaults (`size`: 512 for SD 1.x/2.x, 1024 for SDXL, SD3 and FLUX).",
     "examples": ["tiny"],
 }
 

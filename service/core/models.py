@@ -46,7 +46,7 @@ FORGET_BEATS = 360
 # (tests/service/test_models.py keeps both equal). Their pictures are noise.
 PRESET_FAMILIES: dict[str, str] = {
     "tiny": "sd", "tiny-v": "sd", "tiny-xl": "sdxl", "random-small": "sd", "tiny-sd3": "sd3", "tiny-flux": "flux",
-}  # fmt: skip
+}
 RANDOM_PRESET_NOTE = (
     "{name} is a random preset: its weights are random, so its pictures are noise, not art. "
     "Set HAM_MODEL on the workers (and HAM_MODELS on the API) to a real Stable Diffusion model for real images."
@@ -168,16 +168,16 @@ def announcements(redis: Redis, settings: Settings, model: str, now: float | Non
 
 
 def guess_family(name: str) -> str:
-    """The family of a model no worker announced yet: a preset's own, else from the name
-    (``flux`` → FLUX, ``stable-diffusion-3``/``sd3`` → SD3, ``xl`` → SDXL, else SD)."""
+    """The family of a model no worker announced yet: a preset's own, else from the name (``flux``,
+    ``stable-diffusion-3``/``sd3``, ``xl``; else SD 1.x/2.x)."""
     if name in PRESET_FAMILIES:
         return PRESET_FAMILIES[name]
-    lowered = name.lower()
-    if "flux" in lowered:
+    lower = name.lower()
+    if "flux" in lower:
         return "flux"
-    if "stable-diffusion-3" in lowered or "sd3" in lowered:
+    if "stable-diffusion-3" in lower or "sd3" in lower:
         return "sd3"
-    return "sdxl" if "xl" in lowered else "sd"
+    return "sdxl" if "xl" in lower else "sd"
 
 
 def model_family(redis: Redis, settings: Settings, model: str) -> tuple[str, str]:

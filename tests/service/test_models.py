@@ -80,17 +80,24 @@ def test_preset_families_match_the_engines_presets() -> None:
 
 
 def test_family_defaults_match_the_families_training_sizes() -> None:
+    import importlib
+
+    from ham_engine.families import TRANSFORMER_PIPELINES
     from ham_engine.families.sd import StableDiffusion
     from ham_engine.families.sdxl import StableDiffusionXL
 
-    for family in (StableDiffusion, StableDiffusionXL):
-        assert FAMILY_DEFAULTS[family.name]["size"] == family.default_size
+    families = [StableDiffusion, StableDiffusionXL] + [
+        getattr(importlib.import_module(module), name) for module, name in TRANSFORMER_PIPELINES.values()]
+    # Every family the engine knows has its training size as the default size.
+    assert {family.name: family.default_size for family in families} == {
+        name: defaults["size"] for name, defaults in FAMILY_DEFAULTS.items()}
     assert family_default("sdxl", "size") == 1024 and family_default("sd", "size") == 512
     assert family_default("sdxl", "steps") == TransferParams().steps
     assert family_params("sdxl", {"steps": 3}) == {"size": 1024, "steps": 3}
     assert family_params("sdxl", {"size": 64}) == {"size": 64}
     size = next(spec for spec in PARAM_SPECS if spec.name == "size").json_schema()
-    assert size["x-family-defaults"] == {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024} and size["default"] == 512
+    assert size["x-family-defaults"] == {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+    assert size["default"] == 512
 
 
 def test_guess_family() -> None:
@@ -98,6 +105,7 @@ def test_guess_family() -> None:
     assert guess_family("stabilityai/stable-diffusion-xl-base-1.0") == "sdxl"
     assert guess_family("stabilityai/stable-diffusion-2-1-base") == "sd"
     assert guess_family("stabilityai/stable-diffusion-3.5-medium") == "sd3" and guess_family("tiny-sd3") == "sd3"
+    assert guess_family("stabilityai/stable-diffusion-3-medium-diffusers") == "sd3"
     assert guess_family("black-forest-labs/FLUX.1-dev") == "flux" and guess_family("tiny-flux") == "flux"
 
 
@@ -225,6 +233,5 @@ def test_the_schema_names_the_served_models(api) -> None:
     schema = api().get("/openapi.json").json()["components"]["schemas"]
     assert schema["TransferRequest"]["properties"]["model"]["enum"] == ["tiny", "tiny-xl"]
     assert schema["TransferForm"]["properties"]["model"]["enum"] == ["tiny", "tiny-xl", ""]
-    family_sizes = {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
-    assert schema["TransferRequest"]["properties"]["size"]["x-family-defaults"] == family_sizes
+    assert schema["TransferRequest"]["properties"]["size"]["x-family-defaults"]["sdxl"] == 1024
     assert "/v1/models" in api().get("/openapi.json").json()["paths"]

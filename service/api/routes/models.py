@@ -33,7 +33,7 @@ class ModelInfo(BaseModel):
     name: str = Field(description="What a transfer's `model` names.")
     default: bool = Field(description="Whether a transfer naming no model runs on it.")
     queue: str = Field(description="Its RQ queue (the Redis list `rq:queue:<queue>`), which its worker pool serves.")
-    family: str = Field(description="`sd` (SD 1.x/2.x) or `sdxl`; it picks the parameter defaults.")
+    family: str = Field(description="`sd` (SD 1.x/2.x), `sdxl`, `sd3` or `flux`; it picks the parameter defaults.")
     family_source: Literal["worker", "name"] = Field(
         description="`worker`: announced by a worker; `name`: guessed from the name (no worker announced yet)."
     )

@@ -49,6 +49,7 @@ _PAGE_HEADERS = {"Content-Security-Policy": _CSP, "Cache-Control": "no-cache", "
 
 
 def _param_config(spec: ParamSpec) -> dict[str, Any]:
+    schema = spec.json_schema()
     entry: dict[str, Any] = {
         "name": spec.name,
         "label": spec.label or spec.name,
@@ -57,10 +58,10 @@ def _param_config(spec: ParamSpec) -> dict[str, Any]:
         "main": spec.group == "main",
         "type": _JSON_TYPES[spec.kind],
         "default": spec.default,
+        # The schema's words (for `size` they name each model family's default).
+        "description": schema["description"],
     }
-    # The same bounds and words the API schema publishes (ParamSpec.json_schema), under the schema's names.
-    schema = spec.json_schema()
-    entry["description"] = schema["description"]
+    # The same bounds the API schema publishes (ParamSpec.json_schema), under the schema's names.
     for key in ("minimum", "maximum", "multipleOf", "enum"):
         if key in schema:
             entry[key] = schema[key]
