@@ -15,12 +15,12 @@ CLIP_VOCAB := .cache/clip/bpe_simple_vocab_16e6.txt.gz
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test lint bench system system-test setup clip-vocab clean
+.PHONY: up test lint bench system system-test node-test setup clip-vocab clean
 
 up: setup
 	$(BIN)/ham up
 
-test: setup system-test clip-vocab
+test: setup system-test node-test clip-vocab
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || { rc=$$?; \
 	  [ $$rc -eq 5 ] && echo "pytest collected no tests"; exit $$rc; }
@@ -43,8 +43,15 @@ system:
 # The browser tests drive Debian's Chromium (never a downloaded browser build); the monitoring
 # tests run Debian's prometheus and promtool.
 system-test:
-	@command -v chromium >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
-	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium prometheus; }
+	@command -v chromium >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium prometheus nodejs npm; }
+
+# npm packages the tests use, at the versions their lockfiles pin: axe-core (the playground's
+# accessibility check) and the TypeScript client's generator and fetch library.
+node-test: tests/e2e/axe/node_modules/.package-lock.json clients/typescript/node_modules/.package-lock.json
+
+%/node_modules/.package-lock.json: %/package-lock.json
+	npm ci --prefix $* --no-audit --no-fund
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
