@@ -395,7 +395,9 @@
   // Seconds for a job of `steps` at `size` px: the workers' measured seconds per step at that size,
   // or at the nearest measured size scaled by the pixel count (time grows with pixels).
   function estimateSeconds(steps, size) {
-    const measured = state.speeds.filter((s) => !state.config.model || s.model === state.config.model);
+    // The picked model's measurements (the catalogue's picker), else the server's default model's.
+    const model = ($("model") && $("model").value) || state.config.model;
+    const measured = state.speeds.filter((s) => !model || s.model === model);
     if (!measured.length || !steps || !size) return null;
     const nearest = measured.reduce((a, b) => (Math.abs(b.size - size) < Math.abs(a.size - size) ? b : a));
     const perStep = nearest.seconds_per_step * (size / nearest.size) ** 2;
@@ -808,6 +810,7 @@
       const input = $(`param-${name}`);
       if (input && !input.dataset.typed) input.value = String(value);
     }
+    showEstimate();  // another model, another speed (and maybe another size)
   }
 
   async function loadModels() {
