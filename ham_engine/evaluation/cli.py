@@ -60,6 +60,17 @@ def add_eval_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run_eval)
 
 
+def _audit_weights(args: argparse.Namespace, store: Any, clip_model: str, dino_model: str) -> None:
+    """Refuse unverified metric weights (``UnverifiedWeights``) unless allowed; warn about them then."""
+    from ham_engine.evaluation.weights import UnverifiedWeights
+
+    unverified = [check for check in store.audit(clip_model, dino_model) if not check.verified]
+    if unverified and not args.allow_unverified_weights:
+        raise UnverifiedWeights(unverified)
+    for check in unverified if not args.quiet else ():
+        print(f"{PROG}: warning: unverified: {check.problem()}", file=sys.stderr)
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     params = transfer_params(args)
     try:
@@ -80,11 +91,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         store = WeightStore(args.weights)
         clip_model, dino_model = args.clip_model or DEFAULT_CLIP, args.dino_model or DEFAULT_DINO
         if not args.skip_metrics:  # refuse unverified weights now, not after the transfers
-            unverified = [check for check in store.audit(clip_model, dino_model) if not check.verified]
-            if unverified and not args.allow_unverified_weights:
-                raise UnverifiedWeights(unverified)
-            for check in unverified if not args.quiet else ():
-                print(f"{PROG}: warning: unverified: {check.problem()}", file=sys.stderr)
+            _audit_weights(args, store, clip_model, dino_model)
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"out: {str(out_dir)!r} is a file")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ from typing import Any
 from ham_engine.evaluation.weights import sha256
 from ham_engine.params import TransferParams
 
-COMPONENTS = ("unet", "vae", "text_encoder")
+# Every weight folder a supported family has (a folder the model lacks is skipped).
+COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def model_folder(model: str) -> Path | None:

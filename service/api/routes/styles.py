@@ -211,8 +211,10 @@ async def create_style(
                 raise ParamError("style_prompt", "blank; leave it out or describe a style")
             prompt = check_style_reference("image" in values, prompt_text)
             model = None
-            if "warm" in values and form_value(WARM_SPEC, str(values["warm"])):
-                model = await choose_model(services, values.get("model"))  # 422 unknown_model
+            warming = "warm" in values and form_value(WARM_SPEC, str(values["warm"]))
+            if warming or "model" in values:
+                # 422 unknown_model either way; without warm the model, like size/steps, is checked and ignored.
+                model = await choose_model(services, values.get("model"))
             warm = _warm_params(values, model.family if model else "sd")
         except ParamError as exc:
             field = "image" if exc.field == "style" else exc.field
