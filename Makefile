@@ -43,8 +43,9 @@ system:
 # The browser tests drive Debian's Chromium (never a downloaded browser build); the monitoring
 # tests run Debian's prometheus and promtool.
 system-test:
-	@command -v chromium >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
-	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium prometheus nodejs npm; }
+	@command -v chromium >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium prometheus; }
+	@command -v npm >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y nodejs npm; }
 
 # npm packages the tests use, at the versions their lockfiles pin: axe-core (the playground's
 # accessibility check) and the TypeScript client's generator and fetch library.
