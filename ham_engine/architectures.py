@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from ham_engine import tiny
+from ham_engine.tiny_dit import FLUX_MODEL_INDEX, SD3_MODEL_INDEX
 
 FORMAT_VERSION = "1"
 CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -281,39 +282,8 @@ ARCHITECTURES["flux1-dev"] = {
 }
 
 
-def _write_flux_index(folder: Path) -> None:
-    model_index = {
-        "_class_name": "FluxPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
-
-
-def _write_sd3_index(folder: Path) -> None:
-    model_index = {
-        "_class_name": "StableDiffusion3Pipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "text_encoder_3": [None, None],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "tokenizer_3": [None, None],
-        "transformer": ["diffusers", "SD3Transformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
+def _write_index(folder: Path, model_index: dict[str, Any]) -> None:
+    """The pipeline's ``model_index.json`` (the tables the tiny DiT presets write too)."""
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
 
 
@@ -419,9 +389,9 @@ def build_architecture(name: str, folder: Path, vocab_gz: Path, seed: int = 0) -
     scheduler = spec.get("scheduler") or {"_class_name": "DDIMScheduler", **_SCHEDULER}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2), encoding="utf-8")
     if spec["pipeline"] == "StableDiffusion3Pipeline":
-        _write_sd3_index(folder)
+        _write_index(folder, SD3_MODEL_INDEX)
     elif spec["pipeline"] == "FluxPipeline":
-        _write_flux_index(folder)
+        _write_index(folder, FLUX_MODEL_INDEX)
     else:
         tiny.write_model_index(folder, xl=spec["pipeline"] == "StableDiffusionXLPipeline")
 
