@@ -112,7 +112,7 @@ class ChaosStack:
         self.storage = workdir / "storage"
         self.storage.mkdir()
         ham = Path(sys.executable).with_name("ham")
-        ham_cmd = [str(ham)] if ham.exists() else [sys.executable, "-m", "service.cli"]
+        ham_cmd = [str(ham)] if ham.exists() else [sys.executable, "-m", "ham_cli"]
         self.env = {
             **os.environ,
             "HAM_REDIS_URL": self.redis_url,

@@ -118,7 +118,7 @@ class Stack:
         ham = Path(sys.executable).with_name("ham")
         # The console script, else this interpreter running the CLI module (a checkout on PYTHONPATH).
         found = str(ham) if ham.exists() else shutil.which("ham")
-        self.ham = [found] if found else [sys.executable, "-m", "service.cli"]
+        self.ham = [found] if found else [sys.executable, "-m", "ham_cli"]
         self.env = {
             **os.environ,
             "HAM_REDIS_URL": self.redis_url,

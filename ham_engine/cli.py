@@ -2,7 +2,7 @@
 
     ham transfer CONTENT.png --style STYLE.png -o OUT.png [--model tiny] [--steps 50] ...
 
-The top-level ``ham`` command (``service/cli.py``) mounts this with
+The top-level ``ham`` command (``ham_cli/main.py``) mounts this with
 :func:`add_transfer_parser` and calls :func:`run_transfer`; ``python -m ham_engine.cli
 transfer ...`` works on its own. Importing this module does not import torch, so ``ham``
 still starts (and shows help) on an API-only install without the engine extras.

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser
-from service.core.config import Settings
+from ham_cli.main import build_parser
+from ham_core.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

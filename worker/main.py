@@ -15,12 +15,12 @@ Start-up order, and what each step is for:
    Redis is unreachable (``/healthz`` stays 200: the process is fine, it is waiting).
 6. The model is announced to the catalogue (``GET /v1/models``; again on every heartbeat),
    and an RQ ``SimpleWorker`` (JSON serializer) takes jobs from its model's queue only
-   (:func:`service.core.models.queue_name`: ``HAM_QUEUE_NAME`` for the deployment's default
+   (:func:`ham_core.models.queue_name`: ``HAM_QUEUE_NAME`` for the deployment's default
    model, ``<HAM_QUEUE_NAME>-<model>`` for the others), made to outlive
    Redis outages (:mod:`worker.rq_loop`). It runs each job in this process — no fork per
    job, so CUDA state stays valid.
 
-Redis clients come from :func:`service.core.redis_client.connect_redis` (bounded retries
+Redis clients come from :func:`ham_core.redis_client.connect_redis` (bounded retries
 with backoff and jitter). A worker started while Redis is away waits for it; one that loses
 Redis between jobs waits and reconnects with backoff, logging once when Redis is lost and
 once when it is back.
@@ -45,14 +45,14 @@ from pathlib import Path
 from redis import Redis
 from rq.serializers import JSONSerializer
 
-from service.core.config import Settings
-from service.core.feature_store import StorageFeatureStore
-from service.core.jobs import JobStore
-from service.core.logs import configure_logging
-from service.core.models import Announcement, announce, withdraw
-from service.core.redis_client import connect_redis
-from service.core.storage import open_storage
-from service.core.styles import StyleStore
+from ham_core.config import Settings
+from ham_core.feature_store import StorageFeatureStore
+from ham_core.jobs import JobStore
+from ham_core.logs import configure_logging
+from ham_core.models import Announcement, announce, withdraw
+from ham_core.redis_client import connect_redis
+from ham_core.storage import open_storage
+from ham_core.styles import StyleStore
 from worker.metrics import MetricsServer, WorkerMetrics
 from worker.recovery import Maintenance
 from worker.rq_loop import ResilientWorker
@@ -231,7 +231,7 @@ def _webhook_dispatcher(settings: Settings, redis: Redis):  # -> WebhookDispatch
     if not settings.webhook_secret:
         log.info("webhooks off (HAM_WEBHOOK_SECRET is empty)")
         return None
-    from service.core.webhooks import WebhookDispatcher
+    from ham_core.webhooks import WebhookDispatcher
 
     dispatcher = WebhookDispatcher(settings, redis)
     dispatcher.start()

@@ -20,14 +20,14 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ham_engine.results import TransferStats
-from service.core.jobs import (
+from ham_core.jobs import (
     ERROR_INPUTS_MISSING,
     ERROR_INTERNAL,
     ERROR_INVALID_INPUT,
     ERROR_NUMERICAL,
     ERROR_TIMEOUT,
 )
+from ham_engine.results import TransferStats
 
 log = logging.getLogger("ham.worker")
 

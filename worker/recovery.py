@@ -47,12 +47,12 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from service.core.config import Settings
-from service.core.feature_store import sweep_features
-from service.core.jobs import JOB_FOLDERS, KEY_PREFIX, Job, JobStatus, JobStore
-from service.core.logs import log_context
-from service.core.redis_client import REDIS_UNAVAILABLE
-from service.core.storage import Storage, StorageError
+from ham_core.config import Settings
+from ham_core.feature_store import sweep_features
+from ham_core.jobs import JOB_FOLDERS, KEY_PREFIX, Job, JobStatus, JobStore
+from ham_core.logs import log_context
+from ham_core.redis_client import REDIS_UNAVAILABLE
+from ham_core.storage import Storage, StorageError
 from worker.connectivity import Link
 from worker.task import WebhookSink, notify_webhook
 
@@ -197,7 +197,7 @@ class Maintenance:
     def beat(self) -> None:
         ttl = HEARTBEAT_MISSES * self.settings.worker_heartbeat
         self.store.redis.set(heartbeat_key(self.worker_name), beat_value(self.current_job()), ex=ttl)
-        if self.announce is not None:  # the catalogue's live view (service.core.models)
+        if self.announce is not None:  # the catalogue's live view (ham_core.models)
             self.announce()
 
     def run_once(self) -> None:

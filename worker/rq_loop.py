@@ -39,8 +39,8 @@ from rq import SimpleWorker
 from rq.exceptions import DequeueTimeout, StopRequested
 from rq.worker.base import WorkerStatus
 
-from service.core.logs import log_context
-from service.core.redis_client import REDIS_UNAVAILABLE
+from ham_core.logs import log_context
+from ham_core.redis_client import REDIS_UNAVAILABLE
 from worker.connectivity import Link
 
 # What ``worker.task.run_transfer`` returns for a run that lost its job to another run.

@@ -50,10 +50,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import Image
 from rq.timeouts import BaseTimeoutException
 
-from ham_engine.params import ParamError, TransferParams
-from ham_engine.results import TransferStats
-from service.core.config import Settings
-from service.core.jobs import (
+from ham_core.config import Settings
+from ham_core.jobs import (
     ERROR_INPUTS_MISSING,
     ERROR_INTERNAL,
     ERROR_INVALID_INPUT,
@@ -68,13 +66,15 @@ from service.core.jobs import (
     JobStore,
     result_key,
 )
-from service.core.logs import bind, log_context
-from service.core.output import OutputSpec, encode
-from service.core.redis_client import REDIS_UNAVAILABLE, probe_writable
-from service.core.resource import job_resource
-from service.core.speed import record_speed
-from service.core.storage import Storage, StorageError
-from service.core.styles import StyleStore
+from ham_core.logs import bind, log_context
+from ham_core.output import OutputSpec, encode
+from ham_core.redis_client import REDIS_UNAVAILABLE, probe_writable
+from ham_core.resource import job_resource
+from ham_core.speed import record_speed
+from ham_core.storage import Storage, StorageError
+from ham_core.styles import StyleStore
+from ham_engine.params import ParamError, TransferParams
+from ham_engine.results import TransferStats
 from worker.connectivity import Link, OutageTooLong, outlast
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ log = logging.getLogger("ham.worker")
 
 
 class WebhookSink(Protocol):
-    """What the runner needs from :class:`service.core.webhooks.WebhookDispatcher`."""
+    """What the runner needs from :class:`ham_core.webhooks.WebhookDispatcher`."""
 
     def submit(self, url: str, payload: dict, event: str = "completed") -> None: ...
 

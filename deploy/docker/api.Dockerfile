@@ -17,10 +17,12 @@ COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(d['project']['dependencies']))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 COPY ham_engine ./ham_engine
+COPY ham_core ./ham_core
 COPY service ./service
 COPY worker ./worker
+COPY ham_cli ./ham_cli
 # Base install only: the API never imports torch (ham_engine.params is torch-free).
-RUN pip install --no-deps . && python -c "import service.core.config, ham_engine.params"
+RUN pip install --no-deps . && python -c "import ham_core.config, ham_engine.params"
 
 # --- runtime ---------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -29,8 +29,10 @@ RUN pip install "torch${TORCH_VERSION:+==${TORCH_VERSION}}" --index-url "${TORCH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY ham_engine ./ham_engine
+COPY ham_core ./ham_core
 COPY service ./service
 COPY worker ./worker
+COPY ham_cli ./ham_cli
 RUN pip install ".[engine]" && python -c "import torch, diffusers, worker, ham_engine"
 
 # --- runtime ---------------------------------------------------------------------------------

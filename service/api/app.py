@@ -14,6 +14,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ham_core.config import Settings, get_settings
+from ham_core.jobs import JobStore
+from ham_core.models import catalogue
+from ham_core.redis_client import (
+    REDIS_UNAVAILABLE,
+    UNREACHABLE,
+    connect_async_redis,
+    connect_redis,
+    memory_usage,
+    refusal,
+)
+from ham_core.storage import StorageError, open_storage
+from ham_core.styles import StyleStore
+from ham_core.webhooks import WebhookDispatcher
 from service.api.deps import Services
 from service.api.errors import RequestTooLarge, Unavailable, install_error_handlers, redis_refusal_error
 from service.api.metrics import ApiMetrics, MetricsMiddleware, QueueCollector
@@ -23,20 +37,6 @@ from service.api.requestid import RequestIdMiddleware
 from service.api.routes import api_router
 from service.api.routes.docs import install_docs
 from service.api.routes.playground import install_playground
-from service.core.config import Settings, get_settings
-from service.core.jobs import JobStore
-from service.core.models import catalogue
-from service.core.redis_client import (
-    REDIS_UNAVAILABLE,
-    UNREACHABLE,
-    connect_async_redis,
-    connect_redis,
-    memory_usage,
-    refusal,
-)
-from service.core.storage import StorageError, open_storage
-from service.core.styles import StyleStore
-from service.core.webhooks import WebhookDispatcher
 
 log = logging.getLogger("ham.api")
 

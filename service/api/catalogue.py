@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
+from ham_core.models import UnknownModel, model_entry, resolve_model
 from service.api.deps import Services
 from service.api.errors import ApiError, ModelUnavailable
 from service.api.errors import UnknownModel as UnknownModelError
-from service.core.models import UnknownModel, model_entry, resolve_model
 
 MODEL_FIELD_SCHEMA = {
     "type": "string", "minLength": 1, "maxLength": 200,

@@ -17,18 +17,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from ham_core.config import LOCAL_TENANT, Settings
+from ham_core.logs import bind
+from ham_core.redis_client import REDIS_UNAVAILABLE, refusal
 from service.api.errors import RateLimited, Unauthorized
 from service.api.ratelimit import RateLimiter
-from service.core.config import LOCAL_TENANT, Settings
-from service.core.logs import bind
-from service.core.redis_client import REDIS_UNAVAILABLE, refusal
 
 if TYPE_CHECKING:
+    from ham_core.jobs import JobStore
+    from ham_core.storage import Storage
+    from ham_core.styles import StyleStore
+    from ham_core.webhooks import WebhookDispatcher
     from service.api.metrics import ApiMetrics
-    from service.core.jobs import JobStore
-    from service.core.storage import Storage
-    from service.core.styles import StyleStore
-    from service.core.webhooks import WebhookDispatcher
 
 log = logging.getLogger("ham.api")
 

@@ -286,7 +286,7 @@ class Unavailable(ApiError):
     description = "Redis or storage unreachable; see `Retry-After`."
 
 
-# Redis answers but refuses (service.core.redis_client.refusal names why): an outage, not a bug.
+# Redis answers but refuses (ham_core.redis_client.refusal names why): an outage, not a bug.
 # ``retry_after``: the Retry-After seconds; a full Redis needs an operator, so clients wait longer.
 
 

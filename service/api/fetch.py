@@ -1,7 +1,7 @@
 """Images given by reference in a JSON submission: ``content_url`` / ``style_url``.
 
 A reference is an ``http(s)://`` URL or a ``data:`` URI. A URL is fetched under the SSRF guard
-of :mod:`service.core.ssrf` (public addresses only unless ``HAM_FETCH_ALLOW_PRIVATE``; the
+of :mod:`ham_core.ssrf` (public addresses only unless ``HAM_FETCH_ALLOW_PRIVATE``; the
 request connects to the address that was vetted), following at most :data:`MAX_REDIRECTS`
 redirects, each vetted again, within ``HAM_FETCH_TIMEOUT`` seconds in all and
 ``HAM_MAX_UPLOAD_BYTES`` bytes. Every failure is one of the API's errors naming the field
@@ -21,11 +21,11 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 import httpx
 from starlette.concurrency import run_in_threadpool
 
+from ham_core.ssrf import check_public_url, pinned_request
 from service.api.errors import FetchFailed, InvalidDataUri, InvalidUrl, UploadTooLarge
-from service.core.ssrf import check_public_url, pinned_request
 
 if TYPE_CHECKING:
-    from service.core.config import Settings
+    from ham_core.config import Settings
 
 MAX_REDIRECTS = 3
 MAX_REFERENCE_CHARS = 2048  # an http(s) URL; a data: URI is bounded by the byte cap instead

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 
+from ham_core.jobs import Job, JobStatus
+from ham_core.logs import bind
+from ham_core.resource import TransferJob
+from ham_core.resource import job_resource as public_job
 from service.api.deps import Services
 from service.api.errors import NotFound
-from service.core.jobs import Job, JobStatus
-from service.core.logs import bind
-from service.core.resource import TransferJob
-from service.core.resource import job_resource as public_job
 
 # Job ids are what JobStore issues; anything else cannot exist, so it is a 404 without a lookup.
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -16,6 +16,8 @@ from typing import Any
 
 from fastapi import Request
 
+from ham_core.idempotency import json_fingerprint
+from ham_core.style_refs import StyleRef
 from ham_engine.params import ParamSpec
 from service.api.catalogue import choose_model
 from service.api.deps import Services
@@ -37,8 +39,6 @@ from service.api.submission import (
     one_style,
     webhook_events,
 )
-from service.core.idempotency import json_fingerprint
-from service.core.style_refs import StyleRef
 
 REFERENCE_FIELDS = ("content_url", "style_url")
 TEXT_FIELDS = ("style_prompt", "webhook_url", "model")

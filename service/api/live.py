@@ -1,7 +1,7 @@
 """Following a job as it changes: the server-sent events stream and ``Prefer: wait=N``.
 
 Every change of a job record (a transition or a progress write) bumps its ``version`` and
-publishes it on the job's Redis channel in the same Lua script (:mod:`service.core.jobs`).
+publishes it on the job's Redis channel in the same Lua script (:mod:`ham_core.jobs`).
 A follower subscribes first, then reads the job, then reads it again only when a message
 arrives — so it cannot miss a change, and an idle follower costs Redis nothing. A re-read every
 :data:`RESYNC_SECONDS` without a message covers a message lost while Redis reconnected.
@@ -17,8 +17,8 @@ from contextlib import aclosing, suppress
 
 from starlette.concurrency import run_in_threadpool
 
+from ham_core.jobs import Job, events_channel
 from service.api.deps import Services
-from service.core.jobs import Job, events_channel
 
 MAX_WAIT_SECONDS = 60
 RESYNC_SECONDS = 15.0

@@ -51,7 +51,7 @@ class QueueCollector(Collector):
         redis_memory: Callable[[], tuple[int, int]] | None = None,
         per_model: Callable[[], list[Mapping[str, object]]] | None = None,
     ) -> None:
-        # The catalogue (service.core.models.catalogue): each served model's queue and live workers.
+        # The catalogue (ham_core.models.catalogue): each served model's queue and live workers.
         self._per_model = per_model
         self._queue_depth = queue_depth
         self._oldest_queued_age = oldest_queued_age

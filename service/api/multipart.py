@@ -13,6 +13,8 @@ from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ham_core.idempotency import file_digest, form_fingerprint
+from ham_core.style_refs import StyleRef
 from ham_engine.params import ParamError
 from service.api.catalogue import choose_model
 from service.api.deps import Services
@@ -36,8 +38,6 @@ from service.api.submission import (
     webhook_events,
 )
 from service.api.uploads import read_upload
-from service.core.idempotency import file_digest, form_fingerprint
-from service.core.style_refs import StyleRef
 
 FILE_FIELDS = ("content", "style")
 TEXT_FIELDS = ("style_prompt", "style_id", "webhook_url", "webhook_events", "model")

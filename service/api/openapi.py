@@ -24,13 +24,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
+from ham_core.config import Settings
 from service.api.schemas import (
     style_form_schema,
     transfer_event_schema,
     transfer_form_schema,
     transfer_json_schema,
 )
-from service.core.config import Settings
 
 _WEBHOOK_FIELDS = ("webhook_url", "webhook_events")
 

@@ -1,6 +1,6 @@
 """``X-Request-ID``: every request gets an id, echoed in the response and on its log lines.
 
-A well-formed id from the client (see :func:`service.core.logs.accept_request_id`) is kept, so a
+A well-formed id from the client (see :func:`ham_core.logs.accept_request_id`) is kept, so a
 product backend can follow its own trace id through our logs; anything else is replaced by a new
 one. The id is also stored with a job the request submits, so the worker's lines carry it too.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core.logs import accept_request_id, log_context
+from ham_core.logs import accept_request_id, log_context
 
 HEADER = "X-Request-ID"
 _HEADER_BYTES = HEADER.lower().encode()

@@ -1,6 +1,6 @@
 """What the HTTP API sends and accepts, as pydantic models (they drive ``/openapi.json``).
 
-Kept apart from the job record (:mod:`service.core.jobs`): the record is what Redis stores, these
+Kept apart from the job record (:mod:`ham_core.jobs`): the record is what Redis stores, these
 are the public shapes, translated in :mod:`service.api.routes.transfers`.
 """
 
@@ -11,12 +11,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ham_core.jobs import WEBHOOK_EVENTS
+from ham_core.resource import TransferJob
 from ham_engine.params import MAX_PROMPT_CHARS
 from service.api.catalogue import MODEL_FIELD_SCHEMA
 from service.api.errors import ErrorDetail, ErrorResponse
 from service.api.submission import MAX_WEBHOOK_URL_CHARS, REQUEST_SPECS
-from service.core.jobs import WEBHOOK_EVENTS
-from service.core.resource import TransferJob
 
 # The error shape lives with the error catalogue; named here too, with the other public shapes.
 __all__ = ["ErrorDetail", "ErrorResponse"]

@@ -3,7 +3,7 @@
 The multipart reader (:mod:`service.api.multipart`) and the JSON reader (:mod:`service.api.json_body`)
 each turn their body into the same :class:`Submission`, through the checks here: the request
 parameters (:data:`REQUEST_SPECS`, derived from ``TransferParams`` and the output format), the
-styles (:class:`~service.core.style_refs.StyleRef`), the webhook, and the images, normalised to
+styles (:class:`~ham_core.style_refs.StyleRef`), the webhook, and the images, normalised to
 PNG. Nothing is stored until a whole submission stands.
 """
 
@@ -15,6 +15,11 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from ham_core.jobs import WEBHOOK_EVENTS, Job
+from ham_core.output import OUTPUT_SPECS, OutputSpec
+from ham_core.style_refs import PENDING_UPLOAD, StyleRef, assign_upload_keys
+from ham_core.styles import StyleRecord
+from ham_core.webhooks import check_webhook_url
 from ham_engine.params import (
     PARAM_SPECS,
     ParamError,
@@ -26,11 +31,6 @@ from ham_engine.params import (
 from service.api.deps import Services
 from service.api.errors import ApiError, InvalidParameter, InvalidWebhookUrl, StyleNotFound, WebhooksDisabled
 from service.api.uploads import read_image
-from service.core.jobs import WEBHOOK_EVENTS, Job
-from service.core.output import OUTPUT_SPECS, OutputSpec
-from service.core.style_refs import PENDING_UPLOAD, StyleRef, assign_upload_keys
-from service.core.styles import StyleRecord
-from service.core.webhooks import check_webhook_url
 
 # Every per-request parameter a client may send: the engine's, then the result's format.
 REQUEST_SPECS: tuple[ParamSpec, ...] = PARAM_SPECS + OUTPUT_SPECS

@@ -31,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from service.api.errors import ImageTooLarge, InvalidField, InvalidImage, UnsupportedMediaType, UploadTooLarge
 
 if TYPE_CHECKING:
-    from service.core.config import Settings
+    from ham_core.config import Settings
 
 # Magic bytes → Pillow format name. WebP is a RIFF container whose form type sits at bytes 8..12.
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

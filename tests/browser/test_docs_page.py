@@ -35,7 +35,7 @@ def api_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     log = workdir / "api.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "api", "--port", str(port)],
+            [sys.executable, "-m", "ham_cli", "api", "--port", str(port)],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"

@@ -66,16 +66,16 @@ class Stack:
 def ham_command() -> list[str]:
     """The ``ham`` console script the images' ENTRYPOINT runs (module form if not installed)."""
     script = Path(sys.executable).parent / "ham"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ham_cli"]
 
 
 # The API image has no torch: run its command with the engine's heavy modules made unimportable,
-# exactly as the console script does otherwise (`from service.cli import main`).
+# exactly as the console script does otherwise (`from ham_cli.main import main`).
 API_WITHOUT_TORCH = (
     "import sys\n"
     "for name in ('torch', 'diffusers', 'transformers', 'accelerate'):\n"
     "    sys.modules[name] = None\n"
-    "from service.cli import main\n"
+    "from ham_cli.main import main\n"
     "sys.exit(main())\n"
 )
 

@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from service.core.config import Settings
+from ham_core.config import Settings
 from tests.deploy.compose_files import (
     Stage,
     dockerignore_excludes,
@@ -116,7 +116,7 @@ def test_the_second_worker_serves_another_model_on_its_own_queue(gpu: dict, cpu:
     queues = {Settings(models=models, model=env["HAM_MODEL"], queue_name=env["HAM_QUEUE_NAME"]).default_model
               for env in (first, second)}
     assert queues == {first["HAM_MODEL"]}
-    from service.core.models import queue_name
+    from ham_core.models import queue_name
 
     settings = Settings(models=models, queue_name=first["HAM_QUEUE_NAME"])
     assert queue_name(settings, first["HAM_MODEL"]) == "ham"

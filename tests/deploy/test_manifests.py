@@ -19,8 +19,8 @@ import pytest
 import yaml
 from rq import Queue
 
-from service.core.config import Settings
-from service.core.models import queue_name
+from ham_core.config import Settings
+from ham_core.models import queue_name
 from tests.deploy.kustomize_subset import Doc, UnsupportedKustomization, render, split_image
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -95,7 +95,7 @@ class Stack:
         ready = self.workdir / f"{name}.ready"
         port = free_port()
         proc_env = {**self.env, "HAM_WORKER_METRICS_PORT": str(port), **env}
-        cmd = [sys.executable, "-m", "service.cli", "worker", "--name", name, "--ready-file", str(ready)]
+        cmd = [sys.executable, "-m", "ham_cli", "worker", "--name", name, "--ready-file", str(ready)]
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, env=proc_env, stdout=out, stderr=subprocess.STDOUT)
         worker = WorkerProcess(name, proc, log, ready, port)
@@ -124,7 +124,7 @@ class Stack:
 
 def _start_api(env: dict[str, str], workdir: Path, port: int) -> subprocess.Popen:
     log = workdir / "api.log"
-    cmd = [sys.executable, "-m", "service.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "ham_cli", "api", "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     def running() -> None:

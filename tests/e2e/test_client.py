@@ -283,7 +283,7 @@ def test_the_style_library_from_both_clients_and_the_command_line(stack: Stack, 
     made, listed, status = asyncio.run(run())
     assert made in listed and status == 404
 
-    command = [sys.executable, "-m", "service.cli", "styles"]
+    command = [sys.executable, "-m", "ham_cli", "styles"]
     where = ["--api", stack.base_url, "--key", TENANTS["alpha"]]
     created = subprocess.run([*command, "create", str(DATA / "style2.png"), "--name", "cli", *where],
                              capture_output=True, text=True, timeout=60)

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.core.webhooks import SIGNATURE_HEADER, verify
+from ham_core.webhooks import SIGNATURE_HEADER, verify
 from tests.e2e.conftest import E2E_RECORD_BYTES, WEBHOOK_SECRET, Stack
 from tests.fixtures.servers import free_port
 from tests.fixtures.waiting import wait_until

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.core.config import Settings
-from service.core.storage import open_storage
+from ham_core.config import Settings
+from ham_core.storage import open_storage
 from tests.e2e.conftest import REPO, TENANTS, Stack, running_stack
 from tests.e2e.test_end_to_end import QUICK, download_png, png, wait_for
 from tests.fixtures import waiting
@@ -203,7 +203,7 @@ def test_the_client_and_ham_submit_pick_a_model(two_pools: Stack, tmp_path) -> N
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def ham_submit(model: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "service.cli", "submit", str(data / "content1.png"), "--style",
+        command = [sys.executable, "-m", "ham_cli", "submit", str(data / "content1.png"), "--style",
                    str(data / "style1.png"), "--model", model, "--steps", "2", "--size", "64", "-o", str(out),
                    "--api", two_pools.base_url, "--key", TENANTS["alpha"], "-q"]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)

@@ -406,7 +406,7 @@ SIZES = [(1280, 900), (390, 844)]
 
 def set_speed(stack: Stack, seconds_per_step: float, size: int) -> None:
     """What the workers would have measured: ``seconds_per_step`` at ``size`` px for the stack's model."""
-    from service.core.speed import SPEED_KEY, record_speed
+    from ham_core.speed import SPEED_KEY, record_speed
 
     stack.redis.delete(SPEED_KEY)
     record_speed(stack.redis, stack.env.get("HAM_MODEL", "tiny"), size, 10, 10 * seconds_per_step)

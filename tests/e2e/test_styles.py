@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.core.config import Settings
-from service.core.storage import open_storage
+from ham_core.config import Settings
+from ham_core.storage import open_storage
 from tests.e2e.conftest import Stack, running_stack
 from tests.e2e.test_end_to_end import QUICK, download_png, png, wait_for
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps
 
+from ham_cli.main import main
 from ham_engine.evaluation.pairs import make_pairs
 from ham_engine.evaluation.runner import PairResult
 from ham_engine.evaluation.suite import MetricSuite
 from ham_engine.evaluation.weights import ALEXNET, FID_INCEPTION, LPIPS_HEADS, VGG16, WeightStore, sha256
-from service.cli import main
 from tests.evaluation.conftest import CLIP_FOLDER, DINO_FOLDER
 from tests.fixtures.waiting import wait_until
 
@@ -252,7 +252,7 @@ def _installed_heads() -> Path:
 def test_ham_eval_help_lists_the_engine_parameters_without_importing_torch() -> None:
     code = (
         "import sys\n"
-        "from service.cli import main\n"
+        "from ham_cli.main import main\n"
         "try:\n"
         "    main(['eval', '--help'])\n"
         "except SystemExit as exc:\n"

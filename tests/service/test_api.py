@@ -21,9 +21,9 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from ham_core.config import Settings
+from ham_core.jobs import JobStatus
 from service.api.app import create_app
-from service.core.config import Settings
-from service.core.jobs import JobStatus
 from tests.fixtures.servers import free_port
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -713,7 +713,7 @@ def test_api_process_never_imports_torch(tmp_path, redis_url):
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
         "from service.api.app import create_app\n"
-        "from service.core.config import Settings\n"
+        "from ham_core.config import Settings\n"
         f"app = create_app(Settings(redis_url={redis_url!r}, storage_url='file://{tmp_path}/s'))\n"
         "with TestClient(app) as c:\n"
         "    assert c.get('/readyz').status_code == 200\n"

@@ -20,10 +20,10 @@ import redis
 import uvicorn
 from fastapi.testclient import TestClient
 
+from ham_cli.main import main
+from ham_core.config import Settings
+from ham_core.webhooks import check_webhook_url
 from service.api.app import create_app
-from service.cli import main
-from service.core.config import Settings
-from service.core.webhooks import check_webhook_url
 from tests.fixtures.servers import RedisServer, free_port
 from tests.fixtures.waiting import wait_until
 from tests.service.test_api import make_settings

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.core.config import Settings
-from service.core.idempotency import file_digest, form_fingerprint, json_fingerprint
-from service.core.jobs import IdempotencyConflict, Job, JobStore
-from service.core.ssrf import pinned_request
+from ham_core.config import Settings
+from ham_core.idempotency import file_digest, form_fingerprint, json_fingerprint
+from ham_core.jobs import IdempotencyConflict, Job, JobStore
+from ham_core.ssrf import pinned_request
 from tests.service.test_api import (
     AUTH_A,
     AUTH_B,

@@ -15,8 +15,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from ham_core.config import Settings
 from service.api.app import create_app
-from service.core.config import Settings
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 KEY = "fuzz-key-0123456789"

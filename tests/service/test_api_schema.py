@@ -51,7 +51,7 @@ def live_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     }
     log = workdir / "api.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--port", str(port)], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "ham_cli", "api", "--port", str(port)], cwd=REPO,
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     def running() -> None:

@@ -23,10 +23,10 @@ import redis
 import uvicorn
 from PIL import Image
 
+from ham_cli.main import main
+from ham_core.config import Settings
+from ham_core.jobs import JobStore
 from service.api.app import create_app
-from service.cli import main
-from service.core.config import Settings
-from service.core.jobs import JobStore
 from tests.fixtures.servers import free_port
 from tests.fixtures.waiting import wait_until
 
@@ -48,7 +48,7 @@ def _wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = 
 def test_help_lists_every_command_without_importing_torch():
     code = (
         "import sys\n"
-        "from service.cli import main\n"
+        "from ham_cli.main import main\n"
         "try:\n"
         "    main(['--help'])\n"
         "except SystemExit as exc:\n"
@@ -81,7 +81,7 @@ def test_ham_api_serves_and_stops_cleanly_on_sigterm(tmp_path, redis_url):
         "HAM_PUBLIC_URL": f"http://127.0.0.1:{port}",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "ham_cli", "api", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -98,7 +98,7 @@ def test_ham_api_serves_and_stops_cleanly_on_sigterm(tmp_path, redis_url):
 
 def test_ham_api_refuses_invalid_settings_in_one_line(tmp_path):
     env = {**os.environ, "HAM_API_KEYS": "no-colon-here"}
-    out = subprocess.run([sys.executable, "-m", "service.cli", "api", "--port", str(free_port())],
+    out = subprocess.run([sys.executable, "-m", "ham_cli", "api", "--port", str(free_port())],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "HAM_API_KEYS" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -52,7 +52,10 @@ def test_a_second_type_for_one_code_is_refused() -> None:
 def test_every_code_of_the_catalogue_is_produced_by_some_path() -> None:
     # A declared code no path produces would be a promise to clients that nothing keeps.
     sources = "\n".join(
-        path.read_text() for path in (REPO / "service").rglob("*.py") if path.name != "errors.py"
+        path.read_text()
+        for folder in ("service", "ham_core", "ham_cli")
+        for path in (REPO / folder).rglob("*.py")
+        if path.name != "errors.py"
     ) + (REPO / "service" / "api" / "errors.py").read_text().split("# Routing errors Starlette raises", 1)[1]
     for code, error in CATALOGUE.items():
         if error is ApiError:

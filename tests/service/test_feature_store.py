@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from ham_core.config import Settings
+from ham_core.feature_store import StorageFeatureStore, delete_style_features, sweep_features
+from ham_core.storage import FileStorage, Storage, open_storage
 from ham_engine.feature_store import FeatureStore, style_prefix
-from service.core.config import Settings
-from service.core.feature_store import StorageFeatureStore, delete_style_features, sweep_features
-from service.core.storage import FileStorage, Storage, open_storage
 from tests.fixtures.waiting import wait_until
 
 DIGEST = "ab" * 32

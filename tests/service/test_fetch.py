@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
+from ham_core.config import Settings
+from ham_core.ssrf import check_public_url
 from service.api import fetch
 from service.api.errors import ApiError
 from service.api.fetch import decode_data_uri, fetch_reference
-from service.core.config import Settings
-from service.core.ssrf import check_public_url
 from tests.fixtures.servers import free_port
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 100

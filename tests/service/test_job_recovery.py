@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.core.job_recovery import RecoveryAction, decide_recovery
-from service.core.jobs import Job, JobStatus
+from ham_core.job_recovery import RecoveryAction, decide_recovery
+from ham_core.jobs import Job, JobStatus
 
 
 def running(attempts: int = 1, worker: str = "w1", run: int = 1) -> Job:

@@ -11,8 +11,8 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from service.core.config import Settings
-from service.core.jobs import (
+from ham_core.config import Settings
+from ham_core.jobs import (
     ERROR_WORKER_LOST,
     TASK_FUNCTION,
     Job,
@@ -25,7 +25,7 @@ from service.core.jobs import (
     result_key,
     style_key,
 )
-from service.core.style_refs import StyleRef
+from ham_core.style_refs import StyleRef
 
 
 @pytest.fixture
@@ -401,7 +401,7 @@ def test_result_keys_are_named_per_run():
 def test_the_record_codec_follows_the_fields_and_missing_fields_take_the_owners_defaults():
     from dataclasses import fields
 
-    from service.core.output import DEFAULT_QUALITY
+    from ham_core.output import DEFAULT_QUALITY
 
     job = make_job(webhook_events=("start", "completed"), result_keys=["results/a.png"], run=3, version=7)
     encoded = job.to_fields()

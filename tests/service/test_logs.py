@@ -1,4 +1,4 @@
-"""service.core.logs: the formats, the ids on every line, redaction; the API's X-Request-ID.
+"""ham_core.logs: the formats, the ids on every line, redaction; the API's X-Request-ID.
 
 The live JSON logs of ``ham api`` and ``ham worker`` are checked in tests/e2e/test_monitoring.py.
 """
@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
+from ham_core.logs import ContextFilter, accept_request_id, bind, log_context, logging_config
 from service.api.app import create_app
-from service.core.logs import ContextFilter, accept_request_id, bind, log_context, logging_config
 from tests.service.test_api import AUTH_A, KEY_A, KEY_B, make_settings, submit
 
 

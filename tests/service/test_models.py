@@ -1,4 +1,4 @@
-"""The model catalogue (service.core.models) against a real Redis: settings, queue names,
+"""The model catalogue (ham_core.models) against a real Redis: settings, queue names,
 announcements, family defaults, and every queue path of a job using its own model's queue."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from ham_engine.params import FAMILY_DEFAULTS, PARAM_SPECS, TransferParams, family_default, family_params
-from service.core.config import Settings
-from service.core.jobs import Job, JobStatus, JobStore, new_job_id, style_key
-from service.core.models import (
+from ham_core.config import Settings
+from ham_core.jobs import Job, JobStatus, JobStore, new_job_id, style_key
+from ham_core.models import (
     PRESET_FAMILIES,
     Announcement,
     UnknownModel,
@@ -25,7 +24,8 @@ from service.core.models import (
     resolve_model,
     withdraw,
 )
-from service.core.style_refs import StyleRef
+from ham_core.style_refs import StyleRef
+from ham_engine.params import FAMILY_DEFAULTS, PARAM_SPECS, TransferParams, family_default, family_params
 from worker.recovery import requeue_orphans
 
 

@@ -15,10 +15,10 @@ import pytest
 import tomllib
 from fastapi.testclient import TestClient
 
+from ham_core.speed import record_speed
 from ham_engine.params import CLIENT_PARAMS, PARAM_SPECS, TransferParams
 from service.api.app import create_app
 from service.api.routes.playground import ASSETS_DIR
-from service.core.speed import record_speed
 from tests.service.test_api import make_settings
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from redis.backoff import EqualJitterBackoff
 
-from service.core.config import Settings
-from service.core.redis_client import REDIS_UNAVAILABLE, connect_redis
+from ham_core.config import Settings
+from ham_core.redis_client import REDIS_UNAVAILABLE, connect_redis
 from tests.fixtures.servers import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,11 +51,11 @@ def test_an_outage_longer_than_the_budget_raises_after_the_budget(restartable_re
 
 
 def test_no_redis_client_is_built_outside_the_one_place() -> None:
-    built_here = REPO / "service" / "core" / "redis_client.py"
+    built_here = REPO / "ham_core" / "redis_client.py"
     pattern = re.compile(r"\bRedis\(|\.from_url\(|StrictRedis\b")
     offenders = [
         str(path.relative_to(REPO))
-        for folder in ("service", "worker")
+        for folder in ("ham_core", "service", "worker", "ham_cli")
         for path in (REPO / folder).rglob("*.py")
         if path != built_here and pattern.search(path.read_text())
     ]

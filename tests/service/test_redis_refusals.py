@@ -13,9 +13,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app
-from service.core.config import Settings
-from service.core.redis_client import (
+from ham_core.config import Settings
+from ham_core.redis_client import (
     REDIS_UNAVAILABLE,
     RedisBusyError,
     RedisNoReplicasError,
@@ -23,6 +22,7 @@ from service.core.redis_client import (
     probe_writable,
     refusal,
 )
+from service.api.app import create_app
 from tests.fixtures.servers import RedisServer, free_port
 from tests.service.test_api import make_settings
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.core.config import Settings
-from service.core.jobs import Job, JobStore, new_job_id
-from service.core.redis_client import REDIS_UNAVAILABLE, connect_redis
+from ham_core.config import Settings
+from ham_core.jobs import Job, JobStore, new_job_id
+from ham_core.redis_client import REDIS_UNAVAILABLE, connect_redis
 from tests.fixtures.servers import free_port
 from tests.fixtures.waiting import wait_until
 

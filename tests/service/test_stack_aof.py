@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from service.stack import AOF_ARGS, migrate_to_aof, needs_aof_migration, redis_persistence_args
+from ham_cli.stack import AOF_ARGS, migrate_to_aof, needs_aof_migration, redis_persistence_args
 from tests.fixtures.servers import free_port
 from tests.fixtures.waiting import wait_until
 

@@ -11,8 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from service.core.config import Settings
-from service.core.storage import FileStorage, S3Storage, StorageError, check_key, open_storage
+from ham_core.config import Settings
+from ham_core.storage import FileStorage, S3Storage, StorageError, check_key, open_storage
 from tests.fixtures.waiting import wait_until
 
 KEY = "results/job123.png"

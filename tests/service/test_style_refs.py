@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from service.core.jobs import Job, new_job_id
-from service.core.style_refs import StyleRef, assign_upload_keys, refs_from_record
-from service.core.styles import StyleRecord
+from ham_core.jobs import Job, new_job_id
+from ham_core.style_refs import StyleRef, assign_upload_keys, refs_from_record
+from ham_core.styles import StyleRecord
 
 
 def test_uploads_get_the_keys_of_their_place_and_library_styles_keep_theirs() -> None:

@@ -13,8 +13,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.core.jobs import JobStore
-from service.core.styles import StyleRecord, StyleStore
+from ham_core.jobs import JobStore
+from ham_core.styles import StyleRecord, StyleStore
 from tests.service.test_api import AUTH_A, AUTH_B, make_client, png_bytes  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("redis_client")

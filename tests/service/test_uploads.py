@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ham_core.config import Settings
 from service.api.errors import ApiError
 from service.api.uploads import ImageInfo, read_image, sniff_format
-from service.core.config import Settings
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SETTINGS = Settings()

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from service.core.config import Settings
-from service.core.webhooks import (
+from ham_core.config import Settings
+from ham_core.webhooks import (
     DELIVERY_HEADER,
     REDIS_DATA_KEY,
     REDIS_DUE_KEY,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.core.config import Settings
-from service.core.jobs import Job, JobStatus, JobStore, new_job_id
-from service.core.redis_client import connect_redis
-from service.core.storage import FileStorage
+from ham_core.config import Settings
+from ham_core.jobs import Job, JobStatus, JobStore, new_job_id
+from ham_core.redis_client import connect_redis
+from ham_core.storage import FileStorage
 from tests.fixtures.servers import RedisServer
 from tests.fixtures.waiting import wait_until
 from worker.connectivity import Link, OutageTooLong, backoff, outlast

@@ -21,10 +21,10 @@ import pytest
 import redis
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from service.core.config import Settings
-from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
-from service.core.storage import FileStorage
-from service.core.style_refs import StyleRef
+from ham_core.config import Settings
+from ham_core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
+from ham_core.storage import FileStorage
+from ham_core.style_refs import StyleRef
 from tests.fixtures import waiting
 from tests.fixtures.servers import RedisServer, free_port, log_tail, terminate
 
@@ -91,7 +91,7 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[str],
     def start(name: str) -> Worker:
         log, ready = tmp_path / f"{name}.log", tmp_path / f"{name}.ready"
         env["HAM_WORKER_METRICS_PORT"] = str(free_port())
-        cmd = [sys.executable, "-m", "service.cli", "worker", "--name", name, "--ready-file", str(ready),
+        cmd = [sys.executable, "-m", "ham_cli", "worker", "--name", name, "--ready-file", str(ready),
                "--metrics-host", "127.0.0.1"]
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -20,10 +20,10 @@ import httpx
 import pytest
 import redis
 
-from service.core.config import Settings
-from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, style_key
-from service.core.storage import FileStorage
-from service.core.style_refs import StyleRef
+from ham_core.config import Settings
+from ham_core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, style_key
+from ham_core.storage import FileStorage
+from ham_core.style_refs import StyleRef
 from tests.fixtures.servers import RedisServer, free_port, log_tail, terminate
 from tests.fixtures.waiting import wait_until
 
@@ -120,7 +120,7 @@ def start_worker(settings: Settings, tmp_path: Path) -> Worker:
     env.update(HAM_MODEL="tiny", HAM_DEVICE="cpu", HAM_WORKER_METRICS_PORT=str(port), HF_HUB_OFFLINE="1",
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     log, ready = tmp_path / "worker.log", tmp_path / "worker.ready"
-    cmd = [sys.executable, "-m", "service.cli", "worker", "--name", "outage-worker", "--ready-file", str(ready),
+    cmd = [sys.executable, "-m", "ham_cli", "worker", "--name", "outage-worker", "--ready-file", str(ready),
            "--metrics-host", "127.0.0.1"]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.core.config import Settings
-from service.core.jobs import ERROR_WORKER_LOST, Job, JobStatus, JobStore, content_key, new_job_id, style_key
-from service.core.storage import FileStorage
-from service.core.style_refs import StyleRef
+from ham_core.config import Settings
+from ham_core.jobs import ERROR_WORKER_LOST, Job, JobStatus, JobStore, content_key, new_job_id, style_key
+from ham_core.storage import FileStorage
+from ham_core.style_refs import StyleRef
 from tests.fixtures.waiting import wait_until
 from worker.recovery import (
     HEARTBEAT_MISSES,

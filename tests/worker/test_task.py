@@ -12,11 +12,11 @@ import pytest
 import redis
 from PIL import Image
 
-from service.core.config import Settings
-from service.core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
-from service.core.redis_client import connect_redis
-from service.core.storage import FileStorage
-from service.core.style_refs import StyleRef
+from ham_core.config import Settings
+from ham_core.jobs import Job, JobStatus, JobStore, content_key, new_job_id, result_key, style_key
+from ham_core.redis_client import connect_redis
+from ham_core.storage import FileStorage
+from ham_core.style_refs import StyleRef
 from tests.fixtures.waiting import wait_until
 from worker.metrics import WorkerMetrics
 from worker.task import TransferRunner, install_runner, run_transfer

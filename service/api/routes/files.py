@@ -13,9 +13,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
+from ham_core.storage import FileStorage
 from service.api.deps import ServicesDep
 from service.api.errors import InvalidRequest, InvalidSignature, NotFound, error_responses
-from service.core.storage import FileStorage
 
 router = APIRouter(tags=["files"])
 

@@ -14,9 +14,9 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from ham_core.models import catalogue
 from service.api.deps import ServicesDep, TenantDep
 from service.api.schemas import ErrorResponse
-from service.core.models import catalogue
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

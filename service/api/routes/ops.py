@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ham_core.models import catalogue
+from ham_core.redis_client import UNREACHABLE, probe_writable, refusal
 from service.api.deps import ServicesDep, operator_access
 from service.api.errors import NotReady, error_body
 from service.api.schemas import ErrorResponse, Health
-from service.core.models import catalogue
-from service.core.redis_client import UNREACHABLE, probe_writable, refusal
 
 log = logging.getLogger("ham.api")
 

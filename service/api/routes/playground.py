@@ -9,7 +9,7 @@ The page hard-codes no parameter. ``/playground/config.json`` lists every client
 and its group (main or advanced) — plus whether the server wants an API key, which optional
 endpoints (the job event stream, the style library) this server has, which parameters set a job's
 cost and what the fast setting is. ``/playground/speed.json`` publishes the seconds per step the
-workers measured, per model and size (:mod:`service.core.speed`), for the time estimates.
+workers measured, per model and size (:mod:`ham_core.speed`), for the time estimates.
 ``/playground/method`` explains α, β, γ, SINI, GAR and LAT in plain words, from the same specs.
 """
 
@@ -25,9 +25,9 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from ham_core.speed import measured_speeds
 from ham_engine.params import PARAM_SPECS, ParamSpec
 from service.api.deps import get_services
-from service.core.speed import measured_speeds
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "playground"
 PREFIX = "/playground"

@@ -20,6 +20,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ham_core.feature_store import delete_style_features
+from ham_core.jobs import CURSOR_PATTERN, Job, QueueFull, content_key, new_job_id
+from ham_core.styles import StyleRecord, StyleStore, style_image_key
 from ham_engine.params import (
     MAX_PROMPT_CHARS,
     PARAM_SPECS,
@@ -56,9 +59,6 @@ from service.api.errors import (
 from service.api.form_values import form_value
 from service.api.schemas import StyleList, StyleResource
 from service.api.uploads import read_upload
-from service.core.feature_store import delete_style_features
-from service.core.jobs import CURSOR_PATTERN, Job, QueueFull, content_key, new_job_id
-from service.core.styles import StyleRecord, StyleStore, style_image_key
 
 log = logging.getLogger("ham.api")
 

@@ -19,6 +19,18 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from ham_core.config import Settings
+from ham_core.jobs import (
+    CURSOR_PATTERN,
+    IdempotencyConflict,
+    Job,
+    JobConflict,
+    JobStatus,
+    QueueFull,
+    content_key,
+    new_job_id,
+)
+from ham_core.logs import bind, current_context
 from service.api.deps import Services, ServicesDep, TenantDep
 from service.api.errors import (
     REDIS_REFUSALS,
@@ -63,18 +75,6 @@ from service.api.live import preferred_wait, wait_until_terminal
 from service.api.multipart import multipart_fingerprint, read_multipart
 from service.api.schemas import TransferJob, TransferList
 from service.api.submission import Submission, resolve_library_styles
-from service.core.config import Settings
-from service.core.jobs import (
-    CURSOR_PATTERN,
-    IdempotencyConflict,
-    Job,
-    JobConflict,
-    JobStatus,
-    QueueFull,
-    content_key,
-    new_job_id,
-)
-from service.core.logs import bind, current_context
 
 log = logging.getLogger("ham.api")
 

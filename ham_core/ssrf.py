@@ -1,6 +1,6 @@
 """The SSRF guard: which URLs the service may connect to on a client's behalf, and how.
 
-Webhook deliveries (:mod:`service.core.webhooks`) and image fetches by URL
+Webhook deliveries (:mod:`ham_core.webhooks`) and image fetches by URL
 (:mod:`service.api.fetch`) both go through it: an http(s) URL whose host resolves only to
 public unicast addresses passes, and the request then connects to the address that was
 vetted (:func:`pinned_request`), so a second DNS answer cannot re-point it (DNS rebinding).

@@ -32,8 +32,8 @@ from typing import Any
 
 from redis import Redis
 
+from ham_core.config import Settings
 from ham_engine.params import FAMILY_DEFAULTS, MAX_SIZE, family_default
-from service.core.config import Settings
 
 KEY_PREFIX = "ham"
 MAX_MODEL_NAME_CHARS = 200

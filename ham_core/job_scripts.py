@@ -1,5 +1,5 @@
 """The job transitions as Lua scripts: each one atomic in Redis, so the API and any number of
-workers can race safely (:class:`service.core.job_store.JobStore` runs them).
+workers can race safely (:class:`ham_core.job_store.JobStore` runs them).
 
 KEYS and ARGV are documented at the top of each script. All of them refuse to touch a job hash
 that does not exist (expired) and answer ``{"missing"}``. Each change bumps the job's ``version``

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from service.core.config import Settings
+from ham_core.config import Settings
 
 LOG_FORMATS = ("text", "json")
 CONTEXT_FIELDS = ("request_id", "job_id", "tenant")

@@ -2,7 +2,7 @@
 
 Workers hand :class:`StorageFeatureStore` to ``HamEngine.load(feature_store=...)``: it
 implements the engine's ``FeatureStore`` protocol (``get``/``put`` of bytes) on any
-:class:`~service.core.storage.Storage`, file or S3, so every worker of a fleet sees what
+:class:`~ham_core.storage.Storage`, file or S3, so every worker of a fleet sees what
 any of them computed. The engine checks each blob it reads (format version, weights
 fingerprint, request, checksum), so the store holds opaque bytes.
 
@@ -19,8 +19,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from ham_core.storage import Storage
 from ham_engine.feature_store import style_prefix
-from service.core.storage import Storage
 
 log = logging.getLogger("ham.features")
 

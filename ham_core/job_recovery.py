@@ -1,7 +1,7 @@
 """What becomes of a running job whose run ended without an outcome: a pure decision.
 
 :func:`decide_recovery` looks only at the job as stored and at who asks; it reads and writes
-nothing, so every rule is testable without Redis. :meth:`service.core.job_store.JobStore.recover`
+nothing, so every rule is testable without Redis. :meth:`ham_core.job_store.JobStore.recover`
 reads the record under ``WATCH``, asks this, and applies the answer in one transaction.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from service.core.job_record import Job, JobStatus
+from ham_core.job_record import Job, JobStatus
 
 
 class RecoveryAction(str, Enum):

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 if TYPE_CHECKING:
-    from service.core.config import Settings
+    from ham_core.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A retry sends the same request again; a client that reuses a key for another request has a bug,
 and answering it with the first job would hand it the wrong picture without a signal. The job
 store keeps, next to the job id a key names, the digest of the request that created it
-(:meth:`service.core.jobs.JobStore.submit`): the same digest replays the job, another one is a
+(:meth:`ham_core.jobs.JobStore.submit`): the same digest replays the job, another one is a
 ``409 idempotency_key_reused``.
 
 The digest is of the request's *canonical fields*, not of its bytes, so that what does not change

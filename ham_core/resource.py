@@ -2,7 +2,7 @@
 
 The API's responses and the webhook payload are the same object, so both the HTTP layer
 (:mod:`service.api.routes.transfers`) and the worker (:mod:`worker.task`) build it here, from the
-job record that Redis stores (:mod:`service.core.jobs`).
+job record that Redis stores (:mod:`ham_core.jobs`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ham_core.jobs import Job, JobStatus
+from ham_core.output import FORMAT_SPEC, QUALITY_SPEC
 from ham_engine.params import TransferParams
-from service.core.jobs import Job, JobStatus
-from service.core.output import FORMAT_SPEC, QUALITY_SPEC
 
 if TYPE_CHECKING:
-    from service.core.storage import Storage
+    from ham_core.storage import Storage
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "canceled"]
 

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ham_core.output import OUTPUT_SPECS
 from ham_engine.cli import add_param_arguments, params_from_args
 from ham_engine.params import PARAM_SPECS
-from service.core.output import OUTPUT_SPECS
 
 PROG = "ham"
 DEFAULT_API = "http://127.0.0.1:8000"
@@ -36,14 +36,14 @@ def _run_api(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from service.core.config import get_settings
+    from ham_core.config import get_settings
 
     try:
         settings = get_settings()
     except ValidationError as exc:
         print(f"{PROG} api: error: invalid HAM_* settings: {exc.errors()[0]['msg']}", file=sys.stderr)
         return 2
-    from service.core.logs import configure_logging, logging_config
+    from ham_core.logs import configure_logging, logging_config
 
     configure_logging(settings, "api")
     uvicorn.run(
@@ -65,7 +65,7 @@ def _run_api(args: argparse.Namespace) -> int:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from service.stack import run_stack
+    from ham_cli.stack import run_stack
 
     return run_stack(args.host, args.port, data_dir=args.data_dir, models=args.model or ())
 

@@ -4,7 +4,7 @@
 :meth:`Job.from_fields`) is derived from the dataclass fields and their types — a field added
 to the model is stored and read back with no codec to edit — and a missing hash field decodes to
 the field's own default, which is imported from where it is owned (the output format and
-quality from :mod:`service.core.output`), never restated here.
+quality from :mod:`ham_core.output`), never restated here.
 
 How each type is stored: ``str`` raw, ``bool`` as ``"1"``/``"0"``, ``int`` and ``float`` as
 numbers the Lua transitions can read, an ``Enum`` by value, a ``tuple`` of words comma-joined,
@@ -25,8 +25,8 @@ from functools import cache
 from types import UnionType
 from typing import Any
 
-from service.core.output import DEFAULT_QUALITY, OUTPUT_SPECS
-from service.core.style_refs import StyleRef, refs_from_record, refs_to_json, upload_key
+from ham_core.output import DEFAULT_QUALITY, OUTPUT_SPECS
+from ham_core.style_refs import StyleRef, refs_from_record, refs_to_json, upload_key
 
 KEY_PREFIX = "ham"
 # Error codes a job can fail with (``Job.error_code``).

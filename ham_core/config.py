@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     )
     queue_name: str = Field("ham", description="RQ queue name; the Redis list is rq:queue:<name>.")
 
-    # --- redis connections (see service.core.redis_client) ---------------------------
+    # --- redis connections (see ham_core.redis_client) ---------------------------
     redis_socket_timeout: float = Field(
         5.0, gt=0, description="Seconds a Redis reply may take before the command counts as timed out."
     )
@@ -176,7 +176,7 @@ class Settings(BaseSettings):
     @field_validator("models")
     @classmethod
     def _check_models(cls, value: str) -> str:
-        from service.core.models import check_model_names  # the naming rules live with the catalogue
+        from ham_core.models import check_model_names  # the naming rules live with the catalogue
 
         check_model_names([m.strip() for m in value.split(",") if m.strip()])
         return value

@@ -26,8 +26,8 @@ from typing import Any
 
 from redis import Redis
 
-from service.core.jobs import KEY_PREFIX
-from service.core.style_refs import StyleRef
+from ham_core.jobs import KEY_PREFIX
+from ham_core.style_refs import StyleRef
 
 STYLE_ID = re.compile(r"[0-9a-f]{32}")
 _CURSOR = re.compile(r"(\d{1,12}(?:\.\d{1,9})?):([0-9a-f]{32})")

@@ -46,7 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from service.core.config import Settings
+from ham_core.config import Settings
 
 
 class RedisBusyError(ResponseError):

@@ -1,8 +1,8 @@
 """Job records, their transitions and the RQ queue in Redis: :class:`JobStore`.
 
-The Redis layout is described in :mod:`service.core.jobs`.
+The Redis layout is described in :mod:`ham_core.jobs`.
 
-Every transition is one Lua script (:mod:`service.core.job_scripts`) or a WATCH/MULTI
+Every transition is one Lua script (:mod:`ham_core.job_scripts`) or a WATCH/MULTI
 transaction where RQ's own enqueue must join it, so the API and any number of workers can race
 safely. A worker's writes carry its run (:attr:`Job.run`) and are refused once another run owns
 the job (:class:`JobFenced`).
@@ -19,10 +19,10 @@ from redis import Redis, WatchError
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from service.core import job_scripts as scripts
-from service.core.config import Settings
-from service.core.idempotency import fingerprints_differ, idempotency_record
-from service.core.job_record import (
+from ham_core import job_scripts as scripts
+from ham_core.config import Settings
+from ham_core.idempotency import fingerprints_differ, idempotency_record
+from ham_core.job_record import (
     ERROR_WORKER_LOST,
     KEY_PREFIX,
     POLL_CANCEL,
@@ -41,9 +41,9 @@ from service.core.job_record import (
     _token,
     events_channel,
 )
-from service.core.job_recovery import Recovery, RecoveryAction, decide_recovery
-from service.core.models import queue_name
-from service.core.redis_client import raise_outage_behind, wait_for_replicas
+from ham_core.job_recovery import Recovery, RecoveryAction, decide_recovery
+from ham_core.models import queue_name
+from ham_core.redis_client import raise_outage_behind, wait_for_replicas
 
 TASK_FUNCTION = "worker.task.run_transfer"
 # RQ's hard time limit is a backstop behind the worker's own cooperative timeout.
@@ -123,7 +123,7 @@ class JobStore:
 
         With an ``idempotency_key``, the first submit for ``(job.tenant, key)`` wins and
         every later one with the same ``fingerprint`` (the request's digest, see
-        :mod:`service.core.idempotency`) gets that first job back with ``created=False`` and
+        :mod:`ham_core.idempotency`) gets that first job back with ``created=False`` and
         nothing is enqueued again; a later one with another fingerprint raises
         :class:`IdempotencyConflict` (a key reused for a different request is a client bug, not
         a retry). The key expires ``settings.result_ttl`` after the first submit. The caller
@@ -160,7 +160,7 @@ class JobStore:
 
     def confirm_replicated(self) -> None:
         """Wait for ``settings.redis_min_replicas_ack`` replicas to hold what was stored (see
-        :func:`~service.core.redis_client.wait_for_replicas`): a submitted job survives a failover."""
+        :func:`~ham_core.redis_client.wait_for_replicas`): a submitted job survives a failover."""
         wait_for_replicas(self.redis, self.settings)
 
     def _check_limits(self, pipe: Any, tenant: str, per_tenant: int | None, total: int | None) -> None:
@@ -439,7 +439,7 @@ class JobStore:
         Still running on ``dead_worker`` (and as run ``run`` when given): canceled if a cancel was
         requested; else queued again while ``attempts <= max_retries`` (``None``: always; ``refund``
         takes back the attempt of the run that ended); else failed with ``worker_lost`` — see
-        :func:`~service.core.job_recovery.decide_recovery`. Returns the new job, or ``None`` if the
+        :func:`~ham_core.job_recovery.decide_recovery`. Returns the new job, or ``None`` if the
         job moved on meanwhile.
         """
         jkey = self.job_key(job_id)

@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from service.core.ssrf import check_public_url, pinned_request
+from ham_core.ssrf import check_public_url, pinned_request
 
 if TYPE_CHECKING:
     from redis import Redis
 
-    from service.core.config import Settings
+    from ham_core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def verify(secret: str, body: bytes, header: str, tolerance: int = 300, now: flo
 
 
 def check_webhook_url(url: str, allow_private: bool) -> str | None:
-    """:func:`service.core.ssrf.check_public_url` for a ``webhook_url``: the vetted address, or ``ValueError``."""
+    """:func:`ham_core.ssrf.check_public_url` for a ``webhook_url``: the vetted address, or ``ValueError``."""
     return check_public_url(url, allow_private, field="webhook_url", setting="HAM_WEBHOOK_ALLOW_PRIVATE")
 
 

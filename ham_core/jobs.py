@@ -2,16 +2,16 @@
 
 One import for everything about jobs; the parts live in their own modules:
 
-- :mod:`service.core.job_record` — the :class:`Job` record (its Redis codec derived from its
+- :mod:`ham_core.job_record` — the :class:`Job` record (its Redis codec derived from its
   fields), statuses, error codes and the storage keys of a job's files;
-- :mod:`service.core.job_scripts` — the transitions as Lua scripts;
-- :mod:`service.core.job_store` — :class:`JobStore`: the Redis layout, the transitions, the
+- :mod:`ham_core.job_scripts` — the transitions as Lua scripts;
+- :mod:`ham_core.job_store` — :class:`JobStore`: the Redis layout, the transitions, the
   RQ queue, fencing of stale runs;
-- :mod:`service.core.job_recovery` — what becomes of a job whose worker was lost (a pure decision).
+- :mod:`ham_core.job_recovery` — what becomes of a job whose worker was lost (a pure decision).
 
 Redis layout (everything expires ``settings.result_ttl`` after its last transition):
 
-- ``ham:job:{id}`` — hash, one field per :class:`~service.core.job_record.Job` attribute
+- ``ham:job:{id}`` — hash, one field per :class:`~ham_core.job_record.Job` attribute
   (its codec). A missing field means the attribute's default. ``cancel`` = ``1`` once a cancel
   was asked for a running job.
 - ``ham:idem:{tenant}:{sha256(key)}`` — ``"{job id} {request fingerprint}"`` for an
@@ -21,7 +21,7 @@ Redis layout (everything expires ``settings.result_ttl`` after its last transiti
 - ``ham:queued`` and ``ham:queued:{tenant}`` — sorted sets of queued job ids (counts
   for backpressure; sets, not counters, so a lost update cannot make them drift).
 - ``ham:running`` — sorted set of running job ids by ``started_at`` (for recovery).
-- ``rq:queue:{queue}`` — RQ's list, one per model (:func:`service.core.models.queue_name`;
+- ``rq:queue:{queue}`` — RQ's list, one per model (:func:`ham_core.models.queue_name`;
   the default model's is ``rq:queue:{queue_name}``). The RQ job id *is* the job id, so the queue
   position is ``LPOS``. The RQ job carries only the id; the function is the string
   ``"worker.task.run_transfer"`` so this module never imports the worker or torch.
@@ -29,7 +29,7 @@ Redis layout (everything expires ``settings.result_ttl`` after its last transiti
 
 from __future__ import annotations
 
-from service.core.job_record import (
+from ham_core.job_record import (
     CURSOR_PATTERN,
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_WEBHOOK_EVENTS,
@@ -59,8 +59,8 @@ from service.core.job_record import (
     result_key,
     style_key,
 )
-from service.core.job_recovery import Recovery, RecoveryAction, decide_recovery
-from service.core.job_store import (
+from ham_core.job_recovery import Recovery, RecoveryAction, decide_recovery
+from ham_core.job_store import (
     RQ_TIMEOUT_MARGIN,
     TASK_FUNCTION,
     JobStore,

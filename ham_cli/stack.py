@@ -245,7 +245,7 @@ class _Stack:
             self.say("ham up: Redis data moved from its snapshot (dump.rdb) to the append-only file")
 
         env = self.shared_env(base_env, redis_url)
-        cli = [sys.executable, "-m", "service.cli"]
+        cli = [sys.executable, "-m", "ham_cli"]
         self.spawn("api", [*cli, "api", "--host", self.host, "--port", str(self.port)], env)
         workers = self.worker_envs(env)
         for name, ready_file, worker_env in workers:
@@ -262,7 +262,7 @@ class _Stack:
         """``(child name, ready file, environment)`` of each worker: one, or one per ``--model``."""
         if not self.models:
             return [("worker", self.ready_file, env)]
-        from service.core.models import model_slug
+        from ham_core.models import model_slug
 
         workers = []
         for index, model in enumerate(self.models):
@@ -344,8 +344,8 @@ def redis_persistence_args(redis_dir: Path) -> list[str]:
 
 def migrate_to_aof(redis_url: str, timeout: float = 60.0) -> None:
     """Turn AOF on in a running Redis and wait until its first AOF is written (a rewrite of what it holds)."""
-    from service.core.config import Settings
-    from service.core.redis_client import connect_redis
+    from ham_core.config import Settings
+    from ham_core.redis_client import connect_redis
 
     client = connect_redis(Settings(redis_url=redis_url))
     try:
@@ -429,7 +429,7 @@ def run_stack(
     models = tuple(dict.fromkeys(m.strip() for m in models if m.strip()))
     stack = _Stack(host, port, data_dir or DEFAULT_DATA_DIR, startup_timeout, out, models)
     if models:
-        from service.core.models import check_model_names
+        from ham_core.models import check_model_names
 
         try:
             check_model_names(models)
@@ -439,7 +439,7 @@ def run_stack(
     if stop_grace is None:
         from pydantic import ValidationError
 
-        from service.core.config import Settings
+        from ham_core.config import Settings
 
         try:
             stop_grace = Settings().job_timeout + 30.0
