@@ -127,10 +127,9 @@ def _image_argument(value: str, what: str) -> str | bytes:
         raise SubmitError(f"{what}: cannot read {value!r}: {exc.strerror}") from None
 
 
-def _submit(args: argparse.Namespace) -> int:
+def _checked_submit_arguments(args: argparse.Namespace) -> tuple[Path, Any, Any, str]:
+    """``ham submit``'s arguments checked before anything is sent: (output, content, style, api URL)."""
     import httpx
-
-    from ham_client import ApiError, Client, JobFailed, NotTheApi, Unreachable, WaitTimeout
 
     if not args.style and not args.style_prompt and not args.style_id:
         raise SubmitError("give --style, --style-prompt, or both (or --style-id)")
@@ -148,6 +147,15 @@ def _submit(args: argparse.Namespace) -> int:
         httpx.URL(api)
     except httpx.InvalidURL as exc:
         raise SubmitError(f"--api: not a valid URL {api!r}: {exc}") from None
+    return output, content, style, api
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import httpx
+
+    from ham_client import ApiError, Client, JobFailed, NotTheApi, Unreachable, WaitTimeout
+
+    output, content, style, api = _checked_submit_arguments(args)
     progress = _Progress(args.quiet)
     params = params_from_args(args, PARAM_SPECS + OUTPUT_SPECS)
     if args.model:

@@ -404,6 +404,29 @@ def _banner(stack: _Stack, env: dict[str, str]) -> str:
     )
 
 
+def _checked_stack_arguments(port: int, models: tuple[str, ...], stop_grace: float | None) -> float:
+    """``ham up``'s arguments and settings checked before anything starts; the stop grace in seconds."""
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be 1..65535, got {port}")
+    if models:
+        from ham_core.models import check_model_names
+
+        try:
+            check_model_names(models)
+        except ValueError as exc:
+            raise ValueError(f"--model: {exc}") from None
+    if stop_grace is not None:
+        return stop_grace
+    from pydantic import ValidationError
+
+    from ham_core.config import Settings
+
+    try:
+        return Settings().job_timeout + 30.0
+    except ValidationError as exc:
+        raise ValueError(f"invalid HAM_* settings: {exc}") from None
+
+
 def run_stack(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -423,29 +446,13 @@ def run_stack(
     one worker per model, the API serving all of them (the first is the default).
     """
     out = out or sys.stdout
-    if not 0 < port < 65536:
-        print(f"ham up: error: --port must be 1..65535, got {port}", file=sys.stderr)
-        return 2
     models = tuple(dict.fromkeys(m.strip() for m in models if m.strip()))
+    try:
+        stop_grace = _checked_stack_arguments(port, models, stop_grace)
+    except ValueError as exc:
+        print(f"ham up: error: {exc}", file=sys.stderr)
+        return 2
     stack = _Stack(host, port, data_dir or DEFAULT_DATA_DIR, startup_timeout, out, models)
-    if models:
-        from ham_core.models import check_model_names
-
-        try:
-            check_model_names(models)
-        except ValueError as exc:
-            print(f"ham up: error: --model: {exc}", file=sys.stderr)
-            return 2
-    if stop_grace is None:
-        from pydantic import ValidationError
-
-        from ham_core.config import Settings
-
-        try:
-            stop_grace = Settings().job_timeout + 30.0
-        except ValidationError as exc:
-            print(f"ham up: error: invalid HAM_* settings: {exc}", file=sys.stderr)
-            return 2
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stack.signals += 1

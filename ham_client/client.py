@@ -7,11 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ham_client.errors import Unreachable, WaitTimeout
+from ham_client.errors import WaitTimeout
 from ham_client.models import Job, JobPage, ModelList, Style, StylePage
 from ham_client.protocol import (
+    CONNECT_ERRORS,
+    DEFAULT_TIMEOUT,
+    EVENT_ERRORS,
+    POLL_WAIT_SECONDS,
     Call,
-    EventParser,
+    EventFollower,
     ImageInput,
     RetryPolicy,
     create_style_call,
@@ -21,10 +25,12 @@ from ham_client.protocol import (
     models_of,
     page_of,
     result_url,
+    retry_delay,
     style_of,
     style_page_of,
     style_path,
     submit_call,
+    target_of,
 )
 
 if TYPE_CHECKING:
@@ -32,9 +38,6 @@ if TYPE_CHECKING:
 
     from ham_client.params import TransferOptions
 
-DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
-# Each long poll of the polling fallback: the server's cap on Prefer: wait.
-POLL_WAIT_SECONDS = 60
 
 
 class Client:
@@ -178,54 +181,33 @@ class Client:
     # --- sending -----------------------------------------------------------------
 
     def _send(self, call: Call, auth: bool = True) -> httpx.Response:
-        url = call.path if call.path.startswith(("http://", "https://")) else self.base_url + call.path
-        headers = {**(self._auth if auth else {}), **call.headers}
+        url, headers = target_of(call, self.base_url, self._auth if auth else {})
         attempt = 0
         while True:
             try:
-                response = self._http.request(call.method, url, headers=headers, **call.kwargs)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                delay = self.retry.delay(attempt, None) if call.retry else None
-                if delay is None:
-                    where = f"the API at {self.base_url}" if url.startswith(self.base_url) else url
-                    raise Unreachable(f"cannot reach {where}: {exc}") from exc
-            else:
-                delay = self.retry.delay(attempt, response) if call.retry else None
-                if delay is None:
-                    return response
+                outcome = self._http.request(call.method, url, headers=headers, **call.kwargs)
+            except CONNECT_ERRORS as exc:
+                outcome = exc
+            delay = retry_delay(self.retry, call, attempt, outcome, self.base_url, url)
+            if delay is None:
+                return outcome
             self._sleep(delay)
             attempt += 1
 
     def _follow_events(self, job_id: str, deadline: float | None) -> Job | None:
         """The terminal job from the event stream; None when the stream is unavailable or too slow."""
-        last_id: str | None = None
-        job: Job | None = None
-        for _ in range(3):  # reconnects, resuming after the last event seen
-            headers = {**self._auth, "Accept": "text/event-stream"}
-            if last_id is not None:
-                headers["Last-Event-ID"] = last_id
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return job
+        follower = EventFollower(self.base_url, self._auth, job_id, deadline)
+        for headers, timeout in follower.connections():
             try:
-                with self._http.stream("GET", self.base_url + job_path(job_id) + "/events", headers=headers,
-                                       timeout=httpx.Timeout(left or 60.0, connect=10.0, read=left or 60.0)) as stream:
-                    if stream.status_code == 204:
-                        return None  # already terminal before the last id we saw: read it
-                    if stream.status_code != 200:
-                        if stream.status_code in (401, 404):
+                with self._http.stream("GET", follower.url, headers=headers, timeout=timeout) as stream:
+                    if stream.status_code != 200:  # 204: ended before the last id seen; read the job instead
+                        if stream.status_code in EVENT_ERRORS:
                             stream.read()
                             job_of(stream)  # raises the API's error
                         return None
-                    parser = EventParser()
                     for line in stream.iter_lines():
-                        for event in parser.feed(line):
-                            last_id = event.id or last_id
-                            job = Job.model_validate_json(event.data)
-                            if job.terminal:
-                                return job
-                        if deadline is not None and time.monotonic() > deadline:
-                            return job
+                        if follower.feed(line):
+                            return follower.job
             except httpx.HTTPError:
                 continue
-        return job
+        return follower.job

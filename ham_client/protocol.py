@@ -21,13 +21,16 @@ import httpx
 from pydantic import ValidationError
 
 from ham_client.error_codes import error_for
-from ham_client.errors import ApiError, JobFailed, NotTheApi
+from ham_client.errors import ApiError, JobFailed, NotTheApi, Unreachable
 from ham_client.models import Job, JobPage, ModelList, Style, StylePage
 
 # What ``submit`` accepts as an image: a path, raw bytes, a PIL image, or a URL / data: URI.
 ImageInput = Any
 _REFERENCE_PREFIXES = ("http://", "https://", "data:")
 RETRY_STATUSES = frozenset({429, 503})
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+# Each long poll of the polling fallback: the server's cap on Prefer: wait.
+POLL_WAIT_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -275,3 +278,70 @@ class EventParser:
             self._data.append(value)
         elif name == "id":
             self._event.id = value
+
+
+# --- sending and following: the decisions both clients make, without I/O ---------------------------
+
+
+def target_of(call: Call, base_url: str, auth: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """The absolute URL and the headers of ``call`` (``auth``: the authorization header, or none)."""
+    url = call.path if call.path.startswith(("http://", "https://")) else base_url + call.path
+    return url, {**auth, **call.headers}
+
+
+def retry_delay(
+    policy: RetryPolicy, call: Call, attempt: int, outcome: httpx.Response | httpx.TransportError, base_url: str,
+    url: str,
+) -> float | None:
+    """Seconds to wait before sending ``call`` again after ``outcome`` (an answer, or a failed connection);
+    ``None``: the answer is final. A failed connection that is not retried raises :class:`Unreachable`."""
+    if isinstance(outcome, httpx.Response):
+        return policy.delay(attempt, outcome) if call.retry else None
+    delay = policy.delay(attempt, None) if call.retry else None
+    if delay is None:
+        where = f"the API at {base_url}" if url.startswith(base_url) else url
+        raise Unreachable(f"cannot reach {where}: {outcome}") from outcome
+    return delay
+
+
+# Connection failures a call may be retried after (nothing reached the server).
+CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+# Statuses of the event stream whose body is the API's error (raised), not a reason to fall back to polling.
+EVENT_ERRORS = frozenset({401, 404})
+
+
+class EventFollower:
+    """Following one job's event stream until it ends: the requests to make (resuming after the
+    last event seen, within the deadline) and what each line means. The clients do the I/O."""
+
+    reconnects = 3
+
+    def __init__(self, base_url: str, auth: Mapping[str, str], job_id: str, deadline: float | None) -> None:
+        self.url = base_url + job_path(job_id) + "/events"
+        self.auth = dict(auth)
+        self.deadline = deadline
+        self.last_id: str | None = None
+        self.job: Job | None = None
+        self._parser = EventParser()
+
+    def connections(self) -> Iterator[tuple[dict[str, str], httpx.Timeout]]:
+        """Headers and timeout of each (re)connection, resuming after the last event seen; stops after
+        :attr:`reconnects` or once the deadline has passed."""
+        for _ in range(self.reconnects):
+            headers = {**self.auth, "Accept": "text/event-stream"}
+            if self.last_id is not None:
+                headers["Last-Event-ID"] = self.last_id
+            left = None if self.deadline is None else self.deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            self._parser = EventParser()
+            yield headers, httpx.Timeout(left or 60.0, connect=10.0, read=left or 60.0)
+
+    def feed(self, line: str) -> bool:
+        """Take one line of the stream; true once following is over (the job ended, or the deadline passed)."""
+        for event in self._parser.feed(line):
+            self.last_id = event.id or self.last_id
+            self.job = Job.model_validate_json(event.data)
+            if self.job.terminal:
+                return True
+        return self.deadline is not None and time.monotonic() > self.deadline

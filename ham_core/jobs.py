@@ -5,8 +5,10 @@ One import for everything about jobs; the parts live in their own modules:
 - :mod:`ham_core.job_record` — the :class:`Job` record (its Redis codec derived from its
   fields), statuses, error codes and the storage keys of a job's files;
 - :mod:`ham_core.job_scripts` — the transitions as Lua scripts;
-- :mod:`ham_core.job_store` — :class:`JobStore`: the Redis layout, the transitions, the
-  RQ queue, fencing of stale runs;
+- :mod:`ham_core.job_reads` — :class:`JobReads`: the Redis layout's keys and every read (a job,
+  a tenant's pages, queue positions, the counts the metrics read);
+- :mod:`ham_core.job_store` — :class:`JobStore` (a :class:`JobReads`): the transitions, the RQ
+  queue, fencing of stale runs;
 - :mod:`ham_core.job_recovery` — what becomes of a job whose worker was lost (a pure decision).
 
 Redis layout (everything expires ``settings.result_ttl`` after its last transition):

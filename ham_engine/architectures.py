@@ -27,8 +27,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from ham_engine import tiny
+from ham_engine.files import build_folder_atomically
 from ham_engine.tiny_dit import FLUX_MODEL_INDEX, SD3_MODEL_INDEX
 
 FORMAT_VERSION = "1"
@@ -412,15 +411,5 @@ def ensure_architecture(name: str, vocab_gz: Path | None = None) -> Path:
     vocab_gz = vocab_gz or find_clip_vocab()
     if vocab_gz is None:
         raise ValueError(f"architecture: {CLIP_VOCAB_FILE} not found; run `make clip-vocab` or set HAM_CLIP_VOCAB")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
-        build_architecture(name, staging, vocab_gz)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_folder_atomically(target, lambda staging: build_architecture(name, staging, vocab_gz),
+                                   lambda folder: (folder / "model_index.json").is_file())

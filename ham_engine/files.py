@@ -1,4 +1,4 @@
-"""Writing a file atomically: readers see the old content or the new, never half of it.
+"""Writing a file (or building a folder) atomically: readers see the old content or the new, never half of it.
 
 The engine's one way to write a file another reader may open at any moment: a feature
 blob that other processes share (:mod:`ham_engine.feature_store`), ``ham eval``'s outputs,
@@ -8,6 +8,8 @@ records and reports (a rerun trusts what it finds).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -38,3 +40,31 @@ def write_bytes_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
     """:func:`write_atomically` of ``text`` as UTF-8."""
     return write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def build_folder_atomically(
+    target: str | os.PathLike[str], build: Callable[[Path], None], complete: Callable[[Path], bool], *,
+    shared: bool = False,
+) -> Path:
+    """Call ``build(staging)`` on a fresh folder beside ``target``, then rename it into place; returns ``target``.
+
+    Two processes may build the same folder at once: when the rename fails because the other's
+    copy arrived first and ``complete(target)`` says it is whole, that copy is kept. A failed
+    build leaves no staging folder behind. ``shared``: the folder is readable by other users
+    (a cache several accounts use), not private as a temporary folder starts.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        if shared:
+            staging.chmod(0o755)
+        build(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not complete(target):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

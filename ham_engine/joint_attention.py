@@ -148,40 +148,28 @@ class HookedJointProcessor:
         # The only departure from the stock processor: a hook sees (and may rewrite) the projections.
         (query, key, value), text = self.hook(attn, hidden_states, image, text)
 
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (_heads(part, batch_size, attn.heads, head_dim) for part in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
         if text is not None:
-            encoder_hidden_states_query_proj, encoder_hidden_states_key_proj, encoder_hidden_states_value_proj = text
-
-            encoder_hidden_states_query_proj = encoder_hidden_states_query_proj.view(
-                batch_size, -1, attn.heads, head_dim
-            ).transpose(1, 2)
-            encoder_hidden_states_key_proj = encoder_hidden_states_key_proj.view(
-                batch_size, -1, attn.heads, head_dim
-            ).transpose(1, 2)
-            encoder_hidden_states_value_proj = encoder_hidden_states_value_proj.view(
-                batch_size, -1, attn.heads, head_dim
-            ).transpose(1, 2)
-
+            text_query, text_key, text_value = (_heads(part, batch_size, attn.heads, head_dim) for part in text)
             if attn.norm_added_q is not None:
-                encoder_hidden_states_query_proj = attn.norm_added_q(encoder_hidden_states_query_proj)
+                text_query = attn.norm_added_q(text_query)
             if attn.norm_added_k is not None:
-                encoder_hidden_states_key_proj = attn.norm_added_k(encoder_hidden_states_key_proj)
-
-            query = torch.cat([query, encoder_hidden_states_query_proj], dim=2)
-            key = torch.cat([key, encoder_hidden_states_key_proj], dim=2)
-            value = torch.cat([value, encoder_hidden_states_value_proj], dim=2)
+                text_key = attn.norm_added_k(text_key)
+            query = torch.cat([query, text_query], dim=2)
+            key = torch.cat([key, text_key], dim=2)
+            value = torch.cat([value, text_value], dim=2)
         return query, key, value
+
+
+def _heads(projection: torch.Tensor, batch_size: int, heads: int, head_dim: int) -> torch.Tensor:
+    """``(batch, tokens, heads * head_dim)`` → ``(batch, heads, tokens, head_dim)``, as the stock processor splits."""
+    return projection.view(batch_size, -1, heads, head_dim).transpose(1, 2)
 
 
 class JointLatProcessor(LatProcessor):

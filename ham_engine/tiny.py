@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from ham_engine.files import build_folder_atomically
 
 # Bump when the saved layout or any preset changes: the cache folder name carries it, so
 # an old cache is rebuilt instead of being loaded with the wrong shapes.
@@ -311,22 +311,15 @@ def ensure_preset(name: str) -> Path:
         raise ValueError(f"model: unknown random preset {name!r}; known: {', '.join(PRESETS)}")
     root = cache_root()
     target = root / f"{name}.fmt{FORMAT_VERSION}"
-    if (target / "model_index.json").is_file():
+    if _is_complete(target):
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared between users
-        build_random_pipeline(PRESETS[name], staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process renamed its complete copy first; use that one.
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    # The cache may be shared between users: the folder is world-readable, not private like a temp dir.
+    return build_folder_atomically(target, lambda staging: build_random_pipeline(PRESETS[name], staging),
+                                   _is_complete, shared=True)
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file()
 
 
 # The diffusion-transformer presets (SD3, FLUX) live in their own module; imported last, as

@@ -17,6 +17,11 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from ham_core.config import Settings
+from ham_core.jobs import JobStore
+from ham_core.redis_client import REDIS_UNAVAILABLE, probe_writable
+from ham_core.storage import Storage, StorageError
+
 log = logging.getLogger("ham.worker")
 
 T = TypeVar("T")
@@ -126,3 +131,17 @@ def outlast(what: str, action: Callable[[], T], link: Link, deadline: float) -> 
         else:
             link.recovered()
             return result
+
+
+def redis_link_for(store: JobStore, settings: Settings, on_change: Callable[[bool], None] | None = None) -> Link:
+    """The worker's view of Redis, probed with a one-key write on the store's client (``PING``
+    answers while Redis is full or read-only; a write sees those refusals too)."""
+    return Link("Redis", lambda: probe_writable(store.redis), REDIS_UNAVAILABLE, settings.worker_reconnect_max,
+                on_change)  # fmt: skip
+
+
+def storage_link_for(
+    storage: Storage, settings: Settings, on_change: Callable[[bool], None] | None = None
+) -> Link:
+    """The worker's view of object storage (``on_change(up)`` hears each change)."""
+    return Link("object storage", storage.ping, (StorageError,), settings.worker_reconnect_max, on_change)

@@ -41,6 +41,7 @@ import sys
 import threading
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from redis import Redis
 from rq.serializers import JSONSerializer
@@ -51,12 +52,16 @@ from ham_core.jobs import JobStore
 from ham_core.logs import configure_logging
 from ham_core.models import Announcement, announce, withdraw
 from ham_core.redis_client import connect_redis
-from ham_core.storage import open_storage
+from ham_core.storage import Storage, open_storage
 from ham_core.styles import StyleStore
+from worker.connectivity import redis_link_for, storage_link_for
 from worker.metrics import MetricsServer, WorkerMetrics
 from worker.recovery import Maintenance
 from worker.rq_loop import ResilientWorker
-from worker.task import TransferRunner, install_runner, redis_link_for, storage_link_for
+from worker.task import TransferRunner, install_runner
+
+if TYPE_CHECKING:
+    from ham_engine.engine import HamEngine
 
 log = logging.getLogger("ham.worker")
 
@@ -100,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # Per-step progress and cancel polls: one quick reconnect, never a long retry inside the engine.
     progress_store = JobStore(connect_redis(settings, retries=1), settings)
     metrics = WorkerMetrics()
-    server = None
-    if settings.worker_metrics_port:
-        host = args.metrics_host or settings.worker_metrics_host
-        server = MetricsServer(metrics, host, settings.worker_metrics_port)
-        server.start()
-        log.info("worker %s: metrics and probes on %s:%d", name, host, server.port)
+    server = _metrics_server(metrics, args.metrics_host or settings.worker_metrics_host, settings, name)
     readiness = Readiness(server, args.ready_file)
     redis_link = redis_link_for(store, settings, on_change=readiness.set_redis_up)
     storage_link = storage_link_for(storage, settings, on_change=metrics.storage_changed)
@@ -114,24 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         redis_link.wait_until_up()  # started while Redis is away: wait for it (/healthz answers meanwhile)
         maintenance.start()
-        log.info("worker %s: loading model %r on %s", name, settings.model, settings.device or "auto")
-        from ham_engine.engine import HamEngine  # torch: imported once the cheap checks passed
-
-        # The fleet-wide second tier behind each engine's in-process caches: features/ on the job storage.
-        features = StorageFeatureStore(storage) if settings.feature_store else None
-        engine = HamEngine.load(
-            settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            record_bytes=settings.record_bytes,
-            feature_store=features,
-            max_styles=settings.max_styles_per_job,
-        )
-        metrics.feature_store = features
-        if features is not None:
-            log.info("worker %s: model fingerprint %s (checked on every stored feature)", name, engine.fingerprint())
-        model = engine.model
-        log.info("worker %s: model loaded (%s, %s)", name, model.device, str(model.dtype).removeprefix("torch."))
+        engine = _load_engine(settings, storage, metrics, name)
         runner = TransferRunner(
             engine, store, storage, settings, name, metrics, webhooks, StyleStore(redis),
             progress_store=progress_store, redis_link=redis_link, storage_link=storage_link,
@@ -139,13 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         install_runner(runner)
         maintenance.current_job = lambda: runner.current_job
         queue = store.queue_for(settings.model)
-        if settings.model not in settings.served_models:
-            log.warning("worker %s: model %r is not in HAM_MODELS (%s): the API sends it no jobs",
-                        name, settings.model, ",".join(settings.served_models))
-        info = _announcement(settings, engine, name, with_fingerprint=features is not None)
-        metrics.model.labels(model=settings.model, family=info.family).set(1)
-        maintenance.announce = lambda: announce(redis, settings, info)
-        announce(redis, settings, info)
+        _announce_model(settings, engine, name, redis, metrics, maintenance)
         worker = ResilientWorker(
             [queue],
             connection=redis,
@@ -172,6 +149,51 @@ def main(argv: list[str] | None = None) -> int:
             webhooks.stop()
         if server is not None:
             server.stop()
+
+
+def _metrics_server(metrics: WorkerMetrics, host: str, settings: Settings, name: str) -> MetricsServer | None:
+    """The worker's /metrics, /healthz and /readyz, started; ``None`` when the port setting is 0."""
+    if not settings.worker_metrics_port:
+        return None
+    server = MetricsServer(metrics, host, settings.worker_metrics_port)
+    server.start()
+    log.info("worker %s: metrics and probes on %s:%d", name, host, server.port)
+    return server
+
+
+def _load_engine(settings: Settings, storage: Storage, metrics: WorkerMetrics, name: str) -> HamEngine:
+    """The worker's engine, loaded once; the shared feature store behind it when enabled."""
+    log.info("worker %s: loading model %r on %s", name, settings.model, settings.device or "auto")
+    from ham_engine.engine import HamEngine  # torch: imported once the cheap checks passed
+
+    # The fleet-wide second tier behind each engine's in-process caches: features/ on the job storage.
+    features = StorageFeatureStore(storage) if settings.feature_store else None
+    engine = HamEngine.load(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        record_bytes=settings.record_bytes,
+        feature_store=features,
+        max_styles=settings.max_styles_per_job,
+    )
+    metrics.feature_store = features
+    if features is not None:
+        log.info("worker %s: model fingerprint %s (checked on every stored feature)", name, engine.fingerprint())
+    model = engine.model
+    log.info("worker %s: model loaded (%s, %s)", name, model.device, str(model.dtype).removeprefix("torch."))
+    return engine
+
+
+def _announce_model(settings: Settings, engine: HamEngine, name: str, redis: Redis, metrics: WorkerMetrics,
+                    maintenance: Maintenance) -> None:
+    """Tell the catalogue (now and on every heartbeat) and the metrics which model this worker serves."""
+    if settings.model not in settings.served_models:
+        log.warning("worker %s: model %r is not in HAM_MODELS (%s): the API sends it no jobs",
+                    name, settings.model, ",".join(settings.served_models))
+    info = _announcement(settings, engine, name, with_fingerprint=bool(settings.feature_store))
+    metrics.model.labels(model=settings.model, family=info.family).set(1)
+    maintenance.announce = lambda: announce(redis, settings, info)
+    announce(redis, settings, info)
 
 
 def _announcement(settings: Settings, engine, worker: str, with_fingerprint: bool) -> Announcement:  # engine: HamEngine

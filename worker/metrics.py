@@ -47,7 +47,22 @@ class WorkerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._define_job_metrics(self.registry)
+        self._define_feature_metrics(self.registry)
+        self._define_health_metrics(self.registry)
+        self.feature_store: Any = None  # the worker's StorageFeatureStore, read when a job finishes
+        self._bytes_written_seen = 0
+        # Export every labelled series from the start at 0: rate() and increase() cannot see the
+        # first event of a series that appears with it (the first recovery would never alert).
+        for outcome in JOB_OUTCOMES:
+            self.job_seconds.labels(outcome=outcome)
+        for action in RECOVERY_ACTIONS:
+            self.jobs_recovered.labels(action=action)
+        for code in RUN_ERROR_CODES:
+            self.job_failures.labels(code=code)
+
+    def _define_job_metrics(self, r: CollectorRegistry) -> None:
+        """Jobs: time by outcome, steps, UNet rows."""
         self.job_seconds = Histogram(
             "ham_worker_job_seconds",
             "Wall time of one job attempt on this worker, by outcome.",
@@ -59,6 +74,15 @@ class WorkerMetrics:
         self.steps_per_second = Gauge(
             "ham_worker_steps_per_second", "Sampling steps per second of the last finished job.", registry=r
         )
+        self.unet_rows = Histogram(
+            "ham_worker_unet_rows_per_job",
+            "UNet batch rows one finished job computed (summed over its UNet calls).",
+            buckets=_ROW_BUCKETS,
+            registry=r,
+        )
+
+    def _define_feature_metrics(self, r: CollectorRegistry) -> None:
+        """Re-used and computed features: caches, recorded teachers, the shared feature store."""
         self.style_cache_hits = Counter(
             "ham_worker_style_cache_hits", "Jobs whose style statistics came from the cache.", registry=r
         )
@@ -70,16 +94,6 @@ class WorkerMetrics:
         )
         self.content_cache_misses = Counter(
             "ham_worker_content_cache_misses", "Jobs that inverted their content image.", registry=r
-        )
-        self.unet_rows = Histogram(
-            "ham_worker_unet_rows_per_job",
-            "UNet batch rows one finished job computed (summed over its UNet calls).",
-            buckets=_ROW_BUCKETS,
-            registry=r,
-        )
-        self.storage_errors = Counter(
-            "ham_worker_storage_errors", "Outages of object storage this worker noticed (one per outage).",
-            registry=r,
         )
         self.teachers = Counter(
             "ham_worker_teachers",
@@ -107,8 +121,13 @@ class WorkerMetrics:
         self.feature_store_bytes_written = Counter(
             "ham_worker_feature_store_written_bytes", "Bytes this worker wrote to the shared feature store.", registry=r
         )
-        self.feature_store: Any = None  # the worker's StorageFeatureStore, read when a job finishes
-        self._bytes_written_seen = 0
+
+    def _define_health_metrics(self, r: CollectorRegistry) -> None:
+        """The worker itself: storage outages, device memory, jobs in progress and settled, readiness, model."""
+        self.storage_errors = Counter(
+            "ham_worker_storage_errors", "Outages of object storage this worker noticed (one per outage).",
+            registry=r,
+        )
         self.device_memory = Gauge(
             "ham_worker_device_memory_bytes",
             "Accelerator memory: 'allocated' now, 'peak' during the last job (0 on CPU).",
@@ -133,14 +152,6 @@ class WorkerMetrics:
         # `sum by (model) (rate(ham_worker_job_seconds_count[5m]) * on(instance) group_left(model) ham_worker_model)`.
         self.model = Gauge("ham_worker_model", "1, labelled with the model this worker serves and its family.",
                            ["model", "family"], registry=r)
-        # Export every labelled series from the start at 0: rate() and increase() cannot see the
-        # first event of a series that appears with it (the first recovery would never alert).
-        for outcome in JOB_OUTCOMES:
-            self.job_seconds.labels(outcome=outcome)
-        for action in RECOVERY_ACTIONS:
-            self.jobs_recovered.labels(action=action)
-        for code in RUN_ERROR_CODES:
-            self.job_failures.labels(code=code)
 
     def observe_job(self, outcome: str, seconds: float, stats: TransferStats | None) -> None:
         """Record one finished job attempt and what its engine stats say (None: the engine did not finish)."""

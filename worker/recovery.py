@@ -54,7 +54,7 @@ from ham_core.logs import log_context
 from ham_core.redis_client import REDIS_UNAVAILABLE
 from ham_core.storage import Storage, StorageError
 from worker.connectivity import Link
-from worker.task import WebhookSink, notify_webhook
+from worker.notify import WebhookSink, notify_webhook
 
 if TYPE_CHECKING:
     from worker.metrics import WorkerMetrics

@@ -44,8 +44,8 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from rq.timeouts import BaseTimeoutException
@@ -58,7 +58,6 @@ from ham_core.jobs import (
     ERROR_NUMERICAL,
     ERROR_TIMEOUT,
     POLL_FENCED,
-    POLL_GO,
     Job,
     JobConflict,
     JobFenced,
@@ -68,14 +67,15 @@ from ham_core.jobs import (
 )
 from ham_core.logs import bind, log_context
 from ham_core.output import OutputSpec, encode
-from ham_core.redis_client import REDIS_UNAVAILABLE, probe_writable
-from ham_core.resource import job_resource
+from ham_core.redis_client import REDIS_UNAVAILABLE
 from ham_core.speed import record_speed
 from ham_core.storage import Storage, StorageError
 from ham_core.styles import StyleStore
 from ham_engine.params import ParamError, TransferParams
 from ham_engine.results import TransferStats
-from worker.connectivity import Link, OutageTooLong, outlast
+from worker.connectivity import Link, OutageTooLong, outlast, redis_link_for, storage_link_for
+from worker.notify import PROGRESS_WEBHOOK_INTERVAL, WebhookSink, notify_webhook
+from worker.watch import StepWatch
 
 if TYPE_CHECKING:
     from ham_engine.engine import HamEngine, Style
@@ -84,78 +84,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("ham.worker")
 
 
-class WebhookSink(Protocol):
-    """What the runner needs from :class:`ham_core.webhooks.WebhookDispatcher`."""
-
-    def submit(self, url: str, payload: dict, event: str = "completed") -> None: ...
-
-
-def webhook_payload(job: Job, storage: Storage, settings: Settings) -> dict[str, Any]:
-    """The job resource exactly as ``GET /v1/transfers/{id}`` shows it (terminal: no queue position)."""
-    return job_resource(job, storage, settings.url_ttl, result_ttl=settings.result_ttl).model_dump(mode="json")
-
-
-# While Redis is away, the per-step progress write and cancel poll are skipped for this long
-# after a failure, so the engine keeps its pace instead of paying a timeout every step.
-BEST_EFFORT_PAUSE = 1.0
-# Seconds between two `progress` webhooks of one job (the issue's "at most 1 per second per job").
-PROGRESS_WEBHOOK_INTERVAL = 1.0
-
-
 @dataclass
-class _Watch:
-    """The per-job callbacks the engine calls between steps. Both are best-effort: a Redis
-    outage never stops the engine (the deadline still applies; a cancel is seen once Redis is back).
+class _Inputs:
+    """What a job's run reads before the engine starts."""
 
-    Both name the run (``run``, the fencing token): once another run owns the job (this worker
-    was frozen long enough to be declared dead), ``fenced`` turns true at the next progress
-    write or poll and the engine stops before its next step."""
-
-    store: JobStore
-    link: Link
-    job_id: str
-    deadline: float
-    run: int | None = None
-    timed_out: bool = False
-    fenced: bool = False
-    last_progress: float = field(default=-1.0)
-    quiet_until: float = 0.0
-    on_progress: Callable[[], None] | None = None
-
-    def progress(self, step: int, total: int) -> None:
-        # Keep 1.0 for "succeeded": the decode and upload still follow the last step.
-        fraction = 0.99 * step / max(total, 1)
-        if fraction > self.last_progress and not self.fenced:
-            self.last_progress = fraction
-            owned = self._best_effort(lambda: self.store.set_progress(self.job_id, fraction, self.run))
-            if owned is False:
-                self.fenced = True
-                return
-            if self.on_progress is not None:
-                self.on_progress()
-
-    def cancelled(self) -> bool:
-        if self.fenced:
-            return True
-        if time.monotonic() > self.deadline:
-            self.timed_out = True
-            return True
-        verdict = self._best_effort(lambda: self.store.poll(self.job_id, self.run))
-        if verdict == POLL_FENCED:
-            self.fenced = True
-        return verdict not in (None, POLL_GO)
-
-    def _best_effort(self, call: Callable[[], Any]) -> Any:
-        if time.monotonic() < self.quiet_until:
-            return None
-        try:
-            result = call()
-        except REDIS_UNAVAILABLE as exc:
-            self.link.failed(exc)
-            self.quiet_until = time.monotonic() + BEST_EFFORT_PAUSE
-            return None
-        self.link.recovered()
-        return result
+    params: TransferParams
+    content: Image.Image
+    styles: list[Style]
 
 
 class TransferRunner:
@@ -195,7 +130,7 @@ class TransferRunner:
             storage, settings, metrics.storage_changed if metrics else None
         )
         self.current_job: str | None = None
-        # Set once the current run learns another run owns its job (see _Watch): it writes nothing more.
+        # Set once the current run learns another run owns its job (see StepWatch): it writes nothing more.
         self.fenced = False
 
     def run(self, job_id: str) -> str:
@@ -265,36 +200,23 @@ class TransferRunner:
     def _execute(self, job: Job, began: float) -> tuple[Job | None, TransferStats | None]:
         from ham_engine.engine import NumericalError, TransferCancelled  # torch: only ever imported in a worker
 
-        watch = _Watch(self.progress_store, self.redis_link, job.id, deadline=began + self.settings.job_timeout,
-                       run=job.run, on_progress=self._progress_webhook(job))
+        watch = StepWatch(self.progress_store, self.redis_link, job.id, deadline=began + self.settings.job_timeout,
+                          run=job.run, on_progress=self._progress_webhook(job))
         self._event_webhook(job, "start")
-        outage_deadline = time.monotonic() + self.settings.worker_outage_deadline
+        inputs = self._read_inputs(job)
+        if not isinstance(inputs, _Inputs):
+            return inputs, None  # the job ended (failed, handed back) before the engine ran
         try:
-            params = TransferParams.from_dict(job.params)
-            content = _open_png(self._read(job.content_key, outage_deadline))
-            styles = self._load_styles(job, outage_deadline)
-        except KeyError as exc:
-            message = f"input {exc.args[0]} is gone (expired?)"
-            return self._finish_fail(job, ERROR_INPUTS_MISSING, message), None
-        except OutageTooLong as exc:
-            return self._hand_back(job, exc), None
-        except (ValueError, OSError) as exc:  # bad params or output format in the record, or an unreadable PNG
-            return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc)), None
-        except Exception as exc:
-            return self._internal_error(job, exc), None
-        try:
-            batch = self.engine.transfer_batch(
-                content, styles, params=params, progress=watch.progress, cancelled=watch.cancelled
-            )
-            stats = batch.stats
             output = OutputSpec(job.output_format, job.output_quality)
+            batch = self.engine.transfer_batch(
+                inputs.content, inputs.styles, params=inputs.params, progress=watch.progress, cancelled=watch.cancelled
+            )
             encoded = [encode(picture, output) for picture in batch.images]
         except TransferCancelled:
             if watch.fenced:
                 return self._fenced(job, "at a progress write"), None
             if watch.timed_out:
-                message = f"the job ran longer than the limit of {self.settings.job_timeout}s"
-                return self._finish_fail(job, ERROR_TIMEOUT, message), None
+                return self._finish_fail(job, ERROR_TIMEOUT, self._timeout_message()), None
             return self._record(job, "canceled", lambda: self.store.mark_canceled(job.id, run=job.run)), None
         except ParamError as exc:  # the engine refused the inputs; a library's ValueError is a bug
             return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc)), None
@@ -303,16 +225,39 @@ class TransferRunner:
             return self._finish_fail(job, ERROR_NUMERICAL, str(exc)), None
         except BaseTimeoutException:
             # RQ's hard limit (job_timeout + margin) fired inside a step that never returned.
-            message = f"the job ran longer than the limit of {self.settings.job_timeout}s"
-            return self._finish_fail(job, ERROR_TIMEOUT, message), None
+            return self._finish_fail(job, ERROR_TIMEOUT, self._timeout_message()), None
         except (*REDIS_UNAVAILABLE, StorageError) as exc:  # an outage is never the job's fault
             return self._hand_back(job, exc), None
         except Exception as exc:
             return self._internal_error(job, exc), None
-        # The engine's work is done: from here on an outage is waited out, up to the deadline.
+        return self._deliver(job, inputs.styles, encoded, output, batch.stats), batch.stats
+
+    def _timeout_message(self) -> str:
+        return f"the job ran longer than the limit of {self.settings.job_timeout}s"
+
+    def _read_inputs(self, job: Job) -> _Inputs | Job | None:
+        """The job's parameters and images, or the job as it ended when they cannot be had."""
+        outage_deadline = time.monotonic() + self.settings.worker_outage_deadline
+        try:
+            params = TransferParams.from_dict(job.params)
+            content = _open_png(self._read(job.content_key, outage_deadline))
+            return _Inputs(params, content, self._load_styles(job, outage_deadline))
+        except KeyError as exc:
+            message = f"input {exc.args[0]} is gone (expired?)"
+            return self._finish_fail(job, ERROR_INPUTS_MISSING, message)
+        except OutageTooLong as exc:
+            return self._hand_back(job, exc)
+        except (ValueError, OSError) as exc:  # bad params or output format in the record, or an unreadable PNG
+            return self._finish_fail(job, ERROR_INVALID_INPUT, str(exc))
+        except Exception as exc:
+            return self._internal_error(job, exc)
+
+    def _deliver(self, job: Job, styles: list[Style], encoded: list[bytes], output: OutputSpec,
+                 stats: TransferStats) -> Job | None:
+        """Upload the results and record success; the engine's work is done, so an outage is waited out."""
         outage_deadline = time.monotonic() + self.settings.worker_outage_deadline
         if self._quietly(lambda: self.store.poll(job.id, job.run)) == POLL_FENCED:
-            return self._fenced(job, "before the result upload"), stats
+            return self._fenced(job, "before the result upload")
         # Named per run: a stale run that got this far still cannot touch the owner's files.
         keys = [result_key(job.id, output.extension, index, job.run) for index in range(len(encoded))]
         try:
@@ -321,14 +266,14 @@ class TransferRunner:
                         lambda key=key, data=data: self.storage.put(key, data, output.content_type),
                         self.storage_link, outage_deadline)
         except OutageTooLong as exc:
-            return self._hand_back(job, exc), stats
+            return self._hand_back(job, exc)
         self._record_style_digests(job, styles)
         record = stats.to_dict()
         final = self._record(job, "succeeded", lambda: self.store.succeed(job.id, keys[0], record, keys, run=job.run),
                              outage_deadline)  # fmt: skip
         if self.fenced:
             self._delete_quietly(job, keys)  # this run's own files: nobody will ever point at them
-        return final, stats
+        return final
 
     def _fenced(self, job: Job, where: str) -> None:
         """Another run owns the job now: stop, write nothing more about it, serve the next job."""
@@ -464,32 +409,6 @@ class TransferRunner:
                 except Exception:  # the expiry sweep deletes it later
                     log.warning("job %s: could not delete input %s", job.id, key, exc_info=True)
         notify_webhook(job, self.storage, self.settings, self.webhooks)
-
-
-def redis_link_for(store: JobStore, settings: Settings, on_change: Callable[[bool], None] | None = None) -> Link:
-    """The worker's view of Redis, probed with a one-key write on the store's client (``PING``
-    answers while Redis is full or read-only; a write sees those refusals too)."""
-    return Link("Redis", lambda: probe_writable(store.redis), REDIS_UNAVAILABLE, settings.worker_reconnect_max,
-                on_change)  # fmt: skip
-
-
-def storage_link_for(
-    storage: Storage, settings: Settings, on_change: Callable[[bool], None] | None = None
-) -> Link:
-    """The worker's view of object storage (``on_change(up)`` hears each change)."""
-    return Link("object storage", storage.ping, (StorageError,), settings.worker_reconnect_max, on_change)
-
-
-def notify_webhook(
-    job: Job, storage: Storage, settings: Settings, webhooks: WebhookSink | None, event: str = "completed"
-) -> None:
-    """Hand the job resource to the webhook dispatcher, if the job asked for one and for this ``event``."""
-    if not job.webhook_url or webhooks is None or event not in job.webhook_events:
-        return
-    try:
-        webhooks.submit(job.webhook_url, webhook_payload(job, storage, settings), event=event)
-    except Exception:  # a webhook must never fail the job
-        log.warning("job %s: webhook not queued", job.id, exc_info=True)
 
 
 def _open_png(data: bytes) -> Image.Image:
