@@ -149,8 +149,8 @@ def test_ham_up_serves_a_transfer_restarts_a_dead_worker_and_ctrl_c_stops_every_
         commands = sorted(children.values())
         assert len(children) == 3, commands
         assert any("redis-server" in c for c in commands)
-        assert any("ham_cli.main api" in c for c in commands)
-        assert any("ham_cli.main worker" in c for c in commands)
+        assert any("ham_cli api" in c for c in commands)
+        assert any("ham_cli worker" in c for c in commands)
         redis_port = int(banner.split("redis://127.0.0.1:")[1].split("/")[0])
 
         with httpx.Client(base_url=api, timeout=30) as client:
@@ -158,7 +158,7 @@ def test_ham_up_serves_a_transfer_restarts_a_dead_worker_and_ctrl_c_stops_every_
             _transfer(client)
 
             # A worker that dies is restarted, and says so; the next job succeeds on the new one.
-            [worker_pid] = [pid for pid, command in children.items() if "ham_cli.main worker" in command]
+            [worker_pid] = [pid for pid, command in children.items() if "ham_cli worker" in command]
             os.kill(worker_pid, signal.SIGKILL)
             _wait_for_output(proc, log, "ham up: worker exited with status -9; restarting it in 1s")
             _wait_for_output(proc, log, "ham up: worker restarted")
@@ -204,7 +204,7 @@ def test_ham_up_with_two_models_starts_a_worker_per_model(tmp_path: Path) -> Non
         _wait_for_output(proc, log, "HAM is up")
         assert "models   tiny, tiny-xl (one worker each" in log.read_text()
         commands = sorted(_children(proc.pid).values())
-        assert len(commands) == 4 and sum("ham_cli.main worker" in c for c in commands) == 2, commands
+        assert len(commands) == 4 and sum("ham_cli worker" in c for c in commands) == 2, commands
         api = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=api, timeout=30) as client:
             models = client.get("/v1/models").json()
