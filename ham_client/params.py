@@ -1,9 +1,9 @@
 """The per-request parameters of a transfer, typed: what ``submit(**params)`` accepts.
 
-The server's parameter table (``ParamSpec`` in ``ham_engine.params`` and the output format) is the
-source; this client must not import it (it needs neither torch nor the service), so the table is
-restated here as a ``TypedDict`` and ``tests/e2e/test_client.py`` checks it against the server's
-specs, name by name and type by type: a parameter added there and not here fails that test.
+Generated from the server's parameter table (``TransferParams`` in ``ham_engine.params`` and
+``OUTPUT_SPECS`` in ``ham_core.output``) by ``python -m ham_cli.codegen``: do not edit. The client
+imports nothing of the server (it needs neither torch nor the service), so the table is written
+out here; the test suite fails when this file is stale.
 """
 
 from __future__ import annotations

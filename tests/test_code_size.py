@@ -2,7 +2,7 @@
 
 Every package of ours is held to it (the engine, the shared core, the HTTP API, the worker, the
 ``ham`` command and the Python client); the benchmarks and tests are tools, not product code.
-The generated module (``ham_client/error_codes.py``, written by ``python -m service.api.errors``)
+The generated module (``ham_client/error_codes.py``, written by ``python -m ham_cli.codegen``)
 and the error catalogue (one declarative class per code) are exempt from the module length only.
 
 A function that is a declared copy of another project's (``# Copied from ...`` on the line

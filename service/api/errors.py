@@ -15,7 +15,6 @@ more subclass here; ``ham_client.error_codes`` is generated from :data:`CATALOGU
 from __future__ import annotations
 
 import logging
-import sys
 import textwrap
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -503,6 +502,3 @@ def client_codes_module() -> str:
               "    return ERRORS_BY_CODE.get(code, ApiError)(status, code, message, field)", ""]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    sys.stdout.write(client_codes_module())

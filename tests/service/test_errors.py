@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_the_client_codes_module_is_generated_from_the_catalogue() -> None:
     generated = (REPO / "ham_client" / "error_codes.py").read_text()
-    assert generated == client_codes_module(), "run: python -m service.api.errors > ham_client/error_codes.py"
+    assert generated == client_codes_module(), "run: python -m ham_cli.codegen"
 
 
 def test_the_client_has_one_type_per_code_with_the_servers_status() -> None:
