@@ -4,11 +4,11 @@ A transfer parameter is declared once, as a field of :class:`ham_engine.params.T
 (an output option: in :data:`ham_core.output.OUTPUT_SPECS`); an error code once, as a class of
 the catalogue (:mod:`service.api.errors`). The schema, the form and JSON parsing, ``ham submit``
 and ``ham transfer`` and ``ham eval`` flags and the playground read those tables at run time;
-three files cannot, and are written from them here:
+four files cannot, and are written from them here:
 
 - ``ham_client/params.py`` — the client's ``TransferOptions`` (the client imports nothing of the server);
 - ``ham_client/error_codes.py`` — one client exception type per error code;
-- the parameter table of ``docs/api.md``.
+- the parameter table of ``docs/api.md`` and the engine's flags listed in ``docs/evaluation.md``.
 
 ``python -m ham_cli.codegen`` rewrites them; ``--check`` only says which are stale (exit 1), as the
 test suite does.
@@ -19,15 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from ham_engine.params import ParamSpec, params_table
+from ham_engine.params import PARAM_SPECS, ParamSpec, params_table
 from service.api.errors import client_codes_module
 from service.api.submission import REQUEST_SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
 _TABLE_HEAD = "| Parameter | Type | Default | Allowed | What |"
+_EVAL_PARAGRAPH = "**The engine's parameters**"
 
 
 def client_params_module(specs: tuple[ParamSpec, ...] = REQUEST_SPECS) -> str:
@@ -65,11 +67,27 @@ def api_docs_with_table(text: str, specs: tuple[ParamSpec, ...] = REQUEST_SPECS)
     return text[:start] + params_table(specs).rstrip("\n") + text[end:]
 
 
+def eval_docs_with_flags(text: str, specs: tuple[ParamSpec, ...] = PARAM_SPECS) -> str:
+    """``docs/evaluation.md`` with the engine's flags listed in its parameters paragraph (numbers and
+    choices first, then the ``--no-`` switches of the booleans, which default on)."""
+    start = text.index(_EVAL_PARAGRAPH)
+    end = text.index("\n\n", start)
+    paragraph = " ".join(text[start:end].split("\n"))
+    head, rest = paragraph.split("default): ", 1)
+    tail = rest.split("; `--device`", 1)[1]
+    dashed = [(spec.kind is bool, spec.name.replace("_", "-")) for spec in specs]
+    flags = [f"`--{name}`" for boolean, name in dashed if not boolean]
+    flags += [f"`--no-{name}`" for boolean, name in dashed if boolean]
+    paragraph = f"{head}default): {', '.join(flags)}; `--device`{tail}"
+    return text[:start] + textwrap.fill(paragraph, 100, break_long_words=False, break_on_hyphens=False) + text[end:]
+
+
 # What each written file holds, as a function of its current text.
 GENERATED: dict[str, Callable[[str], str]] = {
     "ham_client/params.py": lambda _: client_params_module(),
     "ham_client/error_codes.py": lambda _: client_codes_module(),
     "docs/api.md": api_docs_with_table,
+    "docs/evaluation.md": eval_docs_with_flags,
 }
 
 
