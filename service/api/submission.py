@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from ham_core.jobs import WEBHOOK_EVENTS, Job
+from ham_core.jobs import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS, Job
 from ham_core.output import OUTPUT_SPECS, OutputSpec
 from ham_core.style_refs import PENDING_UPLOAD, StyleRef, assign_upload_keys
 from ham_core.styles import StyleRecord
@@ -36,7 +36,6 @@ from service.api.uploads import read_image
 REQUEST_SPECS: tuple[ParamSpec, ...] = PARAM_SPECS + OUTPUT_SPECS
 _ENGINE_NAMES = frozenset(spec.name for spec in PARAM_SPECS)
 MAX_WEBHOOK_URL_CHARS = 2048
-DEFAULT_WEBHOOK_EVENTS = ("completed",)
 
 
 @dataclass(frozen=True)
