@@ -64,8 +64,9 @@ class Settings(BaseSettings):
     # --- engine --------------------------------------------------------------------
     model: str = Field(
         "tiny",
-        description="The worker's model: a diffusers model id, local folder, or 'tiny' / 'tiny-xl' (random presets, "
-        "offline demos whose pictures are noise). On the API: the default model when HAM_MODELS is empty.",
+        description="The worker's model: a diffusers model id or local folder (SD 1.x/2.x, SDXL, SD3, FLUX), or a "
+        "random preset 'tiny' / 'tiny-xl' / 'tiny-sd3' / 'tiny-flux' (offline demos whose pictures are noise). "
+        "On the API: the default model when HAM_MODELS is empty.",
     )
     models: str = Field(
         "",

@@ -49,7 +49,8 @@ def add_transfer_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--model",
         default=os.environ.get("HAM_MODEL") or "tiny",
-        help="'tiny', 'tiny-xl', an SD 1.x/2.x or SDXL model id or local folder (default: $HAM_MODEL or tiny)",
+        help="'tiny', 'tiny-xl', 'tiny-sd3', 'tiny-flux', or an SD 1.x/2.x, SDXL, SD3 or FLUX model id or local "
+        "folder (default: $HAM_MODEL or tiny)",
     )
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: $HAM_DEVICE or auto)")
     add_param_arguments(parser, server_defaults=False)

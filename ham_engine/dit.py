@@ -148,7 +148,7 @@ def load_dit_model(
     except (OSError, ValueError) as exc:
         if isinstance(exc, UnsupportedModel):
             raise
-        raise _not_found(name, exc, ("transformer", *family_type.text_parts)) from exc
+        raise _not_found(name, exc, family_type.text_parts, denoiser="transformer") from exc
 
 
 def _load(

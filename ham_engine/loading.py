@@ -165,13 +165,13 @@ def _hub_offline() -> bool:
 
 
 def _not_found(
-    model: str, cause: Exception, text_parts: tuple[str, ...] = ("text_encoder", "tokenizer")
+    model: str, cause: Exception, text_parts: tuple[str, ...] = ("text_encoder", "tokenizer"), denoiser: str = "unet"
 ) -> ValueError:
     reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     folder = Path(model).expanduser()
     if folder.is_dir():
-        parts = ", ".join(f"{p}/" for p in ("unet", "vae", *text_parts, "scheduler"))
-        return ValueError(f"model: {model!r} is not a diffusers Stable Diffusion folder (needs {parts}): {reason}")
+        parts = ", ".join(f"{p}/" for p in (denoiser, "vae", *text_parts, "scheduler"))
+        return ValueError(f"model: {model!r} is not a diffusers pipeline folder (needs {parts}): {reason}")
     if model.startswith((".", "/", "~")):
         return ValueError(f"model: folder {model!r} does not exist")
     if _hub_offline():

@@ -208,7 +208,7 @@ def test_a_missing_folder_is_a_value_error_naming_it(cache_env: Path) -> None:
 
 
 def test_a_folder_that_is_not_a_pipeline_is_a_value_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="is not a diffusers Stable Diffusion folder"):
+    with pytest.raises(ValueError, match="is not a diffusers pipeline folder"):
         load_model(str(tmp_path))
 
 
@@ -253,3 +253,10 @@ def test_dtype_defaults_to_fp16_on_cuda_fp32_on_cpu_and_honours_ham_dtype(monkey
     monkeypatch.setenv("HAM_DTYPE", "bf16")
     assert resolve_dtype(torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype(torch.device("cpu"), torch.float32) == torch.float32
+
+
+def test_a_transformer_folder_is_said_to_need_its_transformer_not_a_unet(tmp_path) -> None:
+    from ham_engine.loading import _not_found
+
+    error = _not_found(str(tmp_path), OSError("no config"), ("text_encoder", "tokenizer"), denoiser="transformer")
+    assert "needs transformer/, vae/, text_encoder/, tokenizer/, scheduler/" in str(error)
