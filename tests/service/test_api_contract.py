@@ -341,3 +341,13 @@ def test_every_counted_answer_carries_the_ratelimit_headers(make_client):
     assert int(refused.headers["ratelimit"].rsplit("t=", 1)[1]) == int(refused.headers["retry-after"])
     # Not counted, not promised: the public health probe has no rate-limit headers.
     assert "ratelimit" not in client.get("/healthz").headers
+
+
+def test_the_event_stream_types_each_event_and_not_the_stream_as_a_string():
+    """Beside ``itemSchema`` a media type's ``schema`` types the whole stream (OpenAPI 3.2: the array of events);
+    ``{"type": "string"}`` there contradicted every event (schemathesis ST108), so there is none."""
+    from service.api.app import create_app
+
+    media = create_app().openapi()["paths"]["/v1/transfers/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    assert media["text/event-stream"]["itemSchema"] == {"$ref": "#/components/schemas/TransferEvent"}
+    assert "schema" not in media["text/event-stream"]
