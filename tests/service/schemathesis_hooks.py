@@ -10,9 +10,10 @@ as *valid* are touched, and only where the schema's words cannot carry the rule:
 - ``teachers=recorded`` needs ``inversion=source`` (documented on the field): the inversion is set
   to ``source`` when the case drew recorded teachers;
 - a webhook URL must be reachable in principle: a fixed loopback URL replaces the drawn one;
-- the style rule (said in words: an object-level ``anyOf`` would leave generated clients without a
-  body model): one style image, a style prompt or both, or up to ``max_styles_per_job`` images and
-  library styles without a prompt; drawn ``style_id``s become the fuzz tenant's own style;
+- the style rule (said in words, its "at least one style" under ``x-style-rule``, which schemathesis does
+  not read: an object-level ``anyOf`` would leave generated clients without a body model): one style
+  image, a style prompt or both, or up to ``max_styles_per_job`` images and library styles without a
+  prompt; drawn ``style_id``s become the fuzz tenant's own style;
 - a library style (``POST /v1/styles``): an image and/or a prompt, and ``size``/``steps`` only with
   ``warm=true``.
 
