@@ -114,11 +114,11 @@ def tenant_isolation(ctx, response, case):
 
 def isolation_problem(other: dict, url: str, status: int, text: str) -> str | None:
     """Why this answer to tenant B breaks tenant isolation, or None."""
-    own_ids = other.get("job_ids", []) + other.get("done_job_ids", []) + other.get("style_ids", [])
-    targeted = [i for i in own_ids if i in url]
+    a_ids = other.get("job_ids", []) + other.get("done_job_ids", []) + other.get("style_ids", [])
+    targeted = [i for i in a_ids if i in url]
     if targeted and 200 <= status < 300:
         return f"tenant B got {status} for tenant A's resource {targeted[0]} ({url})"
-    leaked = [s for s in own_ids + other.get("secrets", []) if s in text and s not in url]
+    leaked = [s for s in a_ids + other.get("secrets", []) if s in text and s not in url]
     if leaked:
         return f"the answer to tenant B ({status}, {url}) shows tenant A's data: {leaked}"
     return None
