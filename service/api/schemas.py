@@ -81,6 +81,29 @@ STYLE_RULE = (
 _STYLE_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "A style of your library (`/v1/styles`)."}
 
 
+STYLE_RULE_KEY = "x-style-rule"
+
+
+def style_rule(images: str, blanks_are_absent: bool) -> dict[str, Any]:
+    """The style rule's "at least one style" as a JSON Schema for the body, under :data:`STYLE_RULE_KEY`.
+
+    An extension, not the body schema's own ``anyOf``: generators (openapi-python-client) build no body
+    model for an object with an ``anyOf``, and they ignore ``x-`` keys, while a validator can apply this
+    one to a body as it stands. ``blanks_are_absent``: a form, where an empty field means "not given".
+    """
+    blank_free = {"minItems": 1, "contains": {"minLength": 1}} if blanks_are_absent else {}
+    return {
+        "description": "At least one style: a body is valid under the style rule only if it is valid against this "
+        "schema too. The rest of the rule (the count, no `style_prompt` beside library or several styles) is the "
+        "server's: see the body's description.",
+        "anyOf": [
+            {"required": [images], **({"properties": {images: {"minItems": 1}}} if blanks_are_absent else {})},
+            {"required": ["style_id"], **({"properties": {"style_id": blank_free}} if blanks_are_absent else {})},
+            {"required": ["style_prompt"], "properties": {"style_prompt": {"pattern": r"\S"}}},
+        ],
+    }
+
+
 def _several(item: dict[str, Any], limit: int, what: str, least: int = 1) -> dict[str, Any]:
     """A repeated field: an array of ``item``, ``least`` to ``limit`` of them."""
     return {"type": "array", "items": item, "minItems": least, "maxItems": limit, "description": what}
@@ -96,10 +119,12 @@ def transfer_form_schema(max_styles: int = 4) -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["content"],
-        # The cross-field style rule stays in words: an object-level anyOf would say it, but standard
-        # client generators (openapi-python-client) then build no model for the body. The counts are
-        # in the arrays' maxItems; the sum of both is checked by the server (422 too_many_styles).
+        # The cross-field style rule is in words, and its "at least one style" in an extension (see
+        # style_rule): an object-level anyOf would say it, but standard client generators
+        # (openapi-python-client) then build no model for the body. The counts are in the arrays'
+        # maxItems; the sum of both is checked by the server (422 too_many_styles).
         "description": "A transfer as a multipart form. " + STYLE_RULE.format(limit=max_styles),
+        STYLE_RULE_KEY: style_rule("style", blanks_are_absent=True),
         "additionalProperties": False,
         "properties": {
             "content": {"type": "string", "format": "binary",
@@ -129,6 +154,7 @@ def transfer_json_schema(max_styles: int = 4) -> dict[str, Any]:
         "required": ["content_url"],
         "description": "A transfer as JSON, the images by reference. " + STYLE_RULE.format(limit=max_styles)
         + " Several styles: `style_url` and/or `style_id` as arrays (the `style_url`s first, then the `style_id`s).",
+        STYLE_RULE_KEY: style_rule("style_url", blanks_are_absent=False),
         "additionalProperties": False,
         "properties": {
             "content_url": {"type": "string", "minLength": 1, "description": f"The content image: {_REFERENCE_HELP}",

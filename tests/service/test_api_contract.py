@@ -341,3 +341,53 @@ def test_every_counted_answer_carries_the_ratelimit_headers(make_client):
     assert int(refused.headers["ratelimit"].rsplit("t=", 1)[1]) == int(refused.headers["retry-after"])
     # Not counted, not promised: the public health probe has no rate-limit headers.
     assert "ratelimit" not in client.get("/healthz").headers
+
+
+def test_the_event_stream_types_each_event_and_not_the_stream_as_a_string():
+    """Beside ``itemSchema`` a media type's ``schema`` types the whole stream (OpenAPI 3.2: the array of events);
+    ``{"type": "string"}`` there contradicted every event (schemathesis ST108), so there is none."""
+    from service.api.app import create_app
+
+    media = create_app().openapi()["paths"]["/v1/transfers/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    assert media["text/event-stream"]["itemSchema"] == {"$ref": "#/components/schemas/TransferEvent"}
+    assert "schema" not in media["text/event-stream"]
+
+
+_FORM_CASES = [  # (form fields, with a style file, a style given): blank fields count as left out
+    ({}, False, False), ({"style_prompt": ""}, False, False), ({"style_id": ""}, False, False),
+    ({"style_prompt": "ink"}, False, True), ({}, True, True),
+]
+
+
+@pytest.mark.parametrize(("fields", "with_file", "styled"), _FORM_CASES)
+def test_the_machine_readable_style_rule_of_a_form_agrees_with_the_server(client, fields, with_file, styled):
+    """``x-style-rule`` (the style rule's "at least one style", where generators ignore it) judges as the server."""
+    import jsonschema
+
+    from service.api.schemas import STYLE_RULE_KEY
+
+    rule = client.get("/openapi.json").json()["components"]["schemas"]["TransferForm"][STYLE_RULE_KEY]
+    body = {"content": "<bytes>", **{k: [v] if k == "style_id" else v for k, v in fields.items()},
+            **({"style": ["<bytes>"]} if with_file else {})}
+    valid = jsonschema.Draft202012Validator(rule).is_valid(body)
+    answer = submit(client, style=with_file, **fields)
+    assert answer.status_code == (202 if valid else 422), (body, answer.text)
+    assert valid == styled
+
+
+@pytest.mark.parametrize("styles", [{}, {"style_prompt": "ink"}, {"style_url": "content1.png"},
+                                    {"style_url": ["content1.png", "content0.png"]}])
+def test_the_machine_readable_style_rule_of_a_json_body_agrees_with_the_server(client, styles):
+    import jsonschema
+
+    from service.api.schemas import STYLE_RULE_KEY
+
+    rule = client.get("/openapi.json").json()["components"]["schemas"]["TransferRequest"][STYLE_RULE_KEY]
+    if "style_url" in styles:
+        urls = styles["style_url"]
+        styles = {"style_url": [_data_uri(u) for u in urls] if isinstance(urls, list) else _data_uri(urls)}
+    body = {"content_url": _data_uri("content0.png"), **styles}
+    valid = jsonschema.Draft202012Validator(rule).is_valid(body)
+    answer = client.post("/v1/transfers", json=body, headers=AUTH_A)
+    assert answer.status_code == (202 if valid else 422), (styles, answer.text)
+    assert valid == bool(styles)

@@ -50,9 +50,10 @@ _EXAMPLE = (
               "`TransferEvent`: `event` its name, `id` the job's version, `data` the job resource as JSON. "
               "Comment lines (`: ping`) keep an idle connection open every 15 s.",
               "content": {"text/event-stream": {
-                  # OpenAPI 3.1 has no schema per event: the stream is text; `itemSchema` (OpenAPI 3.2's
-                  # field for sequential media types) names the schema of each event.
-                  "schema": {"type": "string", "description": "The stream as text: events of `TransferEvent`."},
+                  # `itemSchema` (OpenAPI 3.2's field for sequential media types) names the schema of each
+                  # event. No `schema`: beside `itemSchema` it types the whole stream, which 3.2 reads as the
+                  # array of events, so `{"type": "string"}` there was wrong (schemathesis: ST108), and an
+                  # array would tell 3.1 readers the body is JSON. 3.1 allows a media type without one.
                   "itemSchema": {"$ref": "#/components/schemas/TransferEvent"},
                   "example": _EXAMPLE}}},
         204: {"description": "`Last-Event-ID` is the terminal event already: nothing more will come."},
