@@ -52,6 +52,7 @@ class WorkerProcess:
     log: Path
     ready_file: Path
     metrics_port: int
+    model: str = ""  # its HAM_MODEL
 
     @property
     def alive(self) -> bool:
@@ -98,7 +99,7 @@ class Stack:
         cmd = [sys.executable, "-m", "ham_cli", "worker", "--name", name, "--ready-file", str(ready)]
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, env=proc_env, stdout=out, stderr=subprocess.STDOUT)
-        worker = WorkerProcess(name, proc, log, ready, port)
+        worker = WorkerProcess(name, proc, log, ready, port, proc_env.get("HAM_MODEL", ""))
         self.workers.append(worker)
         if wait:
             worker.wait_ready()

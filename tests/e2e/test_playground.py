@@ -231,7 +231,11 @@ def test_a_refused_key_is_asked_again_and_kept_for_the_tab_only(browser, stack: 
         assert "refused" in page.locator("#key-error").inner_text()
         assert page.locator("#key-dialog").is_visible()
         page.locator("#api-key").fill(TENANTS["alpha"])
-        with page.expect_response(lambda r: "/v1/transfers?limit=" in r.url) as listed:
+        # The listing sent with the new key (a request still in flight with the refused one may answer first).
+        good = f"Bearer {TENANTS['alpha']}"
+        with page.expect_response(
+            lambda r: "/v1/transfers?limit=" in r.url and r.request.headers.get("authorization") == good
+        ) as listed:
             page.locator("#api-key").press("Enter")
         assert listed.value.status == 200
         page.locator("#key-dialog").wait_for(state="hidden")

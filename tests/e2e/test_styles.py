@@ -21,6 +21,7 @@ from ham_core.config import Settings
 from ham_core.storage import open_storage
 from tests.e2e.conftest import Stack, running_stack
 from tests.e2e.test_end_to_end import QUICK, download_png, png, wait_for
+from tests.fixtures.images import unique_png
 
 pytestmark = pytest.mark.slow
 MAX_STYLES = 3
@@ -52,16 +53,21 @@ def beta(s3_stack: Stack) -> Iterator[httpx.Client]:
         yield client
 
 
-def create_style(client: httpx.Client, image: str | None = "style0.png", **data: str) -> dict[str, Any]:
+def create_style(client: httpx.Client, image: str | bytes | None = "style0.png", **data: str) -> dict[str, Any]:
     # No image: an empty file part keeps the body multipart (what a browser form sends for a blank file).
-    files = {"image": (image, png(image), "image/png") if image else ("", b"", "application/octet-stream")}
+    if isinstance(image, bytes):
+        files = {"image": ("style.png", image, "image/png")}
+    else:
+        files = {"image": (image, png(image), "image/png") if image else ("", b"", "application/octet-stream")}
     response = client.post("/v1/styles", files=files, data=data)
     assert response.status_code == 201, response.text
     return response.json()
 
 
-def transfer(client: httpx.Client, content: str = "content0.png", styles: list[tuple[str, str]] = (), **extra: str):
-    files: list[tuple[str, Any]] = [("content", ("content.png", png(content), "image/png"))]
+def transfer(client: httpx.Client, content: str | bytes = "content0.png", styles: list[tuple[str, str]] = (),
+             **extra: str):
+    files: list[tuple[str, Any]] = [("content", ("content.png", content if isinstance(content, bytes) else png(content),
+                                                 "image/png"))]
     data: dict[str, Any] = {**QUICK, **extra}
     for kind, value in styles:
         if kind == "style":
@@ -83,11 +89,14 @@ def metric(stack: Stack, port: int, name: str) -> float:
 
 
 def test_library_style_computed_on_worker_a_is_warm_on_worker_b(s3_stack: Stack, alpha: httpx.Client) -> None:
-    style = create_style(alpha, name="house style")
+    # Images of its own: other tests of this module may have sent these pictures first (in any order),
+    # and their features would be in the store; this test counts the rows of first uses.
+    style = create_style(alpha, image=unique_png("style0.png"), name="house style")
+    content_a, content_b = unique_png("content0.png"), unique_png("content1.png")
     assert alpha.get(f"/v1/styles/{style['id']}").json()["name"] == "house style"
 
     worker_a = s3_stack.live_workers()[0]
-    first = transfer(alpha, styles=[("style_id", style["id"])])
+    first = transfer(alpha, content=content_a, styles=[("style_id", style["id"])])
     assert first.status_code == 202, first.text
     done = wait_for(alpha, first.json()["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded" and done["style_ids"] == [style["id"]], done
@@ -98,14 +107,14 @@ def test_library_style_computed_on_worker_a_is_warm_on_worker_b(s3_stack: Stack,
     # Worker B: a new process, nothing in memory; A is gone so B takes the next job.
     worker_a.stop()
     worker_b = s3_stack.start_worker()
-    second = transfer(alpha, content="content1.png", styles=[("style_id", style["id"])])
+    second = transfer(alpha, content=content_b, styles=[("style_id", style["id"])])
     done_b = wait_for(alpha, second.json()["id"], {"succeeded", "failed"})
     assert done_b["status"] == "succeeded", done_b
     stats_b = job_stats(s3_stack, done_b["id"])
     assert (stats_b["style_cache_tier"], stats_b["unet_rows"]) == ("store", 3 * 3), stats_b
     assert metric(s3_stack, worker_b.metrics_port, 'ham_worker_feature_hits_total{kind="style",tier="store"}') == 1
     # The same content again on B: content and style both from memory, 2N rows.
-    third = transfer(alpha, content="content1.png", styles=[("style_id", style["id"])])
+    third = transfer(alpha, content=content_b, styles=[("style_id", style["id"])])
     stats_c = job_stats(s3_stack, wait_for(alpha, third.json()["id"], {"succeeded"})["id"])
     assert (stats_c["content_cache_tier"], stats_c["unet_rows"]) == ("memory", 2 * 3)
 
