@@ -406,10 +406,11 @@ def ensure_architecture(name: str, vocab_gz: Path | None = None) -> Path:
         raise ValueError(f"architecture: unknown {name!r}; known: {', '.join(ARCHITECTURES)}")
     storage = str(ARCHITECTURES[name].get("storage", torch.float16)).removeprefix("torch.")
     target = cache_root() / f"{name}.{storage}.fmt{FORMAT_VERSION}"
-    if (target / "model_index.json").is_file():
-        return target
-    vocab_gz = vocab_gz or find_clip_vocab()
-    if vocab_gz is None:
-        raise ValueError(f"architecture: {CLIP_VOCAB_FILE} not found; run `make clip-vocab` or set HAM_CLIP_VOCAB")
-    return build_folder_atomically(target, lambda staging: build_architecture(name, staging, vocab_gz),
-                                   lambda folder: (folder / "model_index.json").is_file())
+
+    def build(staging: Path) -> None:
+        vocab = vocab_gz or find_clip_vocab()  # needed only to build: a built folder holds its tokenizer
+        if vocab is None:
+            raise ValueError(f"architecture: {CLIP_VOCAB_FILE} not found; run `make clip-vocab` or set HAM_CLIP_VOCAB")
+        build_architecture(name, staging, vocab)
+
+    return build_folder_atomically(target, build, "model_index.json")

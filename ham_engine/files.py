@@ -43,17 +43,20 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def build_folder_atomically(
-    target: str | os.PathLike[str], build: Callable[[Path], None], complete: Callable[[Path], bool], *,
-    shared: bool = False,
+    target: str | os.PathLike[str], build: Callable[[Path], None], marker: str, *, shared: bool = False
 ) -> Path:
-    """Call ``build(staging)`` on a fresh folder beside ``target``, then rename it into place; returns ``target``.
+    """The folder ``target``, built on first use: ``build(staging)`` fills a fresh folder beside it,
+    which is then renamed into place; returns ``target``.
 
-    Two processes may build the same folder at once: when the rename fails because the other's
-    copy arrived first and ``complete(target)`` says it is whole, that copy is kept. A failed
-    build leaves no staging folder behind. ``shared``: the folder is readable by other users
-    (a cache several accounts use), not private as a temporary folder starts.
+    A folder counts as complete once it holds the file ``marker`` (only whole builds are renamed into
+    place), so a complete ``target`` is returned as it is. Two processes may build it at once: when
+    the rename fails because the other's complete copy arrived first, that copy is kept. A failed build leaves
+    no staging folder behind. ``shared``: the folder is readable by other users (a cache several
+    accounts use), not private as a temporary folder starts.
     """
     target = Path(target)
+    if (target / marker).is_file():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -63,7 +66,7 @@ def build_folder_atomically(
         try:
             os.rename(staging, target)
         except OSError:
-            if not complete(target):
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -309,17 +309,10 @@ def ensure_preset(name: str) -> Path:
     """
     if name not in PRESETS:
         raise ValueError(f"model: unknown random preset {name!r}; known: {', '.join(PRESETS)}")
-    root = cache_root()
-    target = root / f"{name}.fmt{FORMAT_VERSION}"
-    if _is_complete(target):
-        return target
+    target = cache_root() / f"{name}.fmt{FORMAT_VERSION}"
     # The cache may be shared between users: the folder is world-readable, not private like a temp dir.
     return build_folder_atomically(target, lambda staging: build_random_pipeline(PRESETS[name], staging),
-                                   _is_complete, shared=True)
-
-
-def _is_complete(folder: Path) -> bool:
-    return (folder / "model_index.json").is_file()
+                                   "model_index.json", shared=True)
 
 
 # The diffusion-transformer presets (SD3, FLUX) live in their own module; imported last, as
