@@ -91,10 +91,20 @@ GENERATED: dict[str, Callable[[str], str]] = {
 }
 
 
+def updates(root: Path = ROOT) -> dict[str, str]:
+    """The generated files whose text differs from what the tables give, each with the text it should have."""
+    found = {}
+    for name, render in GENERATED.items():
+        current = (root / name).read_text(encoding="utf-8")
+        wanted = render(current)
+        if wanted != current:
+            found[name] = wanted
+    return found
+
+
 def stale(root: Path = ROOT) -> list[str]:
-    """The generated files whose text differs from what the tables give."""
-    return [name for name, render in GENERATED.items()
-            if (root / name).read_text(encoding="utf-8") != render((root / name).read_text(encoding="utf-8"))]
+    """The names of the generated files that are out of date."""
+    return list(updates(root))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,14 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ham_cli.codegen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is stale")
     args = parser.parse_args(argv)
-    outdated = stale()
+    outdated = updates()
     if args.check:
         for name in outdated:
             print(f"stale: {name} (run: python -m ham_cli.codegen)", file=sys.stderr)
         return 1 if outdated else 0
-    for name in outdated:
-        path = ROOT / name
-        path.write_text(GENERATED[name](path.read_text(encoding="utf-8")), encoding="utf-8")
+    for name, text in outdated.items():
+        (ROOT / name).write_text(text, encoding="utf-8")
         print(f"wrote {name}")
     return 0
 
