@@ -36,6 +36,7 @@ repeated example key into "valid body refused".
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
@@ -57,8 +58,11 @@ WEBHOOK = "http://127.0.0.1:9/hook"
 EVENTS_PATH = "/v1/transfers/{job_id}/events"
 
 
+@functools.cache
 def foreign() -> dict:
-    """Tenant A's resources in tenant B's run (empty in A's own): ``job_ids``, ``style_ids``, ``secrets``."""
+    """Tenant A's resources in tenant B's run (empty in A's own): ``job_ids``, ``style_ids``, ``secrets``.
+
+    Read once: the environment is set per schemathesis run (one process per tenant)."""
     return json.loads(os.environ.get("HAM_FUZZ_FOREIGN") or "{}")
 
 
