@@ -100,10 +100,15 @@ def _port_free(host: str, port: int) -> bool:
         return True
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def _free_port(host: str = "127.0.0.1", avoid: int | None = None) -> int:
+    """A port free now, other than ``avoid`` (a port another part is about to bind, which the
+    system may hand out again while it is still unbound)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port != avoid:
+            return port
 
 
 def _die_with_parent_hook():  # -> Callable[[], None] | None
@@ -268,7 +273,7 @@ class _Stack:
         for index, model in enumerate(self.models):
             slug = model_slug(model)
             # The first worker keeps the shared metrics port the banner shows; the others get their own.
-            port = env["HAM_WORKER_METRICS_PORT"] if index == 0 else str(_free_port())
+            port = env["HAM_WORKER_METRICS_PORT"] if index == 0 else str(_free_port(avoid=self.port))
             workers.append((f"worker-{slug}", self.data_dir / f"worker-{slug}.ready",
                             {**env, "HAM_MODEL": model, "HAM_WORKER_METRICS_PORT": port}))
         return workers
@@ -281,7 +286,7 @@ class _Stack:
         # One key for the API and the worker: URLs either signs must verify in the API.
         env.setdefault("HAM_URL_SIGNING_KEY", secrets.token_hex(32))
         if "HAM_WORKER_METRICS_PORT" not in env:
-            env["HAM_WORKER_METRICS_PORT"] = str(_free_port())
+            env["HAM_WORKER_METRICS_PORT"] = str(_free_port(avoid=self.port))
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.models:
             # Every process agrees on the catalogue (its first entry is the default model and its queue).
